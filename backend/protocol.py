@@ -1,0 +1,416 @@
+"""The job schema and the worker's message protocol: the one contract shared with the add-on.
+
+Stdlib only: Blender's Python imports this module to build and check jobs before they
+cross the process boundary, so it must never import torch, numpy or anything heavy.
+
+A job is a JSON object. ``validate_job`` is the one place that checks it: unknown fields,
+wrong types and out-of-range values raise ``JobError`` naming the field and the value.
+The same validated job runs from the CLI, the worker and the add-on, and is written as
+``job.json`` next to every result so it can be reproduced or regenerated.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+MODES = ("text2video", "controlnet", "pix2pix")
+DETECTORS = ("none", "canny", "openpose", "depth")
+DEVICES = ("auto", "cuda", "mps", "cpu")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+DEFAULT_PIX2PIX_MODEL = "timbrooks/instruct-pix2pix"
+# Official Text2Video-Zero defaults, in 1/512 of the frame per frame (Sect. 3.3.1).
+DEFAULT_MOTION = (12.0, 12.0)
+# Official t0/t1 for 50 DDIM steps; ``resolve_t0_t1`` scales them to other step counts.
+DEFAULT_T0, DEFAULT_T1, DEFAULT_T_STEPS = 44, 47, 50
+
+MAX_SIDE = 4096
+MAX_FRAMES = 100_000
+
+
+class JobError(ValueError):
+    """A job field has a bad value; the message names the field and the value."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class VideoInput:
+    """A video read from a folder of images or a movie file."""
+
+    path: str
+    # Index (0-based) of the first source frame to read: a strip's offset in the source.
+    start: int = 0
+    # Source frames per output frame: 1.0 reads every frame, 2.0 every other one
+    # (a 48 fps source on a 24 fps timeline), 0.5 repeats each frame.
+    stride: float = 1.0
+
+
+@dataclass
+class ControlNetSpec:
+    """One ControlNet with its control video and weight."""
+
+    model: str
+    control: VideoInput
+    # conditioning_scale of this ControlNet; several ControlNets add their residuals.
+    weight: float = 1.0
+    # Turns the control video into a control image in the backend ("none": use as is).
+    # A control path ending in .json holds OpenPose keypoints and is drawn by the backend.
+    detector: str = "none"
+
+
+@dataclass
+class Job:
+    """Everything that defines one generation; ``job.json`` holds exactly this."""
+
+    prompt: str
+    out: str
+    mode: str = "text2video"
+    model: str = DEFAULT_MODEL
+    # Where a single-file checkpoint gets its component configs and tokenizer
+    # (a diffusers folder or hub id of the same architecture); None: the SD 1.5 configs.
+    model_config: str | None = None
+    negative_prompt: str = ""
+    frames: int = 8
+    width: int = 512
+    height: int = 512
+    steps: int = 50
+    guidance: float = 7.5
+    seed: int = 0
+    # Frames denoised together; memory grows with it, results do not depend on it.
+    chunk_size: int = 8
+    # 1-based inclusive [first, last] frames of the full job to compute (render-farm shards).
+    frame_range: list[int] | None = None
+    # Global translation per frame in 1/512 of the frame (x right, y down: the camera pans,
+    # the content drifts the other way, as in the official code). None: the mode's default,
+    # (12, 12) for text2video and no motion for controlnet.
+    motion: list[float] | None = None
+    # DDIM step counts of the motion-dynamics phase (Sect. 3.3.1); None: 44/47 of 50, scaled.
+    t0: int | None = None
+    t1: int | None = None
+    # Background smoothing (Sect. 3.3.3): foreground masks from the prompt's
+    # cross-attention, or from ``masks`` (white = foreground).
+    smooth_bg: bool = False
+    smooth_alpha: float = 0.6
+    masks: VideoInput | None = None
+    controlnets: list[ControlNetSpec] = field(default_factory=list)
+    # pix2pix: the source video and how strongly the output follows it.
+    video: VideoInput | None = None
+    image_guidance: float = 1.5
+    device: str = "auto"
+    dtype: str = "auto"
+    fps: float = 8.0
+    write_mp4: bool = True
+    save_latents: bool = False
+    allow_pickle: bool = False
+    version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as a plain JSON-ready dict."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """The job as pretty JSON text."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def effective_motion(self) -> tuple[float, float]:
+        """The motion the engine applies: the explicit one or the mode's default."""
+        if self.motion is not None:
+            return (float(self.motion[0]), float(self.motion[1]))
+        return DEFAULT_MOTION if self.mode == "text2video" else (0.0, 0.0)
+
+    @property
+    def frame_indices(self) -> list[int]:
+        """0-based indices of the frames this job outputs."""
+        if self.frame_range is None:
+            return list(range(self.frames))
+        first, last = self.frame_range
+        return list(range(first - 1, last))
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _type_name(value: Any) -> str:
+    return type(value).__name__
+
+
+def _check_type(name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
+    # bool is an int in Python; a JSON true for an int field is still a wrong type.
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        raise JobError(name, f"expected {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+    if not isinstance(value, kinds):
+        raise JobError(
+            name,
+            f"expected {'/'.join(k.__name__ for k in kinds)}, got {_type_name(value)} {value!r}",
+        )
+    return value
+
+
+def _int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    _check_type(name, value, int)
+    if lo is not None and value < lo:
+        raise JobError(name, f"must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise JobError(name, f"must be at most {hi}, got {value}")
+    return value
+
+
+def _float(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
+    _check_type(name, value, (int, float))
+    value = float(value)
+    if not math.isfinite(value):
+        raise JobError(name, f"must be a finite number, got {value}")
+    if lo is not None and value < lo:
+        raise JobError(name, f"must be at least {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise JobError(name, f"must be at most {hi}, got {value}")
+    return value
+
+
+def _str(name: str, value: Any, nonempty: bool = False) -> str:
+    _check_type(name, value, str)
+    if nonempty and not value.strip():
+        raise JobError(name, "must not be empty")
+    return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    _check_type(name, value, str)
+    if value not in choices:
+        raise JobError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _no_unknown(name: str, data: dict, cls: type) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        where = f"{name}." if name else ""
+        raise JobError(f"{where}{unknown[0]}", f"unknown field (value {data[unknown[0]]!r})")
+
+
+def _video(name: str, value: Any) -> VideoInput:
+    """A VideoInput from a path string or a {path, start, stride} object."""
+    if isinstance(value, str):
+        value = {"path": value}
+    _check_type(name, value, dict)
+    _no_unknown(name, value, VideoInput)
+    if "path" not in value:
+        raise JobError(f"{name}.path", "is required")
+    return VideoInput(
+        path=_str(f"{name}.path", value["path"], nonempty=True),
+        start=_int(f"{name}.start", value.get("start", 0), lo=0),
+        stride=_float(f"{name}.stride", value.get("stride", 1.0), lo=1e-3, hi=1000.0),
+    )
+
+
+def _controlnet(name: str, value: Any) -> ControlNetSpec:
+    _check_type(name, value, dict)
+    _no_unknown(name, value, ControlNetSpec)
+    for required in ("model", "control"):
+        if required not in value:
+            raise JobError(f"{name}.{required}", "is required")
+    return ControlNetSpec(
+        model=_str(f"{name}.model", value["model"], nonempty=True),
+        control=_video(f"{name}.control", value["control"]),
+        weight=_float(f"{name}.weight", value.get("weight", 1.0), lo=0.0, hi=10.0),
+        detector=_choice(f"{name}.detector", value.get("detector", "none"), DETECTORS),
+    )
+
+
+def resolve_t0_t1(steps: int, t0: int | None = None, t1: int | None = None) -> tuple[int, int]:
+    """t0/t1 for ``steps`` DDIM steps: given ones checked, missing ones scaled from 44/47 of 50.
+
+    Counted as in the official code: frame 1 alone runs ``steps - t1 - 1`` steps to reach
+    x_t1 and ``t1 - t0`` more to reach x_t0; all frames then run the last ``t1 + 1`` steps.
+    The scaling keeps the fraction of the schedule spent before t1 and t0 (2/50 and 5/50).
+    """
+    if steps < 2:
+        raise JobError(
+            "steps",
+            f"text2video needs at least 2 steps for motion dynamics (t0 < t1 < steps), got {steps}",
+        )
+    if t1 is None:
+        before_t1 = round(steps * (DEFAULT_T_STEPS - DEFAULT_T1 - 1) / DEFAULT_T_STEPS)
+        t1 = steps - 1 - before_t1
+        if t0 is not None and t1 <= t0:
+            t1 = min(steps - 1, t0 + 1)
+    if t0 is None:
+        before_t0 = round(steps * (DEFAULT_T_STEPS - DEFAULT_T0 - 1) / DEFAULT_T_STEPS)
+        t0 = min(steps - 1 - before_t0, t1 - 1)
+    if not 0 <= t1 <= steps - 1:
+        raise JobError("t1", f"must be between 1 and steps - 1 = {steps - 1}, got {t1}")
+    if not 0 <= t0 < t1:
+        raise JobError("t0", f"must be at least 0 and below t1 = {t1}, got {t0}")
+    return t0, t1
+
+
+def validate_job(data: Any) -> Job:
+    """Check a job dict (parsed JSON) and return the Job; raise JobError naming the field."""
+    _check_type("job", data, dict)
+    _no_unknown("", data, Job)
+    for required in ("prompt", "out"):
+        if required not in data:
+            raise JobError(required, "is required")
+    d = dict(data)
+
+    version = _int("version", d.get("version", SCHEMA_VERSION))
+    if version != SCHEMA_VERSION:
+        raise JobError("version", f"this backend reads job schema {SCHEMA_VERSION}, got {version}")
+    mode = _choice("mode", d.get("mode", "text2video"), MODES)
+    default_model = DEFAULT_PIX2PIX_MODEL if mode == "pix2pix" else DEFAULT_MODEL
+    frames = _int("frames", d.get("frames", 8), lo=1, hi=MAX_FRAMES)
+    width = _int("width", d.get("width", 512), lo=64, hi=MAX_SIDE)
+    height = _int("height", d.get("height", 512), lo=64, hi=MAX_SIDE)
+    if width % 8:
+        raise JobError("width", f"must be divisible by 8, got {width}")
+    if height % 8:
+        raise JobError("height", f"must be divisible by 8, got {height}")
+    steps = _int("steps", d.get("steps", 50), lo=1, hi=1000)
+
+    frame_range = d.get("frame_range")
+    if frame_range is not None:
+        _check_type("frame_range", frame_range, (list, tuple))
+        if len(frame_range) != 2:
+            raise JobError("frame_range", f"expected [first, last], got {list(frame_range)!r}")
+        first = _int("frame_range[0]", frame_range[0], lo=1, hi=frames)
+        last = _int("frame_range[1]", frame_range[1], lo=1, hi=frames)
+        if first > last:
+            raise JobError("frame_range", f"first must not exceed last, got {first}:{last}")
+        frame_range = [first, last]
+
+    motion = d.get("motion")
+    if motion is not None:
+        _check_type("motion", motion, (list, tuple))
+        if len(motion) != 2:
+            raise JobError("motion", f"expected [dx, dy], got {list(motion)!r}")
+        motion = [_float(f"motion[{i}]", v, lo=-512.0, hi=512.0) for i, v in enumerate(motion)]
+
+    t0 = d.get("t0")
+    t1 = d.get("t1")
+    if t0 is not None:
+        _int("t0", t0, lo=0)
+    if t1 is not None:
+        _int("t1", t1, lo=1)
+
+    controlnets_raw = d.get("controlnets", [])
+    _check_type("controlnets", controlnets_raw, (list, tuple))
+    controlnets = [_controlnet(f"controlnets[{i}]", c) for i, c in enumerate(controlnets_raw)]
+
+    video = d.get("video")
+    video = None if video is None else _video("video", video)
+    masks = d.get("masks")
+    masks = None if masks is None else _video("masks", masks)
+    model_config = d.get("model_config")
+    if model_config is not None:
+        _str("model_config", model_config, nonempty=True)
+
+    job = Job(
+        prompt=_str("prompt", d["prompt"]),
+        out=_str("out", d["out"], nonempty=True),
+        mode=mode,
+        model=_str("model", d.get("model", default_model), nonempty=True),
+        model_config=model_config,
+        negative_prompt=_str("negative_prompt", d.get("negative_prompt", "")),
+        frames=frames,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=_float("guidance", d.get("guidance", 7.5), lo=0.0, hi=100.0),
+        seed=_int("seed", d.get("seed", 0), lo=0, hi=2**63 - 1),
+        chunk_size=_int("chunk_size", d.get("chunk_size", 8), lo=1, hi=MAX_FRAMES),
+        frame_range=frame_range,
+        motion=motion,
+        t0=t0,
+        t1=t1,
+        smooth_bg=_check_type("smooth_bg", d.get("smooth_bg", False), bool),
+        smooth_alpha=_float("smooth_alpha", d.get("smooth_alpha", 0.6), lo=0.0, hi=1.0),
+        masks=masks,
+        controlnets=controlnets,
+        video=video,
+        image_guidance=_float("image_guidance", d.get("image_guidance", 1.5), lo=0.0, hi=100.0),
+        device=_choice("device", d.get("device", "auto"), DEVICES),
+        dtype=_choice("dtype", d.get("dtype", "auto"), DTYPES),
+        fps=_float("fps", d.get("fps", 8.0), lo=0.1, hi=1000.0),
+        write_mp4=_check_type("write_mp4", d.get("write_mp4", True), bool),
+        save_latents=_check_type("save_latents", d.get("save_latents", False), bool),
+        allow_pickle=_check_type("allow_pickle", d.get("allow_pickle", False), bool),
+        version=version,
+    )
+    _check_mode(job)
+    return job
+
+
+def _check_mode(job: Job) -> None:
+    """Cross-field rules: what each mode needs and refuses."""
+    if job.mode == "text2video":
+        job.t0, job.t1 = resolve_t0_t1(job.steps, job.t0, job.t1)
+        if job.controlnets:
+            raise JobError("controlnets", "text2video takes no ControlNets; use mode controlnet")
+        if job.video is not None:
+            raise JobError("video", "text2video takes no source video; use mode pix2pix")
+    elif job.mode == "controlnet":
+        if not job.controlnets:
+            raise JobError("controlnets", "controlnet mode needs at least one ControlNet")
+        if job.video is not None:
+            raise JobError("video", "controlnet mode takes its videos as controlnets[].control")
+        if job.motion is not None and any(job.motion):
+            job.t0, job.t1 = resolve_t0_t1(job.steps, job.t0, job.t1)
+        elif job.t0 is not None or job.t1 is not None:
+            raise JobError("t0", "t0/t1 apply only with motion; set motion or leave t0/t1 unset")
+    elif job.mode == "pix2pix":
+        if job.video is None:
+            raise JobError("video", "pix2pix needs a source video")
+        if job.controlnets:
+            raise JobError("controlnets", "pix2pix takes no ControlNets")
+        if job.motion is not None and any(job.motion):
+            raise JobError("motion", f"pix2pix follows its source video; got motion {job.motion}")
+        if job.t0 is not None or job.t1 is not None:
+            raise JobError("t0", "t0/t1 apply only to motion dynamics, not pix2pix")
+    if job.masks is not None and not job.smooth_bg:
+        raise JobError("masks", "masks are used for background smoothing; set smooth_bg too")
+
+
+# --------------------------------------------------------------------------- messages
+
+# Requests (add-on -> worker): {"type": "generate", "id": str, "job": {...}},
+# {"type": "cancel", "id": str}, {"type": "shutdown"}.
+REQUESTS = ("generate", "cancel", "shutdown")
+# Replies (worker -> add-on), one JSON object per stdout line:
+#   ready      {"version", "pid"}                       once, when the worker starts
+#   accepted   {"id"}                                   the job passed validation
+#   progress   {"id", "step", "total", "frames_done", "frames_total", "fraction", "stage"}
+#   preview    {"id", "frame", "path"}                  a finished frame on disk
+#   done       {"id", "out", "frames": [paths]}
+#   error      {"id", "kind", "message", "traceback"}   kind: the exception's class name
+#   cancelled  {"id"}
+REPLIES = ("ready", "accepted", "progress", "preview", "done", "error", "cancelled")
+
+
+def encode_message(kind: str, **payload: Any) -> str:
+    """One protocol line (no trailing newline) for a message of ``kind``."""
+    if kind not in REQUESTS and kind not in REPLIES:
+        raise ValueError(f"unknown message type {kind!r}")
+    return json.dumps({"type": kind, **payload}, separators=(",", ":"))
+
+
+def decode_message(line: str) -> dict[str, Any]:
+    """Parse one protocol line; raise ValueError on anything that is not a known message."""
+    try:
+        message = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a JSON protocol line: {line[:200]!r}") from exc
+    if not isinstance(message, dict) or message.get("type") not in REQUESTS + REPLIES:
+        raise ValueError(f"not a protocol message: {line[:200]!r}")
+    return message
