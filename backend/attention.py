@@ -1,0 +1,210 @@
+"""Cross-frame attention (Sect. 3.3.2) as diffusers attention processors.
+
+Every self-attention layer of the UNet (and of each ControlNet) lets each frame's queries
+attend to the keys and values of frame 1, the anchor, of the same guidance branch. The
+anchor's keys/values are computed once per denoising step, when the chunk holding frame 1
+runs, and reused by every later chunk of that step: no recompute of frame 1 per chunk
+and no copy of it per frame. Text cross-attention is unchanged, except that it can record
+the prompt's attention maps for background-smoothing masks (Sect. 3.3.3).
+
+Processors are installed for one run by ``installed_processors`` and restored afterwards,
+also when the run fails.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+
+class AnchorState:
+    """What the processors of one run share: batch layout and the anchor's keys/values."""
+
+    def __init__(self) -> None:
+        # Guidance branches stacked in the batch: 1 (no CFG), 2 (CFG), 3 (Pix2Pix).
+        self.branches = 1
+        # True while the running batch starts each branch with frame 1: store its K/V.
+        self.capture = True
+        self.keys_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def clear(self) -> None:
+        """Drop the stored anchor keys/values (end of a step or of a run)."""
+        self.keys_values.clear()
+
+
+class CrossFrameAttnProcessor:
+    """Self-attention where every frame attends to the anchor frame of its branch."""
+
+    def __init__(self, state: AnchorState, name: str):
+        self.state = state
+        self.name = name
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial_shape = None
+        if hidden_states.ndim == 4:
+            spatial_shape = hidden_states.shape
+            b, c, h, w = spatial_shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (batch, tokens, c)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        batch, tokens, _ = hidden_states.shape
+        branches = self.state.branches
+        frames = batch // branches
+        query = attn.to_q(hidden_states)
+        if self.state.capture:
+            anchor = hidden_states.view(branches, frames, tokens, -1)[:, 0]  # (branches, tokens, c)
+            key, value = attn.to_k(anchor), attn.to_v(anchor)  # (branches, tokens, inner)
+            self.state.keys_values[self.name] = (key, value)
+        else:
+            key, value = self.state.keys_values[self.name]
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        # All frames of a branch share one set of anchor keys, so their queries are laid end
+        # to end: one attention call per branch, no expanded copies of the anchor.
+        query = query.view(branches, frames * tokens, heads, head_dim).transpose(1, 2)
+        # (branches, heads, frames * tokens, head_dim)
+        key = key.view(branches, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(branches, -1, heads, head_dim).transpose(1, 2)
+        # (branches, heads, anchor tokens, head_dim)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        # (branches * frames, tokens, inner)
+        out = out.to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial_shape is not None:
+            out = out.transpose(-1, -2).reshape(spatial_shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class CrossAttnMapRecorder:
+    """Shared store of the prompt's cross-attention maps, accumulated per frame."""
+
+    def __init__(self, latent_size: tuple[int, int], token_mask: torch.Tensor, branch: int):
+        self.latent_size = latent_size
+        # (text tokens,) bool: the prompt's own tokens (no start/end/padding).
+        self.token_mask = token_mask
+        # Which guidance branch holds the prompt (the conditional one).
+        self.branch = branch
+        self.active = False
+        self.frame_ids: Sequence[int] = ()
+        self.maps: dict[int, torch.Tensor] = {}
+
+    def add(self, probs: torch.Tensor, branches: int) -> None:
+        """Accumulate (batch, heads, tokens, text) attention probabilities for the chunk."""
+        batch, _, tokens, _ = probs.shape
+        frames = batch // branches
+        lh, lw = self.latent_size
+        h = max(1, round(math.sqrt(tokens * lh / lw)))
+        w = tokens // h
+        mask = self.token_mask.to(probs.device)
+        per_frame = probs.view(branches, frames, -1, tokens, probs.shape[-1])[self.branch]
+        # (frames, heads, tokens, text) -> mean over heads and prompt tokens -> (frames, tokens)
+        saliency = per_frame.float().mean(1)[..., mask].mean(-1)
+        saliency = saliency.view(frames, 1, h, w)
+        saliency = F.interpolate(saliency, size=(lh, lw), mode="bilinear", align_corners=False)
+        for frame, smap in zip(self.frame_ids, saliency[:, 0], strict=True):
+            self.maps[frame] = self.maps.get(frame, 0) + smap.cpu()
+
+
+class RecordingCrossAttnProcessor:
+    """Text cross-attention that also records attention maps while its recorder is active."""
+
+    def __init__(self, recorder: CrossAttnMapRecorder, state: AnchorState, latent_tokens: int):
+        self.recorder = recorder
+        self.state = state
+        self.latent_tokens = latent_tokens
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, tokens, _ = hidden_states.shape
+        # Maps from layers at 1/2 of the latent resolution and below carry the layout.
+        record = self.recorder.active and tokens * 4 <= self.latent_tokens
+        if encoder_hidden_states is None or not record:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask)
+        residual = hidden_states
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        heads = attn.heads
+        query = attn.to_q(hidden_states)
+        key, value = attn.to_k(context), attn.to_v(context)
+        head_dim = query.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (b, heads, tokens, d)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (b, heads, text, d)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        probs = (query @ key.transpose(-1, -2) * attn.scale).softmax(-1)  # (b, heads, tokens, text)
+        self.recorder.add(probs, self.state.branches)
+        out = (probs @ value).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _is_self_attention(name: str) -> bool:
+    """diffusers names self-attention ``attn1`` in its transformer blocks."""
+    return name.endswith("attn1.processor")
+
+
+@contextmanager
+def installed_processors(
+    models: Sequence[tuple[str, torch.nn.Module]],
+    state: AnchorState,
+    recorder: CrossAttnMapRecorder | None = None,
+    latent_tokens: int = 0,
+) -> Iterator[None]:
+    """Install cross-frame attention in ``models`` for the block; restore the originals after."""
+    saved = []
+    try:
+        for tag, model in models:
+            original = dict(model.attn_processors)
+            saved.append((model, original))
+            replacement = {}
+            for name, processor in original.items():
+                if _is_self_attention(name):
+                    replacement[name] = CrossFrameAttnProcessor(state, f"{tag}/{name}")
+                elif recorder is not None and tag == "unet":
+                    replacement[name] = RecordingCrossAttnProcessor(recorder, state, latent_tokens)
+                else:
+                    replacement[name] = processor
+            model.set_attn_processor(replacement)
+        yield
+    finally:
+        for model, original in reversed(saved):
+            model.set_attn_processor(original)
+        state.clear()

@@ -1,0 +1,306 @@
+"""Command line: ``python -m backend generate ...`` and ``python -m backend serve``.
+
+``generate`` builds the same job object the Blender add-on sends (``protocol.validate_job``
+checks both), runs it, and prints where the frames went.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .protocol import (
+    DEFAULT_MODEL,
+    DEFAULT_MOTION,
+    DETECTORS,
+    DEVICES,
+    DTYPES,
+    MODES,
+    JobError,
+    validate_job,
+)
+
+
+def _frame_range(text: str) -> list[int]:
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected A:B (1-based, inclusive), got {text!r}"
+        ) from None
+    return [first, last]
+
+
+def _controlnet(text: str) -> dict[str, Any]:
+    """M[:WEIGHT]: a trailing number after the last colon is the weight."""
+    model, sep, weight = text.rpartition(":")
+    if sep:
+        try:
+            return {"model": model, "weight": float(weight)}
+        except ValueError:
+            pass
+    return {"model": text, "weight": 1.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m backend``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m backend",
+        description="Text2Video-Zero on diffusers: text-to-video, ControlNet video, "
+        "Video Instruct-Pix2Pix.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="run one job and write its frames",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    gen.add_argument(
+        "--job",
+        help="read the job from this JSON file (e.g. a result's job.json); "
+        "other flags given on the command line override its fields",
+    )
+    gen.add_argument(
+        "--mode",
+        choices=MODES,
+        help="text2video: prompt only; controlnet: "
+        "follow control videos; pix2pix: edit --video by instruction "
+        "[default: text2video]",
+    )
+    gen.add_argument(
+        "--model",
+        help="base model: hub id, diffusers folder, single-file "
+        f".safetensors, or builtin:tiny (smoke test) [default: {DEFAULT_MODEL}; "
+        "timbrooks/instruct-pix2pix for pix2pix]",
+    )
+    gen.add_argument(
+        "--model-config",
+        help="diffusers folder or hub id giving configs and "
+        "tokenizer for a single-file checkpoint [default: the SD 1.5 configs]",
+    )
+    gen.add_argument("--prompt", help="what to generate (pix2pix: the edit instruction)")
+    gen.add_argument("--negative-prompt", help="what to avoid [default: empty]")
+    gen.add_argument("--frames", type=int, help="number of frames [default: 8]")
+    gen.add_argument("--width", type=int, help="width in pixels, multiple of 8 [default: 512]")
+    gen.add_argument("--height", type=int, help="height in pixels, multiple of 8 [default: 512]")
+    gen.add_argument("--steps", type=int, help="DDIM steps [default: 50]")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale [default: 7.5]")
+    gen.add_argument(
+        "--seed",
+        type=int,
+        help="random seed; the same job and seed give the same frames [default: 0]",
+    )
+    gen.add_argument(
+        "--chunk-size",
+        type=int,
+        help="frames denoised together; memory grows with it, results do not change [default: 8]",
+    )
+    gen.add_argument(
+        "--frame-range",
+        type=_frame_range,
+        metavar="A:B",
+        help="compute only "
+        "frames A..B (1-based, inclusive) of the full job, exactly as a full run "
+        "would [default: all frames]",
+    )
+    gen.add_argument(
+        "--motion",
+        type=float,
+        nargs=2,
+        metavar=("DX", "DY"),
+        help="camera pan "
+        "per frame in 1/512 of the frame (x right, y down; the content drifts the "
+        f"other way) [default: {DEFAULT_MOTION[0]:g} {DEFAULT_MOTION[1]:g} for "
+        "text2video, none for controlnet]",
+    )
+    gen.add_argument(
+        "--t0",
+        type=int,
+        help="motion dynamics: step count t0 < t1 [default: 44 of 50 steps, scaled]",
+    )
+    gen.add_argument(
+        "--t1",
+        type=int,
+        help="motion dynamics: step count t1 < steps [default: 47 of 50 steps, scaled]",
+    )
+    gen.add_argument(
+        "--smooth-bg",
+        action="store_true",
+        default=None,
+        help="background "
+        "smoothing (Sect. 3.3.3), masks from the prompt's cross-attention or "
+        "--masks",
+    )
+    gen.add_argument(
+        "--smooth-alpha", type=float, help="background smoothing strength [default: 0.6]"
+    )
+    gen.add_argument(
+        "--masks", help="foreground masks (folder or movie, white = foreground) for --smooth-bg"
+    )
+    gen.add_argument(
+        "--controlnet",
+        action="append",
+        default=[],
+        metavar="M[:WEIGHT]",
+        help="a ControlNet (hub id, folder, .safetensors, builtin:tiny-controlnet) "
+        "with optional weight; repeat for several, each paired with a --control",
+    )
+    gen.add_argument(
+        "--control",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="control video (image folder, movie, image, or OpenPose keypoints "
+        ".json) for the ControlNet at the same position",
+    )
+    gen.add_argument(
+        "--detector",
+        action="append",
+        default=[],
+        choices=DETECTORS,
+        help="turn the matching --control into control images in the backend [default: none]",
+    )
+    gen.add_argument("--video", help="pix2pix: the source video (image folder or movie)")
+    gen.add_argument(
+        "--image-guidance",
+        type=float,
+        help="pix2pix: how closely to follow the source video [default: 1.5]",
+    )
+    gen.add_argument("--fps", type=float, help="frame rate of the written mp4 [default: 8]")
+    gen.add_argument("--no-mp4", action="store_true", help="write PNG frames only")
+    gen.add_argument(
+        "--device", choices=DEVICES, help="auto: CUDA, then MPS, then CPU [default: auto]"
+    )
+    gen.add_argument(
+        "--dtype", choices=DTYPES, help="auto: float16 on CUDA, float32 elsewhere [default: auto]"
+    )
+    gen.add_argument(
+        "--save-latents",
+        action="store_true",
+        default=None,
+        help="also write the final latents as latents.npy (frames, 4, H/8, W/8) float32",
+    )
+    gen.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=None,
+        help="allow pickled .ckpt/.bin weights (they can run code: only for sources you trust)",
+    )
+    gen.add_argument("--out", help="output folder; must not exist yet")
+
+    serve = sub.add_parser("serve", help="run the JSON-lines worker on stdin/stdout")
+    serve.add_argument("--max-models", type=int, default=1, help="base models kept loaded")
+    return parser
+
+
+def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The job dict that ``args`` describe (not yet validated)."""
+    job: dict[str, Any] = {}
+    if args.job:
+        job = json.loads(Path(args.job).read_text(encoding="utf-8"))
+    simple = {
+        "mode": args.mode,
+        "model": args.model,
+        "model_config": args.model_config,
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "frames": args.frames,
+        "width": args.width,
+        "height": args.height,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "chunk_size": args.chunk_size,
+        "frame_range": args.frame_range,
+        "motion": args.motion,
+        "t0": args.t0,
+        "t1": args.t1,
+        "smooth_bg": args.smooth_bg,
+        "smooth_alpha": args.smooth_alpha,
+        "masks": args.masks,
+        "video": args.video,
+        "image_guidance": args.image_guidance,
+        "fps": args.fps,
+        "device": args.device,
+        "dtype": args.dtype,
+        "save_latents": args.save_latents,
+        "allow_pickle": args.allow_pickle,
+        "out": args.out,
+    }
+    job.update({k: v for k, v in simple.items() if v is not None})
+    if args.no_mp4:
+        job["write_mp4"] = False
+    if args.steps is not None and args.t0 is None and args.t1 is None and args.job:
+        job.pop("t0", None)  # a new step count rescales the job file's t0/t1
+        job.pop("t1", None)
+    if args.controlnet or args.control:
+        if len(args.controlnet) != len(args.control):
+            raise JobError(
+                "controlnets",
+                f"each --controlnet needs one --control, got {len(args.controlnet)} "
+                f"ControlNets and {len(args.control)} controls",
+            )
+        if args.detector and len(args.detector) != len(args.control):
+            raise JobError(
+                "controlnets",
+                f"give no --detector or one per --control, got {len(args.detector)} "
+                f"for {len(args.control)} controls",
+            )
+        detectors = args.detector or ["none"] * len(args.control)
+        job["controlnets"] = [
+            {**_controlnet(spec), "control": control, "detector": detector}
+            for spec, control, detector in zip(
+                args.controlnet, args.control, detectors, strict=True
+            )
+        ]
+    return job
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .runner import JobEvents, run_job
+
+    try:
+        job = validate_job(job_from_args(args))
+    except JobError as exc:
+        print(f"error: bad job: {exc}", file=sys.stderr)
+        return 2
+
+    def progress(step: int, total: int, written: int, frames: int, fraction: float, stage: str):
+        print(
+            f"\r{stage}: step {step}/{total}, frames {written}/{frames} ({fraction:5.1%})",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        result = run_job(job, events=JobEvents(progress=progress))
+    except Exception as exc:  # one clear line for the user; -v shows the traceback
+        print(file=sys.stderr)
+        logging.getLogger(__name__).debug("job failed", exc_info=True)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    print(f"wrote {len(result.frames)} frames to {result.out} in {result.seconds:.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m backend``."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.command == "serve":
+        from .worker import serve
+
+        return serve(max_models=args.max_models)
+    return _generate(args)

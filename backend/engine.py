@@ -1,0 +1,470 @@
+"""Text2Video-Zero: one denoising loop for text2video, ControlNet video and Video Instruct-Pix2Pix.
+
+The loop follows the paper (Khachatryan et al., ICCV 2023):
+
+* Sect. 3.3.1, motion dynamics: frame 1 alone is denoised with DDIM from T to t1 and on
+  to t0; its x_t0 is translated by delta^k = (k - 1) * (dx, dy) for every frame k and sent
+  back to t1 with a DDPM forward jump; all frames are then denoised jointly from t1.
+* Sect. 3.3.2, cross-frame attention: every self-attention layer attends to frame 1.
+* Sect. 3.3.3, background smoothing: x^k <- M^k x^k + (1 - M^k)(a W_k(x^1) + (1 - a) x^k).
+* Sect. 3.4, ControlNet video: the same x_T for every frame, one control image per frame.
+* Sect. 3.5, Video Instruct-Pix2Pix: image latents concatenated to the input, three
+  guidance branches (text+image, image, none) under cross-frame attention.
+
+Long videos run step-major in chunks: each denoising step visits every chunk, the chunk
+holding frame 1 first, so the anchor's keys/values are computed once per step and shared.
+A frame's noise depends only on (seed, frame index), so results do not depend on the chunk
+size and any subset of frames can be computed on its own (render-farm shards).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
+from .models import BaseModel
+from .motion import (
+    ddpm_jump,
+    frame_noise,
+    latent_shift,
+    motion_shifts,
+    smooth_background,
+    translate_latents,
+)
+
+log = logging.getLogger(__name__)
+
+# Fraction of the joint denoising steps whose cross-attention maps make the smoothing masks.
+MASK_RECORD_FRACTION = 0.2
+# Normalised cross-attention above which a latent pixel counts as foreground.
+MASK_THRESHOLD = 0.4
+
+
+class Cancelled(Exception):
+    """The job was cancelled between two model evaluations."""
+
+
+@dataclass
+class Callbacks:
+    """Hooks the engine calls; all optional. ``should_cancel`` is polled before every UNet call."""
+
+    progress: Callable[[int, int, float], None] | None = None  # (step, total steps, fraction)
+    should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass
+class ControlInput:
+    """A loaded ControlNet with its control frames for the frames being generated."""
+
+    model: torch.nn.Module
+    # frame index -> (3, H, W) float tensor in [0, 1]
+    frames: dict[int, torch.Tensor]
+    weight: float = 1.0
+
+
+@dataclass
+class GenerationPlan:
+    """Which frames are computed, in which chunks, and which DDIM steps each phase runs."""
+
+    frame_ids: list[int]  # frames the caller asked for (0-based, sorted)
+    processed: list[int]  # frame_ids plus frame 0, the anchor every frame attends to
+    chunks: list[list[int]]  # processed frames split into chunks; chunks[0][0] == 0
+    steps: int
+    motion_phase: bool
+    t0: int | None = None
+    t1: int | None = None
+    evaluations: int = field(init=False)  # frame evaluations of the UNet, for progress
+
+    def __post_init__(self) -> None:
+        joint = self.steps - self.joint_start
+        self.evaluations = joint * len(self.processed) + (
+            self.steps - self.t0 - 1 if self.motion_phase else 0
+        )
+
+    @property
+    def joint_start(self) -> int:
+        """Index of the first DDIM step that denoises all frames together."""
+        return self.steps - self.t1 - 1 if self.motion_phase else 0
+
+
+def plan_generation(
+    frame_ids: Sequence[int],
+    chunk_size: int,
+    steps: int,
+    motion_phase: bool,
+    t0: int | None = None,
+    t1: int | None = None,
+) -> GenerationPlan:
+    """Split the frames into anchored chunks and fix the phases of the loop."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    if motion_phase and (t0 is None or t1 is None or not 0 <= t0 < t1 < steps):
+        raise ValueError(f"motion dynamics need 0 <= t0 < t1 < steps, got t0={t0}, t1={t1}")
+    wanted = sorted(set(frame_ids))
+    processed = sorted(set(wanted) | {0})
+    chunks = [processed[i : i + chunk_size] for i in range(0, len(processed), chunk_size)]
+    return GenerationPlan(wanted, processed, chunks, steps, motion_phase, t0, t1)
+
+
+class TextToVideoZero:
+    """The engine: SD 1.x components plus optional ControlNets, run as Text2Video-Zero."""
+
+    def __init__(self, base: BaseModel, controlnets: Sequence[torch.nn.Module] = ()):
+        self.base = base
+        self.controlnets = list(controlnets)
+        self.device = base.device
+        self.dtype = base.dtype
+
+    # ------------------------------------------------------------------ inputs
+
+    def check_inputs(
+        self,
+        prompt: str,
+        height: int,
+        width: int,
+        num_frames: int,
+        frame_ids: Sequence[int],
+        controls: Sequence[ControlInput],
+        image: dict[int, torch.Tensor] | None,
+    ) -> None:
+        """Raise ValueError naming the bad value before any model runs."""
+        factor = self.base.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(
+                f"height and width must be divisible by {factor}, got {height}x{width}"
+            )
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not frame_ids or min(frame_ids) < 0 or max(frame_ids) >= num_frames:
+            raise ValueError(f"frame_ids must lie in [0, {num_frames}), got {list(frame_ids)}")
+        if len(controls) != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets need as many control videos, "
+                f"got {len(controls)}"
+            )
+        needed = sorted(set(frame_ids) | {0})
+        for i, control in enumerate(controls):
+            missing = [f for f in needed if f not in control.frames]
+            if missing:
+                raise ValueError(f"control video {i} has no frame for frames {missing[:5]}")
+        if self.base.in_channels == 8:
+            if image is None:
+                raise ValueError("an InstructPix2Pix model needs a source video (image)")
+            missing = [f for f in needed if f not in image]
+            if missing:
+                raise ValueError(f"source video has no frame for frames {missing[:5]}")
+        elif image is not None:
+            raise ValueError("a source video (image) needs an InstructPix2Pix model")
+
+    # ------------------------------------------------------------------ text
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 77, dim) text embeddings and the (77,) mask of the prompt's own tokens."""
+        tokenizer = self.base.tokenizer
+        tokens = tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = tokens.input_ids
+        full = tokenizer(prompt, truncation=False).input_ids
+        if len(full) > tokenizer.model_max_length:
+            log.warning("prompt is longer than %d tokens; the rest is cut off", len(ids[0]))
+        embeds = self.base.text_encoder(ids.to(self.device))[0].to(self.dtype)
+        special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+        own = torch.tensor([int(t) not in special for t in ids[0]])
+        if not own.any():  # an empty prompt: fall back to the end token's map
+            own[min(len(full), ids.shape[1]) - 1] = True
+        return embeds, own
+
+    # ------------------------------------------------------------------ model calls
+
+    def _noise_prediction(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        frames: list[int],
+        embeds: torch.Tensor,
+        controls: Sequence[ControlInput],
+        image_latents: dict[int, torch.Tensor] | None,
+        guidance: tuple[float, float],
+        branches: int,
+    ) -> torch.Tensor:
+        """Guided noise prediction for a chunk: every branch's frames in one batched call."""
+        n = len(frames)
+        model_input = latents.repeat(branches, 1, 1, 1)  # (branches * frames, 4, h, w)
+        if image_latents is not None:
+            chunk_image = torch.stack([image_latents[f] for f in frames])  # (frames, 4, h, w)
+            groups = [chunk_image, chunk_image, torch.zeros_like(chunk_image)][:branches]
+            model_input = torch.cat([model_input, torch.cat(groups)], dim=1)
+            # (branches * frames, 8, h, w): latents next to the source frame's latents
+        text = embeds.repeat_interleave(n, dim=0)  # (branches * frames, 77, dim)
+
+        down_residuals = mid_residual = None
+        for control, controlnet in zip(controls, self.controlnets, strict=True):
+            cond = torch.stack([control.frames[f] for f in frames]).to(self.device, self.dtype)
+            cond = cond.repeat(branches, 1, 1, 1)  # (branches * frames, 3, H, W)
+            down, mid = controlnet(
+                model_input,
+                t,
+                encoder_hidden_states=text,
+                controlnet_cond=cond,
+                conditioning_scale=control.weight,
+                return_dict=False,
+            )
+            if down_residuals is None:
+                down_residuals, mid_residual = list(down), mid
+            else:
+                down_residuals = [a + b for a, b in zip(down_residuals, down, strict=True)]
+                mid_residual = mid_residual + mid
+
+        noise = self.base.unet(
+            model_input,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down_residuals,
+            mid_block_additional_residual=mid_residual,
+            return_dict=False,
+        )[0]
+        return _combine_guidance(noise, branches, n, image_latents is not None, guidance)
+
+    # ------------------------------------------------------------------ the loop
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str = "",
+        num_frames: int = 8,
+        height: int = 512,
+        width: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        chunk_size: int = 8,
+        frame_ids: Sequence[int] | None = None,
+        motion: tuple[float, float] = (12.0, 12.0),
+        motion_dynamics: bool = True,
+        t0: int | None = None,
+        t1: int | None = None,
+        smooth_bg: bool = False,
+        smooth_alpha: float = 0.6,
+        masks: dict[int, torch.Tensor] | None = None,
+        controls: Sequence[ControlInput] = (),
+        image: dict[int, torch.Tensor] | None = None,
+        image_guidance_scale: float = 1.5,
+        callbacks: Callbacks | None = None,
+    ) -> torch.Tensor:
+        """Generate and return the final latents of ``frame_ids``: (frames, 4, H/8, W/8) fp32.
+
+        ``image`` (pix2pix) maps frame index -> (3, H, W) source frame in [0, 1];
+        ``masks`` maps frame index -> (1, H, W) foreground mask in [0, 1].
+        """
+        frame_ids = list(range(num_frames)) if frame_ids is None else list(frame_ids)
+        self.check_inputs(prompt, height, width, num_frames, frame_ids, controls, image)
+        callbacks = callbacks or Callbacks()
+        plan = plan_generation(frame_ids, chunk_size, num_inference_steps, motion_dynamics, t0, t1)
+        scheduler = _ddim(self.base.scheduler_config)
+        scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = scheduler.timesteps
+        factor = self.base.vae_scale_factor
+        lat_h, lat_w = height // factor, width // factor
+        shape = (4, lat_h, lat_w)
+        shift = latent_shift(motion, lat_w, lat_h)
+
+        # Text and guidance branches: (uncond, cond), or (text+image, image, none) for Pix2Pix.
+        cond, own_tokens = self.encode_prompt(prompt)
+        pix2pix = image is not None
+        if pix2pix:
+            do_cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
+            uncond = self.encode_prompt(negative_prompt)[0]
+            embeds = torch.cat([cond, uncond, uncond]) if do_cfg else cond
+            branches = 3 if do_cfg else 1
+            cond_branch = 0
+        else:
+            do_cfg = guidance_scale > 1.0
+            embeds = torch.cat([self.encode_prompt(negative_prompt)[0], cond]) if do_cfg else cond
+            branches = 2 if do_cfg else 1
+            cond_branch = branches - 1
+        guidance = (guidance_scale, image_guidance_scale)
+        image_latents = self._encode_images(image, plan.processed) if pix2pix else None
+
+        state = AnchorState()
+        state.branches = branches
+        recorder = None
+        if smooth_bg and masks is None:
+            recorder = CrossAttnMapRecorder((lat_h, lat_w), own_tokens, cond_branch)
+        models = [("unet", self.base.unet)] + [
+            (f"controlnet{i}", c) for i, c in enumerate(self.controlnets)
+        ]
+        done = 0
+
+        def predict(latents: torch.Tensor, t: torch.Tensor, frames: list[int]) -> torch.Tensor:
+            nonlocal done
+            if callbacks.should_cancel is not None and callbacks.should_cancel():
+                raise Cancelled()
+            noise = self._noise_prediction(
+                latents, t, frames, embeds, controls, image_latents, guidance, branches
+            )
+            done += len(frames)
+            return noise
+
+        def report(step: int) -> None:
+            if callbacks.progress is not None:
+                callbacks.progress(step, num_inference_steps, done / plan.evaluations)
+
+        with installed_processors(models, state, recorder, lat_h * lat_w):
+            # x_T: frame 1's noise; ControlNet and Pix2Pix start every frame from it (Sect. 3.4).
+            x_first = frame_noise(seed, 0, "x_T", shape).to(self.device, self.dtype)
+            x_first = x_first * scheduler.init_noise_sigma
+            latents: dict[int, torch.Tensor] = {}
+
+            if plan.motion_phase:
+                # Sect. 3.3.1: DDIM backward on frame 1 alone, T -> t1 -> t0.
+                t0_index = num_inference_steps - plan.t0 - 1
+                x_first = x_first[None]  # (1, 4, h, w)
+                x_first_t1 = x_first if plan.joint_start == 0 else None
+                for i in range(t0_index):
+                    state.capture = True
+                    t = timesteps[i]
+                    noise = predict(x_first, t, [0])
+                    x_first = scheduler.step(noise, t, x_first).prev_sample
+                    if i + 1 == plan.joint_start:
+                        x_first_t1 = x_first
+                    report(i + 1)
+                # Warp x_t0^1 by delta^k for every other frame, then DDPM-forward t0 -> t1.
+                others = [f for f in plan.processed if f != 0]
+                if others:
+                    warped = translate_latents(
+                        x_first.expand(len(others), *shape), motion_shifts(others, shift)
+                    )  # (frames - 1, 4, h, w)
+                    alphas = scheduler.alphas_cumprod
+                    a_t0 = float(alphas[int(timesteps[t0_index])])
+                    a_t1 = float(alphas[int(timesteps[plan.joint_start])])
+                    for f, x in zip(others, warped, strict=True):
+                        eps = frame_noise(seed, f, "t0_to_t1", shape)
+                        latents[f] = ddpm_jump(x, a_t0, a_t1, eps)
+                latents[0] = x_first_t1[0]
+            else:
+                for f in plan.processed:
+                    latents[f] = x_first.clone()
+
+            # Sect. 3.3.2 / 3.4 / 3.5: all frames jointly, cross-frame attention to frame 1.
+            joint_steps = num_inference_steps - plan.joint_start
+            record_until = plan.joint_start + max(1, round(joint_steps * MASK_RECORD_FRACTION))
+            fg_masks = _masks_to_latent(masks, (lat_h, lat_w)) if masks is not None else None
+            for i in range(plan.joint_start, num_inference_steps):
+                t = timesteps[i]
+                if recorder is not None:
+                    recorder.active = i < record_until
+                for n, chunk in enumerate(plan.chunks):
+                    state.capture = n == 0
+                    if recorder is not None:
+                        recorder.frame_ids = chunk
+                    x = torch.stack([latents[f] for f in chunk])  # (chunk, 4, h, w)
+                    noise = predict(x, t, chunk)
+                    x = scheduler.step(noise, t, x).prev_sample
+                    for f, xf in zip(chunk, x, strict=True):
+                        latents[f] = xf
+                    report(i + 1)
+                state.clear()
+                if recorder is not None and i + 1 == record_until:
+                    fg_masks = _attention_masks(recorder.maps)
+                    recorder = None
+                if smooth_bg and fg_masks is not None and i + 1 < num_inference_steps:
+                    # Sect. 3.3.3: blend each background toward frame 1, warped to frame k.
+                    self._smooth(latents, fg_masks, shift, smooth_alpha)
+
+        return torch.stack([latents[f] for f in plan.frame_ids]).float()
+
+    def _smooth(
+        self,
+        latents: dict[int, torch.Tensor],
+        fg_masks: dict[int, torch.Tensor],
+        shift: tuple[float, float],
+        alpha: float,
+    ) -> None:
+        others = [f for f in latents if f != 0]
+        if not others:
+            return
+        anchor = latents[0].expand(len(others), *latents[0].shape)
+        warped = translate_latents(anchor, motion_shifts(others, shift))
+        x = torch.stack([latents[f] for f in others])
+        m = torch.stack([fg_masks[f] for f in others])
+        for f, xf in zip(others, smooth_background(x, warped, m, alpha), strict=True):
+            latents[f] = xf
+
+    # ------------------------------------------------------------------ VAE
+
+    @torch.no_grad()
+    def _encode_images(
+        self, image: dict[int, torch.Tensor], frames: list[int], batch: int = 4
+    ) -> dict[int, torch.Tensor]:
+        """InstructPix2Pix image latents (the VAE posterior's mode, unscaled) per frame."""
+        out = {}
+        for i in range(0, len(frames), batch):
+            part = frames[i : i + batch]
+            pixels = torch.stack([image[f] for f in part]).to(self.device, self.dtype) * 2 - 1
+            encoded = self.base.vae.encode(pixels).latent_dist.mode()  # (part, 4, h, w)
+            out.update(zip(part, encoded, strict=True))
+        return out
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode (frames, 4, h, w) latents to (frames, H, W, 3) uint8 RGB on the CPU."""
+        vae = self.base.vae
+        x = latents.to(self.device, self.dtype) / vae.config.scaling_factor
+        images = vae.decode(x, return_dict=False)[0]  # (frames, 3, H, W) in [-1, 1]
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255)
+        return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _ddim(config: dict):
+    """A fresh DDIM scheduler (eta = 0: deterministic) from the model's scheduler config."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config)
+
+
+def _combine_guidance(
+    noise: torch.Tensor, branches: int, frames: int, pix2pix: bool, guidance: tuple[float, float]
+) -> torch.Tensor:
+    """Classifier-free guidance over the stacked branches of one chunk."""
+    if branches == 1:
+        return noise
+    text_scale, image_scale = guidance
+    parts = noise.view(branches, frames, *noise.shape[1:])  # (branches, frames, 4, h, w)
+    if pix2pix:
+        full, image_only, none = parts.unbind(0)
+        return none + text_scale * (full - image_only) + image_scale * (image_only - none)
+    uncond, cond = parts.unbind(0)
+    return uncond + text_scale * (cond - uncond)
+
+
+def _masks_to_latent(
+    masks: dict[int, torch.Tensor], size: tuple[int, int]
+) -> dict[int, torch.Tensor]:
+    """Foreground masks at latent resolution, 1 on the foreground and 0 on the background."""
+    out = {}
+    for f, m in masks.items():
+        small = F.interpolate(m[None].float(), size=size, mode="area")[0]  # (1, h, w)
+        out[f] = (small >= 0.5).float()
+    return out
+
+
+def _attention_masks(maps: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Foreground masks from accumulated cross-attention maps: normalise, threshold, dilate."""
+    out = {}
+    for f, m in maps.items():
+        m = (m - m.min()) / (m.max() - m.min()).clamp_min(1e-8)
+        fg = (m >= MASK_THRESHOLD).float()[None, None]  # (1, 1, h, w)
+        out[f] = F.max_pool2d(fg, 3, stride=1, padding=1)[0]  # (1, h, w)
+    return out

@@ -1,0 +1,362 @@
+"""Loading models as users have them: hub ids, local diffusers folders, single-file checkpoints.
+
+Weights load from safetensors; pickled ``.ckpt``/``.bin``/``.pt`` weights are refused
+unless the job allows them (``allow_pickle``), because unpickling runs arbitrary code.
+A local path never touches the network. Loaded models are cached by ``ModelCache`` so a
+worker serving several jobs loads each model once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .protocol import DEFAULT_MODEL, DEFAULT_PIX2PIX_MODEL
+from .tiny import BUILTIN_PREFIX, ensure_builtin
+
+log = logging.getLogger(__name__)
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says which and what to do."""
+
+
+@dataclass
+class BaseModel:
+    """The Stable Diffusion 1.x components the engine runs."""
+
+    tokenizer: Any
+    text_encoder: Any
+    unet: Any
+    vae: Any
+    scheduler_config: dict
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def in_channels(self) -> int:
+        """4 for text-to-image models, 8 for InstructPix2Pix-style models."""
+        return int(self.unet.config.in_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent pixel (8 for SD)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+# --------------------------------------------------------------------------- device
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """CUDA, then Apple MPS, then CPU for "auto"; otherwise the named device, checked."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("device cuda was asked for, but this PyTorch build sees no CUDA GPU")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise ModelLoadError("device mps was asked for, but Apple MPS is not available here")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA and fp32 elsewhere for "auto" (half precision is slow on CPU)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for names only a file system path would have (hub ids are plain owner/name)."""
+    return (
+        name.startswith((".", "/", "~", "\\"))
+        or "\\" in name
+        or name.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)
+        or (len(name) > 1 and name[1] == ":")  # a Windows drive letter
+    )
+
+
+def resolve_source(name: str) -> tuple[str, str]:
+    """Classify a model name: ("folder"|"file"|"hub", location); builtins become folders."""
+    if name.startswith(BUILTIN_PREFIX):
+        try:
+            return "folder", str(ensure_builtin(name))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    path = Path(os.path.expanduser(name))
+    if path.is_dir():
+        return "folder", str(path)
+    if path.is_file():
+        return "file", str(path)
+    if _looks_like_path(name) or name.count("/") != 1:
+        raise ModelLoadError(
+            f"model {name!r} is neither an existing folder or file nor a hub id (owner/name)"
+        )
+    return "hub", name
+
+
+def _check_pickle_file(path: str, allow_pickle: bool) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        return
+    if suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"{path} is a pickled checkpoint ({suffix}): loading it can run arbitrary code. "
+                "Convert it to .safetensors, or pass --allow-pickle (job field allow_pickle) "
+                "if you trust its source."
+            )
+        return
+    raise ModelLoadError(
+        f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors "
+        f"(or {', '.join(PICKLE_SUFFIXES)} with --allow-pickle)"
+    )
+
+
+def _check_folder_weights(folder: Path, allow_pickle: bool) -> None:
+    """Refuse a folder whose weights are only pickled, before diffusers tries to load them."""
+    files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    has_safe = any(p.suffix == ".safetensors" for p in files)
+    has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in files)
+    if not has_safe and has_pickle and not allow_pickle:
+        raise ModelLoadError(
+            f"{folder} holds only pickled weights (.bin/.ckpt): loading them can run arbitrary "
+            "code. Convert them to .safetensors, or pass --allow-pickle (job field allow_pickle) "
+            "if you trust their source."
+        )
+
+
+def _pretrained_kwargs(kind: str, allow_pickle: bool) -> dict[str, Any]:
+    # low_cpu_mem_usage needs accelerate, which the backend does not depend on.
+    kwargs: dict[str, Any] = {
+        "use_safetensors": None if allow_pickle else True,
+        "low_cpu_mem_usage": False,
+    }
+    if kind == "folder":
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _wrap_load_error(name: str, allow_pickle: bool, exc: Exception) -> ModelLoadError:
+    hint = "" if allow_pickle else " (if it has only pickled .bin weights, see --allow-pickle)"
+    return ModelLoadError(f"could not load model {name!r}: {exc}{hint}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
+    """Move a module for inference: device, dtype, eval mode, channels-last convs on CUDA."""
+    module.requires_grad_(False)
+    module.eval()
+    module.to(device)
+    if module.dtype != dtype:  # from_pretrained already loaded in ``dtype``; convert only if not
+        module.to(dtype)
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
+    return module
+
+
+def load_base_model(
+    name: str,
+    *,
+    pix2pix: bool = False,
+    config: str | None = None,
+    allow_pickle: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load SD 1.x components from a hub id, a diffusers folder or a single-file checkpoint."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device = device or torch.device("cpu")
+    kind, location = resolve_source(name)
+    if kind == "file":
+        _check_pickle_file(location, allow_pickle)
+        components = _load_single_file(location, pix2pix, config, dtype)
+    else:
+        root = Path(location)
+        if kind == "folder":
+            if not (root / "unet" / "config.json").is_file():
+                raise ModelLoadError(
+                    f"{location} is not a diffusers model folder (no unet/config.json); "
+                    "give a folder saved with save_pretrained, a .safetensors file or a hub id"
+                )
+            for sub in ("unet", "vae", "text_encoder"):
+                _check_folder_weights(root / sub, allow_pickle)
+        kwargs = _pretrained_kwargs(kind, allow_pickle)
+        try:
+            components = {
+                "tokenizer": CLIPTokenizer.from_pretrained(
+                    location, subfolder="tokenizer", local_files_only=kind == "folder"
+                ),
+                "text_encoder": CLIPTextModel.from_pretrained(
+                    location, subfolder="text_encoder", torch_dtype=dtype, **kwargs
+                ),
+                "unet": UNet2DConditionModel.from_pretrained(
+                    location, subfolder="unet", torch_dtype=dtype, **kwargs
+                ),
+                "vae": AutoencoderKL.from_pretrained(
+                    location, subfolder="vae", torch_dtype=dtype, **kwargs
+                ),
+                "scheduler_config": _scheduler_config(location, kind),
+            }
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise _wrap_load_error(name, allow_pickle, exc) from exc
+    base = BaseModel(
+        tokenizer=components["tokenizer"],
+        text_encoder=_place(components["text_encoder"], device, dtype),
+        unet=_place(components["unet"], device, dtype),
+        vae=_place(components["vae"], device, dtype),
+        scheduler_config=components["scheduler_config"],
+        source=name,
+        device=device,
+        dtype=dtype,
+    )
+    if pix2pix and base.in_channels != 8:
+        raise ModelLoadError(
+            f"pix2pix needs an InstructPix2Pix model (UNet with 8 input channels); "
+            f"{name!r} has {base.in_channels}"
+        )
+    if not pix2pix and base.in_channels != 4:
+        raise ModelLoadError(
+            f"{name!r} has a UNet with {base.in_channels} input channels; text2video and "
+            "controlnet need a text-to-image model (4 channels)"
+        )
+    return base
+
+
+def _scheduler_config(location: str, kind: str) -> dict:
+    from diffusers import DDIMScheduler
+
+    try:
+        config = DDIMScheduler.load_config(
+            location, subfolder="scheduler", local_files_only=kind == "folder"
+        )
+    except (OSError, ValueError, EnvironmentError):
+        log.warning("%s has no scheduler config; using Stable Diffusion 1.x defaults", location)
+        config = {}
+    return dict(config)
+
+
+def _load_single_file(path: str, pix2pix: bool, config: str | None, dtype: torch.dtype) -> dict:
+    """Components of an original-format SD 1.x checkpoint through diffusers' single-file loader."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    pipeline_cls = StableDiffusionInstructPix2PixPipeline if pix2pix else StableDiffusionPipeline
+    config_name = config or (DEFAULT_PIX2PIX_MODEL if pix2pix else DEFAULT_MODEL)
+    config_kind, config_location = resolve_source(config_name)
+    if config_kind == "file":
+        raise ModelLoadError(
+            f"model_config must be a diffusers folder or hub id, got {config_name}"
+        )
+    try:
+        pipeline = pipeline_cls.from_single_file(
+            path,
+            config=config_location,
+            torch_dtype=dtype,
+            local_files_only=config_kind == "folder",
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, EnvironmentError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load single-file checkpoint {path} with configs from {config_name!r}: {exc}"
+        ) from exc
+    return {
+        "tokenizer": pipeline.tokenizer,
+        "text_encoder": pipeline.text_encoder,
+        "unet": pipeline.unet,
+        "vae": pipeline.vae,
+        "scheduler_config": dict(pipeline.scheduler.config),
+    }
+
+
+def load_controlnet(
+    name: str,
+    *,
+    config: str | None = None,
+    allow_pickle: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Any:
+    """Load a ControlNet from a hub id, a diffusers folder or a single-file checkpoint."""
+    from diffusers import ControlNetModel
+
+    device = device or torch.device("cpu")
+    kind, location = resolve_source(name)
+    try:
+        if kind == "file":
+            _check_pickle_file(location, allow_pickle)
+            model = ControlNetModel.from_single_file(location, config=config, torch_dtype=dtype)
+        else:
+            if kind == "folder":
+                if not (Path(location) / "config.json").is_file():
+                    raise ModelLoadError(
+                        f"{location} is not a diffusers ControlNet folder (no config.json)"
+                    )
+                _check_folder_weights(Path(location), allow_pickle)
+            model = ControlNetModel.from_pretrained(
+                location, torch_dtype=dtype, **_pretrained_kwargs(kind, allow_pickle)
+            )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise _wrap_load_error(name, allow_pickle, exc) from exc
+    return _place(model, device, dtype)
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class ModelCache:
+    """Keeps recently used models loaded so the next job starts denoising without reloading."""
+
+    def __init__(self, max_bases: int = 1, max_controlnets: int = 4):
+        self.max_bases = max_bases
+        self.max_controlnets = max_controlnets
+        self._bases: OrderedDict[tuple, BaseModel] = OrderedDict()
+        self._controlnets: OrderedDict[tuple, Any] = OrderedDict()
+        self.loads = 0  # how many times a model was actually loaded (for tests and logs)
+
+    def base(self, name: str, **kwargs: Any) -> BaseModel:
+        """The base model ``name`` loaded with ``kwargs`` (see load_base_model), cached."""
+        key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        return self._get(self._bases, key, self.max_bases, lambda: load_base_model(name, **kwargs))
+
+    def controlnet(self, name: str, **kwargs: Any) -> Any:
+        """The ControlNet ``name`` loaded with ``kwargs`` (see load_controlnet), cached."""
+        key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
+        return self._get(
+            self._controlnets, key, self.max_controlnets, lambda: load_controlnet(name, **kwargs)
+        )
+
+    def _get(self, store: OrderedDict, key: tuple, limit: int, load: Any) -> Any:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+        while len(store) >= limit:
+            store.popitem(last=False)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        value = load()
+        self.loads += 1
+        store[key] = value
+        return value

@@ -1,0 +1,181 @@
+"""Runs a validated job end to end: load models and inputs, generate, write the result.
+
+Shared by the CLI and the worker. Events go out through plain callables so the caller
+decides whether they become log lines or protocol messages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .controls import load_control_frames
+from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
+from .models import ModelCache, resolve_device, resolve_dtype
+from .protocol import Job
+from .tiny import BUILTIN_PREFIX
+from .video_io import (
+    OutputExistsError,
+    frame_name,
+    read_frames,
+    read_masks,
+    staged_output,
+    write_mp4,
+    write_png,
+)
+
+log = logging.getLogger(__name__)
+
+# Frames decoded per VAE call: bounds decoder memory whatever the video length.
+DECODE_SLICE = 4
+
+
+@dataclass
+class JobEvents:
+    """Where a running job reports; every hook is optional."""
+
+    # (step, total steps, frames written, frames total, fraction of all work, stage)
+    progress: Callable[[int, int, int, int, float, str], None] | None = None
+    # (0-based frame index, path of the written frame; valid until the job ends)
+    preview: Callable[[int, str], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+
+
+@dataclass
+class JobResult:
+    """A finished job: its folder and frames (absolute paths, in frame order)."""
+
+    out: str
+    frames: list[str]
+    seconds: float
+    extras: dict = field(default_factory=dict)
+
+
+def _to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+
+
+def run_job(
+    job: Job, cache: ModelCache | None = None, events: JobEvents | None = None
+) -> JobResult:
+    """Generate ``job`` into ``job.out``; raise Cancelled, OutputExistsError, ModelLoadError..."""
+    started = time.perf_counter()
+    events = events or JobEvents()
+    cache = cache or ModelCache()
+    out = Path(job.out).expanduser().resolve()
+    if out.exists():
+        raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
+    if job.model.startswith(BUILTIN_PREFIX):
+        log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
+
+    device = resolve_device(job.device)
+    dtype = resolve_dtype(job.dtype, device)
+    base = cache.base(
+        job.model,
+        pix2pix=job.mode == "pix2pix",
+        config=job.model_config,
+        allow_pickle=job.allow_pickle,
+        device=device,
+        dtype=dtype,
+    )
+    controlnets = [
+        cache.controlnet(c.model, allow_pickle=job.allow_pickle, device=device, dtype=dtype)
+        for c in job.controlnets
+    ]
+    frame_ids = job.frame_indices
+    needed = sorted(set(frame_ids) | {0})
+    w, h = job.width, job.height
+    controls = [
+        ControlInput(
+            model,
+            {f: _to_tensor(img) for f, img in load_control_frames(spec, needed, w, h).items()},
+            spec.weight,
+        )
+        for spec, model in zip(job.controlnets, controlnets, strict=True)
+    ]
+    image = None
+    if job.video is not None:
+        image = {f: _to_tensor(img) for f, img in read_frames(job.video, needed, w, h).items()}
+    masks = None
+    if job.masks is not None:
+        masks = {
+            f: torch.from_numpy(m)[None] for f, m in read_masks(job.masks, needed, w, h).items()
+        }
+
+    total_frames = len(frame_ids)
+
+    def on_step(step: int, total: int, fraction: float) -> None:
+        if events.progress is not None:
+            # Denoising is ~90% of the work; decoding and writing the rest.
+            events.progress(step, total, 0, total_frames, 0.9 * fraction, "denoising")
+
+    engine = TextToVideoZero(base, controlnets)
+    motion = job.effective_motion
+    with staged_output(out) as staging:
+        latents = engine(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            num_frames=job.frames,
+            height=h,
+            width=w,
+            num_inference_steps=job.steps,
+            guidance_scale=job.guidance,
+            seed=job.seed,
+            chunk_size=job.chunk_size,
+            frame_ids=frame_ids,
+            motion=motion,
+            motion_dynamics=job.t0 is not None,
+            t0=job.t0,
+            t1=job.t1,
+            smooth_bg=job.smooth_bg,
+            smooth_alpha=job.smooth_alpha,
+            masks=masks,
+            controls=controls,
+            image=image,
+            image_guidance_scale=job.image_guidance,
+            callbacks=Callbacks(progress=on_step, should_cancel=events.should_cancel),
+        )
+        written = []
+        for start in range(0, total_frames, DECODE_SLICE):
+            if events.should_cancel is not None and events.should_cancel():
+                raise Cancelled()
+            images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
+            for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
+                path = staging / frame_name(f)
+                write_png(path, rgb)
+                written.append(frame_name(f))
+                if events.preview is not None:
+                    events.preview(f, str(path))
+            if events.progress is not None:
+                done = len(written)
+                fraction = 0.9 + 0.1 * done / total_frames
+                events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
+        if job.save_latents:
+            np.save(staging / "latents.npy", latents.numpy().astype(np.float32))
+        if job.write_mp4:
+            write_mp4(staging / "video.mp4", [staging / n for n in written], job.fps)
+        resolved = job.to_dict()
+        resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
+        resolved["out"] = str(out)
+        (staging / "job.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        seconds = time.perf_counter() - started
+        run_info = {
+            "backend": __version__,
+            "device": str(device),
+            "dtype": str(dtype).replace("torch.", ""),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "seconds": round(seconds, 3),
+        }
+        (staging / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+    return JobResult(str(out), [str(out / n) for n in written], seconds, run_info)

@@ -1,0 +1,200 @@
+"""Tiny random-weight Stable Diffusion 1.x-shaped models, built locally for smoke tests.
+
+``builtin:tiny`` (base), ``builtin:tiny-controlnet`` and ``builtin:tiny-pix2pix`` are
+built here once, saved as diffusers folders with safetensors weights, and then loaded
+through the same loading code as any user model. They produce noise-like images: they
+exist so the whole chain runs offline on any machine in seconds, not to make pictures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+TINY_KINDS = ("tiny", "tiny-controlnet", "tiny-pix2pix")
+# Bump when the tiny architecture changes so stale caches are rebuilt.
+TINY_REVISION = 1
+TINY_SEED = 1234
+CROSS_DIM = 32
+
+
+def cache_dir() -> Path:
+    """Folder holding built-in models: $T2VZ_CACHE_DIR or ~/.cache/blender_t2vz."""
+    root = os.environ.get("T2VZ_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "blender_t2vz"
+    )
+    return Path(root)
+
+
+def _byte_vocab() -> list[str]:
+    """The 256 byte-level characters CLIP's BPE tokenizer maps bytes to."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            chars.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in chars]
+
+
+def write_tiny_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character)."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _byte_vocab()
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = Path(tmp, "vocab.json")
+        merges_file = Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(
+            str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77
+        )
+        tokenizer.save_pretrained(str(folder))
+
+
+def _tiny_unet_config(in_channels: int) -> dict:
+    """Two UNet levels, attention only in the lower-resolution one (fast on CPU)."""
+    return dict(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def _randomize_zero_convs(controlnet: torch.nn.Module) -> None:
+    """Give a fresh ControlNet's zero convolutions random weights so control has an effect."""
+    gen = torch.Generator().manual_seed(TINY_SEED + 7)
+    modules = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+    modules += list(controlnet.controlnet_down_blocks)
+    with torch.no_grad():
+        for module in modules:
+            module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.3)
+            module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)
+
+
+def build_tiny(kind: str, folder: Path) -> Path:
+    """Build the tiny model ``kind`` into ``folder`` (a diffusers folder, safetensors weights)."""
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDIMScheduler,
+        StableDiffusionInstructPix2PixPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    torch.manual_seed(TINY_SEED)
+    folder = Path(folder)
+    if kind == "tiny-controlnet":
+        unet = UNet2DConditionModel(**_tiny_unet_config(4))
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(8, 16, 16, 32)
+        )
+        _randomize_zero_convs(controlnet)
+        controlnet.save_pretrained(str(folder), safe_serialization=True)
+        return folder
+
+    unet = UNet2DConditionModel(**_tiny_unet_config(8 if kind == "tiny-pix2pix" else 4))
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=CROSS_DIM,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=CROSS_DIM,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline_cls = (
+        StableDiffusionInstructPix2PixPipeline
+        if kind == "tiny-pix2pix"
+        else StableDiffusionPipeline
+    )
+    pipeline = pipeline_cls(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def ensure_builtin(name: str) -> Path:
+    """Folder of built-in model ``builtin:KIND``, building it once into the cache."""
+    kind = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
+    if kind not in TINY_KINDS:
+        raise ValueError(
+            f"unknown built-in model {name!r}; choose one of "
+            + ", ".join(BUILTIN_PREFIX + k for k in TINY_KINDS)
+        )
+    target = cache_dir() / f"{kind}-r{TINY_REVISION}"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{kind}-", dir=target.parent))
+    try:
+        build_tiny(kind, staging)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not target.is_dir():  # another process won the race: use its copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

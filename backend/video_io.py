@@ -1,0 +1,192 @@
+"""Frames in (image folders, movie files) and out (PNG frames, mp4), written atomically.
+
+Input frames are RGB uint8 arrays (H, W, 3), scaled to cover the target size and centre-
+cropped so proportions are kept. Output goes to a temporary folder beside the destination
+that is renamed into place only when the job succeeds: an existing folder is never
+overwritten and a failed or cancelled job leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .protocol import VideoInput
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".exr")
+MOVIE_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".gif")
+
+
+class VideoInputError(ValueError):
+    """A video input is missing, unreadable or too short; the message names the path."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder already exists; results never overwrite anything."""
+
+
+def frame_name(index: int) -> str:
+    """File name of 0-based frame ``index``: frame_00001.png for the first frame."""
+    return f"frame_{index + 1:05d}.png"
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", path.name)]
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files of a folder in natural order (frame2 before frame10)."""
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=_natural_key)
+
+
+def source_indices(spec: VideoInput, frame_ids: Sequence[int]) -> dict[int, int]:
+    """Source frame index read for each output frame: start + floor(frame * stride)."""
+    return {f: spec.start + math.floor(f * spec.stride + 1e-9) for f in frame_ids}
+
+
+def _to_rgb8(image: np.ndarray) -> np.ndarray:
+    """Any decoded image (gray, BGR, BGRA; 8/16-bit or float) as RGB uint8."""
+    if image.dtype == np.uint16:
+        image = (image / 257.0).round().astype(np.uint8)
+    elif image.dtype != np.uint8:
+        image = (np.clip(image, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if image.ndim == 2:
+        return np.repeat(image[:, :, None], 3, axis=2)
+    if image.shape[2] == 4:
+        image = image[:, :, :3]
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def fit_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Scale to cover (width, height) keeping proportions, then centre-crop to it."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    scale = max(width / w, height / h)
+    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
+    x0, y0 = (new_w - width) // 2, (new_h - height) // 2
+    return image[y0 : y0 + height, x0 : x0 + width]
+
+
+def _read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise VideoInputError(f"cannot read image {path}")
+    return _to_rgb8(image)
+
+
+def _read_movie(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
+    """Decode the movie once, front to back, keeping the wanted frame indices."""
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise VideoInputError(f"cannot open movie {path}")
+    frames: dict[int, np.ndarray] = {}
+    last = max(wanted)
+    index = 0
+    try:
+        while index <= last:
+            ok, image = capture.read()
+            if not ok:
+                break
+            if index in wanted:
+                frames[index] = _to_rgb8(image)
+            index += 1
+    finally:
+        capture.release()
+    missing = sorted(wanted - set(frames))
+    if missing:
+        raise VideoInputError(
+            f"movie {path} has {index} frames; frame index {missing[0]} is needed"
+        )
+    return frames
+
+
+def read_frames(
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
+) -> dict[int, np.ndarray]:
+    """RGB uint8 frames (height, width, 3) of ``spec`` for the 0-based output ``frame_ids``."""
+    path = Path(os.path.expanduser(spec.path))
+    mapping = source_indices(spec, frame_ids)
+    wanted = set(mapping.values())
+    if path.is_dir():
+        files = list_image_files(path)
+        if not files:
+            raise VideoInputError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        if max(wanted) >= len(files):
+            raise VideoInputError(
+                f"folder {path} has {len(files)} images; image index {max(wanted)} is needed"
+            )
+        source = {i: _read_image(files[i]) for i in wanted}
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        source = dict.fromkeys(wanted, _read_image(path))  # one still image for every frame
+    elif path.is_file():
+        source = _read_movie(path, wanted)
+    else:
+        raise VideoInputError(f"video input {path} does not exist")
+    return {f: fit_frame(source[i], width, height) for f, i in mapping.items()}
+
+
+def read_masks(
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
+) -> dict[int, np.ndarray]:
+    """Foreground masks as float32 (height, width) in [0, 1]; white is foreground."""
+    frames = read_frames(spec, frame_ids, width, height)
+    return {f: image.mean(axis=2, dtype=np.float32) / 255.0 for f, image in frames.items()}
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """Write an RGB uint8 image as PNG."""
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
+        raise OSError(f"cannot write {path}")
+
+
+def write_mp4(path: Path, frames: Sequence[Path], fps: float) -> bool:
+    """Encode PNG frames into an mp4; False (and a log line) when no encoder is available."""
+    if not frames:
+        return False
+    first = cv2.imread(str(frames[0]))
+    height, width = first.shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+    if not writer.isOpened():
+        log.warning("no mp4 encoder in this OpenCV build; skipping %s", path)
+        return False
+    try:
+        for frame in frames:
+            writer.write(cv2.imread(str(frame)))
+    finally:
+        writer.release()
+    return True
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
+    out = Path(out)
+    if out.exists():
+        raise OutputExistsError(f"output folder {out} already exists; results never overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            raise OutputExistsError(f"output folder {out} appeared while the job ran; kept it")
+        os.rename(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The persistent worker: ``python -m backend serve``, JSON lines on stdin/stdout.
+
+A reader thread turns request lines into a queue (and sets the cancel flag at once, so a
+cancel lands within one model evaluation); the main thread runs jobs one at a time with
+a model cache that survives between jobs. stdout carries only protocol lines: anything
+else a library prints is sent to stderr with the logs. Errors cross the process boundary
+as text (kind, message, traceback), never as pickled objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sys
+import threading
+import traceback
+from typing import Any, TextIO
+
+from . import __version__
+from .protocol import JobError, decode_message, encode_message, validate_job
+
+log = logging.getLogger(__name__)
+
+
+class ProtocolWriter:
+    """Writes protocol lines to the real stdout, one whole line at a time."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.lock = threading.Lock()
+
+    def send(self, kind: str, **payload: Any) -> None:
+        """Send one message."""
+        line = encode_message(kind, **payload)
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _claim_stdout() -> TextIO:
+    """Keep the real stdout for protocol lines and point fd 1 (and sys.stdout) at stderr."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return os.fdopen(protocol_fd, "w", encoding="utf-8", buffering=1)
+
+
+class Worker:
+    """Request loop state: the queue, the job being run and its cancel flag."""
+
+    def __init__(self, writer: ProtocolWriter, max_models: int = 1):
+        from .models import ModelCache
+
+        self.writer = writer
+        self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.cancel = threading.Event()
+        self.current_id: str | None = None
+        self.cache = ModelCache(max_bases=max_models)
+
+    def read_requests(self, stream: TextIO) -> None:
+        """Reader thread: parse lines; cancels act at once, the rest is queued."""
+        for line in stream:
+            if not line.strip():
+                continue
+            try:
+                message = decode_message(line)
+            except ValueError as exc:
+                self.writer.send(
+                    "error", id=None, kind="ProtocolError", message=str(exc), traceback=""
+                )
+                continue
+            if message["type"] == "cancel":
+                if message.get("id") in (None, self.current_id):
+                    self.cancel.set()
+                continue
+            self.requests.put(message)
+            if message["type"] == "shutdown":
+                self.cancel.set()
+                return
+        self.cancel.set()  # stdin closed: the add-on is gone
+        self.requests.put(None)
+
+    def run_one(self, message: dict[str, Any]) -> None:
+        """Validate and run one generate request, replying with the outcome."""
+        from .engine import Cancelled
+        from .runner import JobEvents, run_job
+
+        job_id = str(message.get("id", ""))
+        try:
+            job = validate_job(message.get("job"))
+        except JobError as exc:
+            self.writer.send("error", id=job_id, kind="JobError", message=str(exc), traceback="")
+            return
+        self.current_id = job_id
+        self.cancel.clear()
+        self.writer.send("accepted", id=job_id)
+
+        def progress(step, total, written, frames, fraction, stage):
+            self.writer.send(
+                "progress",
+                id=job_id,
+                step=step,
+                total=total,
+                frames_done=written,
+                frames_total=frames,
+                fraction=round(fraction, 4),
+                stage=stage,
+            )
+
+        def preview(frame, path):
+            self.writer.send("preview", id=job_id, frame=frame + 1, path=path)
+
+        events = JobEvents(progress=progress, preview=preview, should_cancel=self.cancel.is_set)
+        try:
+            result = run_job(job, self.cache, events)
+        except Cancelled:
+            self.writer.send("cancelled", id=job_id)
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            self.writer.send(
+                "error",
+                id=job_id,
+                kind=type(exc).__name__,
+                message=str(exc),
+                traceback=traceback.format_exc(),
+            )
+        else:
+            self.writer.send(
+                "done",
+                id=job_id,
+                out=result.out,
+                frames=result.frames,
+                seconds=round(result.seconds, 3),
+            )
+        finally:
+            self.current_id = None
+
+    def loop(self) -> None:
+        """Main thread: run requests until shutdown or end of input."""
+        while True:
+            message = self.requests.get()
+            if message is None or message["type"] == "shutdown":
+                return
+            if message["type"] == "generate":
+                self.run_one(message)
+            else:
+                self.writer.send(
+                    "error",
+                    id=message.get("id"),
+                    kind="ProtocolError",
+                    message=f"unexpected request {message['type']!r}",
+                    traceback="",
+                )
+
+
+def serve(max_models: int = 1, stdin: TextIO | None = None) -> int:
+    """Run the worker until ``shutdown`` or the end of stdin."""
+    writer = ProtocolWriter(_claim_stdout())
+    worker = Worker(writer, max_models=max_models)
+    reader = threading.Thread(
+        target=worker.read_requests, args=(stdin or sys.stdin,), daemon=True, name="t2vz-stdin"
+    )
+    reader.start()
+    writer.send("ready", version=__version__, pid=os.getpid())
+    worker.loop()
+    return 0
