@@ -220,7 +220,7 @@ def load_base_model(
                 ),
                 "scheduler_config": _scheduler_config(location, kind),
             }
-        except (OSError, ValueError, EnvironmentError) as exc:
+        except (OSError, ValueError) as exc:
             raise _wrap_load_error(name, allow_pickle, exc) from exc
     base = BaseModel(
         tokenizer=components["tokenizer"],
@@ -252,7 +252,7 @@ def _scheduler_config(location: str, kind: str) -> dict:
         config = DDIMScheduler.load_config(
             location, subfolder="scheduler", local_files_only=kind == "folder"
         )
-    except (OSError, ValueError, EnvironmentError):
+    except (OSError, ValueError):
         log.warning("%s has no scheduler config; using Stable Diffusion 1.x defaults", location)
         config = {}
     return dict(config)
@@ -278,7 +278,7 @@ def _load_single_file(path: str, pix2pix: bool, config: str | None, dtype: torch
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError, EnvironmentError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"could not load single-file checkpoint {path} with configs from {config_name!r}: {exc}"
         ) from exc
@@ -318,7 +318,7 @@ def load_controlnet(
             model = ControlNetModel.from_pretrained(
                 location, torch_dtype=dtype, **_pretrained_kwargs(kind, allow_pickle)
             )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         raise _wrap_load_error(name, allow_pickle, exc) from exc
     return _place(model, device, dtype)
 
