@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Create the backend's Python environment and install what it needs.
+
+    python3 install_deps.py                    # .venv beside this file, torch for this machine
+    python3 install_deps.py --demo             # ... then generate a demo video (offline)
+    python3 install_deps.py --dev --run-tests  # ... with test tools, then run the test suite
+
+The backend runs in its own virtual environment (torch, diffusers, transformers, ...),
+never inside Blender. PyTorch is chosen for the machine: a CUDA build on Linux/Windows
+with an NVIDIA GPU, the CPU build otherwise (``--torch`` overrides), and an installed
+torch that already satisfies the requirement is kept. Progress lines start with
+``[t2vz]`` so the Blender add-on can show them. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TORCH_VERSION = "2.13.0"
+TORCH_MINIMUM = (2, 1)
+# PyTorch's own wheel indexes: the CPU build (no CUDA libraries) and a CUDA 12.8 build.
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
+BACKEND_REQUIREMENTS = HERE / "backend" / "requirements.txt"
+DEV_REQUIREMENTS = HERE / "requirements-dev.txt"
+# bpy wheels on PyPI exist for one Python version per Blender release (3.11 for 4.2-5.0).
+BPY_PYTHON = (3, 11)
+# Shared libraries the bpy module loads (Debian package names in DESIGN.md).
+BPY_LIBRARIES = ("X11", "Xrender", "Xfixes", "Xi", "xkbcommon", "Xext", "SM", "GL", "EGL")
+
+
+def say(message: str) -> None:
+    """One progress line for people and for the add-on's progress display."""
+    print(f"[t2vz] {message}", flush=True)
+
+
+def run(cmd: list[str], **kwargs) -> None:
+    """Run a command, echoing it; stop with its exit code when it fails."""
+    say("$ " + " ".join(str(c) for c in cmd))
+    result = subprocess.run(cmd, **kwargs)
+    if result.returncode:
+        say(f"command failed with exit code {result.returncode}")
+        sys.exit(result.returncode)
+
+
+def venv_python(venv: Path) -> Path:
+    """The python executable inside a virtual environment."""
+    if os.name == "nt":
+        return venv / "Scripts" / "python.exe"
+    return venv / "bin" / "python"
+
+
+def ensure_venv(venv: Path) -> Path:
+    """Create the virtual environment unless it exists; return its python."""
+    python = venv_python(venv)
+    if python.exists():
+        say(f"using the environment at {venv}")
+        return python
+    say(f"creating the environment at {venv}")
+    run([sys.executable, "-m", "venv", str(venv)])
+    run([str(python), "-m", "pip", "install", "--upgrade", "pip"], stdout=sys.stdout)
+    return python
+
+
+def installed_torch(python: Path) -> tuple[tuple[int, int], bool] | None:
+    """(major, minor) and CUDA support of the environment's torch, or None."""
+    probe = (
+        "import torch, sys; v = torch.__version__.split('+')[0].split('.'); "
+        "print(v[0], v[1], int(torch.version.cuda is not None))"
+    )
+    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True)
+    if result.returncode:
+        return None
+    major, minor, cuda = result.stdout.split()
+    return (int(major), int(minor)), cuda == "1"
+
+
+def has_nvidia_gpu() -> bool:
+    """True when an NVIDIA driver answers (nvidia-smi lists a GPU)."""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False
+    result = subprocess.run([smi, "-L"], capture_output=True, text=True)
+    return result.returncode == 0 and "GPU" in result.stdout
+
+
+def choose_torch(flavour: str) -> str:
+    """"cuda" or "cpu" for --torch auto: CUDA on Linux/Windows with an NVIDIA GPU."""
+    if flavour != "auto":
+        return flavour
+    if platform.system() in ("Linux", "Windows") and has_nvidia_gpu():
+        return "cuda"
+    return "cpu"
+
+
+def torch_install_command(python: Path, flavour: str, version: str) -> list[str]:
+    """The pip command that installs the chosen PyTorch build."""
+    cmd = [str(python), "-m", "pip", "install", f"torch=={version}"]
+    system = platform.system()
+    if flavour == "cpu" and system in ("Linux", "Windows"):
+        cmd += ["--index-url", TORCH_CPU_INDEX]  # PyPI's Linux wheel carries GBs of CUDA
+    elif flavour == "cuda" and system == "Windows":
+        cmd += ["--index-url", TORCH_CUDA_INDEX]  # PyPI's Windows wheel is CPU-only
+    return cmd
+
+
+def ensure_torch(python: Path, flavour: str, version: str) -> None:
+    """Install PyTorch unless the environment's torch already satisfies the requirement."""
+    wanted = choose_torch(flavour)
+    found = installed_torch(python)
+    if found is not None:
+        (major, minor), cuda = found
+        if (major, minor) >= TORCH_MINIMUM and (cuda or wanted == "cpu"):
+            say(f"keeping the installed torch {major}.{minor} ({'CUDA' if cuda else 'CPU'})")
+            return
+    say(f"installing torch {version} ({wanted} build)")
+    run(torch_install_command(python, wanted, version))
+
+
+def missing_bpy_libraries() -> list[str]:
+    """Shared libraries bpy needs that the system lacks (Linux only)."""
+    if platform.system() != "Linux":
+        return []
+    return [lib for lib in BPY_LIBRARIES if ctypes.util.find_library(lib) is None]
+
+
+def install_packages(python: Path, dev: bool) -> None:
+    """The backend's packages (and the test tools with ``dev``), keeping the chosen torch."""
+    constraints = python.parent / "t2vz-constraints.txt"
+    torch_version = subprocess.run(
+        [str(python), "-c", "import torch; print(torch.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    # Never let a dependency swap the chosen torch build for another one.
+    constraints.write_text(f"torch=={torch_version}\n", encoding="utf-8")
+    cmd = [str(python), "-m", "pip", "install", "-c", str(constraints)]
+    cmd += ["-r", str(BACKEND_REQUIREMENTS)]
+    if dev:
+        cmd += ["-r", str(DEV_REQUIREMENTS)]
+        if sys.version_info[:2] == BPY_PYTHON:
+            cmd += ["bpy>=4.2,<5.1"]
+        else:
+            say(
+                f"bpy (Blender as a module) needs Python {BPY_PYTHON[0]}.{BPY_PYTHON[1]}; "
+                f"this is {platform.python_version()}: the add-on tests will be skipped"
+            )
+    say("installing the backend packages" + (" and test tools" if dev else ""))
+    run(cmd)
+    if dev:
+        missing = missing_bpy_libraries()
+        if missing:
+            say(
+                "bpy needs system libraries that are missing: "
+                + ", ".join(missing)
+                + ". On Debian/Ubuntu: sudo apt-get install libx11-6 libxrender1 libxfixes3 "
+                "libxi6 libxkbcommon0 libxext6 libsm6 libgl1 libegl1 libegl-mesa0 "
+                "libgl1-mesa-dri"
+            )
+
+
+def run_demo(python: Path, which: str) -> None:
+    """Generate a short demo video with the tiny offline model or the real SD 1.5."""
+    out = HERE / "t2vz_out" / f"demo-{which}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [str(python), "-m", "backend", "generate", "--prompt", "a horse galloping on a street"]
+    if which == "tiny":
+        say("demo with builtin:tiny, a random-weight smoke-test model: expect coloured noise")
+        cmd += ["--model", "builtin:tiny", "--width", "128", "--height", "128", "--steps", "10"]
+    else:
+        say("demo with Stable Diffusion 1.5 (downloads ~4 GB once; a GPU is much faster)")
+    cmd += ["--frames", "8", "--out", str(out)]
+    run(cmd, cwd=HERE)
+    say(f"demo frames and video.mp4 are in {out}")
+
+
+def run_tests(python: Path) -> int:
+    """The backend suite, then the add-on suite in its own process (bpy loads once)."""
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    say("running the backend tests")
+    backend = subprocess.run(
+        [str(python), "-m", "pytest", "tests", "--ignore=tests/addon"], cwd=HERE, env=env
+    )
+    has_bpy = subprocess.run([str(python), "-c", "import bpy"], capture_output=True).returncode
+    if has_bpy != 0:
+        say("bpy is not importable here: skipping the add-on tests")
+        return backend.returncode
+    say("running the add-on tests (headless Blender)")
+    addon = subprocess.run([str(python), "-m", "pytest", "tests/addon"], cwd=HERE, env=env)
+    return backend.returncode or addon.returncode
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--venv", type=Path, default=HERE / ".venv",
+                        help="where to create the environment (default: .venv beside this file)")
+    parser.add_argument("--torch", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="PyTorch build; auto: CUDA with an NVIDIA GPU on Linux/Windows")
+    parser.add_argument("--torch-version", default=TORCH_VERSION,
+                        help="PyTorch version to install when none fits (default: %(default)s)")
+    parser.add_argument("--dev", action="store_true",
+                        help="also install the test tools (pytest, ruff, bpy)")
+    parser.add_argument("--demo", nargs="?", const="tiny", choices=("tiny", "sd15"),
+                        help="then generate a demo video: tiny (offline, default) or sd15")
+    parser.add_argument("--run-tests", action="store_true",
+                        help="then run the whole test suite (implies --dev)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Set up the environment, then optionally run the demo and the tests."""
+    args = parse_args(argv)
+    if sys.version_info < (3, 10):
+        say(f"Python 3.10 or newer is needed, this is {platform.python_version()}")
+        return 1
+    dev = args.dev or args.run_tests
+    python = ensure_venv(args.venv.expanduser().resolve())
+    ensure_torch(python, args.torch, args.torch_version)
+    install_packages(python, dev)
+    say(f"backend environment ready: {python}")
+    if args.demo:
+        run_demo(python, args.demo)
+    if args.run_tests:
+        return run_tests(python)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
