@@ -626,7 +626,7 @@ def write_png(path: str | os.PathLike, pixels: np.ndarray, bits: int = 8) -> Pat
             image.colorspace_settings.name = "Non-Color"
         image.pixels.foreach_set(rgba.ravel())
         image.file_format = "PNG"
-        part = path.with_name(path.name + ".part.png")
+        part = path.with_name(path.name + ".part")  # not an image suffix: never read as a frame
         image.filepath_raw = str(part)
         image.save()
         os.replace(part, path)
