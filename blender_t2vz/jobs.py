@@ -1,0 +1,269 @@
+"""Building jobs from plain values: the panel's settings, the inputs taken from strips.
+
+No bpy here: everything arrives as plain Python values, and every job leaves through the
+backend's own ``validate_job`` so the add-on can never send what the backend refuses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import backend_paths
+
+MODES = ("text2video", "controlnet", "pix2pix")
+
+# Settings a regeneration takes from the panel; inputs (videos, mode, frames of a
+# strip-driven job) stay as the result strip's job had them.
+REGENERATE_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "guidance",
+    "image_guidance",
+    "width",
+    "height",
+    "chunk_size",
+    "smooth_bg",
+    "smooth_alpha",
+    "device",
+    "dtype",
+    "write_mp4",
+)
+
+
+class JobBuildError(ValueError):
+    """The panel's settings or inputs cannot make a job; the message says which value."""
+
+
+def round_to_8(value: float, lo: int = 64, hi: int = 4096) -> int:
+    """``value`` rounded to the nearest multiple of 8 within [lo, hi]."""
+    return int(min(hi, max(lo, 8 * round(float(value) / 8))))
+
+
+def scene_size(resolution_x: int, resolution_y: int, percentage: int = 100) -> tuple[int, int]:
+    """The job size for a scene's render resolution: scaled, then multiples of 8."""
+    scale = percentage / 100.0
+    return round_to_8(resolution_x * scale), round_to_8(resolution_y * scale)
+
+
+def resolve_output_root(setting: str, blend_path: str, temp_dir: str | None = None) -> Path:
+    """The folder results go to: ``//`` is beside the .blend, or the temp folder if unsaved."""
+    setting = (setting or "//t2vz/").strip()
+    if setting.startswith("//"):
+        relative = setting[2:]
+        if blend_path:
+            base = Path(blend_path).parent
+        else:
+            base = Path(temp_dir or tempfile.gettempdir())
+            if not relative.strip("/\\"):
+                relative = "t2vz"
+        return (base / relative).resolve()
+    return Path(os.path.expanduser(setting)).resolve()
+
+
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe short form of ``text`` (a prompt)."""
+    cleaned = re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+    return cleaned[:limit].rstrip("_") or "t2vz"
+
+
+def unique_out_dir(root: str | os.PathLike[str], prompt: str, seed: int) -> Path:
+    """A folder under ``root`` that does not exist yet, named after the prompt and seed."""
+    root = Path(root)
+    base = f"{slug(prompt)}_s{seed}"
+    for n in range(1, 100_000):
+        candidate = root / f"{base}_{n:03d}"
+        if not candidate.exists():
+            return candidate
+    raise JobBuildError(f"output folder {root}: no free name for {base}")
+
+
+def strip_name(prompt: str, limit: int = 60) -> str:
+    """A strip name from the prompt (Blender names hold 63 bytes)."""
+    name = " ".join(prompt.split()) or "T2VZ"
+    encoded = name.encode("utf-8")[:limit]
+    return encoded.decode("utf-8", errors="ignore")
+
+
+def _model(settings: Mapping[str, Any], defaults: Mapping[str, Any], mode: str) -> str:
+    model = str(settings.get("model") or "").strip()
+    if model:
+        return model
+    key = "pix2pix_model" if mode == "pix2pix" else "model"
+    model = str(defaults.get(key) or "").strip()
+    if not model:
+        raise JobBuildError(
+            f"no base model set for mode {mode!r}: set one in the panel or preferences"
+        )
+    return model
+
+
+def _controlnet_model(entry: Mapping[str, Any], defaults: Mapping[str, Any], index: int) -> str:
+    model = str(entry.get("model") or "").strip()
+    if model:
+        return model
+    by_detector = defaults.get("controlnet_models") or {}
+    detector = entry.get("detector", "none")
+    model = str(by_detector.get(detector) or by_detector.get("canny") or "").strip()
+    if not model:
+        raise JobBuildError(
+            f"ControlNet {index + 1}: no model set (detector {detector!r}); "
+            "set one in the panel or preferences"
+        )
+    return model
+
+
+def build_job(
+    settings: Mapping[str, Any],
+    *,
+    out: str | os.PathLike[str],
+    fps: float,
+    defaults: Mapping[str, Any] | None = None,
+    source_frames: int | None = None,
+    video: Mapping[str, Any] | None = None,
+    controls: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """A validated job dict from the panel's settings and the inputs found on the timeline.
+
+    ``settings`` holds plain values (see ``properties.T2VZ_SceneSettings.to_values``):
+    mode, prompt, negative_prompt, model, seed, steps, guidance, image_guidance, motion,
+    frames, match_source, width, height, chunk_size, smooth_bg, smooth_alpha, device,
+    dtype, write_mp4 and ``controlnets`` (dicts with model, weight, detector).
+    ``video`` is the pix2pix source and ``controls`` one VideoInput dict per ControlNet,
+    both ``{"path", "start", "stride"}``; ``source_frames`` is how many frames they hold.
+    """
+    protocol = backend_paths.load_protocol()
+    defaults = defaults or {}
+    mode = settings.get("mode", "text2video")
+    if mode not in MODES:
+        raise JobBuildError(f"mode: must be one of {', '.join(MODES)}, got {mode!r}")
+    prompt = str(settings.get("prompt", ""))
+    if not prompt.strip() and mode != "pix2pix":
+        raise JobBuildError("prompt: type a prompt first (got an empty one)")
+    if mode == "pix2pix" and not prompt.strip():
+        raise JobBuildError("prompt: type an editing instruction first (got an empty one)")
+
+    frames = int(settings.get("frames", 8))
+    if mode != "text2video":
+        if source_frames is None or source_frames < 1:
+            raise JobBuildError(f"{mode} needs a source strip with frames, got {source_frames}")
+        if settings.get("match_source", True):
+            frames = source_frames
+        elif frames > source_frames:
+            raise JobBuildError(
+                f"frames: {frames} is longer than the source strip ({source_frames} frames); "
+                "lower it or use 'Match Source Strip'"
+            )
+
+    job: dict[str, Any] = {
+        "prompt": prompt,
+        "negative_prompt": str(settings.get("negative_prompt", "")),
+        "out": str(out),
+        "mode": mode,
+        "model": _model(settings, defaults, mode),
+        "frames": frames,
+        "width": int(settings.get("width", 512)),
+        "height": int(settings.get("height", 512)),
+        "steps": int(settings.get("steps", 50)),
+        "guidance": float(settings.get("guidance", 7.5)),
+        "seed": int(settings.get("seed", 0)),
+        "chunk_size": int(settings.get("chunk_size", 8)),
+        "smooth_bg": bool(settings.get("smooth_bg", False)),
+        "smooth_alpha": float(settings.get("smooth_alpha", 0.6)),
+        "device": str(settings.get("device", "auto")),
+        "dtype": str(settings.get("dtype", "auto")),
+        "fps": float(fps),
+        "write_mp4": bool(settings.get("write_mp4", False)),
+    }
+    for side in ("width", "height"):
+        if job[side] % 8:
+            raise JobBuildError(f"{side}: must be a multiple of 8, got {job[side]}")
+    if mode == "text2video":
+        motion = settings.get("motion", protocol.DEFAULT_MOTION)
+        job["motion"] = [float(motion[0]), float(motion[1])]
+    elif mode == "controlnet":
+        entries = list(settings.get("controlnets", ()))
+        if not entries:
+            raise JobBuildError("controlnets: add at least one ControlNet for ControlNet mode")
+        if len(controls) != len(entries):
+            raise JobBuildError(
+                f"controlnets: {len(entries)} ControlNets but {len(controls)} control videos"
+            )
+        job["controlnets"] = [
+            {
+                "model": _controlnet_model(entry, defaults, i),
+                "weight": float(entry.get("weight", 1.0)),
+                "detector": str(entry.get("detector", "none")),
+                "control": dict(control),
+            }
+            for i, (entry, control) in enumerate(zip(entries, controls, strict=True))
+        ]
+    else:
+        if video is None:
+            raise JobBuildError("video: Video Instruct-Pix2Pix needs a source strip")
+        job["video"] = dict(video)
+        job["image_guidance"] = float(settings.get("image_guidance", 1.5))
+    return validate(job)
+
+
+def validate(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The job checked by the backend's schema, as a plain dict."""
+    protocol = backend_paths.load_protocol()
+    return protocol.validate_job(dict(job)).to_dict()
+
+
+def rebuild_job(
+    stored: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    *,
+    out: str | os.PathLike[str],
+    defaults: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A result strip's job re-run with the panel's changes.
+
+    The stored job keeps its mode and inputs (source video, control videos, and the frame
+    count of strip-driven jobs); prompt, seed, steps, guidance, size, chunking, smoothing
+    and the base model come from the panel, and so do the motion and frame count of a
+    text-to-video job and the ControlNets' model, weight and detector when the panel lists
+    as many ControlNets as the job has.
+    """
+    defaults = defaults or {}
+    job = dict(stored)
+    mode = job.get("mode", "text2video")
+    for name in REGENERATE_FIELDS:
+        if name in settings:
+            job[name] = settings[name]
+    if not str(settings.get("prompt") or "").strip():
+        job["prompt"] = stored.get("prompt", "")  # an empty panel prompt keeps the old one
+    # An empty model field means "the default": keep the model the result was made with.
+    if str(settings.get("model") or "").strip():
+        job["model"] = str(settings["model"]).strip()
+    if mode == "text2video":
+        if "motion" in settings:
+            job["motion"] = [float(v) for v in settings["motion"]]
+        if "frames" in settings:
+            job["frames"] = int(settings["frames"])
+    entries = list(settings.get("controlnets", ()))
+    if mode == "controlnet" and len(entries) == len(job.get("controlnets", [])):
+        job["controlnets"] = [
+            {
+                **dict(old),
+                "model": _controlnet_model(entry, defaults, i)
+                if entry.get("model")
+                else old["model"],
+                "weight": float(entry.get("weight", old.get("weight", 1.0))),
+                "detector": str(entry.get("detector", old.get("detector", "none"))),
+            }
+            for i, (entry, old) in enumerate(zip(entries, job["controlnets"], strict=True))
+        ]
+    job["out"] = str(out)
+    job["frame_range"] = None
+    job["t0"] = None
+    job["t1"] = None
+    return validate(job)

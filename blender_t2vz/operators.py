@@ -1,0 +1,489 @@
+"""Operators: generate, regenerate, cancel, and the small helpers of the panel.
+
+Operators gather values from Blender, call the plain logic (jobs, strips, runtime) and
+turn its exceptions into ``self.report``. Jobs run in the background: ``invoke`` adds a
+modal handler that listens for ESC, a ``bpy.app.timers`` timer applies the worker's
+messages (``runtime.step``); ``execute`` (scripts) relies on the timer alone.
+"""
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import bpy
+from bpy.props import IntProperty
+
+from . import backend_paths, jobs, preferences, runtime, strips
+from .worker_client import WorkerError
+
+SCENE_CONTROL_MODULE = "scene_control"
+
+
+def _scene_control() -> Any | None:
+    """The optional scene-control module (issue 4), or None when it is not there."""
+    try:
+        return importlib.import_module(f"{__package__}.{SCENE_CONTROL_MODULE}")
+    except ImportError:
+        return None
+
+
+def _needs_active_strip(settings: Any) -> bool:
+    if settings.mode == "pix2pix":
+        return True
+    if settings.mode == "controlnet":
+        return any(c.source == "ACTIVE_STRIP" for c in settings.enabled_controlnets())
+    return False
+
+
+def _output_root(settings: Any) -> Path:
+    return jobs.resolve_output_root(settings.output_dir, bpy.data.filepath)
+
+
+def _fps(scene: Any) -> float:
+    return scene.render.fps / scene.render.fps_base
+
+
+class JobPlan:
+    """A job ready to submit, and where its result goes."""
+
+    def __init__(self, job: dict, scene: str, above: int, start: int, staging: Path | None):
+        self.job, self.scene, self.above, self.start, self.staging = (
+            job,
+            scene,
+            above,
+            start,
+            staging,
+        )
+
+
+def plan_from_panel(context: Any) -> JobPlan:
+    """The job the panel describes, with inputs read from the sequencer.
+
+    Raises ValueError subclasses (jobs.JobBuildError, strips.StripInputError, the
+    protocol's JobError) with a message naming the bad value.
+    """
+    settings = context.scene.t2vz
+    root = _output_root(settings)
+    out = jobs.unique_out_dir(root, settings.prompt, settings.seed)
+    staging = root / ".t2vz_inputs" / out.name
+    try:
+        return _plan_from_panel(context, out, staging)
+    except BaseException:
+        runtime.remove_tree(staging)
+        raise
+
+
+def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
+    scene = context.scene
+    settings = scene.t2vz
+    prefs = preferences.get_prefs(context)
+    values = settings.to_values(scene, prefs.device, prefs.dtype)
+    editor = scene.sequence_editor
+    active = strips.active_strip(scene)
+    source = None
+    video = None
+    source_frames = None
+    controls: list[dict | None] = []
+
+    if settings.mode == "pix2pix":
+        video, source_frames = strips.video_input(active, staging / "video")
+        source = active
+    elif settings.mode == "controlnet":
+        entries = settings.enabled_controlnets()
+        for i, item in enumerate(entries):
+            if item.source == "SCENE":
+                controls.append(None)  # rendered below, once the frame count is known
+                continue
+            if item.source == "ACTIVE_STRIP":
+                strip = active
+            else:
+                strip = strips.every_strip(editor).get(item.strip_name) if editor else None
+                if strip is None:
+                    raise strips.StripInputError(
+                        f"ControlNet {i + 1}: strip {item.strip_name!r} not found"
+                    )
+            control, n = strips.video_input(strip, staging / f"control_{i + 1}")
+            controls.append(control)
+            source = source or strip
+            source_frames = n if source_frames is None else min(source_frames, n)
+        if None in controls:
+            frames = settings.frames
+            if source_frames is not None and settings.match_source:
+                frames = source_frames
+            source_frames = frames if source_frames is None else source_frames
+            start = source.frame_final_start if source else scene.frame_current
+            width, height = values["width"], values["height"]
+            module = _scene_control()
+            for i, item in enumerate(entries):
+                if controls[i] is not None:
+                    continue
+                if module is None or not hasattr(module, "render_control"):
+                    raise jobs.JobBuildError(
+                        f"ControlNet {i + 1}: control from the 3D scene is not available"
+                    )
+                folder = staging / f"control_{i + 1}"
+                controls[i] = module.render_control(
+                    context, item, start, frames, width, height, folder
+                )
+
+    job = jobs.build_job(
+        values,
+        out=out,
+        fps=_fps(scene),
+        defaults=preferences.model_defaults(prefs),
+        source_frames=source_frames,
+        video=video,
+        controls=[c for c in controls if c is not None],
+    )
+    if source is not None:
+        above, start = source.channel, source.frame_final_start
+    else:
+        above, start = 0, scene.frame_current
+    return JobPlan(job, scene.name, above, start, staging if staging.exists() else None)
+
+
+def plan_regenerate(context: Any, strip: Any) -> JobPlan:
+    """A result strip's job with the panel's changes, placed above that strip."""
+    stored = strips.stored_job(strip)
+    if stored is None:
+        raise jobs.JobBuildError(f"strip {strip.name!r} was not made by Text2Video-Zero")
+    scene = context.scene
+    settings = scene.t2vz
+    prefs = preferences.get_prefs(context)
+    out = jobs.unique_out_dir(_output_root(settings), settings.prompt, settings.seed)
+    values = settings.to_values(scene, prefs.device, prefs.dtype)
+    job = jobs.rebuild_job(stored, values, out=out, defaults=preferences.model_defaults(prefs))
+    return JobPlan(job, scene.name, strip.channel, strip.frame_final_start, None)
+
+
+def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
+    """Start ``plan`` on the worker; report problems on ``operator``."""
+    prefs = preferences.get_prefs(context)
+    try:
+        python = preferences.resolve_python(prefs)
+        runtime.RUNNER.submit(
+            plan.job,
+            scene=plan.scene,
+            above=plan.above,
+            start=plan.start,
+            name=jobs.strip_name(plan.job["prompt"]),
+            python=python,
+            env=preferences.worker_env(prefs),
+            staging=plan.staging,
+        )
+    except preferences.EnvironmentMissingError as exc:
+        operator.report({"ERROR"}, str(exc))
+        return {"CANCELLED"}
+    except (WorkerError, runtime.RunnerBusyError, backend_paths.BackendNotFoundError) as exc:
+        operator.report({"ERROR"}, f"Could not start the job: {exc}")
+        return {"CANCELLED"}
+    operator.report({"INFO"}, f"Generating {plan.job['frames']} frames into {plan.job['out']}")
+    return {"FINISHED"}
+
+
+class _JobOperator:
+    """Shared invoke/modal: watch for ESC while the job runs, report how it ended."""
+
+    _timer = None
+    _job_id = ""
+
+    def plan(self, context: Any) -> JobPlan:
+        raise NotImplementedError
+
+    def execute(self, context: Any) -> set[str]:
+        try:
+            preferences.resolve_python(preferences.get_prefs(context))
+            plan = self.plan(context)
+        except preferences.EnvironmentMissingError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return submit_plan(self, context, plan)
+
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        result = self.execute(context)
+        if "FINISHED" not in result or context.window is None:
+            return result
+        self._job_id = runtime.RUNNER.job.id if runtime.RUNNER.job else ""
+        self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: Any, event: Any) -> set[str]:
+        """ESC cancels; the operator ends when its job has ended."""
+        if event.type == "ESC" and event.value == "PRESS":
+            if runtime.RUNNER.cancel():
+                self.report({"INFO"}, "Cancelling...")
+            return {"RUNNING_MODAL"}
+        job = runtime.RUNNER.job
+        if job is None or job.id != self._job_id:
+            if self._timer is not None:
+                context.window_manager.event_timer_remove(self._timer)
+                self._timer = None
+            outcome = runtime.RUNNER.outcome
+            if outcome is not None and outcome.job_id == self._job_id:
+                self.report({outcome.level}, outcome.message)
+            return {"FINISHED"}
+        return {"PASS_THROUGH"}
+
+
+class T2VZ_OT_generate(_JobOperator, bpy.types.Operator):
+    """Generate a clip from the panel's settings in the background (ESC cancels)"""
+
+    bl_idname = "t2vz.generate"
+    bl_label = "Generate"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if context.scene is None:
+            cls.poll_message_set("No scene")
+            return False
+        if runtime.RUNNER.busy:
+            cls.poll_message_set("A job is running: cancel it first")
+            return False
+        settings = context.scene.t2vz
+        if _needs_active_strip(settings) and not strips.is_video_strip(
+            strips.active_strip(context.scene)
+        ):
+            cls.poll_message_set("Make a movie or image strip active: it is the job's input")
+            return False
+        if settings.mode == "controlnet" and not settings.enabled_controlnets():
+            cls.poll_message_set("Add a ControlNet first")
+            return False
+        return True
+
+    def plan(self, context: Any) -> JobPlan:
+        return plan_from_panel(context)
+
+
+class T2VZ_OT_regenerate(_JobOperator, bpy.types.Operator):
+    """Run the selected generated strip's job again with the panel's changes"""
+
+    bl_idname = "t2vz.regenerate"
+    bl_label = "Regenerate"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if context.scene is None:
+            cls.poll_message_set("No scene")
+            return False
+        if runtime.RUNNER.busy:
+            cls.poll_message_set("A job is running: cancel it first")
+            return False
+        strip = strips.active_strip(context.scene)
+        if strip is None or not strip.select or strips.stored_job(strip) is None:
+            cls.poll_message_set("Select a generated strip (one made by Generate)")
+            return False
+        return True
+
+    def plan(self, context: Any) -> JobPlan:
+        return plan_regenerate(context, strips.active_strip(context.scene))
+
+
+class T2VZ_OT_cancel(bpy.types.Operator):
+    """Stop the running job after its current denoising step"""
+
+    bl_idname = "t2vz.cancel"
+    bl_label = "Cancel"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if not runtime.RUNNER.busy:
+            cls.poll_message_set("No job is running")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        runtime.RUNNER.cancel()
+        self.report({"INFO"}, "Cancelling...")
+        return {"FINISHED"}
+
+
+class T2VZ_OT_randomize_seed(bpy.types.Operator):
+    """Pick a random seed"""
+
+    bl_idname = "t2vz.randomize_seed"
+    bl_label = "Randomize Seed"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context: Any) -> set[str]:
+        context.scene.t2vz.randomize_seed()
+        return {"FINISHED"}
+
+
+class T2VZ_OT_controlnet_add(bpy.types.Operator):
+    """Add a ControlNet to the job"""
+
+    bl_idname = "t2vz.controlnet_add"
+    bl_label = "Add ControlNet"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context: Any) -> set[str]:
+        settings = context.scene.t2vz
+        settings.controlnets.add()
+        settings.controlnet_index = len(settings.controlnets) - 1
+        return {"FINISHED"}
+
+
+class T2VZ_OT_controlnet_remove(bpy.types.Operator):
+    """Remove the selected ControlNet"""
+
+    bl_idname = "t2vz.controlnet_remove"
+    bl_label = "Remove ControlNet"
+    bl_options = {"REGISTER", "UNDO"}
+
+    index: IntProperty(default=-1, options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if context.scene is None or not len(context.scene.t2vz.controlnets):
+            cls.poll_message_set("There is no ControlNet to remove")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        settings = context.scene.t2vz
+        index = self.index if self.index >= 0 else settings.controlnet_index
+        if not 0 <= index < len(settings.controlnets):
+            self.report({"ERROR"}, f"No ControlNet at index {index}")
+            return {"CANCELLED"}
+        settings.controlnets.remove(index)
+        settings.controlnet_index = max(0, min(index, len(settings.controlnets) - 1))
+        return {"FINISHED"}
+
+
+class T2VZ_OT_load_settings(bpy.types.Operator):
+    """Copy the selected generated strip's settings into the panel"""
+
+    bl_idname = "t2vz.load_settings"
+    bl_label = "Load Settings From Strip"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if context.scene is None or strips.stored_job(strips.active_strip(context.scene)) is None:
+            cls.poll_message_set("Make a generated strip active")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        job = strips.stored_job(strips.active_strip(context.scene))
+        settings = context.scene.t2vz
+        for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "image_guidance"):
+            if name in job:
+                setattr(settings, name, job[name])
+        for name in ("chunk_size", "smooth_bg", "smooth_alpha", "write_mp4"):
+            if name in job:
+                setattr(settings, name, job[name])
+        settings.mode = job.get("mode", settings.mode)
+        settings.model = job.get("model", "")
+        if job.get("motion"):
+            settings.motion = job["motion"]
+        settings.frames = job.get("frames", settings.frames)
+        if (job.get("width"), job.get("height")) != settings.size(context.scene):
+            settings.use_scene_size = False
+            settings.width, settings.height = job["width"], job["height"]
+        self.report({"INFO"}, f"Loaded: {json.dumps(job.get('prompt', ''))}")
+        return {"FINISHED"}
+
+
+class T2VZ_OT_restart_worker(bpy.types.Operator):
+    """Stop the backend worker; the next job starts a fresh one (frees its memory)"""
+
+    bl_idname = "t2vz.restart_worker"
+    bl_label = "Stop Backend Worker"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if runtime.RUNNER.busy:
+            cls.poll_message_set("A job is running: cancel it first")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        runtime.RUNNER.stop_worker()
+        context.window_manager.t2vz_status.message = "Backend worker stopped"
+        return {"FINISHED"}
+
+
+class T2VZ_OT_install_backend(bpy.types.Operator):
+    """Create the backend environment (PyTorch, diffusers...) in the background"""
+
+    bl_idname = "t2vz.install_backend"
+    bl_label = "Install Backend"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if runtime.INSTALLER.running:
+            cls.poll_message_set("The installer is already running")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        prefs = preferences.get_prefs(context)
+        try:
+            venv = preferences.venv_dir()
+            runtime.INSTALLER.start(venv, torch=prefs.torch_variant)
+        except (
+            OSError,
+            WorkerError,
+            runtime.RunnerBusyError,
+            backend_paths.BackendNotFoundError,
+        ) as exc:
+            self.report({"ERROR"}, f"Could not start the installer: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Installing the backend into {venv} (progress in the preferences)")
+        return {"FINISHED"}
+
+
+class T2VZ_OT_install_cancel(bpy.types.Operator):
+    """Stop the running installer"""
+
+    bl_idname = "t2vz.install_cancel"
+    bl_label = "Stop Install"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if not runtime.INSTALLER.running:
+            cls.poll_message_set("The installer is not running")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        runtime.INSTALLER.cancel()
+        return {"FINISHED"}
+
+
+classes = (
+    T2VZ_OT_generate,
+    T2VZ_OT_regenerate,
+    T2VZ_OT_cancel,
+    T2VZ_OT_randomize_seed,
+    T2VZ_OT_controlnet_add,
+    T2VZ_OT_controlnet_remove,
+    T2VZ_OT_load_settings,
+    T2VZ_OT_restart_worker,
+    T2VZ_OT_install_backend,
+    T2VZ_OT_install_cancel,
+)
+
+
+def register() -> None:
+    """Register the operators."""
+    for cls in classes:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    """Unregister the operators."""
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)

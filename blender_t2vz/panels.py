@@ -1,0 +1,227 @@
+"""The sidebar tab in the Video Sequence Editor."""
+
+from typing import Any
+
+import bpy
+
+from . import operators, runtime, strips
+
+CATEGORY = "T2VZ"
+
+
+class _SequencerPanel:
+    bl_space_type = "SEQUENCE_EDITOR"
+    bl_region_type = "UI"
+    bl_category = CATEGORY
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return context.scene is not None
+
+
+class T2VZ_UL_controlnets(bpy.types.UIList):
+    """The job's ControlNets."""
+
+    def draw_item(
+        self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0
+    ):  # noqa: D102
+        row = layout.row(align=True)
+        row.prop(item, "enabled", text="")
+        source = (
+            item.strip_name
+            if item.source == "STRIP"
+            else item.bl_rna.properties["source"].enum_items[item.source].name
+        )
+        detail = item.scene_pass.title() if item.source == "SCENE" else item.detector
+        row.label(text=f"{source} ({detail})")
+        row.prop(item, "weight", text="")
+
+
+class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
+    """Prompt, mode, Generate, progress and preview."""
+
+    bl_label = "Text2Video-Zero"
+    bl_idname = "T2VZ_PT_main"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        settings = context.scene.t2vz
+        status = context.window_manager.t2vz_status
+        layout.prop(settings, "mode", text="")
+        layout.prop(settings, "prompt", text="", icon="TEXT")
+        layout.prop(settings, "negative_prompt", text="", icon="REMOVE")
+        layout.prop(settings, "model")
+
+        active = strips.active_strip(context.scene)
+        if settings.mode == "pix2pix" or operators._needs_active_strip(settings):
+            box = layout.box()
+            if strips.is_video_strip(active):
+                box.label(
+                    text=f"Source: {active.name} ({active.frame_final_duration} frames)",
+                    icon="SEQUENCE",
+                )
+            else:
+                box.label(text="Make a movie or image strip active", icon="ERROR")
+
+        busy = runtime.RUNNER.busy
+        row = layout.row(align=True)
+        row.scale_y = 1.5
+        if busy:
+            row.operator("t2vz.cancel", icon="CANCEL")
+        else:
+            row.operator("t2vz.generate", icon="RENDER_ANIMATION")
+            sub = row.row(align=True)
+            sub.operator("t2vz.regenerate", text="", icon="FILE_REFRESH")
+        if busy or status.progress > 0:
+            if hasattr(layout, "progress"):
+                layout.progress(
+                    factor=status.progress, type="BAR", text=status.message or status.state.title()
+                )
+            else:  # pragma: no cover (Blender < 4.0)
+                layout.prop(status, "progress", text=status.message)
+        elif status.message:
+            layout.label(text=status.message, icon="INFO")
+        if status.error:
+            col = layout.column(align=True)
+            col.alert = True
+            for i, line in enumerate(_wrap(status.error, 60)):
+                col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+        icon_id = runtime.RUNNER.preview_icon_id()
+        if icon_id:
+            layout.template_icon(icon_value=icon_id, scale=8.0)
+        if strips.stored_job(active) is not None:
+            layout.operator("t2vz.load_settings", icon="IMPORT")
+
+
+class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
+    """The job's ControlNets, each with its control source, detector and weight."""
+
+    bl_label = "ControlNets"
+    bl_parent_id = "T2VZ_PT_main"
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return context.scene is not None and context.scene.t2vz.mode == "controlnet"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        settings = context.scene.t2vz
+        row = layout.row()
+        row.template_list(
+            "T2VZ_UL_controlnets", "", settings, "controlnets", settings, "controlnet_index", rows=2
+        )
+        col = row.column(align=True)
+        col.operator("t2vz.controlnet_add", text="", icon="ADD")
+        col.operator("t2vz.controlnet_remove", text="", icon="REMOVE")
+        if not 0 <= settings.controlnet_index < len(settings.controlnets):
+            return
+        item = settings.controlnets[settings.controlnet_index]
+        col = layout.column()
+        col.use_property_split = True
+        col.prop(item, "source")
+        if item.source == "STRIP":
+            editor = context.scene.sequence_editor
+            if editor is not None:
+                name = "strips_all" if hasattr(editor, "strips_all") else "sequences_all"
+                col.prop_search(item, "strip_name", editor, name)
+        if item.source == "SCENE":
+            col.prop(item, "scene_pass")
+            module = operators._scene_control()
+            if module is not None and hasattr(module, "draw_control_settings"):
+                module.draw_control_settings(col, context, item)
+            elif module is None:
+                col.label(text="Scene control is not installed", icon="ERROR")
+        else:
+            col.prop(item, "detector")
+        col.prop(item, "model")
+        col.prop(item, "weight")
+
+
+class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
+    """Seed, sampling, motion, frames and size."""
+
+    bl_label = "Settings"
+    bl_parent_id = "T2VZ_PT_main"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        settings = context.scene.t2vz
+        row = layout.row(align=True)
+        row.prop(settings, "seed")
+        row.operator("t2vz.randomize_seed", text="", icon="FILE_REFRESH")
+        col = layout.column(align=True)
+        col.prop(settings, "steps")
+        col.prop(settings, "guidance")
+        if settings.mode == "pix2pix":
+            col.prop(settings, "image_guidance")
+        if settings.mode == "text2video":
+            layout.prop(settings, "motion")
+        col = layout.column(align=True)
+        if settings.mode != "text2video":
+            col.prop(settings, "match_source")
+        sub = col.column(align=True)
+        sub.active = settings.mode == "text2video" or not settings.match_source
+        sub.prop(settings, "frames")
+        col = layout.column(align=True)
+        col.prop(settings, "use_scene_size")
+        if settings.use_scene_size:
+            width, height = settings.scene_size(context.scene)
+            col.label(text=f"{width} x {height} (scene)")
+        else:
+            col.prop(settings, "width")
+            col.prop(settings, "height")
+        layout.prop(settings, "chunk_size")
+        row = layout.row(heading="Background")
+        row.prop(settings, "smooth_bg", text="Smooth")
+        sub = row.row()
+        sub.active = settings.smooth_bg
+        sub.prop(settings, "smooth_alpha", text="")
+
+
+class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):
+    """Where results are written."""
+
+    bl_label = "Output"
+    bl_parent_id = "T2VZ_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        settings = context.scene.t2vz
+        layout.prop(settings, "output_dir", text="")
+        layout.label(text=str(operators._output_root(settings)), icon="FILE_FOLDER")
+        layout.prop(settings, "write_mp4")
+        status = context.window_manager.t2vz_status
+        if status.worker_pid:
+            layout.label(text=f"Backend worker running (pid {status.worker_pid})", icon="CHECKMARK")
+        layout.operator("t2vz.restart_worker", icon="X")
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines
+
+
+classes = (T2VZ_UL_controlnets, T2VZ_PT_main, T2VZ_PT_controlnets, T2VZ_PT_settings, T2VZ_PT_output)
+
+
+def register() -> None:
+    """Register the panels."""
+    for cls in classes:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    """Unregister the panels."""
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,194 @@
+"""Add-on preferences: the backend environment, default models, device."""
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import bpy
+from bpy.props import EnumProperty, StringProperty
+
+from . import backend_paths
+
+ADDON_ID = __package__
+
+DEVICE_ITEMS = [
+    ("auto", "Auto", "CUDA if available, else Apple MPS, else CPU"),
+    ("cuda", "CUDA", "NVIDIA GPU"),
+    ("mps", "MPS", "Apple GPU"),
+    ("cpu", "CPU", "Slow, but works everywhere"),
+]
+DTYPE_ITEMS = [
+    ("auto", "Auto", "float16 on GPUs, float32 on the CPU"),
+    ("float32", "float32", ""),
+    ("float16", "float16", ""),
+    ("bfloat16", "bfloat16", ""),
+]
+TORCH_ITEMS = [
+    ("auto", "Auto", "CUDA build where an NVIDIA driver is found"),
+    ("cuda", "CUDA", "CUDA build of PyTorch"),
+    ("cpu", "CPU", "CPU-only build of PyTorch (smaller download)"),
+]
+DEFAULT_CONTROLNETS = {
+    "canny": "lllyasviel/sd-controlnet-canny",
+    "openpose": "lllyasviel/sd-controlnet-openpose",
+    "depth": "lllyasviel/sd-controlnet-depth",
+}
+
+
+class EnvironmentMissingError(RuntimeError):
+    """No usable backend python; the message says what to click."""
+
+
+def _defaults() -> dict[str, str]:
+    try:
+        protocol = backend_paths.load_protocol()
+        return {"model": protocol.DEFAULT_MODEL, "pix2pix": protocol.DEFAULT_PIX2PIX_MODEL}
+    except (backend_paths.BackendNotFoundError, ImportError):
+        return {
+            "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "pix2pix": "timbrooks/instruct-pix2pix",
+        }
+
+
+_DEFAULTS = _defaults()
+
+
+class T2VZ_Preferences(bpy.types.AddonPreferences):
+    """Where the backend lives and which models it loads by default."""
+
+    bl_idname = ADDON_ID
+
+    python_path: StringProperty(
+        name="Backend Python",
+        subtype="FILE_PATH",
+        description="Python of the backend environment; empty: the one 'Install Backend' made",
+    )
+    torch_variant: EnumProperty(name="PyTorch", items=TORCH_ITEMS, default="auto")
+    model: StringProperty(name="Base Model", default=_DEFAULTS["model"])
+    pix2pix_model: StringProperty(name="Pix2Pix Model", default=_DEFAULTS["pix2pix"])
+    controlnet_canny: StringProperty(name="ControlNet Canny", default=DEFAULT_CONTROLNETS["canny"])
+    controlnet_openpose: StringProperty(
+        name="ControlNet OpenPose", default=DEFAULT_CONTROLNETS["openpose"]
+    )
+    controlnet_depth: StringProperty(name="ControlNet Depth", default=DEFAULT_CONTROLNETS["depth"])
+    models_dir: StringProperty(
+        name="Model Cache",
+        subtype="DIR_PATH",
+        description="Where downloaded models are kept (HF_HOME); empty: the Hugging Face default",
+    )
+    device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="auto")
+    dtype: EnumProperty(name="Precision", items=DTYPE_ITEMS, default="auto")
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        status = context.window_manager.t2vz_status
+        box = layout.box()
+        box.label(text="Backend Environment", icon="CONSOLE")
+        box.prop(self, "python_path")
+        python = backend_paths.find_python(self.python_path, user_dir())
+        if python is not None and python.is_file():
+            box.label(text=f"Using {python}", icon="CHECKMARK")
+        else:
+            box.label(text="No backend environment yet: click 'Install Backend'", icon="ERROR")
+        row = box.row(align=True)
+        row.prop(self, "torch_variant")
+        if status.install_running:
+            row.operator("t2vz.install_cancel", text="Stop Install", icon="CANCEL")
+            box.label(text=status.install_message or "Installing...", icon="SORTTIME")
+        else:
+            row.operator("t2vz.install_backend", icon="IMPORT")
+            if status.install_error:
+                box.label(text=status.install_error, icon="ERROR")
+            elif status.install_message:
+                box.label(text=status.install_message, icon="INFO")
+        box.operator("t2vz.restart_worker", icon="FILE_REFRESH")
+
+        box = layout.box()
+        box.label(text="Models (hub ids or local paths)", icon="FILE_FOLDER")
+        for name in (
+            "model",
+            "pix2pix_model",
+            "controlnet_canny",
+            "controlnet_openpose",
+            "controlnet_depth",
+            "models_dir",
+        ):
+            box.prop(self, name)
+        row = layout.row()
+        row.prop(self, "device")
+        row.prop(self, "dtype")
+
+
+def get_prefs(context: Any = None) -> Any:
+    """The add-on's preferences, or their defaults when the add-on is not enabled by name."""
+    context = context or bpy.context
+    addon = context.preferences.addons.get(ADDON_ID)
+    if addon is not None and addon.preferences is not None:
+        return addon.preferences
+    values = {}
+    for name, prop in T2VZ_Preferences.__annotations__.items():
+        values[name] = prop.keywords.get("default", "")
+    return SimpleNamespace(**values)
+
+
+def user_dir(create: bool = False) -> Path | None:
+    """The extension's user folder (for its environment), or None outside an extension."""
+    if not ADDON_ID.startswith("bl_ext."):
+        return None
+    try:
+        return Path(bpy.utils.extension_path_user(ADDON_ID, create=create))
+    except (ValueError, AttributeError):
+        return None
+
+
+def resolve_python(prefs: Any) -> Path:
+    """The backend environment's python, or EnvironmentMissingError saying what to click."""
+    python = backend_paths.find_python(prefs.python_path, user_dir())
+    if python is None:
+        raise EnvironmentMissingError(
+            "No backend environment: open Edit > Preferences > Add-ons > Text2Video-Zero "
+            "and click 'Install Backend' (or set 'Backend Python')"
+        )
+    if not python.is_file():
+        raise EnvironmentMissingError(
+            f"Backend Python not found: {python}. Fix 'Backend Python' in the add-on's "
+            "preferences, or clear it and click 'Install Backend'"
+        )
+    return python
+
+
+def model_defaults(prefs: Any) -> dict[str, Any]:
+    """The preferences' models, in the shape jobs.build_job takes as ``defaults``."""
+    return {
+        "model": prefs.model,
+        "pix2pix_model": prefs.pix2pix_model,
+        "controlnet_models": {
+            "canny": prefs.controlnet_canny,
+            "none": prefs.controlnet_canny,
+            "openpose": prefs.controlnet_openpose,
+            "depth": prefs.controlnet_depth,
+        },
+    }
+
+
+def worker_env(prefs: Any) -> dict[str, str]:
+    """Extra environment variables for the backend worker."""
+    env = {}
+    if prefs.models_dir.strip():
+        env["HF_HOME"] = str(Path(bpy.path.abspath(prefs.models_dir)).resolve())
+    return env
+
+
+def venv_dir() -> Path:
+    """Where 'Install Backend' creates the environment."""
+    return backend_paths.default_venv(user_dir(create=True))
+
+
+def register() -> None:
+    """Register the preferences class."""
+    bpy.utils.register_class(T2VZ_Preferences)
+
+
+def unregister() -> None:
+    """Unregister the preferences class."""
+    bpy.utils.unregister_class(T2VZ_Preferences)

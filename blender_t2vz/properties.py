@@ -1,0 +1,232 @@
+"""Settings saved with the .blend (on the Scene) and transient status (on the WindowManager)."""
+
+import random
+from typing import Any
+
+import bpy
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    FloatVectorProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
+
+from . import jobs
+
+MODE_ITEMS = [
+    ("text2video", "Text to Video", "Generate from the prompt alone, with motion dynamics"),
+    (
+        "controlnet",
+        "ControlNet",
+        "Follow a control video (edges, pose, depth) from a strip or the scene",
+    ),
+    ("pix2pix", "Video Instruct-Pix2Pix", "Edit the active strip following an instruction"),
+]
+DETECTOR_ITEMS = [
+    ("none", "None", "The control video already is a control image sequence"),
+    ("canny", "Canny Edges", "Edges detected by the backend"),
+    ("openpose", "OpenPose", "Poses detected by the backend (needs controlnet-aux there)"),
+    ("depth", "Depth", "Depth estimated by the backend (needs controlnet-aux there)"),
+]
+# Where a ControlNet's control video comes from. SCENE is rendered from the scene camera
+# by scene_control (depth, pose or edges), without a detector.
+SOURCE_ITEMS = [
+    ("ACTIVE_STRIP", "Active Strip", "The sequencer's active movie or image strip"),
+    ("STRIP", "Strip", "A movie or image strip chosen by name"),
+    ("SCENE", "3D Scene", "Passes rendered from the scene camera"),
+]
+SCENE_PASS_ITEMS = [
+    ("DEPTH", "Depth", "Depth pass of the scene camera"),
+    ("OPENPOSE", "OpenPose", "Pose keypoints of rigged characters"),
+    ("CANNY", "Edges", "Edges of a render of the scene"),
+]
+STATE_ITEMS = [
+    ("IDLE", "Idle", ""),
+    ("STARTING", "Starting", "The backend worker is starting"),
+    ("RUNNING", "Running", "A job is running"),
+    ("CANCELLING", "Cancelling", "Waiting for the job to stop"),
+]
+MAX_SEED = 2**31 - 1
+
+
+class T2VZ_ControlNetItem(bpy.types.PropertyGroup):
+    """One ControlNet of a job: where its control video comes from, model and weight."""
+
+    enabled: BoolProperty(name="Enabled", default=True)
+    source: EnumProperty(name="Source", items=SOURCE_ITEMS, default="ACTIVE_STRIP")
+    strip_name: StringProperty(name="Strip", description="The strip used as control video")
+    detector: EnumProperty(
+        name="Detector",
+        items=DETECTOR_ITEMS,
+        default="canny",
+        description="Turns the strip's frames into control images in the backend",
+    )
+    scene_pass: EnumProperty(name="Pass", items=SCENE_PASS_ITEMS, default="DEPTH")
+    model: StringProperty(
+        name="Model",
+        description="ControlNet hub id or local folder; empty: the preferences' model for the detector",
+    )
+    weight: FloatProperty(name="Weight", default=1.0, min=0.0, max=10.0, soft_max=2.0)
+
+    def to_values(self) -> dict[str, Any]:
+        """The entry as plain values for jobs.build_job."""
+        detector = self.detector
+        if self.source == "SCENE":
+            detector = {"DEPTH": "depth", "OPENPOSE": "openpose", "CANNY": "canny"}[self.scene_pass]
+        return {"model": self.model.strip(), "weight": self.weight, "detector": detector}
+
+
+def _size_update(self: "T2VZ_SceneSettings", context: Any) -> None:
+    # Keep the custom size in step with the scene while "From Scene" is on.
+    if self.use_scene_size and context and context.scene:
+        self.width, self.height = self.scene_size(context.scene)
+
+
+class T2VZ_SceneSettings(bpy.types.PropertyGroup):
+    """A job's settings, saved with the .blend (``scene.t2vz``)."""
+
+    mode: EnumProperty(name="Mode", items=MODE_ITEMS, default="text2video")
+    prompt: StringProperty(name="Prompt", description="What to generate (pix2pix: the edit)")
+    negative_prompt: StringProperty(name="Negative", description="What to avoid")
+    model: StringProperty(
+        name="Base Model",
+        description="Hub id, diffusers folder or .safetensors file; empty: the preferences' model",
+    )
+    controlnets: CollectionProperty(type=T2VZ_ControlNetItem)
+    controlnet_index: IntProperty(name="Active ControlNet", default=0, min=0)
+    seed: IntProperty(name="Seed", default=0, min=0, max=MAX_SEED)
+    steps: IntProperty(name="Steps", default=50, min=2, max=1000, soft_max=150)
+    guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=100.0, soft_max=20.0)
+    image_guidance: FloatProperty(
+        name="Image Guidance",
+        default=1.5,
+        min=0.0,
+        max=100.0,
+        soft_max=5.0,
+        description="How closely pix2pix follows the source video",
+    )
+    motion: FloatVectorProperty(
+        name="Motion",
+        size=2,
+        default=(12.0, 12.0),
+        min=-512.0,
+        max=512.0,
+        soft_min=-64.0,
+        soft_max=64.0,
+        description="Camera pan per frame in 1/512 of the frame (x right, y down)",
+    )
+    frames: IntProperty(name="Frames", default=8, min=1, max=100_000, soft_max=256)
+    match_source: BoolProperty(
+        name="Match Source Strip",
+        default=True,
+        description="Generate as many frames as the source strip shows",
+    )
+    use_scene_size: BoolProperty(
+        name="Size From Scene",
+        default=True,
+        description="Use the scene's resolution, rounded to multiples of 8",
+        update=_size_update,
+    )
+    width: IntProperty(name="Width", default=512, min=64, max=4096, step=8)
+    height: IntProperty(name="Height", default=512, min=64, max=4096, step=8)
+    chunk_size: IntProperty(
+        name="Chunk Size",
+        default=8,
+        min=1,
+        max=100_000,
+        soft_max=64,
+        description="Frames denoised together: more needs more memory, results do not change",
+    )
+    smooth_bg: BoolProperty(name="Background Smoothing", default=False)
+    smooth_alpha: FloatProperty(name="Smoothing", default=0.6, min=0.0, max=1.0)
+    output_dir: StringProperty(
+        name="Output",
+        subtype="DIR_PATH",
+        default="//t2vz/",
+        description="Results go to a new folder in here (unsaved file: the system temp folder)",
+    )
+    write_mp4: BoolProperty(name="Also Write MP4", default=False)
+
+    @staticmethod
+    def scene_size(scene: Any) -> tuple[int, int]:
+        """The scene's render size, scaled and rounded to multiples of 8."""
+        r = scene.render
+        return jobs.scene_size(r.resolution_x, r.resolution_y, r.resolution_percentage)
+
+    def size(self, scene: Any) -> tuple[int, int]:
+        """The job's width and height."""
+        if self.use_scene_size:
+            return self.scene_size(scene)
+        return jobs.round_to_8(self.width), jobs.round_to_8(self.height)
+
+    def enabled_controlnets(self) -> list[T2VZ_ControlNetItem]:
+        """The ControlNet entries that take part in a job."""
+        return [c for c in self.controlnets if c.enabled]
+
+    def to_values(self, scene: Any, device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
+        """The settings as plain values for jobs.build_job."""
+        width, height = self.size(scene)
+        return {
+            "mode": self.mode,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "model": self.model.strip(),
+            "seed": self.seed,
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "image_guidance": self.image_guidance,
+            "motion": (self.motion[0], self.motion[1]),
+            "frames": self.frames,
+            "match_source": self.match_source,
+            "width": width,
+            "height": height,
+            "chunk_size": self.chunk_size,
+            "smooth_bg": self.smooth_bg,
+            "smooth_alpha": self.smooth_alpha,
+            "device": device,
+            "dtype": dtype,
+            "write_mp4": self.write_mp4,
+            "controlnets": [c.to_values() for c in self.enabled_controlnets()],
+        }
+
+    def randomize_seed(self) -> int:
+        """Pick a new random seed and return it."""
+        self.seed = random.randint(0, MAX_SEED)
+        return self.seed
+
+
+class T2VZ_Status(bpy.types.PropertyGroup):
+    """What the add-on is doing right now; never saved (``window_manager.t2vz_status``)."""
+
+    state: EnumProperty(name="State", items=STATE_ITEMS, default="IDLE")
+    progress: FloatProperty(name="Progress", default=0.0, min=0.0, max=1.0, subtype="FACTOR")
+    message: StringProperty(name="Status")
+    error: StringProperty(name="Error")
+    preview_path: StringProperty(name="Preview", subtype="FILE_PATH")
+    worker_pid: IntProperty(name="Worker PID", default=0)
+    install_running: BoolProperty(name="Installing", default=False)
+    install_message: StringProperty(name="Install Status")
+    install_error: StringProperty(name="Install Error")
+
+
+classes = (T2VZ_ControlNetItem, T2VZ_SceneSettings, T2VZ_Status)
+
+
+def register() -> None:
+    """Register the property groups and attach them to Scene and WindowManager."""
+    for cls in classes:
+        bpy.utils.register_class(cls)
+    bpy.types.Scene.t2vz = PointerProperty(type=T2VZ_SceneSettings)
+    bpy.types.WindowManager.t2vz_status = PointerProperty(type=T2VZ_Status)
+
+
+def unregister() -> None:
+    """Detach and unregister the property groups."""
+    del bpy.types.WindowManager.t2vz_status
+    del bpy.types.Scene.t2vz
+    for cls in reversed(classes):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,494 @@
+"""The job in flight: the backend worker, the job's state, and the main-thread step.
+
+One ``Runner`` per Blender session keeps the worker alive between jobs (models stay
+loaded). Its ``step`` drains the worker's queued messages and applies them to Blender:
+status, progress, preview, and the result strip. Only ``step`` (called from a
+``bpy.app.timers`` timer or a modal operator) touches bpy; the worker client's threads
+never do. In the ``bpy`` module there is no event loop, so scripts and tests call ``step``
+themselves (see ``Runner.wait``).
+"""
+
+import contextlib
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bpy
+import bpy.utils.previews
+
+from . import backend_paths, strips
+from .worker_client import EXITED, NOISE, LineProcess, WorkerClient, WorkerError
+
+INTERVAL_BUSY = 0.1
+INTERVAL_IDLE = 1.0
+CANCEL_TIMEOUT = 30.0
+DEAD_GRACE = 2.0
+
+
+class RunnerBusyError(RuntimeError):
+    """A job is already running."""
+
+
+@dataclass
+class ActiveJob:
+    """A job sent to the worker and where its result goes."""
+
+    id: str
+    job: dict[str, Any]
+    scene: str
+    above: int
+    start: int
+    name: str
+    staging: Path | None = None
+    cancel_at: float | None = None
+
+
+@dataclass
+class Outcome:
+    """How the last job ended: level is INFO, WARNING or ERROR (as in Operator.report)."""
+
+    job_id: str
+    level: str
+    message: str
+    strip_name: str | None = None
+    frames: list[str] = field(default_factory=list)
+
+
+def _status() -> Any:
+    return bpy.context.window_manager.t2vz_status
+
+
+def _redraw() -> None:
+    wm = bpy.context.window_manager
+    for window in wm.windows:
+        screen = window.screen
+        if screen is None:
+            continue
+        for area in screen.areas:
+            if area.type in {"SEQUENCE_EDITOR", "PREFERENCES"}:
+                area.tag_redraw()
+
+
+def _wm_progress(kind: str, value: float = 0.0) -> None:
+    wm = bpy.context.window_manager
+    try:
+        if kind == "begin":
+            wm.progress_begin(0.0, 1.0)
+        elif kind == "update":
+            wm.progress_update(value)
+        else:
+            wm.progress_end()
+    except (RuntimeError, AttributeError):
+        pass
+
+
+def remove_tree(path: Path | None) -> None:
+    """Delete a folder the add-on made (staged inputs, a result nobody wants)."""
+    if path is not None and path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Runner:
+    """Owns the worker process and the one job in flight."""
+
+    def __init__(self) -> None:
+        self.client: WorkerClient | None = None
+        self.client_key: tuple[str, tuple[tuple[str, str], ...]] | None = None
+        self.ready = False
+        self.job: ActiveJob | None = None
+        self.outcome: Outcome | None = None
+        self.previews: Any = None
+        self.preview_key = ""
+        self._dead_since: float | None = None
+
+    # ------------------------------------------------------------------ worker
+
+    @property
+    def busy(self) -> bool:
+        """True while a job is in flight."""
+        return self.job is not None
+
+    @property
+    def worker_alive(self) -> bool:
+        """True while a worker process runs."""
+        return self.client is not None and self.client.alive
+
+    def ensure_worker(self, python: str | Path, env: dict[str, str] | None = None) -> WorkerClient:
+        """The running worker for this python and environment, started if needed."""
+        key = (str(python), tuple(sorted((env or {}).items())))
+        if self.client is not None and self.client.alive and self.client_key == key:
+            return self.client
+        self.stop_worker()
+        client = WorkerClient(python, env=env)
+        client.start()
+        self.client, self.client_key, self.ready = client, key, False
+        self._dead_since = None
+        _status().worker_pid = client.pid or 0
+        return client
+
+    def stop_worker(self, timeout: float = 5.0) -> None:
+        """Ask the worker to exit (the next job starts a new one)."""
+        client, self.client, self.client_key, self.ready = self.client, None, None, False
+        if client is not None:
+            client.shutdown(timeout=timeout)
+        with contextlib.suppress(AttributeError):
+            _status().worker_pid = 0
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(
+        self,
+        job: dict[str, Any],
+        *,
+        scene: str,
+        above: int,
+        start: int,
+        name: str,
+        python: str | Path,
+        env: dict[str, str] | None = None,
+        staging: Path | None = None,
+    ) -> str:
+        """Send ``job`` to the worker; the result lands above channel ``above`` at ``start``."""
+        if self.busy:
+            raise RunnerBusyError("a job is already running: cancel it first")
+        job_id = uuid.uuid4().hex[:12]
+        client = self.ensure_worker(python, env)
+        try:
+            client.generate(job_id, job)
+        except WorkerError:
+            # It died since the last job: start a fresh one and try once more.
+            self.stop_worker(timeout=1.0)
+            client = self.ensure_worker(python, env)
+            client.generate(job_id, job)
+        self.job = ActiveJob(job_id, job, scene, above, start, name, staging)
+        self.outcome = None
+        status = _status()
+        status.state = "RUNNING" if self.ready else "STARTING"
+        status.progress = 0.0
+        status.error = ""
+        status.preview_path = ""
+        status.message = "Running" if self.ready else "Starting the backend..."
+        _wm_progress("begin")
+        ensure_timer()
+        _redraw()
+        return job_id
+
+    def cancel(self) -> bool:
+        """Ask the worker to stop the job after its current step; False when none runs."""
+        if self.job is None:
+            return False
+        if self.job.cancel_at is None:
+            self.job.cancel_at = time.monotonic()
+            try:
+                assert self.client is not None
+                self.client.cancel(self.job.id)
+            except (WorkerError, AssertionError):
+                self._finish("WARNING", "Cancelled (the worker had stopped)")
+                self.stop_worker(timeout=1.0)
+                return True
+            status = _status()
+            status.state = "CANCELLING"
+            status.message = "Cancelling..."
+            _redraw()
+        return True
+
+    def wait(self, timeout: float, interval: float = 0.05) -> Outcome | None:
+        """Step until the job in flight ends (for scripts and tests: no event loop there)."""
+        deadline = time.monotonic() + timeout
+        while self.busy and time.monotonic() < deadline:
+            self.step()
+            time.sleep(interval)
+        return None if self.busy else self.outcome
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> float | None:
+        """Apply the worker's queued messages; the delay until the next step, None to stop."""
+        client = self.client
+        if client is not None:
+            for message in client.poll():
+                self._apply(client, message)
+                if self.client is not client:
+                    break
+            if self.client is client and not client.alive:
+                # The reader thread reports the exit once stdout closes; do not wait forever.
+                now = time.monotonic()
+                self._dead_since = self._dead_since or now
+                if now - self._dead_since > DEAD_GRACE:
+                    self._worker_exited(client, client.returncode)
+        job = self.job
+        if (
+            job is not None
+            and job.cancel_at is not None
+            and time.monotonic() - job.cancel_at > CANCEL_TIMEOUT
+        ):
+            if self.client is not None:
+                self.client.kill()
+            self.client = None
+            self._finish(
+                "WARNING",
+                "Cancelled: the worker did not stop in time and was ended; "
+                "a new one starts with the next job",
+            )
+        if self.job is not None:
+            return INTERVAL_BUSY
+        return INTERVAL_IDLE if self.client is not None else None
+
+    def _apply(self, client: WorkerClient, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        job = self.job
+        if kind == EXITED:
+            self._worker_exited(client, message.get("returncode"))
+            return
+        if kind == NOISE:
+            return
+        if kind == "ready":
+            self.ready = True
+            status = _status()
+            status.worker_pid = int(message.get("pid") or client.pid or 0)
+            if job is not None and status.state == "STARTING":
+                status.state = "RUNNING" if job.cancel_at is None else "CANCELLING"
+                status.message = "Running"
+            _redraw()
+            return
+        if job is None or message.get("id") != job.id:
+            return  # a late message of an earlier job
+        status = _status()
+        if kind == "accepted":
+            self.ready = True
+            if job.cancel_at is None:
+                status.state = "RUNNING"
+                status.message = "Running"
+        elif kind == "progress":
+            fraction = float(message.get("fraction") or 0.0)
+            status.progress = min(1.0, max(0.0, fraction))
+            if job.cancel_at is None:
+                stage = message.get("stage") or "denoising"
+                status.message = (
+                    f"{stage}: step {message.get('step')}/{message.get('total')}, "
+                    f"frames {message.get('frames_done')}/{message.get('frames_total')}"
+                )
+            _wm_progress("update", status.progress)
+        elif kind == "preview":
+            self._show_preview(str(message.get("path") or ""))
+        elif kind == "done":
+            if job.cancel_at is not None:
+                # Finished before the cancel arrived: the user asked for nothing, so the
+                # folder this job created goes away again.
+                remove_tree(Path(job.job["out"]))
+                remove_tree(job.staging)
+                self._finish("INFO", "Cancelled")
+            else:
+                frames = [str(p) for p in message.get("frames") or []]
+                if frames:  # preview paths pointed into the folder renamed on success
+                    self._show_preview(frames[-1])
+                self._add_result(job, frames)
+        elif kind == "error":
+            text = f"{message.get('kind', 'Error')}: {message.get('message', '')}"
+            traceback = message.get("traceback")
+            if traceback:
+                print(f"T2VZ backend error in job {job.id}:\n{traceback}", file=sys.stderr)
+            remove_tree(job.staging)
+            if job.cancel_at is not None:
+                self._finish("INFO", "Cancelled")
+            else:
+                self._finish("ERROR", f"Generation failed: {text}")
+        elif kind == "cancelled":
+            remove_tree(job.staging)
+            self._finish("INFO", "Cancelled")
+        _redraw()
+
+    def _worker_exited(self, client: WorkerClient, returncode: Any) -> None:
+        if self.client is not client:
+            return
+        tail = client.stderr_tail(8).strip().splitlines()
+        last = f": {tail[-1]}" if tail else ""
+        self.client, self.client_key, self.ready = None, None, False
+        status = _status()
+        status.worker_pid = 0
+        text = (
+            f"The backend worker stopped (exit code {returncode}){last}. "
+            "A new one starts with the next job"
+        )
+        print(f"T2VZ: {text}\n" + "\n".join(tail), file=sys.stderr)
+        if self.job is not None:
+            cancelled = self.job.cancel_at is not None
+            remove_tree(self.job.staging)
+            self._finish("INFO" if cancelled else "ERROR", "Cancelled" if cancelled else text)
+        else:
+            status.message = text
+        _redraw()
+
+    def _add_result(self, job: ActiveJob, frames: list[str]) -> None:
+        scene = bpy.data.scenes.get(job.scene)
+        if scene is None:
+            self._finish(
+                "WARNING", f"Scene {job.scene!r} is gone; the frames are in {job.job['out']}"
+            )
+            return
+        try:
+            editor = scene.sequence_editor_create()
+            channel = strips.first_free_channel(
+                editor, job.start, job.start + len(frames), job.above
+            )
+            strip = strips.add_result_strip(scene, frames, channel, job.start, job.name, job.job)
+        except (strips.StripInputError, RuntimeError, TypeError) as exc:
+            self._finish(
+                "ERROR", f"Could not add the result strip: {exc}; frames in {job.job['out']}"
+            )
+            return
+        try:
+            if bpy.ops.ed.undo_push.poll():
+                bpy.ops.ed.undo_push(message="T2VZ: add generated strip")
+        except RuntimeError:
+            pass
+        self._finish(
+            "INFO",
+            f"Added {strip.name!r}: {len(frames)} frames on channel {channel} at frame {job.start}",
+            strip_name=strip.name,
+            frames=frames,
+        )
+
+    def _finish(
+        self,
+        level: str,
+        message: str,
+        strip_name: str | None = None,
+        frames: list[str] | None = None,
+    ) -> None:
+        job = self.job
+        self.job = None
+        self.outcome = Outcome(job.id if job else "", level, message, strip_name, frames or [])
+        status = _status()
+        status.state = "IDLE"
+        status.message = message if level != "ERROR" else ""
+        status.error = message if level == "ERROR" else ""
+        if level == "INFO" and strip_name:
+            status.progress = 1.0
+        _wm_progress("end")
+        if level == "ERROR":
+            print(f"T2VZ: {message}", file=sys.stderr)
+
+    # ------------------------------------------------------------------ preview
+
+    def _show_preview(self, path: str) -> None:
+        if not path or not Path(path).is_file():
+            return
+        status = _status()
+        status.preview_path = path
+        if self.previews is None:
+            self.previews = bpy.utils.previews.new()
+        self.previews.clear()
+        self.preview_key = path
+        self.previews.load(path, path, "IMAGE")
+
+    def preview_icon_id(self) -> int:
+        """The icon id of the latest finished frame, 0 when there is none."""
+        if self.previews is None or self.preview_key not in self.previews:
+            return 0
+        return self.previews[self.preview_key].icon_id
+
+    # ------------------------------------------------------------------ teardown
+
+    def shutdown(self) -> None:
+        """Stop the worker, drop the previews: called on unregister."""
+        self.job = None
+        self.stop_worker(timeout=3.0)
+        if self.previews is not None:
+            bpy.utils.previews.remove(self.previews)
+            self.previews = None
+        self.preview_key = ""
+
+
+class Installer:
+    """``install_deps.py`` running in the background, its output shown in the preferences."""
+
+    def __init__(self) -> None:
+        self.proc: LineProcess | None = None
+        self.last_line = ""
+
+    @property
+    def running(self) -> bool:
+        """True while the installer runs."""
+        return self.proc is not None
+
+    def start(self, venv: Path, torch: str = "auto", script: Path | None = None) -> None:
+        """Run the installer with Blender's python, creating the environment at ``venv``."""
+        if self.proc is not None:
+            raise RunnerBusyError("the installer is already running")
+        script = script or backend_paths.install_script()
+        if not script.is_file():
+            raise FileNotFoundError(f"install script not found: {script}")
+        argv = [sys.executable, str(script), "--venv", str(venv), "--torch", torch]
+        proc = LineProcess(argv, cwd=script.parent)
+        proc.start()
+        self.proc = proc
+        self.last_line = ""
+        status = _status()
+        status.install_running = True
+        status.install_error = ""
+        status.install_message = f"Installing into {venv}..."
+        ensure_timer()
+
+    def cancel(self) -> None:
+        """Stop the installer."""
+        if self.proc is not None:
+            self.proc.kill()
+
+    def step(self) -> bool:
+        """Apply the installer's output; True while it still runs."""
+        proc = self.proc
+        if proc is None:
+            return False
+        status = _status()
+        for message in proc.poll():
+            if message["type"] == EXITED:
+                code = message.get("returncode")
+                self.proc = None
+                status.install_running = False
+                if code == 0:
+                    status.install_message = "Backend installed"
+                else:
+                    tail = proc.stderr_tail(3).strip().splitlines() or [self.last_line]
+                    status.install_error = f"Install failed (exit code {code}): {tail[-1]}"
+                    status.install_message = ""
+                break
+            self.last_line = str(message.get("text", ""))
+            status.install_message = self.last_line[:200]
+        _redraw()
+        return self.proc is not None
+
+
+RUNNER = Runner()
+INSTALLER = Installer()
+
+
+def _timer() -> float | None:
+    interval = RUNNER.step()
+    if INSTALLER.step():
+        interval = INTERVAL_BUSY if interval is None else min(interval, INTERVAL_BUSY)
+    return interval
+
+
+def ensure_timer() -> None:
+    """Make sure the step timer runs (it stops itself when there is nothing to watch)."""
+    if not bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.register(_timer, first_interval=INTERVAL_BUSY, persistent=True)
+
+
+def step() -> float | None:
+    """One step of the runner and the installer, as the timer runs it."""
+    return _timer()
+
+
+def unregister() -> None:
+    """Stop the timer, the installer and the worker."""
+    if bpy.app.timers.is_registered(_timer):
+        bpy.app.timers.unregister(_timer)
+    INSTALLER.cancel()
+    INSTALLER.proc = None
+    RUNNER.shutdown()
