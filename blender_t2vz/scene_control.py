@@ -659,16 +659,21 @@ def _check_frames(frames: Sequence[int]) -> list[int]:
     return frames
 
 
-def _cache_dir(folder: str | os.PathLike) -> Path:
-    path = Path(bpy.path.abspath(str(folder))) / "cache"
+def _abs(path: str | os.PathLike) -> Path:
+    return Path(bpy.path.abspath(str(path)))
+
+
+def cache_dir(folder: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    """The pass cache: ``cache`` if given, else ``<folder>/cache`` (created)."""
+    path = _abs(cache) if cache is not None else _abs(folder) / "cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def prune_cache(folder: str | os.PathLike, used_since: float) -> int:
+def prune_cache(cache: str | os.PathLike, used_since: float) -> int:
     """Delete cached passes not written or reused since ``used_since`` (a time.time())."""
     removed = 0
-    for path in _cache_dir(folder).iterdir():
+    for path in _abs(cache).iterdir():
         if path.is_file() and path.stat().st_mtime < used_since:
             path.unlink()
             removed += 1
@@ -769,15 +774,17 @@ def render_pass_frames(
     camera=None,
     objects=None,
     settings: str = "",
+    cache: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Render (or reuse from the cache) one pass per frame; the cached file of each frame.
 
     kind: "z" (Z and alpha, .npz), "lines" (Freestyle alpha, .npz) or "flat" (Workbench
     PNG). ``objects`` renders only those objects (and the camera) instead of the scene.
+    Cached files live in ``cache`` (default ``<folder>/cache``).
     """
     if kind not in PASSES:
         raise SceneControlError(f"unknown pass {kind!r}; use one of {', '.join(PASSES)}")
-    spec, frames, cache = PASSES[kind], _check_frames(frames), _cache_dir(folder)
+    spec, frames, cache = PASSES[kind], _check_frames(frames), cache_dir(folder, cache)
     with temporary_scene(scene, width, height, camera, objects) as tmp:
         spec.configure(tmp)
         layer = _render_layer(tmp)
@@ -836,11 +843,12 @@ def render_depth_frames(
     camera=None,
     floor: float = DEPTH_FLOOR,
     bits: int = 16,
+    cache: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Depth control frames (inverse depth, near bright, per-shot) as PNGs in folder/depth."""
-    cached = render_pass_frames(scene, folder, frames, width, height, "z", camera)
+    cached = render_pass_frames(scene, folder, frames, width, height, "z", camera, cache=cache)
     images = normalize_depth([_load(p, "z") for p in cached], floor)
-    paths = _sequence_paths(Path(bpy.path.abspath(str(folder))) / "depth", len(images))
+    paths = _sequence_paths(_abs(folder) / "depth", len(images))
     return [write_png(p, img, bits) for p, img in zip(paths, images, strict=True)]
 
 
@@ -861,17 +869,20 @@ def render_edge_frames(
     height: int,
     kind: str = "edges",
     camera=None,
+    cache: str | os.PathLike | None = None,
 ) -> tuple[list[Path], str]:
     """Edge frames in folder/<method>; the paths and the backend detector to apply."""
     method = edge_method(scene, kind)
-    root = Path(bpy.path.abspath(str(folder)))
+    root = _abs(folder)
     if method == "canny":
-        cached = render_pass_frames(scene, folder, frames, width, height, "flat", camera)
+        cached = render_pass_frames(
+            scene, folder, frames, width, height, "flat", camera, cache=cache
+        )
         paths = _sequence_paths(root / "canny", len(cached))
         for src, dst in zip(cached, paths, strict=True):
             shutil.copyfile(src, dst)
         return paths, "canny"
-    cached = render_pass_frames(scene, folder, frames, width, height, "lines", camera)
+    cached = render_pass_frames(scene, folder, frames, width, height, "lines", camera, cache=cache)
     paths = _sequence_paths(root / "lines", len(cached))
     for src, dst in zip(cached, paths, strict=True):
         write_png(dst, _load(src, "lines"))
@@ -903,9 +914,10 @@ def render_mask_frames(
     height: int,
     foreground: Sequence | None = None,
     camera=None,
+    cache: str | os.PathLike | None = None,
 ) -> list[Path]:
     """Foreground masks (white) in folder/masks: all geometry, or the chosen objects."""
-    full = render_pass_frames(scene, folder, frames, width, height, "z", camera)
+    full = render_pass_frames(scene, folder, frames, width, height, "z", camera, cache=cache)
     chosen = None
     if foreground:
         objs = [bpy.data.objects.get(o) if isinstance(o, str) else o for o in foreground]
@@ -913,10 +925,10 @@ def render_mask_frames(
         if missing:
             raise SceneControlError(f"no foreground object named {missing[0]!r}")
         fg = render_pass_frames(
-            scene, folder, frames, width, height, "z", camera, _with_children(objs)
+            scene, folder, frames, width, height, "z", camera, _with_children(objs), cache=cache
         )
         chosen = [_load(p, "z") for p in fg]
-    paths = _sequence_paths(Path(bpy.path.abspath(str(folder))) / "masks", len(full))
+    paths = _sequence_paths(_abs(folder) / "masks", len(full))
     for i, (path, cached) in enumerate(zip(paths, full, strict=True)):
         fg_z = None if chosen is None else chosen[i]
         mask = foreground_mask(_load(cached, "z"), _load(cached, "alpha"), fg_z)
@@ -925,6 +937,32 @@ def render_mask_frames(
 
 
 # --------------------------------------------------------------------------- job controls
+
+
+def render_scene_control(
+    scene,
+    folder: str | os.PathLike,
+    kind: str,
+    frames: Sequence[int],
+    width: int,
+    height: int,
+    camera=None,
+    characters: Sequence[Character] | None = None,
+    cache: str | os.PathLike | None = None,
+) -> tuple[Path, str]:
+    """Render one kind of control (see KINDS) into folder; its control path and detector."""
+    if kind == "depth":
+        paths = render_depth_frames(scene, folder, frames, width, height, camera, cache=cache)
+        return paths[0].parent, "none"
+    if kind == "openpose":
+        people = keypoint_frames(scene, frames, width, height, characters, camera)
+        return write_pose_json(_abs(folder) / "pose.json", people), "none"
+    if kind in ("canny", "lines", "edges"):
+        paths, detector = render_edge_frames(
+            scene, folder, frames, width, height, kind, camera, cache=cache
+        )
+        return paths[0].parent, detector
+    raise SceneControlError(f"unknown scene pass {kind!r}; use one of {', '.join(KINDS)}")
 
 
 def build_scene_controls(
@@ -937,34 +975,28 @@ def build_scene_controls(
     camera=None,
     masks: bool = False,
     foreground: Sequence | None = None,
+    cache: str | os.PathLike | None = None,
 ) -> tuple[list[dict], dict | None]:
     """Render the passes the controls need; job ``controlnets`` dicts and a ``masks`` input.
 
     ``frames`` are scene frame numbers (one control image each, in order); ``folder`` is
-    the job's scene-control folder (created), holding the frames and the cache.
+    the job's scene-control folder (created). Passes are cached in ``cache`` (default
+    ``<folder>/cache``); cached passes this call did not use are removed.
     """
     frames = _check_frames(frames)
     _check_size(width, height)
-    root = Path(bpy.path.abspath(str(folder)))
+    root = _abs(folder)
     root.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir(root, cache)
     started = time.time() - 1.0
     controlnets = []
     for i, control in enumerate(controls):
-        if control.kind not in KINDS:
-            raise SceneControlError(
-                f"controls[{i}].kind: unknown scene pass {control.kind!r}; use one of {KINDS}"
+        try:
+            path, detector = render_scene_control(
+                scene, root, control.kind, frames, width, height, camera, control.characters, cache
             )
-        detector, path = "none", root
-        if control.kind == "depth":
-            path = render_depth_frames(scene, root, frames, width, height, camera)[0].parent
-        elif control.kind == "openpose":
-            people = keypoint_frames(scene, frames, width, height, control.characters, camera)
-            path = write_pose_json(root / "pose.json", people)
-        else:
-            paths, detector = render_edge_frames(
-                scene, root, frames, width, height, control.kind, camera
-            )
-            path = paths[0].parent
+        except SceneControlError as exc:
+            raise SceneControlError(f"controls[{i}] ({control.kind}): {exc}") from None
         controlnets.append(
             {
                 "model": control.model,
@@ -975,7 +1007,7 @@ def build_scene_controls(
         )
     mask_input = None
     if masks:
-        render_mask_frames(scene, root, frames, width, height, foreground, camera)
+        render_mask_frames(scene, root, frames, width, height, foreground, camera, cache=cache)
         mask_input = {"path": str(root / "masks")}
-    prune_cache(root, started)
+    prune_cache(cache, started)
     return controlnets, mask_input
