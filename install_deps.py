@@ -19,9 +19,11 @@ import ctypes.util
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -94,7 +96,7 @@ def has_nvidia_gpu() -> bool:
 
 
 def choose_torch(flavour: str) -> str:
-    """"cuda" or "cpu" for --torch auto: CUDA on Linux/Windows with an NVIDIA GPU."""
+    """ "cuda" or "cpu" for --torch auto: CUDA on Linux/Windows with an NVIDIA GPU."""
     if flavour != "auto":
         return flavour
     if platform.system() in ("Linux", "Windows") and has_nvidia_gpu():
@@ -102,14 +104,30 @@ def choose_torch(flavour: str) -> str:
     return "cpu"
 
 
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """True when the host of ``url`` accepts a connection (checked once, quickly)."""
+    host = urllib.parse.urlparse(url).hostname or ""
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def torch_install_command(python: Path, flavour: str, version: str) -> list[str]:
     """The pip command that installs the chosen PyTorch build."""
     cmd = [str(python), "-m", "pip", "install", f"torch=={version}"]
     system = platform.system()
+    index = None
     if flavour == "cpu" and system in ("Linux", "Windows"):
-        cmd += ["--index-url", TORCH_CPU_INDEX]  # PyPI's Linux wheel carries GBs of CUDA
+        index = TORCH_CPU_INDEX  # PyPI's Linux wheel carries GBs of CUDA libraries
     elif flavour == "cuda" and system == "Windows":
-        cmd += ["--index-url", TORCH_CUDA_INDEX]  # PyPI's Windows wheel is CPU-only
+        index = TORCH_CUDA_INDEX  # PyPI's Windows wheel is CPU-only
+    if index and reachable(index):
+        # PyTorch's index for torch itself; its dependencies come from the usual index.
+        cmd += ["--index-url", index, "--no-deps"]
+    elif index:
+        say(f"{index} is out of reach: installing torch from the configured package index")
     return cmd
 
 
@@ -123,7 +141,11 @@ def ensure_torch(python: Path, flavour: str, version: str) -> None:
             say(f"keeping the installed torch {major}.{minor} ({'CUDA' if cuda else 'CPU'})")
             return
     say(f"installing torch {version} ({wanted} build)")
-    run(torch_install_command(python, wanted, version))
+    cmd = torch_install_command(python, wanted, version)
+    run(cmd)
+    if "--no-deps" in cmd:
+        # torch's own dependencies from the usual index; the installed build satisfies the pin.
+        run([str(python), "-m", "pip", "install", f"torch=={version}"])
 
 
 def missing_bpy_libraries() -> list[str]:
@@ -202,25 +224,43 @@ def run_tests(python: Path) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--venv", type=Path, default=HERE / ".venv",
-                        help="where to create the environment (default: .venv beside this file)")
-    parser.add_argument("--torch", choices=("auto", "cuda", "cpu"), default="auto",
-                        help="PyTorch build; auto: CUDA with an NVIDIA GPU on Linux/Windows")
-    parser.add_argument("--torch-version", default=TORCH_VERSION,
-                        help="PyTorch version to install when none fits (default: %(default)s)")
-    parser.add_argument("--dev", action="store_true",
-                        help="also install the test tools (pytest, ruff, bpy)")
-    parser.add_argument("--demo", nargs="?", const="tiny", choices=("tiny", "sd15"),
-                        help="then generate a demo video: tiny (offline, default) or sd15")
-    parser.add_argument("--run-tests", action="store_true",
-                        help="then run the whole test suite (implies --dev)")
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=HERE / ".venv",
+        help="where to create the environment (default: .venv beside this file)",
+    )
+    parser.add_argument(
+        "--torch",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="PyTorch build; auto: CUDA with an NVIDIA GPU on Linux/Windows",
+    )
+    parser.add_argument(
+        "--torch-version",
+        default=TORCH_VERSION,
+        help="PyTorch version to install when none fits (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dev", action="store_true", help="also install the test tools (pytest, ruff, bpy)"
+    )
+    parser.add_argument(
+        "--demo",
+        nargs="?",
+        const="tiny",
+        choices=("tiny", "sd15"),
+        help="then generate a demo video: tiny (offline, default) or sd15",
+    )
+    parser.add_argument(
+        "--run-tests", action="store_true", help="then run the whole test suite (implies --dev)"
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Set up the environment, then optionally run the demo and the tests."""
     args = parse_args(argv)
-    if sys.version_info < (3, 10):
+    if sys.version_info < (3, 10):  # noqa: UP036 (the check is for whoever runs it)
         say(f"Python 3.10 or newer is needed, this is {platform.python_version()}")
         return 1
     dev = args.dev or args.run_tests
