@@ -19,6 +19,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 
 class AnchorState:
@@ -138,6 +139,7 @@ class RecordingCrossAttnProcessor:
         self.recorder = recorder
         self.state = state
         self.latent_tokens = latent_tokens
+        self.plain = AttnProcessor2_0()
 
     def __call__(
         self,
@@ -153,9 +155,7 @@ class RecordingCrossAttnProcessor:
         # Maps from layers at 1/2 of the latent resolution and below carry the layout.
         record = self.recorder.active and tokens * 4 <= self.latent_tokens
         if encoder_hidden_states is None or not record:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask)
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask)
         residual = hidden_states
         context = encoder_hidden_states
         if attn.norm_cross:
