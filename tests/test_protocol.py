@@ -1,0 +1,257 @@
+"""backend/protocol.py: the job schema, t0/t1 scaling and the worker's message lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backend.protocol import (
+    DEFAULT_MODEL,
+    DEFAULT_MOTION,
+    DEFAULT_PIX2PIX_MODEL,
+    REPLIES,
+    REQUESTS,
+    ControlNetSpec,
+    JobError,
+    VideoInput,
+    decode_message,
+    encode_message,
+    resolve_t0_t1,
+    validate_job,
+)
+
+
+def job(**fields: Any) -> dict[str, Any]:
+    """A minimal valid text2video job with ``fields`` changed."""
+    return {"prompt": "a cat", "out": "/tmp/out", **fields}
+
+
+CONTROLNET = {"model": "builtin:tiny-controlnet", "control": "/tmp/control"}
+
+
+def test_minimal_job_gets_documented_defaults() -> None:
+    j = validate_job(job())
+    assert (j.mode, j.model, j.frames, j.width, j.height, j.steps) == (
+        "text2video",
+        DEFAULT_MODEL,
+        8,
+        512,
+        512,
+        50,
+    )
+    assert (j.t0, j.t1) == (44, 47)  # text2video resolves the official t0/t1
+    assert j.effective_motion == DEFAULT_MOTION
+    assert j.frame_indices == list(range(8))
+
+
+def test_job_round_trips_through_json() -> None:
+    original = validate_job(
+        job(
+            mode="controlnet",
+            controlnets=[{**CONTROLNET, "weight": 0.5, "detector": "canny"}],
+            frames=5,
+            frame_range=[2, 4],
+            motion=[3, -4.5],
+            smooth_bg=True,
+            masks={"path": "/tmp/masks", "start": 2, "stride": 0.5},
+        )
+    )
+    again = validate_job(json.loads(original.to_json()))
+    assert again == original
+    assert again.controlnets == [
+        ControlNetSpec("builtin:tiny-controlnet", VideoInput("/tmp/control"), 0.5, "canny")
+    ]
+    assert again.masks == VideoInput("/tmp/masks", 2, 0.5)
+    assert again.frame_indices == [1, 2, 3]
+    assert again.effective_motion == (3.0, -4.5)
+
+
+def test_mode_defaults() -> None:
+    assert validate_job(job(mode="pix2pix", video="/v")).model == DEFAULT_PIX2PIX_MODEL
+    cn = validate_job(job(mode="controlnet", controlnets=[CONTROLNET]))
+    assert cn.effective_motion == (0.0, 0.0)
+    assert (cn.t0, cn.t1) == (None, None)  # no motion: no motion-dynamics phase
+    moving = validate_job(job(mode="controlnet", controlnets=[CONTROLNET], motion=[4, 0], steps=10))
+    assert moving.t0 is not None and moving.t0 < moving.t1 < 10
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "value_text"),
+    [
+        ({"colour": "red"}, "colour", "red"),
+        ({"controlnets": [{**CONTROLNET, "strength": 2}]}, "controlnets[0].strength", "2"),
+        ({"video": {"path": "/v", "fps": 3}}, "video.fps", "3"),
+        ({"frames": "8"}, "frames", "'8'"),
+        ({"frames": True}, "frames", "True"),
+        ({"frames": 2.5}, "frames", "2.5"),
+        ({"prompt": 5}, "prompt", "5"),
+        ({"smooth_bg": "yes"}, "smooth_bg", "yes"),
+        ({"motion": "12"}, "motion", "12"),
+        ({"motion": [1, 2, 3]}, "motion", "[1, 2, 3]"),
+        ({"motion": [1, "x"]}, "motion[1]", "x"),
+        ({"frames": 0}, "frames", "0"),
+        ({"steps": 0}, "steps", "0"),
+        ({"guidance": -1}, "guidance", "-1"),
+        ({"guidance": float("nan")}, "guidance", "nan"),
+        ({"smooth_alpha": 1.5}, "smooth_alpha", "1.5"),
+        ({"seed": -1}, "seed", "-1"),
+        ({"width": 32}, "width", "32"),
+        ({"width": 100}, "width", "100"),
+        ({"height": 180}, "height", "180"),
+        ({"chunk_size": 0}, "chunk_size", "0"),
+        ({"frames": 8, "frame_range": [1, 9]}, "frame_range[1]", "9"),
+        ({"frames": 8, "frame_range": [0, 3]}, "frame_range[0]", "0"),
+        ({"frames": 8, "frame_range": [5, 3]}, "frame_range", "5:3"),
+        ({"frame_range": [1]}, "frame_range", "[1]"),
+        ({"mode": "img2img"}, "mode", "img2img"),
+        ({"device": "tpu"}, "device", "tpu"),
+        ({"dtype": "int8"}, "dtype", "int8"),
+        ({"version": 2}, "version", "2"),
+        ({"out": ""}, "out", "empty"),
+        ({"model": " "}, "model", "empty"),
+        ({"model_config": 3}, "model_config", "3"),
+        ({"video": {"start": 1}}, "video.path", "required"),
+        ({"video": {"path": "/v", "stride": 0}}, "video.stride", "0"),
+        ({"video": {"path": "/v", "start": -2}}, "video.start", "-2"),
+    ],
+)
+def test_bad_fields_are_named(fields: dict, field: str, value_text: str) -> None:
+    with pytest.raises(JobError) as info:
+        validate_job(job(**fields))
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+    assert value_text in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"mode": "controlnet"}, "controlnets"),
+        ({"mode": "controlnet", "controlnets": [{"model": "m"}]}, "controlnets[0].control"),
+        ({"mode": "controlnet", "controlnets": [{"control": "c"}]}, "controlnets[0].model"),
+        (
+            {"mode": "controlnet", "controlnets": [{**CONTROLNET, "weight": 11}]},
+            "controlnets[0].weight",
+        ),
+        (
+            {"mode": "controlnet", "controlnets": [{**CONTROLNET, "detector": "hed"}]},
+            "controlnets[0].detector",
+        ),
+        ({"mode": "controlnet", "controlnets": CONTROLNET}, "controlnets"),
+        ({"mode": "controlnet", "controlnets": [CONTROLNET], "video": "/v"}, "video"),
+        ({"mode": "controlnet", "controlnets": [CONTROLNET], "t0": 3}, "t0"),
+        ({"mode": "pix2pix"}, "video"),
+        ({"mode": "pix2pix", "video": "/v", "controlnets": [CONTROLNET]}, "controlnets"),
+        ({"mode": "pix2pix", "video": "/v", "motion": [1, 0]}, "motion"),
+        ({"mode": "pix2pix", "video": "/v", "t1": 3}, "t0"),
+        ({"controlnets": [CONTROLNET]}, "controlnets"),
+        ({"video": "/v"}, "video"),
+        ({"masks": "/m"}, "masks"),
+        ({"steps": 1}, "steps"),
+        ({"steps": 10, "t1": 10}, "t1"),
+        ({"steps": 10, "t0": 6, "t1": 6}, "t0"),
+    ],
+)
+def test_cross_field_rules_name_the_field(fields: dict, field: str) -> None:
+    with pytest.raises(JobError) as info:
+        validate_job(job(**fields))
+    assert info.value.field == field
+
+
+@pytest.mark.parametrize("missing", ["prompt", "out"])
+def test_required_fields(missing: str) -> None:
+    data = job()
+    del data[missing]
+    with pytest.raises(JobError, match=f"^{missing}: is required"):
+        validate_job(data)
+
+
+def test_job_must_be_an_object() -> None:
+    with pytest.raises(JobError) as info:
+        validate_job(["prompt", "out"])
+    assert info.value.field == "job"
+
+
+def test_video_path_shorthand_and_zero_motion_pix2pix() -> None:
+    j = validate_job(job(mode="pix2pix", video="/clip.mp4", motion=[0, 0]))
+    assert j.video == VideoInput("/clip.mp4", 0, 1.0)
+    assert (j.t0, j.t1) == (None, None)
+
+
+# --------------------------------------------------------------------------- t0 / t1
+
+
+def test_official_t0_t1_for_50_steps() -> None:
+    assert resolve_t0_t1(50) == (44, 47)
+
+
+@pytest.mark.parametrize("steps", range(2, 101))
+def test_t0_t1_scale_to_any_step_count(steps: int) -> None:
+    t0, t1 = resolve_t0_t1(steps)
+    assert 0 <= t0 < t1 <= steps - 1
+    # The share of the schedule frame 1 runs alone before t1 and t0 follows 2/50 and 5/50.
+    assert abs((steps - 1 - t1) - steps * 2 / 50) <= 1
+    assert abs((steps - 1 - t0) - steps * 5 / 50) <= 1 or t0 == t1 - 1
+    j = validate_job(job(steps=steps))
+    assert (j.t0, j.t1) == (t0, t1)
+
+
+def test_one_step_is_refused_clearly() -> None:
+    with pytest.raises(JobError) as info:
+        resolve_t0_t1(1)
+    assert info.value.field == "steps"
+    assert "at least 2 steps" in str(info.value)
+
+
+def test_given_t0_t1_are_kept_and_checked() -> None:
+    assert resolve_t0_t1(20, 5, 9) == (5, 9)
+    assert resolve_t0_t1(20, t0=17) == (17, 18)  # t1 made to exceed a late t0
+    t0, t1 = resolve_t0_t1(20, t1=4)
+    assert t0 == 3 and t1 == 4  # t0 made to stay below an early t1
+    with pytest.raises(JobError, match="t0"):
+        resolve_t0_t1(20, t0=19)
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def test_messages_round_trip() -> None:
+    line = encode_message("progress", id="j1", step=3, total=10, fraction=0.25)
+    assert "\n" not in line
+    assert decode_message(line) == {
+        "type": "progress",
+        "id": "j1",
+        "step": 3,
+        "total": 10,
+        "fraction": 0.25,
+    }
+    for kind in REQUESTS + REPLIES:
+        assert decode_message(encode_message(kind))["type"] == kind
+
+
+@pytest.mark.parametrize("line", ["not json", "[1, 2]", '{"type": "explode"}', '{"id": 1}'])
+def test_decode_refuses_non_protocol_lines(line: str) -> None:
+    with pytest.raises(ValueError):
+        decode_message(line)
+
+
+def test_encode_refuses_unknown_types() -> None:
+    with pytest.raises(ValueError):
+        encode_message("explode")
+
+
+def test_protocol_module_stays_stdlib_only() -> None:
+    """Blender's Python imports the protocol: it must not pull in torch/numpy."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, backend.protocol\n"
+        "heavy = {'torch', 'numpy', 'cv2', 'diffusers', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=60)
