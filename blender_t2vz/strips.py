@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,8 @@ import bpy
 JOB_PROPERTY = "t2vz_job"
 VIDEO_TYPES = {"MOVIE", "IMAGE"}
 MAX_CHANNEL = 128
-IMAGE_EXTENSIONS = {
-    ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".exr", ".tga", ".dpx",
-}  # fmt: skip
+# The image types the backend reads from a folder (backend/video_io.py).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".exr")
 
 
 class StripInputError(ValueError):
@@ -80,6 +80,11 @@ def _movie_stride(strip: Any, path: Path) -> float:
     return 1.0 if abs(stride - 1.0) < 0.01 else stride
 
 
+def _natural_key(name: str) -> list:
+    # The backend's order for a folder of frames: frame2 before frame10.
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
 def _image_sequence(strip: Any, staging: Path) -> dict[str, Any]:
     """The strip's visible images as a folder (+ start), staged when they are not a run."""
     directory = _abspath(strip, strip.directory)
@@ -93,8 +98,18 @@ def _image_sequence(strip: Any, staging: Path) -> dict[str, Any]:
     for name in dict.fromkeys(names):
         if not (directory / name).is_file():
             raise StripInputError(f"strip {strip.name!r}: missing image {directory / name}")
+        if Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
+            raise StripInputError(
+                f"strip {strip.name!r}: image type {Path(name).suffix!r} of {name!r} is not "
+                f"supported (use {', '.join(IMAGE_EXTENSIONS)})"
+            )
     listing = sorted(
-        p.name for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        (
+            p.name
+            for p in directory.iterdir()
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        ),
+        key=_natural_key,
     )
     if names and names[0] in listing:
         first = listing.index(names[0])

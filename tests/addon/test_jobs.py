@@ -1,0 +1,242 @@
+"""Jobs built from panel settings and sequencer strips match the backend's schema."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import bpy
+import pytest
+
+from blender_t2vz import backend_paths, jobs, operators, runtime, strips
+
+PROTOCOL = backend_paths.load_protocol()
+
+
+def _image_strip(scene, folder: Path, names: list[str], channel: int, start: int):
+    strip = strips.top_strips(scene.sequence_editor).new_image(
+        name="user images", filepath=str(folder / names[0]), channel=channel, frame_start=start
+    )
+    for name in names[1:]:
+        strip.elements.append(name)
+    return strip
+
+
+@pytest.fixture(scope="module")
+def movie(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 12-frame 64x64 mp4 at 24 fps, written by a separate process (no cv2 in Blender)."""
+    path = tmp_path_factory.mktemp("movie") / "user clip.mp4"
+    code = (
+        "import cv2, numpy as np, sys\n"
+        "w = cv2.VideoWriter(sys.argv[1], cv2.VideoWriter_fourcc(*'mp4v'), 24, (64, 64))\n"
+        "[w.write(np.full((64, 64, 3), 20 * i, np.uint8)) for i in range(12)]\n"
+        "w.release()\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    return path
+
+
+def test_scene_size_is_rounded_to_multiples_of_8() -> None:
+    assert jobs.scene_size(100, 60) == (96, 64)
+    assert jobs.scene_size(1920, 1080, 50) == (960, 544)
+    assert jobs.scene_size(10, 10) == (64, 64)
+
+
+def test_output_root_beside_the_blend_or_in_temp(tmp_path: Path) -> None:
+    blend = tmp_path / "shots" / "a.blend"
+    assert (
+        jobs.resolve_output_root("//t2vz/", str(blend)) == (tmp_path / "shots" / "t2vz").resolve()
+    )
+    assert jobs.resolve_output_root("//", "", str(tmp_path)) == (tmp_path / "t2vz").resolve()
+    assert (
+        jobs.resolve_output_root("//renders", "", str(tmp_path)) == (tmp_path / "renders").resolve()
+    )
+    assert jobs.resolve_output_root(str(tmp_path / "x"), str(blend)) == (tmp_path / "x").resolve()
+
+
+def test_unique_out_dir_never_reuses_an_existing_folder(tmp_path: Path) -> None:
+    first = jobs.unique_out_dir(tmp_path, "A red fox, running!", 7)
+    assert first.name == "a_red_fox_running_s7_001"
+    first.mkdir()
+    assert jobs.unique_out_dir(tmp_path, "A red fox, running!", 7).name.endswith("_002")
+
+
+def test_pix2pix_job_from_image_strip_honours_offsets(scene, image_folder: Path) -> None:
+    scene.render.resolution_x, scene.render.resolution_y = 100, 60
+    names = [f"img_{i}.png" for i in range(1, 7)]
+    strip = _image_strip(scene, image_folder, names, channel=2, start=10)
+    strip.frame_offset_start = 2
+    strip.frame_offset_end = 1
+    scene.sequence_editor.active_strip = strip
+    settings = scene.t2vz
+    settings.mode = "pix2pix"
+    settings.prompt = "make it snowy"
+    settings.seed = 11
+
+    plan = operators.plan_from_panel(bpy.context)
+    job = plan.job
+    assert PROTOCOL.validate_job(json.loads(json.dumps(job))).to_dict() == job
+    assert job["mode"] == "pix2pix" and job["prompt"] == "make it snowy" and job["seed"] == 11
+    assert job["frames"] == 3
+    assert job["video"] == {"path": str(image_folder.resolve()), "start": 2, "stride": 1.0}
+    assert (job["width"], job["height"]) == (96, 64)
+    assert job["model"] == "builtin:tiny-pix2pix"
+    assert job["fps"] == 24.0
+    assert (plan.above, plan.start) == (2, 12)
+    assert not Path(job["out"]).exists()
+    assert Path(job["out"]).parent == Path(settings.output_dir).resolve()
+
+
+def test_controlnet_job_from_movie_strip(scene, movie: Path) -> None:
+    strip = strips.top_strips(scene.sequence_editor).new_movie(
+        name="user movie", filepath=str(movie), channel=3, frame_start=1
+    )
+    strip.frame_offset_start = 3
+    scene.sequence_editor.active_strip = strip
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    settings.prompt = "a robot"
+    item = settings.controlnets.add()
+    item.detector = "canny"
+    item.weight = 0.7
+
+    job = operators.plan_from_panel(bpy.context).job
+    assert job["frames"] == 9
+    assert job["motion"] is None
+    (control,) = job["controlnets"]
+    assert control == {
+        "model": "builtin:tiny-controlnet",
+        "weight": pytest.approx(0.7),
+        "detector": "canny",
+        "control": {"path": str(movie.resolve()), "start": 3, "stride": 1.0},
+    }
+
+    settings.match_source = False
+    settings.frames = 20
+    with pytest.raises(jobs.JobBuildError, match="frames: 20 is longer than the source strip"):
+        operators.plan_from_panel(bpy.context)
+
+
+def test_held_image_is_staged_as_a_sequence(scene, image_folder: Path) -> None:
+    strip = _image_strip(scene, image_folder, ["img_4.png"], channel=1, start=1)
+    strip.frame_final_duration = 4
+    scene.sequence_editor.active_strip = strip
+    scene.t2vz.mode = "pix2pix"
+    scene.t2vz.prompt = "night"
+    job = operators.plan_from_panel(bpy.context).job
+    staged = Path(job["video"]["path"])
+    assert staged != image_folder and job["video"]["start"] == 0
+    assert sorted(p.name for p in staged.iterdir()) == [f"frame_0000{i}.png" for i in range(1, 5)]
+    assert (staged / "frame_00003.png").read_bytes() == (image_folder / "img_4.png").read_bytes()
+    assert sorted(p.name for p in image_folder.iterdir()) == [f"img_{i}.png" for i in range(1, 7)]
+
+
+def test_bad_values_are_named() -> None:
+    base = {"mode": "text2video", "prompt": "x", "width": 64, "height": 64, "steps": 2}
+    with pytest.raises(jobs.JobBuildError, match="prompt"):
+        jobs.build_job({**base, "prompt": " "}, out="/tmp/o", fps=24, defaults={"model": "m"})
+    with pytest.raises(jobs.JobBuildError, match="width: must be a multiple of 8, got 100"):
+        jobs.build_job({**base, "width": 100}, out="/tmp/o", fps=24, defaults={"model": "m"})
+    with pytest.raises(ValueError, match="guidance"):
+        jobs.build_job({**base, "guidance": -1.0}, out="/tmp/o", fps=24, defaults={"model": "m"})
+    with pytest.raises(jobs.JobBuildError, match="controlnets: add at least one"):
+        jobs.build_job(
+            {**base, "mode": "controlnet"},
+            out="/tmp/o",
+            fps=24,
+            source_frames=4,
+            defaults={"model": "m"},
+        )
+
+
+def test_rebuild_keeps_inputs_and_takes_panel_changes() -> None:
+    stored = jobs.build_job(
+        {"mode": "pix2pix", "prompt": "snow", "width": 64, "height": 64, "steps": 3, "seed": 1},
+        out="/tmp/old",
+        fps=24,
+        defaults={"pix2pix_model": "builtin:tiny-pix2pix"},
+        source_frames=5,
+        video={"path": "/clips/a.mp4", "start": 4, "stride": 2.0},
+    )
+    changed = jobs.rebuild_job(
+        stored, {"prompt": "", "seed": 9, "steps": 4, "model": "", "frames": 99}, out="/tmp/new"
+    )
+    assert changed["seed"] == 9 and changed["steps"] == 4
+    assert changed["prompt"] == "snow" and changed["model"] == "builtin:tiny-pix2pix"
+    assert changed["video"] == stored["video"] and changed["frames"] == 5
+    assert changed["out"] == "/tmp/new"
+
+
+def test_missing_environment_says_what_to_click(scene) -> None:
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
+    old = prefs.python_path
+    prefs.python_path = "/nonexistent/t2vz/bin/python"
+    scene.t2vz.prompt = "a cat"
+    try:
+        with pytest.raises(RuntimeError) as info:
+            bpy.ops.t2vz.generate()
+    finally:
+        prefs.python_path = old
+    text = str(info.value)
+    assert "Backend Python not found: /nonexistent/t2vz/bin/python" in text
+    assert "Install Backend" in text and "Traceback" not in text
+    assert not runtime.RUNNER.busy
+
+
+def test_generate_poll_explains_a_missing_source(scene) -> None:
+    scene.t2vz.mode = "pix2pix"
+    scene.t2vz.prompt = "snow"
+    assert not bpy.ops.t2vz.generate.poll()
+    with pytest.raises(RuntimeError, match="Make a movie or image strip active"):
+        bpy.ops.t2vz.generate()
+
+
+def test_scene_control_hook_supplies_the_control(scene, monkeypatch, tmp_path: Path) -> None:
+    calls = []
+
+    def render_control(context, item, start, frames, width, height, folder):
+        calls.append((item.scene_pass, start, frames, width, height))
+        return {"path": str(tmp_path / "depth"), "start": 0, "stride": 1.0}
+
+    fake = SimpleNamespace(render_control=render_control)
+    monkeypatch.setattr(operators, "_scene_control", lambda: fake)
+    scene.frame_current = 5
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    settings.prompt = "a dancer"
+    settings.frames = 4
+    item = settings.controlnets.add()
+    item.source = "SCENE"
+    item.scene_pass = "DEPTH"
+    plan = operators.plan_from_panel(bpy.context)
+    assert calls == [("DEPTH", 5, 4, 64, 64)]
+    assert plan.job["controlnets"][0]["detector"] == "none"  # a rendered depth pass: no detector
+    assert plan.job["controlnets"][0]["control"]["path"] == str(tmp_path / "depth")
+    assert (plan.above, plan.start, plan.job["frames"]) == (0, 5, 4)
+
+
+def test_install_button_runs_the_installer_in_the_background(
+    addon, monkeypatch, tmp_path: Path
+) -> None:
+    script = tmp_path / "install_deps.py"
+    script.write_text(
+        "import sys, time\n"
+        "open(sys.argv[0] + '.args', 'w').write(' '.join(sys.argv[1:]))\n"
+        "for i in range(3):\n"
+        "    print(f'step {i + 1}/3', flush=True)\n"
+        "    time.sleep(0.05)\n"
+    )
+    monkeypatch.setattr(backend_paths, "install_script", lambda: script)
+    status = bpy.context.window_manager.t2vz_status
+    bpy.ops.t2vz.install_backend()
+    assert runtime.INSTALLER.running and status.install_running
+    deadline = time.monotonic() + 20
+    while runtime.INSTALLER.running and time.monotonic() < deadline:
+        runtime.step()
+        time.sleep(0.05)
+    assert not status.install_running
+    assert status.install_message == "Backend installed" and not status.install_error
+    args = (tmp_path / "install_deps.py.args").read_text().split()
+    assert args[0] == "--venv" and Path(args[1]).name == ".venv" and args[2:] == ["--torch", "auto"]

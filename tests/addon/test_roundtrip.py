@@ -1,0 +1,187 @@
+"""Generate through a real ``backend serve`` process on tiny local models, headless.
+
+One worker process serves all tests of this module (models stay loaded); the kill test
+replaces it. Timers never fire in the bpy module, so ``Runner.wait`` steps the runner.
+"""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import bpy
+import pytest
+
+from blender_t2vz import operators, runtime, strips
+
+pytestmark = pytest.mark.slow
+TIMEOUT = 240.0
+
+
+def _result_strips(scene) -> list:
+    return [s for s in strips.top_strips(scene.sequence_editor) if strips.stored_job(s)]
+
+
+def _snapshot(strip) -> tuple:
+    return (strip.name, strip.channel, strip.frame_final_start, strip.frame_final_end, strip.mute)
+
+
+def _wait_for(kind: str, timeout: float = TIMEOUT) -> None:
+    """Step until the running job has reported a message of ``kind``."""
+    deadline = time.monotonic() + timeout
+    status = bpy.context.window_manager.t2vz_status
+    while time.monotonic() < deadline and runtime.RUNNER.busy:
+        runtime.step()
+        if kind == "progress" and status.progress > 0:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"no {kind} before the job ended: {runtime.RUNNER.outcome}")
+
+
+def test_text2video_round_trip_places_strip_at_current_frame(scene) -> None:
+    editor = scene.sequence_editor
+    blocker = strips.top_strips(editor).new_effect(
+        name="user color", type="COLOR", channel=1, frame_start=1, length=30
+    )
+    before = _snapshot(blocker)
+    scene.frame_current = 5
+    bpy.ops.ed.undo_push(message="test: before generate")
+    settings = scene.t2vz
+    settings.prompt = "a horse galloping on the beach"
+
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    assert runtime.RUNNER.busy and not bpy.ops.t2vz.generate.poll()
+    outcome = runtime.RUNNER.wait(TIMEOUT)
+    assert outcome is not None and outcome.level == "INFO", outcome
+
+    (result,) = _result_strips(scene)
+    assert result.type == "IMAGE" and result.name == "a horse galloping on the beach"
+    assert (result.channel, result.frame_final_start, result.frame_final_duration) == (2, 5, 3)
+    job = json.loads(result["t2vz_job"])
+    out = Path(job["out"])
+    assert [e.filename for e in result.elements] == [f"frame_0000{i}.png" for i in (1, 2, 3)]
+    assert Path(bpy.path.abspath(result.directory)).resolve() == out.resolve()
+    assert all((out / f"frame_0000{i}.png").stat().st_size > 0 for i in (1, 2, 3))
+    assert job["prompt"] == settings.prompt and job["frames"] == 3 and job["seed"] == 3
+    assert (job["width"], job["height"], job["steps"]) == (64, 64, 2)
+    assert _snapshot(blocker) == before
+    status = bpy.context.window_manager.t2vz_status
+    assert status.state == "IDLE" and status.progress == 1.0 and not status.error
+    # The panel's preview: the latest finished frame, loaded (icon ids stay 0 headless).
+    assert Path(status.preview_path) == out / "frame_00003.png"
+    assert runtime.RUNNER.previews[str(out / "frame_00003.png")].image_size[:] == (64, 64)
+    assert runtime.RUNNER.worker_alive
+
+    # Adding the strip is one undo step: undo removes it and keeps the user's strip.
+    bpy.ops.ed.undo()
+    scene = bpy.context.scene
+    assert not _result_strips(scene)
+    assert _snapshot(strips.top_strips(scene.sequence_editor)["user color"]) == before
+    assert out.is_dir()  # undo never deletes files
+
+
+def test_controlnet_round_trip_and_regenerate(scene, image_folder: Path) -> None:
+    editor = scene.sequence_editor
+    source = strips.top_strips(editor).new_image(
+        name="user frames", filepath=str(image_folder / "img_1.png"), channel=3, frame_start=10
+    )
+    for i in range(2, 7):
+        source.elements.append(f"img_{i}.png")
+    source.frame_offset_start = 1
+    source.frame_offset_end = 2
+    above = strips.top_strips(editor).new_effect(
+        name="user title", type="COLOR", channel=4, frame_start=12, length=2
+    )
+    editor.active_strip = source
+    snapshots = [_snapshot(source), _snapshot(above)]
+    files_before = sorted(p.name for p in image_folder.iterdir())
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    settings.prompt = "a robot"
+    item = settings.controlnets.add()
+    item.detector = "canny"
+    pid = bpy.context.window_manager.t2vz_status.worker_pid
+
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    outcome = runtime.RUNNER.wait(TIMEOUT)
+    assert outcome is not None and outcome.level == "INFO", outcome
+    (result,) = _result_strips(scene)
+    assert (result.channel, result.frame_final_start, result.frame_final_duration) == (5, 11, 3)
+    job = json.loads(result["t2vz_job"])
+    assert job["controlnets"][0]["control"]["start"] == 1
+    assert len(list(Path(job["out"]).glob("frame_*.png"))) == 3
+    assert bpy.context.window_manager.t2vz_status.worker_pid == pid  # the same worker
+
+    # Regenerate: the result strip's job with the panel's new seed, above that strip.
+    for s in strips.top_strips(editor):
+        s.select = False
+    result.select = True
+    editor.active_strip = result
+    settings.seed = 42
+    assert bpy.ops.t2vz.regenerate() == {"FINISHED"}
+    outcome = runtime.RUNNER.wait(TIMEOUT)
+    assert outcome is not None and outcome.level == "INFO", outcome
+    second = strips.every_strip(editor)[outcome.strip_name]
+    regenerated = json.loads(second["t2vz_job"])
+    assert regenerated["seed"] == 42 and regenerated["out"] != job["out"]
+    assert regenerated["controlnets"] == job["controlnets"]
+    assert (second.channel, second.frame_final_start) == (6, 11)
+    assert [_snapshot(source), _snapshot(above)] == snapshots
+    assert sorted(p.name for p in image_folder.iterdir()) == files_before
+
+
+def test_escape_cancels_without_strip_or_output(scene) -> None:
+    settings = scene.t2vz
+    settings.prompt = "a long job"
+    settings.steps = 40
+    settings.frames = 6
+    out_root = Path(settings.output_dir)
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    job = runtime.RUNNER.job
+    _wait_for("progress")
+
+    # ESC in the generate operator's modal handler.
+    fake_op = SimpleNamespace(_job_id=job.id, _timer=None, report=lambda *a: None)
+    esc = SimpleNamespace(type="ESC", value="PRESS")
+    assert operators._JobOperator.modal(fake_op, bpy.context, esc) == {"RUNNING_MODAL"}
+    assert bpy.context.window_manager.t2vz_status.state == "CANCELLING"
+    started = time.monotonic()
+    outcome = runtime.RUNNER.wait(TIMEOUT)
+    assert outcome is not None and outcome.message == "Cancelled", outcome
+    assert time.monotonic() - started < 20
+    assert not _result_strips(scene)
+    assert not Path(job.job["out"]).exists()
+    assert not out_root.exists() or not any(out_root.iterdir())
+    assert operators._JobOperator.modal(
+        fake_op, bpy.context, SimpleNamespace(type="TIMER", value="NOTHING")
+    ) == {"FINISHED"}
+    assert runtime.RUNNER.worker_alive
+
+
+def test_killed_worker_is_reported_and_replaced(scene) -> None:
+    settings = scene.t2vz
+    settings.prompt = "doomed"
+    settings.steps = 40
+    settings.frames = 6
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    _wait_for("progress")
+    old_pid = runtime.RUNNER.client.pid
+    os.kill(old_pid, signal.SIGKILL)
+    outcome = runtime.RUNNER.wait(30)
+    assert outcome is not None and outcome.level == "ERROR"
+    assert "backend worker stopped" in outcome.message and "new one starts" in outcome.message
+    status = bpy.context.window_manager.t2vz_status
+    assert "backend worker stopped" in status.error and status.state == "IDLE"
+    assert not _result_strips(scene)
+    assert not runtime.RUNNER.worker_alive
+
+    settings.prompt = "after the crash"
+    settings.steps = 2
+    settings.frames = 2
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    outcome = runtime.RUNNER.wait(TIMEOUT)
+    assert outcome is not None and outcome.level == "INFO", outcome
+    assert runtime.RUNNER.client.pid != old_pid
+    assert len(_result_strips(scene)) == 1 and not status.error
