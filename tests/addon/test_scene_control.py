@@ -130,7 +130,7 @@ def _armature(scene, name, bones, location):
 
 
 @pytest.fixture(scope="module")
-def scene():
+def scene3d():
     """The test scene; removed with all its objects when the module is done."""
     before = {c: set(getattr(bpy.data, c)) for c in ("objects", "meshes", "armatures", "cameras")}
     scn = bpy.data.scenes.new("t2vz_scene_control_test")
@@ -271,18 +271,18 @@ def test_overrides_map_any_rig():
         sc.resolve_bone_map(bones, "maya")
 
 
-def test_keypoints_land_where_the_bones_are(scene):
+def test_keypoints_land_where_the_bones_are(scene3d):
     order = ("rigify", "mixamo", "metarig")
     characters = [sc.Character(f"Rig {preset}") for preset in order]
-    frames = sc.keypoint_frames(scene, FRAMES, W, H, characters)
+    frames = sc.keypoint_frames(scene3d, FRAMES, W, H, characters)
     assert len(frames) == 3 and all(len(people) == 3 for people in frames)
     for frame_index, frame in enumerate(FRAMES):
         for person, preset in zip(frames[frame_index], order, strict=True):
             names = RIG_NAMES[preset]
             for joint in ("neck", "r_shoulder", "l_wrist", "r_knee", "l_ankle"):
                 key = sc.KEYPOINT_NAMES.index(joint)
-                world = _world_point(scene, frame, f"Rig {preset}", names[joint])
-                expected = _by_hand(scene, frame, world)
+                world = _world_point(scene3d, frame, f"Rig {preset}", names[joint])
+                expected = _by_hand(scene3d, frame, world)
                 assert person[key] == pytest.approx(expected, abs=1e-4), (preset, frame, joint)
             # Nose from the head bone (meta-rig and Rigify fallback, Mixamo at 0.4).
             assert person[0] is not None
@@ -293,47 +293,47 @@ def test_keypoints_land_where_the_bones_are(scene):
     assert r_sho[0] < l_sho[0]
     # y runs down: the neck is above the knees.
     assert frames[0][1][1][1] < frames[0][1][9][1]
-    scene.frame_set(1)
+    scene3d.frame_set(1)
 
 
-def test_a_bone_moving_right_moves_its_keypoint_right(scene):
-    frames = sc.keypoint_frames(scene, FRAMES, W, H, [sc.Character("Rig metarig")])
+def test_a_bone_moving_right_moves_its_keypoint_right(scene3d):
+    frames = sc.keypoint_frames(scene3d, FRAMES, W, H, [sc.Character("Rig metarig")])
     wrist = [f[0][sc.KEYPOINT_NAMES.index("l_wrist")] for f in frames]
     elbow = [f[0][sc.KEYPOINT_NAMES.index("l_elbow")] for f in frames]
     assert wrist[0][0] < wrist[1][0] < wrist[2][0]
     assert wrist[2][1] == pytest.approx(wrist[0][1], abs=1e-3)
     assert elbow[0] == elbow[2]  # only the hand moves
-    walker = sc.keypoint_frames(scene, [1, 3], W, H, [sc.Character("Rig rigify", "rigify")])
+    walker = sc.keypoint_frames(scene3d, [1, 3], W, H, [sc.Character("Rig rigify", "rigify")])
     assert walker[1][0][1][0] > walker[0][0][1][0]
-    assert scene.frame_current == 1
-    assert scene.objects["Rig rigify"].location.x == pytest.approx(-1.2)
+    assert scene3d.frame_current == 1
+    assert scene3d.objects["Rig rigify"].location.x == pytest.approx(-1.2)
 
 
-def test_keypoints_off_screen_or_behind_the_camera_are_left_out(scene):
-    rig = scene.objects["Rig mixamo"]
+def test_keypoints_off_screen_or_behind_the_camera_are_left_out(scene3d):
+    rig = scene3d.objects["Rig mixamo"]
     saved = rig.location.copy()
     try:
         # Half out of the frame on the right: the right-hand side keypoints (the character's
         # left) fall outside, the others stay.
         rig.location = (3.0, 0.0, 0.0)
-        person = sc.keypoint_frames(scene, [1], W, H, [sc.Character(rig.name)])[0][0]
+        person = sc.keypoint_frames(scene3d, [1], W, H, [sc.Character(rig.name)])[0][0]
         assert person[sc.KEYPOINT_NAMES.index("l_shoulder")] is None
         assert person[sc.KEYPOINT_NAMES.index("r_shoulder")] is not None
         # Behind the camera, right on its axis (a naive projection would mirror it in frame).
         rig.location = (0.0, -12.0, 0.0)
-        assert sc.keypoint_frames(scene, [1], W, H, [sc.Character(rig.name)]) == [[]]
+        assert sc.keypoint_frames(scene3d, [1], W, H, [sc.Character(rig.name)]) == [[]]
         # Far off to the side: the person is dropped entirely.
         rig.location = (40.0, 0.0, 0.0)
-        assert sc.keypoint_frames(scene, [1], W, H, [sc.Character(rig.name)]) == [[]]
+        assert sc.keypoint_frames(scene3d, [1], W, H, [sc.Character(rig.name)]) == [[]]
     finally:
         rig.location = saved
 
 
-def test_openpose_json_draws_the_expected_limb_colours(scene, tmp_path):
+def test_openpose_json_draws_the_expected_limb_colours(scene3d, tmp_path):
     from backend.pose import COLORS, LIMB_ALPHA, LIMBS, load_pose_file, render_pose_frames
 
     width, height = 256, 192
-    frames = sc.keypoint_frames(scene, [1], width, height, [sc.Character("Rig metarig")])
+    frames = sc.keypoint_frames(scene3d, [1], width, height, [sc.Character("Rig metarig")])
     path = sc.write_pose_json(tmp_path / "pose.json", frames)
     assert json.loads(path.read_text())["format"] == "openpose18"
     assert len(load_pose_file(path)) == 1
@@ -348,20 +348,20 @@ def test_openpose_json_draws_the_expected_limb_colours(scene, tmp_path):
     assert not image[5, 5].any()
 
 
-def test_errors_name_the_bad_value(scene):
+def test_errors_name_the_bad_value(scene3d):
     with pytest.raises(sc.SceneControlError, match="'Nobody'"):
-        sc.keypoint_frames(scene, [1], W, H, [sc.Character("Nobody")])
+        sc.keypoint_frames(scene3d, [1], W, H, [sc.Character("Nobody")])
     with pytest.raises(sc.SceneControlError, match="'Near' is a MESH"):
-        sc.keypoint_frames(scene, [1], W, H, [sc.Character("Near")])
+        sc.keypoint_frames(scene3d, [1], W, H, [sc.Character("Near")])
     with pytest.raises(sc.SceneControlError, match="frame range is empty"):
-        sc.render_depth_frames(scene, "/nonexistent", [], W, H)
+        sc.render_depth_frames(scene3d, "/nonexistent", [], W, H)
     with pytest.raises(sc.SceneControlError, match="width"):
-        sc.render_depth_frames(scene, "/nonexistent", [1], 0, H)
+        sc.render_depth_frames(scene3d, "/nonexistent", [1], 0, H)
     with pytest.raises(sc.SceneControlError, match="'Near' is a MESH, not a CAMERA"):
-        sc.render_depth_frames(scene, "/nonexistent", [1], W, H, camera="Near")
+        sc.render_depth_frames(scene3d, "/nonexistent", [1], W, H, camera="Near")
     with pytest.raises(sc.SceneControlError, match="unknown scene pass 'normals'"):
         sc.build_scene_controls(
-            scene, tempfile.mkdtemp(), [sc.SceneControl("normals", "m")], [1], W, H
+            scene3d, tempfile.mkdtemp(), [sc.SceneControl("normals", "m")], [1], W, H
         )
     empty = bpy.data.scenes.new("t2vz_no_camera")
     try:
@@ -374,15 +374,15 @@ def test_errors_name_the_bad_value(scene):
 # --------------------------------------------------------------------------- renders
 
 
-def test_depth_orders_with_distance_and_leaves_the_scene_untouched(scene, tmp_path):
-    before = _settings_snapshot(scene)
-    paths = sc.render_depth_frames(scene, tmp_path, FRAMES, W, H)
-    assert _settings_snapshot(scene) == before
+def test_depth_orders_with_distance_and_leaves_the_scene_untouched(scene3d, tmp_path):
+    before = _settings_snapshot(scene3d)
+    paths = sc.render_depth_frames(scene3d, tmp_path, FRAMES, W, H)
+    assert _settings_snapshot(scene3d) == before
     assert [p.name for p in paths] == ["frame_00001.png", "frame_00002.png", "frame_00003.png"]
     image = _read(paths[0])
     assert image.dtype == np.uint16 and image.shape == (H, W, 3)
     depth = image[:, :, 0].astype(float) / 65535
-    near, far = depth[_project_cube(scene, "Near")], depth[_project_cube(scene, "Far")]
+    near, far = depth[_project_cube(scene3d, "Near")], depth[_project_cube(scene3d, "Far")]
     assert near > far > 0.0
     assert near == pytest.approx(1.0, abs=0.02)  # the nearest surface of the shot
     assert depth[2, W // 2] == 0.0  # sky: nothing hit
@@ -392,7 +392,7 @@ def test_depth_orders_with_distance_and_leaves_the_scene_untouched(scene, tmp_pa
     # Per-shot normalisation: the still cubes keep their values in every frame.
     for path in paths[1:]:
         other = _read(path)[:, :, 0].astype(float) / 65535
-        assert other[_project_cube(scene, "Near")] == pytest.approx(near, abs=1e-3)
+        assert other[_project_cube(scene3d, "Near")] == pytest.approx(near, abs=1e-3)
 
 
 def test_normalize_depth_is_per_shot():
@@ -407,18 +407,18 @@ def test_normalize_depth_is_per_shot():
     assert sc.normalize_depth([np.full((1, 1), 1e10)])[0].max() == 0.0
 
 
-def test_cache_reuses_unchanged_frames(scene, tmp_path, monkeypatch):
+def test_cache_reuses_unchanged_frames(scene3d, tmp_path, monkeypatch):
     renders = []
     real = sc._render_still
     monkeypatch.setattr(sc, "_render_still", lambda tmp, path: renders.append(1) or real(tmp, path))
-    sc.render_depth_frames(scene, tmp_path, FRAMES, W, H)
+    sc.render_depth_frames(scene3d, tmp_path, FRAMES, W, H)
     assert len(renders) == 3
-    sc.render_depth_frames(scene, tmp_path, FRAMES, W, H)
+    sc.render_depth_frames(scene3d, tmp_path, FRAMES, W, H)
     assert len(renders) == 3  # nothing changed: all reused
-    far = scene.objects["Far"]
+    far = scene3d.objects["Far"]
     far.location.z += 0.5
     try:
-        sc.render_depth_frames(scene, tmp_path, [1, 2], W, H)
+        sc.render_depth_frames(scene3d, tmp_path, [1, 2], W, H)
         assert len(renders) == 5  # the scene changed: re-rendered
         assert sorted(p.name for p in (tmp_path / "depth").iterdir()) == [
             "frame_00001.png",
@@ -426,52 +426,52 @@ def test_cache_reuses_unchanged_frames(scene, tmp_path, monkeypatch):
         ]
     finally:
         far.location.z -= 0.5
-    sc.render_depth_frames(scene, tmp_path, [3], W, H)
+    sc.render_depth_frames(scene3d, tmp_path, [3], W, H)
     assert len(renders) == 5  # back as it was: frame 3 still cached
     # The same Z pass serves the masks.
-    sc.render_mask_frames(scene, tmp_path, [3], W, H)
+    sc.render_mask_frames(scene3d, tmp_path, [3], W, H)
     assert len(renders) == 5
 
 
-def test_masks_white_on_the_foreground(scene, tmp_path):
-    everything = _read(sc.render_mask_frames(scene, tmp_path / "a", [1], W, H)[0])
-    assert everything[_project_cube(scene, "Near")].tolist() == [255, 255, 255]
-    assert everything[_project_cube(scene, "Far")].tolist() == [255, 255, 255]
+def test_masks_white_on_the_foreground(scene3d, tmp_path):
+    everything = _read(sc.render_mask_frames(scene3d, tmp_path / "a", [1], W, H)[0])
+    assert everything[_project_cube(scene3d, "Near")].tolist() == [255, 255, 255]
+    assert everything[_project_cube(scene3d, "Far")].tolist() == [255, 255, 255]
     assert not everything[2, W // 2].any()
-    chosen = _read(sc.render_mask_frames(scene, tmp_path / "b", [1], W, H, ["Near"])[0])
-    assert chosen[_project_cube(scene, "Near")].tolist() == [255, 255, 255]
-    assert not chosen[_project_cube(scene, "Far")].any()
+    chosen = _read(sc.render_mask_frames(scene3d, tmp_path / "b", [1], W, H, ["Near"])[0])
+    assert chosen[_project_cube(scene3d, "Near")].tolist() == [255, 255, 255]
+    assert not chosen[_project_cube(scene3d, "Far")].any()
     with pytest.raises(sc.SceneControlError, match="'Ghost'"):
-        sc.render_mask_frames(scene, tmp_path / "c", [1], W, H, ["Ghost"])
+        sc.render_mask_frames(scene3d, tmp_path / "c", [1], W, H, ["Ghost"])
 
 
-def test_edge_passes(scene, tmp_path):
-    before = _settings_snapshot(scene)
-    paths, detector = sc.render_edge_frames(scene, tmp_path, [1, 2], W, H, "canny")
+def test_edge_passes(scene3d, tmp_path):
+    before = _settings_snapshot(scene3d)
+    paths, detector = sc.render_edge_frames(scene3d, tmp_path, [1, 2], W, H, "canny")
     assert detector == "canny" and paths[0].parent.name == "canny"
     flat = _read(paths[0])
-    near, sky = flat[_project_cube(scene, "Near")], flat[2, W // 2]
+    near, sky = flat[_project_cube(scene3d, "Near")], flat[2, W // 2]
     assert flat.shape == (H, W, 3) and near.tolist() != sky.tolist()
     edges = cv2.Canny(cv2.cvtColor(flat, cv2.COLOR_BGR2GRAY), 100, 200)
     assert edges.any()  # flat shading gives canny clean object outlines
-    paths, detector = sc.render_edge_frames(scene, tmp_path, [1], W, H, "lines")
+    paths, detector = sc.render_edge_frames(scene3d, tmp_path, [1], W, H, "lines")
     lines = _read(paths[0])
     assert detector == "none" and paths[0].parent.name == "lines"
     assert lines.max() == 255 and (lines[:, :, 0] > 0).mean() < 0.3  # thin white lines
-    assert not lines[_project_cube(scene, "Near")].any()  # inside the cube: no line
-    assert sc.edge_method(scene, "edges") == "canny"
-    assert _settings_snapshot(scene) == before
+    assert not lines[_project_cube(scene3d, "Near")].any()  # inside the cube: no line
+    assert sc.edge_method(scene3d, "edges") == "canny"
+    assert _settings_snapshot(scene3d) == before
 
 
-def test_scene_controlnet_job_runs_through_the_backend(scene, tmp_path):
-    """Depth + OpenPose from the scene, masks for smoothing, on the tiny local models."""
+def test_scene_controlnet_job_runs_through_the_backend(scene3d, tmp_path):
+    """Depth + OpenPose from the scene3d, masks for smoothing, on the tiny local models."""
     folder = tmp_path / "scene"
     controls = [
         sc.SceneControl("depth", "builtin:tiny-controlnet", 1.0),
         sc.SceneControl("openpose", "builtin:tiny-controlnet", 0.5),
     ]
     controlnets, masks = sc.build_scene_controls(
-        scene, folder, controls, [1, 3], 64, 64, masks=True, foreground=["Near"]
+        scene3d, folder, controls, [1, 3], 64, 64, masks=True, foreground=["Near"]
     )
     assert [c["detector"] for c in controlnets] == ["none", "none"]
     assert controlnets[1]["control"]["path"].endswith("pose.json")
@@ -509,3 +509,68 @@ def test_scene_controlnet_job_runs_through_the_backend(scene, tmp_path):
     frames = sorted((tmp_path / "out").glob("frame_*.png"))
     assert [f.name for f in frames] == ["frame_00001.png", "frame_00002.png"]
     assert _read(frames[0]).shape[:2] == (64, 64)
+
+
+# --------------------------------------------------------------------------- add-on
+
+
+class _Layout:
+    """Records what a draw hook puts in a panel."""
+
+    def __init__(self):
+        self.props = []
+
+    def prop(self, data, name, **_kwargs):
+        assert hasattr(data, name), name
+        self.props.append(name)
+
+
+def test_addon_entries_render_scene_passes(addon, scene, scene3d, tmp_path):
+    """The panel's "3D Scene" ControlNets become rendered controls in a valid job."""
+    from blender_t2vz import operators
+
+    foreground = bpy.data.collections.new("t2vz fg")
+    foreground.objects.link(scene3d.objects["Near"])
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    settings.prompt = "a dancer"
+    settings.frames = 2
+    settings.smooth_bg = True
+    items = []
+    for scene_pass in ("DEPTH", "OPENPOSE", "CANNY"):
+        item = settings.controlnets.add()
+        item.source = "SCENE"
+        item.scene_pass = scene_pass
+        item.scene_control.scene = scene3d
+        item.scene_control.foreground = foreground
+        items.append(item)
+    items[2].scene_control.edges = "FREESTYLE"
+    try:
+        plan = operators.plan_from_panel(bpy.context)
+        controlnets = plan.job["controlnets"]
+        assert [c["detector"] for c in controlnets] == ["none", "none", "none"]
+        assert {c["model"] for c in controlnets} == {"builtin:tiny-controlnet"}
+        depth, pose, lines = (Path(c["control"]["path"]) for c in controlnets)
+        assert (depth.name, pose.name, lines.name) == ("depth", "pose.json", "lines")
+        assert len(list(depth.glob("frame_*.png"))) == 2
+        assert len(json.loads(pose.read_text())["frames"]) == 2
+        masks = Path(plan.job["masks"]["path"])
+        mask = _read(masks / "frame_00001.png")
+        assert mask[_project_cube(scene3d, "Near")].all()
+        assert not mask[_project_cube(scene3d, "Far")].any()
+        assert (plan.staging.parent / "scene_cache").is_dir()  # shared between jobs
+
+        items[2].scene_control.edges = "CANNY"
+        assert items[2].to_values()["detector"] == "canny"
+        layout = _Layout()
+        sc.draw_control_settings(layout, bpy.context, items[1])
+        assert {"scene", "camera", "characters", "preset", "overrides"} <= set(layout.props)
+
+        items[1].scene_control.overrides = "chin=Head"
+        with pytest.raises(sc.SceneControlError, match="unknown keypoint 'chin'"):
+            operators.plan_from_panel(bpy.context)
+        with pytest.raises(RuntimeError, match="unknown keypoint 'chin'"):  # self.report
+            bpy.ops.t2vz.generate()
+    finally:
+        settings.controlnets.clear()
+        bpy.data.collections.remove(foreground)
