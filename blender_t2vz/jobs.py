@@ -109,7 +109,8 @@ def _controlnet_model(entry: Mapping[str, Any], defaults: Mapping[str, Any], ind
     if model:
         return model
     by_detector = defaults.get("controlnet_models") or {}
-    detector = entry.get("detector", "none")
+    # Scene passes name their kind (depth, openpose, canny) apart from the backend detector.
+    detector = entry.get("model_kind") or entry.get("detector", "none")
     model = str(by_detector.get(detector) or by_detector.get("canny") or "").strip()
     if not model:
         raise JobBuildError(

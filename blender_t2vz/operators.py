@@ -85,6 +85,7 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
     video = None
     source_frames = None
     controls: list[dict | None] = []
+    masks = None  # foreground masks rendered from the scene, for background smoothing
 
     if settings.mode == "pix2pix":
         video, source_frames = strips.video_input(active, staging / "video")
@@ -126,6 +127,11 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
                 controls[i] = module.render_control(
                     context, item, start, frames, width, height, folder
                 )
+            first_scene_item = next(item for item in entries if item.source == "SCENE")
+            if values.get("smooth_bg") and hasattr(module, "render_masks"):
+                masks = module.render_masks(
+                    context, first_scene_item, start, frames, width, height, staging / "masks"
+                )
 
     job = jobs.build_job(
         values,
@@ -136,6 +142,8 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
         video=video,
         controls=[c for c in controls if c is not None],
     )
+    if masks is not None:
+        job = jobs.validate({**job, "masks": masks})
     if source is not None:
         above, start = source.channel, source.frame_final_start
     else:

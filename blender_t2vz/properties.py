@@ -75,9 +75,15 @@ class T2VZ_ControlNetItem(bpy.types.PropertyGroup):
     def to_values(self) -> dict[str, Any]:
         """The entry as plain values for jobs.build_job."""
         detector = self.detector
+        values = {"model": self.model.strip(), "weight": self.weight, "detector": detector}
         if self.source == "SCENE":
-            detector = {"DEPTH": "depth", "OPENPOSE": "openpose", "CANNY": "canny"}[self.scene_pass]
-        return {"model": self.model.strip(), "weight": self.weight, "detector": detector}
+            # Scene passes are ready control images: no backend detector, except canny on
+            # the flat-shaded pass. ``model_kind`` picks the preferences' default model.
+            kind = {"DEPTH": "depth", "OPENPOSE": "openpose", "CANNY": "canny"}[self.scene_pass]
+            edges = getattr(getattr(self, "scene_control", None), "edges", "CANNY")
+            values["detector"] = "canny" if kind == "canny" and edges == "CANNY" else "none"
+            values["model_kind"] = kind
+        return values
 
 
 def _size_update(self: "T2VZ_SceneSettings", context: Any) -> None:
