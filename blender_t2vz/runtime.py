@@ -27,6 +27,7 @@ INTERVAL_BUSY = 0.1
 INTERVAL_IDLE = 1.0
 CANCEL_TIMEOUT = 30.0
 DEAD_GRACE = 2.0
+INSTALL_PREFIX = "[t2vz]"
 
 
 class RunnerBusyError(RuntimeError):
@@ -453,12 +454,17 @@ class Installer:
                 if code == 0:
                     status.install_message = "Backend installed"
                 else:
-                    tail = proc.stderr_tail(3).strip().splitlines() or [self.last_line]
+                    tail = [self.last_line] if self.last_line else []
+                    tail = proc.stderr_tail(3).strip().splitlines() or tail or ["no output"]
                     status.install_error = f"Install failed (exit code {code}): {tail[-1]}"
                     status.install_message = ""
                 break
-            self.last_line = str(message.get("text", ""))
-            status.install_message = self.last_line[:200]
+            line = str(message.get("text", ""))
+            self.last_line = line
+            # install_deps.py marks its progress lines; pip's own output is only kept
+            # for the error message.
+            if line.startswith(INSTALL_PREFIX):
+                status.install_message = line[len(INSTALL_PREFIX) :].strip()[:200]
         _redraw()
         return self.proc is not None
 

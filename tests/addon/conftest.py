@@ -110,6 +110,18 @@ def scene(addon: object, tmp_path: Path) -> bpy.types.Scene:
     return scene
 
 
+def color_strip(editor: object, name: str, channel: int, start: int, length: int) -> object:
+    """A user's colour strip: ``length`` in 4.5+/5.0, ``frame_end`` in 4.2."""
+    from blender_t2vz import strips
+
+    collection = strips.top_strips(editor)
+    params = collection.bl_rna.functions["new_effect"].parameters.keys()
+    kwargs = {"length": length} if "length" in params else {"frame_end": start + length}
+    return collection.new_effect(
+        name=name, type="COLOR", channel=channel, frame_start=start, **kwargs
+    )
+
+
 def write_png(path: Path, width: int, height: int, rgb: tuple[int, int, int]) -> Path:
     """A flat-colour RGB PNG written with the standard library only."""
 

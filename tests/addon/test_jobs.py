@@ -225,18 +225,36 @@ def test_install_button_runs_the_installer_in_the_background(
         "import sys, time\n"
         "open(sys.argv[0] + '.args', 'w').write(' '.join(sys.argv[1:]))\n"
         "for i in range(3):\n"
-        "    print(f'step {i + 1}/3', flush=True)\n"
-        "    time.sleep(0.05)\n"
+        "    print(f'[t2vz] step {i + 1}/3', flush=True)\n"
+        "    print('pip noise', flush=True)\n"
+        "    time.sleep(0.3)\n"
+        "sys.exit(int(sys.argv[-1] == 'cpu'))\n"
     )
     monkeypatch.setattr(backend_paths, "install_script", lambda: script)
     status = bpy.context.window_manager.t2vz_status
     bpy.ops.t2vz.install_backend()
     assert runtime.INSTALLER.running and status.install_running
+    messages = set()
     deadline = time.monotonic() + 20
     while runtime.INSTALLER.running and time.monotonic() < deadline:
         runtime.step()
+        messages.add(status.install_message)
         time.sleep(0.05)
     assert not status.install_running
+    assert "step 2/3" in messages and not any("pip" in m for m in messages)
     assert status.install_message == "Backend installed" and not status.install_error
     args = (tmp_path / "install_deps.py.args").read_text().split()
     assert args[0] == "--venv" and Path(args[1]).name == ".venv" and args[2:] == ["--torch", "auto"]
+
+    # A failing installer is reported, not raised.
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
+    prefs.torch_variant = "cpu"
+    try:
+        bpy.ops.t2vz.install_backend()
+        deadline = time.monotonic() + 20
+        while runtime.INSTALLER.running and time.monotonic() < deadline:
+            runtime.step()
+            time.sleep(0.05)
+    finally:
+        prefs.torch_variant = "auto"
+    assert status.install_error.startswith("Install failed (exit code 1)")

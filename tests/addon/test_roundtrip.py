@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import bpy
 import pytest
+from conftest import color_strip
 
 from blender_t2vz import operators, runtime, strips
 
@@ -42,9 +43,7 @@ def _wait_for(kind: str, timeout: float = TIMEOUT) -> None:
 
 def test_text2video_round_trip_places_strip_at_current_frame(scene) -> None:
     editor = scene.sequence_editor
-    blocker = strips.top_strips(editor).new_effect(
-        name="user color", type="COLOR", channel=1, frame_start=1, length=30
-    )
+    blocker = color_strip(editor, "user color", channel=1, start=1, length=30)
     before = _snapshot(blocker)
     scene.frame_current = 5
     bpy.ops.ed.undo_push(message="test: before generate")
@@ -91,9 +90,7 @@ def test_controlnet_round_trip_and_regenerate(scene, image_folder: Path) -> None
         source.elements.append(f"img_{i}.png")
     source.frame_offset_start = 1
     source.frame_offset_end = 2
-    above = strips.top_strips(editor).new_effect(
-        name="user title", type="COLOR", channel=4, frame_start=12, length=2
-    )
+    above = color_strip(editor, "user title", channel=4, start=12, length=2)
     editor.active_strip = source
     snapshots = [_snapshot(source), _snapshot(above)]
     files_before = sorted(p.name for p in image_folder.iterdir())
