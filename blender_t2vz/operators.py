@@ -181,9 +181,11 @@ def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
             staging=plan.staging,
         )
     except preferences.EnvironmentMissingError as exc:
+        runtime.remove_tree(plan.staging)
         operator.report({"ERROR"}, str(exc))
         return {"CANCELLED"}
     except (WorkerError, runtime.RunnerBusyError, backend_paths.BackendNotFoundError) as exc:
+        runtime.remove_tree(plan.staging)
         operator.report({"ERROR"}, f"Could not start the job: {exc}")
         return {"CANCELLED"}
     operator.report({"INFO"}, f"Generating {plan.job['frames']} frames into {plan.job['out']}")

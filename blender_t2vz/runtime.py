@@ -164,7 +164,13 @@ class Runner:
             # It died since the last job: start a fresh one and try once more.
             self.stop_worker(timeout=1.0)
             client = self.ensure_worker(python, env)
-            client.generate(job_id, job)
+            try:
+                client.generate(job_id, job)
+            except WorkerError as exc:
+                self.client, self.client_key = None, None
+                client.close(timeout=2.0)
+                time.sleep(0.1)  # let the stderr reader collect the last words
+                raise WorkerError(self._exit_text(client, client.returncode)) from exc
         self.job = ActiveJob(job_id, job, scene, above, start, name, staging)
         self.outcome = None
         status = _status()
@@ -306,15 +312,11 @@ class Runner:
     def _worker_exited(self, client: WorkerClient, returncode: Any) -> None:
         if self.client is not client:
             return
+        text = self._exit_text(client, returncode)
         tail = client.stderr_tail(8).strip().splitlines()
-        last = f": {tail[-1]}" if tail else ""
         self.client, self.client_key, self.ready = None, None, False
         status = _status()
         status.worker_pid = 0
-        text = (
-            f"The backend worker stopped (exit code {returncode}){last}. "
-            "A new one starts with the next job"
-        )
         print(f"T2VZ: {text}\n" + "\n".join(tail), file=sys.stderr)
         if self.job is not None:
             cancelled = self.job.cancel_at is not None
@@ -323,6 +325,20 @@ class Runner:
         else:
             status.message = text
         _redraw()
+
+    def _exit_text(self, client: WorkerClient, returncode: Any) -> str:
+        """What to tell the user when the worker ended: crashed, or never started."""
+        tail = client.stderr_tail(8).strip().splitlines()
+        last = f": {tail[-1]}" if tail else ""
+        if self.ready and self.client is client:
+            return (
+                f"The backend worker stopped (exit code {returncode}){last}. "
+                "A new one starts with the next job"
+            )
+        return (
+            f"The backend failed to start (exit code {returncode}){last}. Check "
+            "'Backend Python' in the add-on's preferences, or click 'Install Backend'"
+        )
 
     def _add_result(self, job: ActiveJob, frames: list[str]) -> None:
         scene = bpy.data.scenes.get(job.scene)

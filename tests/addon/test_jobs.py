@@ -258,3 +258,32 @@ def test_install_button_runs_the_installer_in_the_background(
     finally:
         prefs.torch_variant = "auto"
     assert status.install_error.startswith("Install failed (exit code 1)")
+
+
+def test_broken_environment_is_reported_not_raised(scene, tmp_path: Path) -> None:
+    fake_python = tmp_path / "python"
+    fake_python.write_text(
+        "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n"
+    )
+    fake_python.chmod(0o755)
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
+    old = prefs.python_path
+    prefs.python_path = str(fake_python)
+    scene.t2vz.prompt = "a cat"
+    try:
+        # The worker may die before or after the job is written to it: the operator or
+        # the runner reports it, with the worker's last words and what to do.
+        try:
+            assert bpy.ops.t2vz.generate() == {"FINISHED"}
+            outcome = runtime.RUNNER.wait(30)
+            assert outcome is not None and outcome.level == "ERROR"
+            message = outcome.message
+            assert bpy.context.window_manager.t2vz_status.error == message
+        except RuntimeError as exc:
+            message = str(exc)
+    finally:
+        prefs.python_path = old
+    assert "backend failed to start (exit code 1): ModuleNotFoundError" in message
+    assert "Install Backend" in message
+    assert not runtime.RUNNER.worker_alive and not runtime.RUNNER.busy
+    assert not Path(scene.t2vz.output_dir).exists()
