@@ -377,6 +377,7 @@ class TextToVideoZero:
                     report(i + 1)
                 state.clear()
                 if recorder is not None and i + 1 == record_until:
+                    recorder.active = False  # the processors keep it: stop recording for good
                     fg_masks = _attention_masks(recorder.maps)
                     recorder = None
                 if smooth_bg and fg_masks is not None and i + 1 < num_inference_steps:
