@@ -29,6 +29,9 @@ import addon_utils  # noqa: E402
 # isort: on
 
 ADDON = "blender_t2vz"
+# The backend's python: this one (it has torch), or, when these tests run under another
+# Blender version's bpy environment, one given by T2VZ_TEST_BACKEND_PYTHON.
+BACKEND_PYTHON = os.environ.get("T2VZ_TEST_BACKEND_PYTHON") or sys.executable
 _exit_status: dict[str, int] = {}
 
 
@@ -71,7 +74,7 @@ def addon() -> object:
 def configure_prefs() -> None:
     """Point the preferences at this venv's python and the tiny built-in models."""
     prefs = bpy.context.preferences.addons[ADDON].preferences
-    prefs.python_path = sys.executable
+    prefs.python_path = BACKEND_PYTHON
     prefs.model = "builtin:tiny"
     prefs.pix2pix_model = "builtin:tiny-pix2pix"
     for name in ("controlnet_canny", "controlnet_openpose", "controlnet_depth"):

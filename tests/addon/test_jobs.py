@@ -2,13 +2,13 @@
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import bpy
 import pytest
+from conftest import BACKEND_PYTHON
 
 from blender_t2vz import backend_paths, jobs, operators, runtime, strips
 
@@ -34,7 +34,7 @@ def movie(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "[w.write(np.full((64, 64, 3), 20 * i, np.uint8)) for i in range(12)]\n"
         "w.release()\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    subprocess.run([BACKEND_PYTHON, "-c", code, str(path)], check=True)
     return path
 
 
