@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
@@ -181,6 +182,26 @@ def _is_self_attention(name: str) -> bool:
     return name.endswith("attn1.processor")
 
 
+# Attention layers per model, found once: walking a UNet's modules on every run costs
+# milliseconds, a visible share of a short job on a small model.
+_ATTENTION_LAYERS: WeakKeyDictionary[torch.nn.Module, list[tuple[str, torch.nn.Module]]] = (
+    WeakKeyDictionary()
+)
+
+
+def attention_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(processor name as in ``model.attn_processors``, attention module) for every layer."""
+    layers = _ATTENTION_LAYERS.get(model)
+    if layers is None:
+        layers = [
+            (f"{name}.processor", module)
+            for name, module in model.named_modules()
+            if name and hasattr(module, "set_processor") and hasattr(module, "get_processor")
+        ]
+        _ATTENTION_LAYERS[model] = layers
+    return layers
+
+
 @contextmanager
 def installed_processors(
     models: Sequence[tuple[str, torch.nn.Module]],
@@ -189,22 +210,18 @@ def installed_processors(
     latent_tokens: int = 0,
 ) -> Iterator[None]:
     """Install cross-frame attention in ``models`` for the block; restore the originals after."""
-    saved = []
+    saved: list[tuple[torch.nn.Module, object]] = []
     try:
         for tag, model in models:
-            original = dict(model.attn_processors)
-            saved.append((model, original))
-            replacement = {}
-            for name, processor in original.items():
+            for name, layer in attention_layers(model):
+                original = layer.get_processor()
+                saved.append((layer, original))
                 if _is_self_attention(name):
-                    replacement[name] = CrossFrameAttnProcessor(state, f"{tag}/{name}")
+                    layer.set_processor(CrossFrameAttnProcessor(state, f"{tag}/{name}"))
                 elif recorder is not None and tag == "unet":
-                    replacement[name] = RecordingCrossAttnProcessor(recorder, state, latent_tokens)
-                else:
-                    replacement[name] = processor
-            model.set_attn_processor(replacement)
+                    layer.set_processor(RecordingCrossAttnProcessor(recorder, state, latent_tokens))
         yield
     finally:
-        for model, original in reversed(saved):
-            model.set_attn_processor(original)
+        for layer, original in reversed(saved):
+            layer.set_processor(original)
         state.clear()
