@@ -19,7 +19,7 @@ import torch
 BUILTIN_PREFIX = "builtin:"
 TINY_KINDS = ("tiny", "tiny-controlnet", "tiny-pix2pix")
 # Bump when the tiny architecture changes so stale caches are rebuilt.
-TINY_REVISION = 1
+TINY_REVISION = 2
 TINY_SEED = 1234
 CROSS_DIM = 32
 
@@ -84,11 +84,21 @@ def _tiny_unet_config(in_channels: int) -> dict:
 
 
 def _randomize_zero_convs(controlnet: torch.nn.Module) -> None:
-    """Give a fresh ControlNet's zero convolutions random weights so control has an effect."""
+    """Give a fresh ControlNet's zero convolutions random weights so control has an effect.
+
+    The conditioning embedding's other convolutions get He-normal weights and zero biases:
+    with PyTorch's default init its eight layers shrink the control image's signal about a
+    thousandfold, and the embedding is then nearly the same for any control image.
+    """
     gen = torch.Generator().manual_seed(TINY_SEED + 7)
-    modules = [controlnet.controlnet_cond_embedding.conv_out, controlnet.controlnet_mid_block]
+    embedding = controlnet.controlnet_cond_embedding
+    modules = [embedding.conv_out, controlnet.controlnet_mid_block]
     modules += list(controlnet.controlnet_down_blocks)
     with torch.no_grad():
+        for conv in [embedding.conv_in, *embedding.blocks]:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
+            conv.bias.zero_()
         for module in modules:
             module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * 0.3)
             module.bias.copy_(torch.randn(module.bias.shape, generator=gen) * 0.3)

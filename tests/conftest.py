@@ -59,16 +59,26 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("t2vz-cache")
 
 
+@pytest.fixture(scope="session")
+def _single_threaded_torch() -> None:
+    """One intra-op thread: the tiny models gain nothing from more, and on a busy 2-core
+    machine OpenMP threads that wait for each other make every model call ~10x slower."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
-def _backend_cache_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+def _backend_test_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Backend tests never touch the user's model cache; add-on tests manage their own."""
     if ADDON_TESTS in Path(request.node.path).resolve().parents:
         return
     monkeypatch.setenv("T2VZ_CACHE_DIR", str(request.getfixturevalue("session_cache")))
+    request.getfixturevalue("_single_threaded_torch")
 
 
 @pytest.fixture(scope="session")
-def tiny_models(session_cache: Path) -> dict[str, Path]:
+def tiny_models(session_cache: Path, _single_threaded_torch: None) -> dict[str, Path]:
     """Folders of the three tiny models, built once, where ``builtin:<kind>`` resolves."""
     from backend.tiny import TINY_KINDS, TINY_REVISION, build_tiny
 
@@ -115,6 +125,7 @@ def backend_env(session_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
     env["T2VZ_CACHE_DIR"] = str(session_cache)
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO)])
     env["PYTHONUNBUFFERED"] = "1"
+    env["OMP_NUM_THREADS"] = "1"  # see _single_threaded_torch
     return env
 
 

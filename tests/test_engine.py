@@ -1,0 +1,413 @@
+"""backend/engine.py: the Text2Video-Zero loop on the tiny models (latents, not pixels)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import backend.engine as engine_module
+from backend.engine import (
+    Callbacks,
+    Cancelled,
+    ControlInput,
+    TextToVideoZero,
+    plan_generation,
+)
+from backend.motion import frame_noise, translate_latents
+from backend.protocol import resolve_t0_t1
+
+FRAMES, SIZE, STEPS = 4, 64, 4
+LATENT = SIZE // 8
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to float reordering (latents here are O(10); batching changes the last bits)."""
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
+def differ(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a - b).abs().max().item() > 1e-2
+
+
+def run(engine: TextToVideoZero, **kwargs: Any) -> torch.Tensor:
+    """A small text2video run with motion dynamics; ``kwargs`` override."""
+    steps = kwargs.setdefault("num_inference_steps", STEPS)
+    if kwargs.get("motion_dynamics", True) and "t0" not in kwargs:
+        kwargs["t0"], kwargs["t1"] = resolve_t0_t1(steps)
+    params = dict(prompt="a cat", num_frames=FRAMES, height=SIZE, width=SIZE, seed=0)
+    params.update(kwargs)
+    return engine(**params)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base: Any) -> TextToVideoZero:
+    return TextToVideoZero(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def cn_engine(tiny_base: Any, tiny_controlnet: Any) -> TextToVideoZero:
+    return TextToVideoZero(tiny_base, [tiny_controlnet])
+
+
+@pytest.fixture(scope="module")
+def reference(engine: TextToVideoZero) -> torch.Tensor:
+    """The full 4-frame run every invariance is compared with."""
+    return run(engine)
+
+
+def control(image: torch.Tensor | list[torch.Tensor], model: Any, frames: int = FRAMES):
+    images = image if isinstance(image, list) else [image] * frames
+    return ControlInput(model, dict(enumerate(images)), weight=1.0)
+
+
+def random_image(seed: int) -> torch.Tensor:
+    return torch.rand(3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- basics
+
+
+def test_latents_shape_and_dtype(engine: TextToVideoZero, reference: torch.Tensor) -> None:
+    assert reference.shape == (FRAMES, 4, LATENT, LATENT)
+    assert reference.dtype == torch.float32
+    assert torch.isfinite(reference).all()
+    wide = run(engine, num_frames=2, width=128, height=64, num_inference_steps=2)
+    assert wide.shape == (2, 4, 8, 16)
+
+
+def test_same_seed_same_latents_other_seed_other_latents(
+    engine: TextToVideoZero, reference: torch.Tensor
+) -> None:
+    assert torch.equal(run(engine), reference)
+    assert differ(run(engine, seed=1), reference)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, FRAMES])
+def test_results_do_not_depend_on_the_chunk_size(
+    engine: TextToVideoZero, reference: torch.Tensor, chunk_size: int
+) -> None:
+    close(run(engine, chunk_size=chunk_size), reference)
+
+
+@pytest.mark.parametrize(("frame_ids", "chunk_size"), [([2, 3], 8), ([3], 8), ([1, 3], 1)])
+def test_a_subset_of_frames_equals_those_frames_of_a_full_run(
+    engine: TextToVideoZero, reference: torch.Tensor, frame_ids: list[int], chunk_size: int
+) -> None:
+    part = run(engine, frame_ids=frame_ids, chunk_size=chunk_size)
+    assert part.shape[0] == len(frame_ids)
+    close(part, reference[frame_ids])
+
+
+def test_text2video_frames_differ_even_without_motion(engine: TextToVideoZero) -> None:
+    """Frames 2..m get their own DDPM noise from t0 to t1 (design: not identical)."""
+    lat = run(engine, motion=(0.0, 0.0))
+    assert differ(lat[1], lat[2]) and differ(lat[2], lat[3])
+
+
+def test_guidance_off_runs_one_branch(engine: TextToVideoZero, reference: torch.Tensor) -> None:
+    no_cfg = run(engine, guidance_scale=1.0)
+    assert no_cfg.shape == reference.shape and differ(no_cfg, reference)
+
+
+def test_prompt_changes_the_result(engine: TextToVideoZero, reference: torch.Tensor) -> None:
+    assert differ(run(engine, prompt="a dog"), reference)
+
+
+def test_prompt_tokens_mask(engine: TextToVideoZero) -> None:
+    embeds, own = engine.encode_prompt("cat")
+    assert embeds.shape == (1, 77, 32)
+    assert own.shape == (77,) and own.sum() == 3  # one token per character in the tiny vocab
+    _, own_empty = engine.encode_prompt("")
+    assert own_empty.sum() == 1  # falls back to the end token
+
+
+# --------------------------------------------------------------------------- motion dynamics
+
+
+def test_motion_phase_warps_frame_k_by_k_times_the_shift(
+    engine: TextToVideoZero, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Width 64 -> latent 8 wide; motion dx=64/512 per frame -> 1 latent pixel per frame."""
+    warps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    jumps: list[tuple[torch.Tensor, float, float, torch.Tensor]] = []
+    real_translate, real_jump = engine_module.translate_latents, engine_module.ddpm_jump
+
+    def spy_translate(latents, shifts):
+        warps.append((latents.clone(), shifts.clone()))
+        return real_translate(latents, shifts)
+
+    def spy_jump(x, a0, a1, noise):
+        jumps.append((x.clone(), a0, a1, noise.clone()))
+        return real_jump(x, a0, a1, noise)
+
+    monkeypatch.setattr(engine_module, "translate_latents", spy_translate)
+    monkeypatch.setattr(engine_module, "ddpm_jump", spy_jump)
+    steps = 10
+    t0, t1 = resolve_t0_t1(steps)
+    run(engine, num_inference_steps=steps, motion=(64.0, 0.0), seed=5)
+
+    assert len(warps) == 1  # one warp of x_t0^1, for frames 2..4
+    source, shifts = warps[0]
+    assert shifts.tolist() == [[1.0, 0.0], [2.0, 0.0], [3.0, 0.0]]
+    x_t0 = source[0]
+    assert all(torch.equal(s, x_t0) for s in source)
+
+    assert len(jumps) == FRAMES - 1
+    scheduler = engine_module._ddim(engine.base.scheduler_config)
+    scheduler.set_timesteps(steps)
+    alphas, timesteps = scheduler.alphas_cumprod, scheduler.timesteps
+    a_t0 = float(alphas[int(timesteps[steps - t0 - 1])])
+    a_t1 = float(alphas[int(timesteps[steps - t1 - 1])])
+    assert a_t1 < a_t0
+    for k, (x, a0, a1, noise) in enumerate(jumps, start=1):
+        # Content moves k latent pixels left: out(x) = in(x + k).
+        assert torch.equal(x[:, :, : LATENT - k], x_t0[:, :, k:])
+        assert (a0, a1) == pytest.approx((a_t0, a_t1))
+        assert torch.equal(noise, frame_noise(5, k, "t0_to_t1", (4, LATENT, LATENT)))
+
+
+@pytest.mark.parametrize("steps", [2, 3, 7])
+def test_motion_dynamics_run_for_small_step_counts(engine: TextToVideoZero, steps: int) -> None:
+    reports: list[tuple[int, int, float]] = []
+    lat = run(
+        engine,
+        num_frames=3,
+        num_inference_steps=steps,
+        callbacks=Callbacks(progress=lambda s, n, f: reports.append((s, n, f))),
+    )
+    assert lat.shape == (3, 4, LATENT, LATENT) and torch.isfinite(lat).all()
+    assert reports[-1] == (steps, steps, 1.0)  # every planned evaluation ran, no more
+    fractions = [f for _, _, f in reports]
+    assert fractions == sorted(fractions)
+
+
+@pytest.mark.parametrize("steps", range(2, 101))
+def test_plans_for_any_step_count(steps: int) -> None:
+    t0, t1 = resolve_t0_t1(steps)
+    plan = plan_generation([3, 1, 5], 2, steps, True, t0, t1)
+    assert plan.processed == [0, 1, 3, 5] and plan.frame_ids == [1, 3, 5]
+    assert plan.chunks == [[0, 1], [3, 5]]
+    assert plan.joint_start == steps - t1 - 1
+    assert plan.evaluations == (t1 + 1) * 4 + (steps - t0 - 1)
+
+
+def test_plan_refuses_bad_values() -> None:
+    with pytest.raises(ValueError, match="chunk_size"):
+        plan_generation([0], 0, 10, False)
+    with pytest.raises(ValueError, match="t0"):
+        plan_generation([0], 2, 10, True, 5, 5)
+    with pytest.raises(ValueError, match="t0"):
+        plan_generation([0], 2, 10, True, 5, 10)
+
+
+def test_bad_inputs_are_refused_before_any_model_runs(
+    engine: TextToVideoZero, cn_engine: TextToVideoZero, tiny_controlnet: Any
+) -> None:
+    with pytest.raises(ValueError, match="divisible"):
+        run(engine, width=60)
+    with pytest.raises(ValueError, match="frame_ids"):
+        run(engine, frame_ids=[4])
+    with pytest.raises(ValueError, match="ControlNets"):
+        run(cn_engine, motion_dynamics=False)
+    partial = ControlInput(tiny_controlnet, {0: random_image(0), 1: random_image(1)})
+    with pytest.raises(ValueError, match=r"frames \[2, 3\]"):
+        run(cn_engine, motion_dynamics=False, controls=[partial])
+    with pytest.raises(ValueError, match="InstructPix2Pix"):
+        run(engine, image={f: random_image(f) for f in range(FRAMES)})
+
+
+# --------------------------------------------------------------------------- ControlNet
+
+
+def test_one_control_image_for_every_frame_gives_identical_frames(
+    cn_engine: TextToVideoZero, tiny_controlnet: Any
+) -> None:
+    lat = run(
+        cn_engine, motion_dynamics=False, controls=[control(random_image(0), tiny_controlnet)]
+    )
+    for k in range(1, FRAMES):
+        close(lat[k], lat[0])
+
+
+def test_control_images_drive_the_frames(cn_engine: TextToVideoZero, tiny_controlnet: Any) -> None:
+    images = [random_image(10 + k) for k in range(FRAMES)]
+    lat = run(cn_engine, motion_dynamics=False, controls=[control(images, tiny_controlnet)])
+    assert all(differ(lat[k], lat[0]) for k in range(1, FRAMES))
+    same = run(cn_engine, motion_dynamics=False, controls=[control(images[0], tiny_controlnet)])
+    close(lat[0], same[0])  # frame 1 sees the same control in both runs
+    other = run(cn_engine, motion_dynamics=False, controls=[control(images[1], tiny_controlnet)])
+    assert differ(other[0], same[0])
+
+
+def test_controlnet_chunks_and_weights(cn_engine: TextToVideoZero, tiny_controlnet: Any) -> None:
+    images = [random_image(20 + k) for k in range(FRAMES)]
+    full = run(cn_engine, motion_dynamics=False, controls=[control(images, tiny_controlnet)])
+    chunked = run(
+        cn_engine,
+        motion_dynamics=False,
+        chunk_size=1,
+        frame_ids=[2, 3],
+        controls=[control(images, tiny_controlnet)],
+    )
+    close(chunked, full[2:])
+    weak = ControlInput(tiny_controlnet, dict(enumerate(images)), weight=0.0)
+    assert differ(run(cn_engine, motion_dynamics=False, controls=[weak]), full)
+
+
+# --------------------------------------------------------------------------- Pix2Pix
+
+
+def test_pix2pix_follows_its_source_frames(tiny_pix2pix: Any) -> None:
+    p2p = TextToVideoZero(tiny_pix2pix)
+    still = {f: random_image(30) for f in range(FRAMES)}
+    lat = run(p2p, motion_dynamics=False, image=still, prompt="make it snow")
+    assert lat.shape == (FRAMES, 4, LATENT, LATENT)
+    for k in range(1, FRAMES):
+        close(lat[k], lat[0])
+    moving = {f: random_image(40 + f) for f in range(FRAMES)}
+    lat2 = run(p2p, motion_dynamics=False, image=moving, prompt="make it snow")
+    assert all(differ(lat2[k], lat2[0]) for k in range(1, FRAMES))
+    close(run(p2p, motion_dynamics=False, image=moving, prompt="make it snow", chunk_size=1), lat2)
+    with pytest.raises(ValueError, match="source video"):
+        run(p2p, motion_dynamics=False)
+
+
+# --------------------------------------------------------------------------- processors
+
+
+def processors_of(*models: Any) -> list[dict]:
+    return [dict(m.attn_processors) for m in models]
+
+
+def assert_same_processors(before: list[dict], *models: Any) -> None:
+    for saved, model in zip(before, models, strict=True):
+        now = model.attn_processors
+        assert now.keys() == saved.keys()
+        assert all(now[name] is proc for name, proc in saved.items())
+
+
+def test_processors_restored_after_a_run(
+    cn_engine: TextToVideoZero, tiny_base: Any, tiny_controlnet: Any
+) -> None:
+    before = processors_of(tiny_base.unet, tiny_controlnet)
+    run(
+        cn_engine, controls=[control(random_image(0), tiny_controlnet)], num_frames=2, motion=(8, 8)
+    )
+    assert_same_processors(before, tiny_base.unet, tiny_controlnet)
+
+
+def test_processors_restored_after_cancel(
+    cn_engine: TextToVideoZero, tiny_base: Any, tiny_controlnet: Any
+) -> None:
+    before = processors_of(tiny_base.unet, tiny_controlnet)
+    calls = []
+
+    def should_cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(Cancelled):
+        run(
+            cn_engine,
+            motion_dynamics=False,
+            controls=[control(random_image(0), tiny_controlnet)],
+            chunk_size=1,
+            callbacks=Callbacks(should_cancel=should_cancel),
+        )
+    assert len(calls) == 4  # polled before every model call, stopped at once
+    assert_same_processors(before, tiny_base.unet, tiny_controlnet)
+
+
+def test_processors_restored_when_a_control_fails_mid_run(
+    cn_engine: TextToVideoZero,
+    tiny_base: Any,
+    tiny_controlnet: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    before = processors_of(tiny_base.unet, tiny_controlnet)
+    real_forward = tiny_controlnet.forward
+    calls = []
+
+    def failing_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("control failed")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_controlnet, "forward", failing_forward)
+    with pytest.raises(RuntimeError, match="control failed"):
+        run(cn_engine, motion_dynamics=False, controls=[control(random_image(0), tiny_controlnet)])
+    assert_same_processors(before, tiny_base.unet, tiny_controlnet)
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def masks(value: float) -> dict[int, torch.Tensor]:
+    return {f: torch.full((1, SIZE, SIZE), value) for f in range(FRAMES)}
+
+
+SMOOTH = dict(motion=(64.0, 0.0), num_inference_steps=6)
+
+
+def distance_to_warped_anchor(lat: torch.Tensor) -> float:
+    """How far frames 2..m are from frame 1 warped to them (1 latent pixel per frame)."""
+    shifts = torch.tensor([[float(k), 0.0] for k in range(1, FRAMES)])
+    warped = translate_latents(lat[:1].expand(FRAMES - 1, -1, -1, -1), shifts)
+    return (lat[1:] - warped).norm().item()
+
+
+@pytest.fixture(scope="module")
+def unsmoothed(engine: TextToVideoZero) -> torch.Tensor:
+    return run(engine, **SMOOTH)
+
+
+def test_all_foreground_masks_change_nothing(
+    engine: TextToVideoZero, unsmoothed: torch.Tensor
+) -> None:
+    close(run(engine, smooth_bg=True, masks=masks(1.0), **SMOOTH), unsmoothed)
+    close(run(engine, smooth_bg=True, masks=masks(0.0), smooth_alpha=0.0, **SMOOTH), unsmoothed)
+
+
+def test_background_is_pulled_toward_warped_frame_one(
+    engine: TextToVideoZero, unsmoothed: torch.Tensor
+) -> None:
+    smoothed = run(engine, smooth_bg=True, masks=masks(0.0), smooth_alpha=0.9, **SMOOTH)
+    close(smoothed[0], unsmoothed[0])  # frame 1 is the anchor, never blended
+    assert distance_to_warped_anchor(smoothed) < 0.7 * distance_to_warped_anchor(unsmoothed)
+
+
+def test_cross_attention_masks(
+    engine: TextToVideoZero, unsmoothed: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[dict[int, torch.Tensor]] = []
+    real = engine_module._attention_masks
+
+    def spy(maps):
+        out = real(maps)
+        made.append(out)
+        return out
+
+    monkeypatch.setattr(engine_module, "_attention_masks", spy)
+    smoothed = run(engine, smooth_bg=True, **SMOOTH)
+    assert len(made) == 1
+    fg = made[0]
+    assert sorted(fg) == list(range(FRAMES))
+    for m in fg.values():
+        assert m.shape == (1, LATENT, LATENT)
+        assert ((m == 0) | (m == 1)).all()  # within [0, 1]: hard foreground/background
+    assert torch.isfinite(smoothed).all()
+    assert any((m == 0).any() for m in fg.values()), "the tiny model should find background"
+    assert differ(smoothed, unsmoothed)
+    # The masks of a frame come from that frame alone: chunking does not change them.
+    close(run(engine, smooth_bg=True, chunk_size=1, **SMOOTH), smoothed)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def test_decode_gives_rgb8_frames(engine: TextToVideoZero, reference: torch.Tensor) -> None:
+    images = engine.decode(reference[:2])
+    assert images.shape == (2, SIZE, SIZE, 3) and images.dtype == torch.uint8

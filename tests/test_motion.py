@@ -1,0 +1,137 @@
+"""backend/motion.py: per-frame noise, latent warps, the DDPM jump and background smoothing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backend.motion import (
+    MOTION_UNIT,
+    ddpm_jump,
+    frame_noise,
+    latent_shift,
+    motion_shifts,
+    noise_seed,
+    smooth_background,
+    translate_latents,
+)
+
+
+def ramp(frames: int = 1, h: int = 8, w: int = 8) -> torch.Tensor:
+    """(frames, 4, h, w) latents whose every value is distinct (x, y and channel encoded)."""
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = torch.stack([100 * c + 10 * y + x for c in range(4)]).float()  # (4, h, w)
+    return base[None].repeat(frames, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def test_frame_noise_depends_only_on_seed_frame_and_purpose() -> None:
+    shape = (4, 8, 8)
+    a = frame_noise(7, 3, "x_T", shape)
+    assert a.dtype == torch.float32 and a.shape == shape
+    assert torch.equal(a, frame_noise(7, 3, "x_T", shape))
+    torch.manual_seed(123)  # the global RNG plays no part
+    assert torch.equal(a, frame_noise(7, 3, "x_T", shape))
+    for other in (frame_noise(8, 3, "x_T", shape), frame_noise(7, 4, "x_T", shape)):
+        assert not torch.allclose(a, other)
+    assert not torch.allclose(a, frame_noise(7, 3, "t0_to_t1", shape))
+
+
+def test_noise_seeds_are_63_bit_and_distinct() -> None:
+    seeds = {noise_seed(s, f, p) for s in range(3) for f in range(50) for p in ("a", "b")}
+    assert len(seeds) == 300
+    assert all(0 <= s < 2**63 for s in seeds)
+
+
+# --------------------------------------------------------------------------- warps
+
+
+def test_latent_shift_is_in_512ths_of_the_frame() -> None:
+    # width 64 -> latent 8 wide: 64/512 of the frame per frame is one latent pixel.
+    assert latent_shift((64.0, 0.0), 8, 8) == (1.0, 0.0)
+    assert latent_shift((12.0, 12.0), 64, 32) == (12 * 64 / MOTION_UNIT, 12 * 32 / MOTION_UNIT)
+    assert latent_shift((-128.0, 256.0), 16, 8) == (-4.0, 4.0)
+
+
+def test_motion_shifts_grow_with_the_frame_index() -> None:
+    shifts = motion_shifts([0, 1, 3, 6], (1.0, -0.5))
+    assert shifts.shape == (4, 2)
+    assert shifts.tolist() == [[0.0, 0.0], [1.0, -0.5], [3.0, -1.5], [6.0, -3.0]]
+
+
+def test_translate_by_zero_is_identity() -> None:
+    x = torch.randn(3, 4, 8, 8)
+    assert torch.equal(translate_latents(x, torch.zeros(3, 2)), x)
+
+
+@pytest.mark.parametrize(("sx", "sy"), [(1, 0), (0, 2), (3, 1), (-2, 0), (-1, -3)])
+def test_translate_moves_content_by_whole_pixels(sx: int, sy: int) -> None:
+    """out(x, y) = in(x + sx, y + sy) wherever that lies inside the latent."""
+    x = ramp()
+    out = translate_latents(x, torch.tensor([[float(sx), float(sy)]]))
+    h, w = 8, 8
+    for yy in range(h):
+        for xx in range(w):
+            if 0 <= xx + sx < w and 0 <= yy + sy < h:
+                assert torch.equal(out[0, :, yy, xx], x[0, :, yy + sy, xx + sx])
+    # Reflection padding: nothing outside is zero-filled, every value comes from the input.
+    assert set(out.unique().tolist()) <= set(x.unique().tolist())
+
+
+def test_each_frame_gets_its_own_shift() -> None:
+    """Frame k warped by k pixels (64/512 motion at latent width 8) for 4 frames at once."""
+    frames = 4
+    x = ramp(frames)
+    shift = latent_shift((64.0, 0.0), 8, 8)
+    out = translate_latents(x, motion_shifts(list(range(frames)), shift))
+    for k in range(frames):
+        assert torch.equal(out[k, :, :, : 8 - k], x[k, :, :, k:])
+    assert torch.equal(out[0], x[0])
+
+
+def test_translate_keeps_dtype() -> None:
+    x = ramp().half()
+    assert translate_latents(x, torch.tensor([[1.0, 0.0]])).dtype == torch.float16
+
+
+# --------------------------------------------------------------------------- DDPM jump
+
+
+def test_ddpm_jump_formula() -> None:
+    x, eps = torch.randn(4, 8, 8), torch.randn(4, 8, 8)
+    a0, a1 = 0.7, 0.2
+    expected = math.sqrt(a1 / a0) * x + math.sqrt(1 - a1 / a0) * eps
+    torch.testing.assert_close(ddpm_jump(x, a0, a1, eps), expected)
+
+
+def test_ddpm_jump_lands_on_the_forward_marginal_of_t1() -> None:
+    """From x_t0 = sqrt(a0) x0 + sqrt(1-a0) e the jump gives mean sqrt(a1) x0, variance 1-a1."""
+    gen = torch.Generator().manual_seed(0)
+    n, x0, a0, a1 = 400_000, 1.5, 0.8, 0.3
+    x_t0 = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * torch.randn(n, generator=gen)
+    x_t1 = ddpm_jump(x_t0, a0, a1, torch.randn(n, generator=gen))
+    assert abs(x_t1.mean().item() - math.sqrt(a1) * x0) < 0.01
+    assert abs(x_t1.var().item() - (1 - a1)) < 0.01
+
+
+def test_ddpm_jump_between_equal_timesteps_is_identity() -> None:
+    x = torch.randn(4, 8, 8)
+    torch.testing.assert_close(ddpm_jump(x, 0.5, 0.5, torch.randn(4, 8, 8)), x)
+
+
+# --------------------------------------------------------------------------- smoothing
+
+
+def test_smooth_background_blends_only_the_background() -> None:
+    x, anchor = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    fg = torch.zeros(2, 1, 8, 8)
+    fg[:, :, :, :4] = 1  # left half foreground
+    out = smooth_background(x, anchor, fg, alpha=0.6)
+    assert torch.equal(out[..., :4], x[..., :4])
+    torch.testing.assert_close(out[..., 4:], 0.6 * anchor[..., 4:] + 0.4 * x[..., 4:])
+    assert torch.equal(smooth_background(x, anchor, torch.ones(2, 1, 8, 8), 0.6), x)
+    torch.testing.assert_close(smooth_background(x, anchor, torch.zeros(2, 1, 8, 8), 1.0), anchor)
