@@ -1,0 +1,296 @@
+"""backend/models.py: sources, folder / single-file / pickled loading, devices, the model cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from ldm_export import export_ldm_checkpoint
+
+import backend.models as models
+from backend.models import (
+    ModelCache,
+    ModelLoadError,
+    load_base_model,
+    load_controlnet,
+    resolve_device,
+    resolve_dtype,
+    resolve_source,
+)
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    different = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def test_resolve_source(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    assert resolve_source("builtin:tiny") == ("folder", str(tiny_models["tiny"]))
+    assert resolve_source(str(tmp_path)) == ("folder", str(tmp_path))
+    assert resolve_source(str(checkpoint)) == ("file", str(checkpoint))
+    assert resolve_source("owner/model") == ("hub", "owner/model")
+
+
+@pytest.mark.parametrize(
+    "name", ["./missing", "/no/such/model", "a/b/c", "plainname", "C:\\models\\x", "x.safetensors"]
+)
+def test_unknown_sources_are_refused_without_the_hub(name: str) -> None:
+    with pytest.raises(ModelLoadError, match="neither an existing folder"):
+        resolve_source(name)
+
+
+def test_unknown_builtin_is_a_load_error() -> None:
+    with pytest.raises(ModelLoadError, match="builtin:tiny"):
+        resolve_source("builtin:giant")
+
+
+def test_hub_ids_fail_cleanly_offline() -> None:
+    """Tests are offline: a hub id must fail as ModelLoadError, not try the network."""
+    with pytest.raises(ModelLoadError, match="someone/nothing"):
+        load_base_model("someone/nothing")
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_folder_loads_onto_device_in_eval_mode(tiny_base: Any, tiny_models: dict) -> None:
+    assert tiny_base.source == str(tiny_models["tiny"])
+    assert tiny_base.device == torch.device("cpu") and tiny_base.dtype == torch.float32
+    for module in (tiny_base.unet, tiny_base.vae, tiny_base.text_encoder):
+        assert not module.training
+        assert not any(p.requires_grad for p in module.parameters())
+    assert tiny_base.scheduler_config["_class_name"] == "DDIMScheduler"
+
+
+def test_folder_in_another_dtype(tiny_models: dict) -> None:
+    base = load_base_model(str(tiny_models["tiny"]), dtype=torch.bfloat16)
+    assert base.unet.dtype == torch.bfloat16 and base.vae.dtype == torch.bfloat16
+
+
+def test_not_a_model_folder(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
+        load_base_model(str(tmp_path))
+    with pytest.raises(ModelLoadError, match="not a diffusers ControlNet folder"):
+        load_controlnet(str(tmp_path))
+
+
+def test_mode_and_unet_channels_must_match(tiny_models: dict) -> None:
+    with pytest.raises(ModelLoadError, match="8 input channels"):
+        load_base_model(str(tiny_models["tiny"]), pix2pix=True)
+    with pytest.raises(ModelLoadError, match="4 channels"):
+        load_base_model(str(tiny_models["tiny-pix2pix"]))
+
+
+# --------------------------------------------------------------------------- single file
+
+
+@pytest.fixture(scope="module")
+def ldm_checkpoint(tiny_models: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline as an original-format (LDM key names) single .safetensors file."""
+    return export_ldm_checkpoint(
+        tiny_models["tiny"], tmp_path_factory.mktemp("ldm") / "tiny-sd.safetensors"
+    )
+
+
+def test_exported_checkpoint_has_original_key_names(ldm_checkpoint: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(ldm_checkpoint), "pt") as f:
+        keys = set(f.keys())
+    prefixes = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.")
+    assert all(k.startswith(prefixes) for k in keys)
+    for prefix in prefixes:
+        assert any(k.startswith(prefix) for k in keys)
+    for key in (
+        "model.diffusion_model.input_blocks.0.0.weight",
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight",
+        "model.diffusion_model.out.2.weight",
+        "first_stage_model.decoder.up.0.block.0.conv1.weight",
+        "first_stage_model.encoder.mid.attn_1.q.weight",
+        "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight",
+    ):
+        assert key in keys
+
+
+def test_single_file_checkpoint_loads_the_same_weights(
+    ldm_checkpoint: Path, tiny_base: Any, tiny_models: dict
+) -> None:
+    loaded = load_base_model(str(ldm_checkpoint), config=str(tiny_models["tiny"]))
+    same_weights(loaded.unet, tiny_base.unet)
+    same_weights(loaded.vae, tiny_base.vae)
+    same_weights(loaded.text_encoder, tiny_base.text_encoder)
+    assert loaded.tokenizer("a cat").input_ids == tiny_base.tokenizer("a cat").input_ids
+    assert loaded.scheduler_config["beta_schedule"] == "scaled_linear"
+    assert loaded.source == str(ldm_checkpoint)
+
+
+def test_single_file_config_must_be_a_folder_or_hub_id(ldm_checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="model_config"):
+        load_base_model(str(ldm_checkpoint), config=str(ldm_checkpoint))
+
+
+def test_single_file_without_local_configs_fails_cleanly_offline(ldm_checkpoint: Path) -> None:
+    with pytest.raises(ModelLoadError, match="single-file checkpoint"):
+        load_base_model(str(ldm_checkpoint))
+
+
+def test_exporter_is_general_over_block_counts() -> None:
+    """Round trip through diffusers' own LDM->diffusers conversion for another layout."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    from ldm_export import UNET_PREFIX, unet_key_to_ldm
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        layers_per_block=2,
+        block_out_channels=(8, 16, 16),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    state = unet.state_dict()
+    ldm = {UNET_PREFIX + unet_key_to_ldm(k, 2, {1, 2}): v for k, v in state.items()}
+    assert len(ldm) == len(state)
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    assert back.keys() == state.keys()
+    assert all(back[k] is state[k] for k in state)
+
+
+# --------------------------------------------------------------------------- pickle
+
+
+def test_pickled_checkpoint_file_is_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"not even read")
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_base_model(str(ckpt))
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_controlnet(str(ckpt))
+
+
+def test_unknown_checkpoint_type_is_refused(tmp_path: Path) -> None:
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="unknown checkpoint type"):
+        load_base_model(str(onnx), allow_pickle=True)
+
+
+@pytest.fixture(scope="module")
+def pickled_folder(tiny_models: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline with its weights saved only as pickled .bin files."""
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("pickled") / "tiny-bin"
+    shutil.copytree(tiny_models["tiny"], folder)
+    for sub, stem, bin_name in (
+        ("unet", "diffusion_pytorch_model", "diffusion_pytorch_model.bin"),
+        ("vae", "diffusion_pytorch_model", "diffusion_pytorch_model.bin"),
+        ("text_encoder", "model", "pytorch_model.bin"),
+    ):
+        weights = folder / sub / f"{stem}.safetensors"
+        torch.save(load_file(str(weights)), folder / sub / bin_name)
+        weights.unlink()
+    return folder
+
+
+def test_folder_with_only_pickled_weights_is_refused(pickled_folder: Path) -> None:
+    with pytest.raises(ModelLoadError, match="--allow-pickle") as info:
+        load_base_model(str(pickled_folder))
+    assert "pickled" in str(info.value)
+
+
+def test_allow_pickle_loads_the_pickled_folder(pickled_folder: Path, tiny_base: Any) -> None:
+    loaded = load_base_model(str(pickled_folder), allow_pickle=True)
+    same_weights(loaded.unet, tiny_base.unet)
+    same_weights(loaded.text_encoder, tiny_base.text_encoder)
+
+
+def test_controlnet_folder_with_only_pickled_weights(
+    tiny_models: dict, tiny_controlnet: Any, tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "cn"
+    shutil.copytree(tiny_models["tiny-controlnet"], folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), folder / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_controlnet(str(folder))
+    same_weights(load_controlnet(str(folder), allow_pickle=True), tiny_controlnet)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def test_devices_and_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ModelLoadError, match="no CUDA"):
+        resolve_device("cuda")
+    if not torch.backends.mps.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ModelLoadError, match="MPS"):
+            resolve_device("mps")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class FakeLoads:
+    """Stands in for the loaders: counts calls, returns a fresh object per load."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def __call__(self, name: str, **kwargs: Any) -> object:
+        self.calls.append((name, kwargs))
+        return object()
+
+
+def test_model_cache_reuses_and_evicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    bases, controlnets = FakeLoads(), FakeLoads()
+    monkeypatch.setattr(models, "load_base_model", bases)
+    monkeypatch.setattr(models, "load_controlnet", controlnets)
+    cache = ModelCache(max_bases=1, max_controlnets=2)
+
+    a = cache.base("A", pix2pix=False, dtype=torch.float32)
+    assert cache.base("A", dtype=torch.float32, pix2pix=False) is a  # kwargs order is irrelevant
+    assert cache.loads == 1
+    assert cache.base("A", pix2pix=False, dtype=torch.float16) is not a  # other options: reload
+    assert cache.base("B", pix2pix=False, dtype=torch.float32) is not a
+    assert cache.base("A", pix2pix=False, dtype=torch.float32) is not a  # evicted (max 1)
+    assert cache.loads == 4 and len(bases.calls) == 4
+
+    c1, c2 = cache.controlnet("c1"), cache.controlnet("c2")
+    assert cache.controlnet("c1") is c1  # now the most recently used
+    cache.controlnet("c3")  # evicts c2, the least recently used
+    assert cache.controlnet("c1") is c1
+    assert cache.controlnet("c2") is not c2
+    assert [name for name, _ in controlnets.calls] == ["c1", "c2", "c3", "c2"]
+    assert cache.loads == 8
+
+
+def test_model_cache_loads_real_models_once(tiny_models: dict) -> None:
+    cache = ModelCache()
+    first = cache.base("builtin:tiny", pix2pix=False)
+    assert cache.base("builtin:tiny", pix2pix=False) is first
+    assert cache.controlnet("builtin:tiny-controlnet") is cache.controlnet(
+        "builtin:tiny-controlnet"
+    )
+    assert cache.loads == 2
