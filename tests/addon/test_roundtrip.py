@@ -99,7 +99,6 @@ def test_controlnet_round_trip_and_regenerate(scene, image_folder: Path) -> None
     settings.prompt = "a robot"
     item = settings.controlnets.add()
     item.detector = "canny"
-    pid = bpy.context.window_manager.t2vz_status.worker_pid
 
     assert bpy.ops.t2vz.generate() == {"FINISHED"}
     outcome = runtime.RUNNER.wait(TIMEOUT)
@@ -109,7 +108,8 @@ def test_controlnet_round_trip_and_regenerate(scene, image_folder: Path) -> None
     job = json.loads(result["t2vz_job"])
     assert job["controlnets"][0]["control"]["start"] == 1
     assert len(list(Path(job["out"]).glob("frame_*.png"))) == 3
-    assert bpy.context.window_manager.t2vz_status.worker_pid == pid  # the same worker
+    pid = bpy.context.window_manager.t2vz_status.worker_pid
+    assert pid == runtime.RUNNER.client.pid
 
     # Regenerate: the result strip's job with the panel's new seed, above that strip.
     for s in strips.top_strips(editor):
@@ -125,8 +125,15 @@ def test_controlnet_round_trip_and_regenerate(scene, image_folder: Path) -> None
     assert regenerated["seed"] == 42 and regenerated["out"] != job["out"]
     assert regenerated["controlnets"] == job["controlnets"]
     assert (second.channel, second.frame_final_start) == (6, 11)
+    assert bpy.context.window_manager.t2vz_status.worker_pid == pid  # the same worker
     assert [_snapshot(source), _snapshot(above)] == snapshots
     assert sorted(p.name for p in image_folder.iterdir()) == files_before
+
+    # Load Settings From Strip puts the first result's job back into the panel.
+    settings.prompt = "something else"
+    settings.mode = "text2video"
+    assert bpy.ops.t2vz.load_settings() == {"FINISHED"}
+    assert (settings.prompt, settings.seed, settings.mode) == ("a robot", 3, "controlnet")
 
 
 def test_escape_cancels_without_strip_or_output(scene) -> None:
