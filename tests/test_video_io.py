@@ -1,0 +1,269 @@
+"""backend/video_io.py: reading frames (folders, stills, movies), fitting, atomic output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from backend.protocol import VideoInput
+from backend.video_io import (
+    OutputExistsError,
+    VideoInputError,
+    fit_frame,
+    frame_name,
+    list_image_files,
+    read_frames,
+    read_masks,
+    source_indices,
+    staged_output,
+    write_mp4,
+    write_png,
+)
+
+
+def solid(value: int | tuple[int, int, int], w: int = 32, h: int = 32) -> np.ndarray:
+    """An RGB uint8 image of one colour."""
+    rgb = (value,) * 3 if isinstance(value, int) else value
+    return np.broadcast_to(np.array(rgb, dtype=np.uint8), (h, w, 3)).copy()
+
+
+def gray_sequence(folder: Path, count: int, w: int = 32, h: int = 32) -> Path:
+    """``count`` PNGs img_0.png ... where image i is gray level 10 * i."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        write_png(folder / f"img_{i}.png", solid(10 * i, w, h))
+    return folder
+
+
+def levels(frames: dict[int, np.ndarray]) -> dict[int, int]:
+    return {f: int(round(float(img.mean()))) for f, img in frames.items()}
+
+
+def test_frame_names_are_one_based() -> None:
+    assert frame_name(0) == "frame_00001.png"
+    assert frame_name(41) == "frame_00042.png"
+
+
+def test_image_folders_sort_naturally(tmp_path: Path) -> None:
+    for name in ("frame10.png", "frame2.png", "Frame3.PNG", "frame1.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "frame0.png").mkdir()  # a folder is not an image
+    assert [p.name for p in list_image_files(tmp_path)] == [
+        "frame1.jpg",
+        "frame2.png",
+        "Frame3.PNG",
+        "frame10.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("start", "stride", "frames", "expected"),
+    [
+        (0, 1.0, [0, 1, 2], [0, 1, 2]),
+        (2, 2.0, [0, 1, 2], [2, 4, 6]),
+        (0, 0.5, [0, 1, 2, 3], [0, 0, 1, 1]),
+        (5, 1.0, [3, 7], [8, 12]),
+        (0, 0.29, [100], [29]),  # 0.29 * 100 is 28.999... in floating point
+    ],
+)
+def test_start_and_stride_map_output_to_source_frames(
+    start: int, stride: float, frames: list[int], expected: list[int]
+) -> None:
+    spec = VideoInput("x", start=start, stride=stride)
+    assert source_indices(spec, frames) == dict(zip(frames, expected, strict=True))
+
+
+def test_read_folder_with_start_and_stride(tmp_path: Path) -> None:
+    folder = gray_sequence(tmp_path / "seq", 7)
+    frames = read_frames(VideoInput(str(folder), start=1, stride=2.0), [0, 1, 2], 64, 48)
+    assert levels(frames) == {0: 10, 1: 30, 2: 50}
+    assert all(img.shape == (48, 64, 3) and img.dtype == np.uint8 for img in frames.values())
+
+
+def test_read_errors_name_the_input(tmp_path: Path) -> None:
+    folder = gray_sequence(tmp_path / "seq", 3)
+    with pytest.raises(VideoInputError, match="has 3 images; image index 3"):
+        read_frames(VideoInput(str(folder), start=1), [0, 1, 2], 32, 32)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoInputError, match="holds no images"):
+        read_frames(VideoInput(str(tmp_path / "empty")), [0], 32, 32)
+    with pytest.raises(VideoInputError, match="does not exist"):
+        read_frames(VideoInput(str(tmp_path / "nothing")), [0], 32, 32)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(VideoInputError, match="cannot read image"):
+        read_frames(VideoInput(str(broken)), [0], 32, 32)
+
+
+def test_a_still_image_serves_every_frame(tmp_path: Path) -> None:
+    still = tmp_path / "still.png"
+    write_png(still, solid(77))
+    frames = read_frames(VideoInput(str(still), start=3, stride=2.0), [0, 5, 9], 32, 32)
+    assert levels(frames) == {0: 77, 5: 77, 9: 77}
+
+
+def test_colour_channels_bit_depth_and_alpha(tmp_path: Path) -> None:
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 2] = 255  # red in OpenCV's BGR order
+    cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    red = read_frames(VideoInput(str(tmp_path / "red.png")), [0], 8, 8)[0]
+    assert red[0, 0].tolist() == [255, 0, 0]
+
+    deep = np.full((8, 8), 65535, np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), deep)
+    assert (
+        read_frames(VideoInput(str(tmp_path / "deep.png")), [0], 8, 8)[0][0, 0].tolist()
+        == [255] * 3
+    )
+
+    bgra = np.zeros((8, 8, 4), np.uint8)
+    bgra[..., 0] = 200  # blue, with alpha 0
+    cv2.imwrite(str(tmp_path / "alpha.png"), bgra)
+    assert read_frames(VideoInput(str(tmp_path / "alpha.png")), [0], 8, 8)[0][0, 0].tolist() == [
+        0,
+        0,
+        200,
+    ]
+
+
+# --------------------------------------------------------------------------- movies
+
+
+@pytest.fixture
+def movie(tmp_path: Path) -> Path:
+    """A 6-frame mp4 written with OpenCV: frame i is gray level 40 * i."""
+    path = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (64, 64))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build has no mp4v encoder")
+    for i in range(6):
+        writer.write(solid(40 * i, 64, 64))
+    writer.release()
+    return path
+
+
+def test_read_movie_with_start_and_stride(movie: Path) -> None:
+    frames = read_frames(VideoInput(str(movie), start=1, stride=2.0), [0, 1, 2], 32, 32)
+    got = levels(frames)
+    for frame, expected in {0: 40, 1: 120, 2: 200}.items():
+        assert abs(got[frame] - expected) <= 6, got  # mp4 is lossy
+    assert frames[0].shape == (32, 32, 3)
+
+
+def test_movie_too_short(movie: Path) -> None:
+    with pytest.raises(VideoInputError, match="has 6 frames; frame index 7"):
+        read_frames(VideoInput(str(movie), start=3, stride=2.0), [0, 1, 2], 32, 32)
+
+
+def test_unreadable_movie(tmp_path: Path) -> None:
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(VideoInputError, match="fake.mp4"):
+        read_frames(VideoInput(str(fake)), [0], 32, 32)
+
+
+# --------------------------------------------------------------------------- fitting
+
+
+def test_fit_frame_covers_and_centre_crops_wide_images() -> None:
+    image = np.zeros((50, 100, 3), np.uint8)
+    image[:, :25] = (255, 0, 0)
+    image[:, 25:75] = (0, 255, 0)
+    image[:, 75:] = (0, 0, 255)
+    out = fit_frame(image, 64, 64)
+    assert out.shape == (64, 64, 3)
+    # Scaled to 128x64 and cropped to the middle: only the green middle band is left.
+    inner = out[:, 2:-2].reshape(-1, 3).astype(int)
+    assert (np.abs(inner - [0, 255, 0]) <= 8).all()
+
+
+def test_fit_frame_crops_tall_images_vertically() -> None:
+    image = np.zeros((120, 40, 3), np.uint8)
+    image[:30] = 255  # top quarter white
+    image[90:] = 255  # bottom quarter white
+    out = fit_frame(image, 40, 40)  # no scaling: crop rows 40..80
+    assert out.shape == (40, 40, 3) and out.max() == 0
+
+
+def test_fit_frame_downscales_and_keeps_exact_sizes() -> None:
+    big = np.full((200, 300, 3), 90, np.uint8)
+    out = fit_frame(big, 64, 32)
+    assert out.shape == (32, 64, 3) and int(out.mean()) == 90
+    same = np.zeros((32, 64, 3), np.uint8)
+    assert fit_frame(same, 64, 32) is same
+
+
+def test_masks_are_float_foreground_fractions(tmp_path: Path) -> None:
+    folder = tmp_path / "masks"
+    folder.mkdir()
+    write_png(folder / "m1.png", solid(255))
+    write_png(folder / "m2.png", solid(0))
+    masks = read_masks(VideoInput(str(folder)), [0, 1], 16, 16)
+    assert masks[0].dtype == np.float32 and masks[0].shape == (16, 16)
+    assert masks[0].min() == 1.0 and masks[1].max() == 0.0
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def test_png_and_mp4_writing(tmp_path: Path) -> None:
+    image = np.zeros((16, 24, 3), np.uint8)
+    image[..., 0] = 200
+    write_png(tmp_path / "a.png", image)
+    assert np.array_equal(
+        cv2.cvtColor(cv2.imread(str(tmp_path / "a.png")), cv2.COLOR_BGR2RGB), image
+    )
+    with pytest.raises(OSError):
+        write_png(tmp_path / "missing" / "b.png", image)
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / frame_name(i))
+        write_png(paths[-1], solid(60 * i, 64, 64))
+    if not write_mp4(tmp_path / "video.mp4", paths, fps=8):
+        pytest.skip("this OpenCV build has no mp4v encoder")
+    capture = cv2.VideoCapture(str(tmp_path / "video.mp4"))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
+    capture.release()
+    assert write_mp4(tmp_path / "none.mp4", [], fps=8) is False
+
+
+def test_staged_output_renames_into_place(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "result"
+    with staged_output(out) as staging:
+        assert staging.parent == out.parent and staging != out and not out.exists()
+        (staging / "frame_00001.png").write_bytes(b"x")
+    assert sorted(p.name for p in out.iterdir()) == ["frame_00001.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["result"]
+
+
+def test_staged_output_never_overwrites(tmp_path: Path) -> None:
+    out = tmp_path / "result"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError), staged_output(out):
+        pytest.fail("the block must not run")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+
+
+def test_staged_output_cleans_up_on_error(tmp_path: Path) -> None:
+    out = tmp_path / "result"
+    with pytest.raises(RuntimeError, match="failed"), staged_output(out) as staging:
+        (staging / "frame_00001.png").write_bytes(b"half")
+        raise RuntimeError("failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_output_keeps_a_folder_that_appeared_meanwhile(tmp_path: Path) -> None:
+    out = tmp_path / "result"
+    with pytest.raises(OutputExistsError, match="appeared"), staged_output(out) as staging:
+        (staging / "frame_00001.png").write_bytes(b"new")
+        out.mkdir()
+        (out / "theirs.txt").write_text("other job")
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
