@@ -57,6 +57,9 @@ class Worker:
         self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancel = threading.Event()
         self.current_id: str | None = None
+        # Cancels for jobs still in the queue: they are answered without running.
+        self.cancelled_ids: set[str] = set()
+        self.lock = threading.Lock()
         self.cache = ModelCache(max_bases=max_models)
 
     def read_requests(self, stream: TextIO) -> None:
@@ -72,8 +75,7 @@ class Worker:
                 )
                 continue
             if message["type"] == "cancel":
-                if message.get("id") in (None, self.current_id):
-                    self.cancel.set()
+                self.request_cancel(message.get("id"))
                 continue
             self.requests.put(message)
             if message["type"] == "shutdown":
@@ -81,6 +83,14 @@ class Worker:
                 return
         self.cancel.set()  # stdin closed: the add-on is gone
         self.requests.put(None)
+
+    def request_cancel(self, job_id: Any) -> None:
+        """Cancel the running job now, or a queued one as soon as it comes up."""
+        with self.lock:
+            if job_id is None or job_id == self.current_id:
+                self.cancel.set()
+            else:
+                self.cancelled_ids.add(str(job_id))
 
     def run_one(self, message: dict[str, Any]) -> None:
         """Validate and run one generate request, replying with the outcome."""
@@ -93,8 +103,13 @@ class Worker:
         except JobError as exc:
             self.writer.send("error", id=job_id, kind="JobError", message=str(exc), traceback="")
             return
-        self.current_id = job_id
-        self.cancel.clear()
+        with self.lock:
+            if job_id in self.cancelled_ids:
+                self.cancelled_ids.discard(job_id)
+                self.writer.send("cancelled", id=job_id)
+                return
+            self.current_id = job_id
+            self.cancel.clear()
         self.writer.send("accepted", id=job_id)
 
         def progress(step, total, written, frames, fraction, stage):
@@ -135,7 +150,8 @@ class Worker:
                 seconds=round(result.seconds, 3),
             )
         finally:
-            self.current_id = None
+            with self.lock:
+                self.current_id = None
 
     def loop(self) -> None:
         """Main thread: run requests until shutdown or end of input."""
