@@ -1,0 +1,227 @@
+"""backend/runner.py: a validated job end to end, in process (models cached across jobs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import backend.runner as runner
+from backend.engine import Cancelled
+from backend.models import ModelCache
+from backend.protocol import validate_job
+from backend.runner import JobEvents, run_job
+from backend.video_io import OutputExistsError, write_png
+
+
+def make_job(out: Path, **fields: Any):
+    data = {
+        "prompt": "a cat",
+        "out": str(out),
+        "model": "builtin:tiny",
+        "frames": 3,
+        "width": 64,
+        "height": 64,
+        "steps": 3,
+        "device": "cpu",
+        "write_mp4": False,
+        "save_latents": True,
+        **fields,
+    }
+    return validate_job(data)
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_models: dict) -> ModelCache:
+    """One cache for the module, as a worker would keep it."""
+    return ModelCache(max_bases=2)
+
+
+def latents(out: Path) -> np.ndarray:
+    return np.load(out / "latents.npy")
+
+
+def bar(path: Path, width: int) -> Path:
+    """A control image: a white bar ``width`` pixels wide on black."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[16:48, 16 : 16 + width] = 255
+    write_png(path, image)
+    return path
+
+
+def test_text2video_job_writes_a_reproducible_result(tmp_path: Path, cache: ModelCache) -> None:
+    out = tmp_path / "run"
+    events: list[tuple] = []
+    previews: list[tuple[int, str, bool]] = []
+    job = make_job(out, write_mp4=True)
+    result = run_job(
+        job,
+        cache,
+        JobEvents(
+            progress=lambda *a: events.append(a),
+            preview=lambda f, p: previews.append((f, p, Path(p).is_file())),
+        ),
+    )
+    assert result.out == str(out.resolve())
+    assert result.frames == [str(out.resolve() / f"frame_0000{i}.png") for i in (1, 2, 3)]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "frame_00001.png",
+        "frame_00002.png",
+        "frame_00003.png",
+        "job.json",
+        "latents.npy",
+        "run.json",
+        "video.mp4",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no staging left behind
+
+    saved = json.loads((out / "job.json").read_text())
+    again = validate_job(saved)
+    assert again.out == str(out.resolve()) and again.motion == [12.0, 12.0]
+    assert (again.t0, again.t1) == (job.t0, job.t1)
+    lat = latents(out)
+    assert lat.shape == (3, 4, 8, 8) and lat.dtype == np.float32
+    info = json.loads((out / "run.json").read_text())
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+    assert [(f, ok) for f, _, ok in previews] == [(0, True), (1, True), (2, True)]
+    fractions = [e[4] for e in events]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    stages = [e[5] for e in events]
+    assert stages[0] == "denoising" and stages[-1] == "decoding"
+    assert events[-1][2:4] == (3, 3)  # frames written / total
+
+
+def test_second_job_reuses_the_loaded_models(tmp_path: Path, tiny_models: dict) -> None:
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "a", frames=2), cache)
+    assert cache.loads == 1
+    run_job(make_job(tmp_path / "b", frames=2, seed=3), cache)
+    assert cache.loads == 1
+
+
+def test_frame_range_and_chunks_match_the_full_run(tmp_path: Path, cache: ModelCache) -> None:
+    run_job(make_job(tmp_path / "full", frames=4), cache)
+    run_job(make_job(tmp_path / "part", frames=4, frame_range=[2, 3], chunk_size=1), cache)
+    assert sorted(p.name for p in (tmp_path / "part").glob("*.png")) == [
+        "frame_00002.png",
+        "frame_00003.png",
+    ]
+    np.testing.assert_allclose(
+        latents(tmp_path / "part"), latents(tmp_path / "full")[1:3], rtol=1e-5, atol=1e-4
+    )
+
+
+def test_existing_output_is_refused_and_untouched(tmp_path: Path, cache: ModelCache) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        run_job(make_job(out), cache)
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_cancel_leaves_nothing(tmp_path: Path, cache: ModelCache) -> None:
+    polls = []
+
+    def should_cancel() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    with pytest.raises(Cancelled):
+        run_job(make_job(tmp_path / "out"), cache, JobEvents(should_cancel=should_cancel))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failure_while_writing_leaves_nothing(
+    tmp_path: Path, cache: ModelCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = runner.write_png
+    written = []
+
+    def flaky_write(path: Path, image: np.ndarray) -> None:
+        if written:
+            raise OSError("disk full")
+        real_write(path, image)
+        written.append(path)
+
+    monkeypatch.setattr(runner, "write_png", flaky_write)
+    with pytest.raises(OSError, match="disk full"):
+        run_job(make_job(tmp_path / "out"), cache)
+    assert written and not written[0].exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_controlnet_job_with_one_still_control(tmp_path: Path, cache: ModelCache) -> None:
+    control = bar(tmp_path / "control.png", 20)
+    job = make_job(
+        tmp_path / "out",
+        mode="controlnet",
+        frames=3,
+        controlnets=[{"model": "builtin:tiny-controlnet", "control": str(control)}],
+    )
+    run_job(job, cache)
+    lat = latents(tmp_path / "out")
+    for k in (1, 2):
+        np.testing.assert_allclose(lat[k], lat[0], rtol=1e-5, atol=1e-4)
+    saved = validate_job(json.loads((tmp_path / "out" / "job.json").read_text()))
+    assert saved.motion == [0.0, 0.0] and saved.t0 is None
+
+
+def test_controlnet_job_follows_a_control_video(tmp_path: Path, cache: ModelCache) -> None:
+    folder = tmp_path / "control"
+    for i in range(3):
+        bar(folder / f"c{i}.png", 10 + 10 * i)
+    job = make_job(
+        tmp_path / "out",
+        mode="controlnet",
+        controlnets=[
+            {"model": "builtin:tiny-controlnet", "control": str(folder), "detector": "canny"},
+            {"model": "builtin:tiny-controlnet", "control": str(folder), "weight": 0.5},
+        ],
+    )
+    run_job(job, cache)
+    lat = latents(tmp_path / "out")
+    assert np.abs(lat[1] - lat[0]).max() > 1e-2 and np.abs(lat[2] - lat[1]).max() > 1e-2
+
+
+def test_pix2pix_job(tmp_path: Path, cache: ModelCache) -> None:
+    video = tmp_path / "video"
+    video.mkdir()
+    for i in range(3):
+        image = np.full((48, 80, 3), 40 * i, np.uint8)
+        write_png(video / f"v{i}.png", image)
+    job = make_job(tmp_path / "out", mode="pix2pix", model="builtin:tiny-pix2pix", video=str(video))
+    result = run_job(job, cache)
+    assert len(result.frames) == 3
+    assert latents(tmp_path / "out").shape == (3, 4, 8, 8)
+    saved = validate_job(json.loads((tmp_path / "out" / "job.json").read_text()))
+    assert saved.mode == "pix2pix" and saved.motion is None
+
+
+def test_smoothing_with_mask_video(tmp_path: Path, cache: ModelCache) -> None:
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    write_png(masks / "m.png", np.full((64, 64, 3), 255, np.uint8))  # all foreground
+    run_job(make_job(tmp_path / "plain", frames=2), cache)
+    masked = make_job(tmp_path / "masked", frames=2, smooth_bg=True, masks=str(masks / "m.png"))
+    run_job(masked, cache)
+    np.testing.assert_allclose(
+        latents(tmp_path / "masked"), latents(tmp_path / "plain"), rtol=1e-5, atol=1e-4
+    )
+
+
+def test_bad_inputs_fail_before_any_output(tmp_path: Path, cache: ModelCache) -> None:
+    job = make_job(
+        tmp_path / "out",
+        mode="controlnet",
+        controlnets=[{"model": "builtin:tiny-controlnet", "control": str(tmp_path / "none")}],
+    )
+    with pytest.raises(ValueError, match="does not exist"):
+        run_job(job, cache)
+    assert list(tmp_path.iterdir()) == []
