@@ -1,0 +1,133 @@
+"""Peak memory of short and long videos, each measured in a fresh child process.
+
+A process's resident-set high-water mark never goes down and the allocator keeps freed
+memory, so every (variant, frame count) runs in its own child: it builds the models, notes
+its RSS (CPU) or allocated bytes (CUDA), runs the job once and reports the peak above that
+baseline, sampled every few milliseconds (bench/measure.py). The target: our engine's
+growth for 64 frames within 1.2x of 8 frames at the same chunk size.
+
+    python -m bench.memory --model sd15 --size 64 --frames 8 64 --chunk-size 4 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from backend.models import resolve_device, resolve_dtype
+
+from .measure import MIB, Measurement, measure_once, peak_rss
+from .models import MODEL_KINDS, build_models
+from .workloads import MODES, Workload, diffusers_t2vz_variant, ours_variant
+
+TARGET = 1.2
+VARIANTS = ("ours", "diffusers")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.memory", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--model", choices=MODEL_KINDS, default="sd15")
+    parser.add_argument("--mode", choices=MODES, default="text2video")
+    parser.add_argument("--frames", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--size", type=int, default=64, help="height = width in pixels")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=4, help="our engine's chunk size")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument(
+        "--no-diffusers",
+        action="store_true",
+        help="skip diffusers' TextToVideoZeroPipeline (unchunked, for contrast)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # JSON spec of one measurement
+    return parser.parse_args(argv)
+
+
+def child(spec: dict) -> dict:
+    """Build the models, run one variant once, return its memory and time."""
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    device = resolve_device(spec["device"])
+    dtype = resolve_dtype(spec["dtype"], device)
+    workload = Workload(**spec["workload"])
+    with tempfile.TemporaryDirectory(prefix="t2vz-mem-") as tmp:
+        models = build_models(spec["model"], [workload.mode], device, dtype, Path(tmp))
+        make = ours_variant if spec["variant"] == "ours" else diffusers_t2vz_variant
+        run = make(models, workload)
+        result = Measurement()
+        measure_once(run, device, result)
+    return {
+        "growth_mib": result.growth[0] / MIB,
+        "peak_mib": result.peak[0] / MIB,
+        "process_peak_mib": peak_rss() / MIB if device.type != "cuda" else None,
+        "seconds": result.seconds[0],
+    }
+
+
+def spawn(args: argparse.Namespace, variant: str, workload: Workload) -> dict:
+    spec = {
+        "variant": variant,
+        "workload": asdict(workload),
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "threads": args.threads,
+    }
+    cmd = [sys.executable, "-m", "bench.memory", "--child", json.dumps(spec)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"child {variant} {workload.frames} frames failed:\n{done.stderr[-3000:]}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return 0
+    print("command: python -m bench.memory " + " ".join(sys.argv[1:] if argv is None else argv))
+    variants = ["ours"] + ([] if args.no_diffusers or args.mode != "text2video" else ["diffusers"])
+    rows: dict[tuple[str, int], dict] = {}
+    for variant in variants:
+        for frames in args.frames:
+            chunk = args.chunk_size if variant == "ours" else frames
+            workload = Workload(args.mode, frames, args.size, args.steps, chunk)
+            rows[variant, frames] = spawn(args, variant, workload)
+            r = rows[variant, frames]
+            print(
+                f"  {variant:<10} {frames:4d} frames, chunk {chunk:3d}: growth "
+                f"{r['growth_mib']:9.1f} MiB, peak {r['peak_mib']:9.1f} MiB, {r['seconds']:7.1f} s",
+                flush=True,
+            )
+    return report(rows, variants, args.frames)
+
+
+def report(rows: dict[tuple[str, int], dict], variants: list[str], frames: list[int]) -> int:
+    """Print long / short growth ratios; exit status 1 when ours misses the target."""
+    short, long = min(frames), max(frames)
+    status = 0
+    for variant in variants:
+        ratio = rows[variant, long]["growth_mib"] / max(rows[variant, short]["growth_mib"], 1e-9)
+        verdict = ""
+        if variant == "ours":
+            verdict = "meets" if ratio <= TARGET else "MISSES"
+            verdict = f" ({verdict} the {TARGET}x target)"
+            status = 0 if ratio <= TARGET else 1
+        print(f"  {variant}: growth {long} frames / {short} frames = {ratio:.2f}{verdict}")
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
