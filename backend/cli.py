@@ -203,7 +203,12 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The job dict that ``args`` describe (not yet validated)."""
     job: dict[str, Any] = {}
     if args.job:
-        job = json.loads(Path(args.job).read_text(encoding="utf-8"))
+        try:
+            job = json.loads(Path(args.job).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise JobError("job", f"cannot read job file {args.job}: {exc}") from exc
+        if not isinstance(job, dict):
+            raise JobError("job", f"job file {args.job} must hold a JSON object")
     simple = {
         "mode": args.mode,
         "model": args.model,
@@ -263,13 +268,12 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .runner import JobEvents, run_job
-
     try:
         job = validate_job(job_from_args(args))
     except JobError as exc:
         print(f"error: bad job: {exc}", file=sys.stderr)
         return 2
+    from .runner import JobEvents, run_job  # torch and diffusers: only for a valid job
 
     def progress(step: int, total: int, written: int, frames: int, fraction: float, stage: str):
         print(

@@ -1,0 +1,240 @@
+"""backend/cli.py: ``python -m backend generate`` end to end (subprocesses) and its arguments.
+
+Each generating subprocess pays the torch import (~5-8 s), so there are few of them: one
+per mode, one regeneration from job.json with --frame-range, and the refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from backend.cli import build_parser, job_from_args, main
+from backend.protocol import JobError, validate_job
+from backend.video_io import write_png
+
+Run = Callable[..., subprocess.CompletedProcess]
+SMALL = ["--width", "64", "--height", "64", "--steps", "3", "--device", "cpu"]
+
+
+def generate(run_backend: Run, *args: str) -> subprocess.CompletedProcess:
+    return run_backend("generate", *SMALL, *args)
+
+
+def check_result(out: Path, frames: int) -> tuple[dict, np.ndarray]:
+    """The folder holds the frames, a job.json that validates again, and the latents."""
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == [f"frame_{i:05d}.png" for i in range(1, frames + 1)]
+    for png in pngs:
+        image = cv2.imread(str(out / png))
+        assert image.shape == (64, 64, 3)
+    saved = json.loads((out / "job.json").read_text())
+    job = validate_job(saved)
+    assert job.out == str(out.resolve())
+    latents = np.load(out / "latents.npy")
+    assert latents.shape == (frames, 4, 8, 8) and latents.dtype == np.float32
+    assert not list(out.parent.glob(".*partial*"))
+    return saved, latents
+
+
+@pytest.fixture(scope="module")
+def text2video_run(run_backend: Run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "t2v"
+    proc = generate(
+        run_backend,
+        "--model", "builtin:tiny", "--prompt", "a cat", "--frames", "4",
+        "--seed", "7", "--save-latents", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith(f"wrote 4 frames to {out.resolve()}")
+    return out
+
+
+def test_text2video_end_to_end(text2video_run: Path) -> None:
+    saved, _ = check_result(text2video_run, 4)
+    assert saved["mode"] == "text2video" and saved["seed"] == 7
+    assert saved["motion"] == [12.0, 12.0] and (saved["t0"], saved["t1"]) == (1, 2)
+    assert (text2video_run / "video.mp4").is_file()
+    assert json.loads((text2video_run / "run.json").read_text())["device"] == "cpu"
+
+
+def test_regenerate_a_frame_range_from_job_json(
+    run_backend: Run, text2video_run: Path, tmp_path: Path
+) -> None:
+    """--job job.json reproduces the run; --frame-range 2:3 gives exactly those frames."""
+    out = tmp_path / "shard"
+    proc = run_backend(
+        "generate", "--job", str(text2video_run / "job.json"), "--out", str(out),
+        "--frame-range", "2:3", "--chunk-size", "1", "--no-mp4",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.glob("*.png")) == ["frame_00002.png", "frame_00003.png"]
+    saved = validate_job(json.loads((out / "job.json").read_text()))
+    assert saved.frame_range == [2, 3] and saved.chunk_size == 1 and not saved.write_mp4
+    full = np.load(text2video_run / "latents.npy")
+    np.testing.assert_allclose(np.load(out / "latents.npy"), full[1:3], rtol=1e-5, atol=1e-4)
+
+
+def test_controlnet_end_to_end(run_backend: Run, tmp_path: Path) -> None:
+    control = tmp_path / "control"
+    control.mkdir()
+    for i in range(3):
+        image = np.zeros((64, 64, 3), np.uint8)
+        image[10:50, 5 + 8 * i : 25 + 8 * i] = 255
+        write_png(control / f"c_{i + 1}.png", image)
+    out = tmp_path / "out"
+    proc = generate(
+        run_backend,
+        "--mode", "controlnet", "--model", "builtin:tiny", "--prompt", "a robot",
+        "--controlnet", "builtin:tiny-controlnet:0.8", "--control", str(control),
+        "--detector", "canny", "--frames", "3", "--no-mp4", "--save-latents", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    saved, latents = check_result(out, 3)
+    assert saved["controlnets"] == [
+        {
+            "model": "builtin:tiny-controlnet",
+            "weight": 0.8,
+            "detector": "canny",
+            "control": {"path": str(control), "start": 0, "stride": 1.0},
+        }
+    ]
+    assert saved["motion"] == [0.0, 0.0] and saved["t0"] is None
+    assert not (out / "video.mp4").exists()
+    assert np.abs(latents[1] - latents[0]).max() > 1e-2  # the control video moves
+
+
+def test_pix2pix_end_to_end(run_backend: Run, tmp_path: Path) -> None:
+    movie = tmp_path / "source.mp4"
+    writer = cv2.VideoWriter(str(movie), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (96, 64))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build has no mp4v encoder")
+    for i in range(4):
+        writer.write(np.full((64, 96, 3), 50 * i, np.uint8))
+    writer.release()
+    out = tmp_path / "out"
+    proc = generate(
+        run_backend,
+        "--mode", "pix2pix", "--model", "builtin:tiny-pix2pix", "--prompt", "make it snow",
+        "--video", str(movie), "--frames", "2", "--save-latents", "--no-mp4", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    saved, _ = check_result(out, 2)
+    assert saved["mode"] == "pix2pix" and saved["video"]["path"] == str(movie)
+
+
+def test_existing_out_is_refused_and_untouched(run_backend: Run, tmp_path: Path) -> None:
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "frame_00001.png").write_bytes(b"the user's own file")
+    proc = generate(run_backend, "--model", "builtin:tiny", "--prompt", "x", "--out", str(out))
+    assert proc.returncode == 1
+    assert "already exists" in proc.stderr
+    assert [p.name for p in out.iterdir()] == ["frame_00001.png"]
+    assert (out / "frame_00001.png").read_bytes() == b"the user's own file"
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]
+
+
+def test_a_failing_job_leaves_no_folder(run_backend: Run, tmp_path: Path) -> None:
+    video = tmp_path / "video"
+    video.mkdir()
+    write_png(video / "only.png", np.zeros((64, 64, 3), np.uint8))
+    out = tmp_path / "out"
+    proc = generate(
+        run_backend,
+        "--mode", "pix2pix", "--model", "builtin:tiny-pix2pix", "--prompt", "x",
+        "--video", str(video), "--frames", "3", "--out", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "VideoInputError" in proc.stderr and "1 images" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["video"]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--width", "100"], "width"),
+        (["--steps", "1"], "steps"),
+        (["--frames", "4", "--frame-range", "2:9"], "frame_range[1]"),
+        (["--mode", "controlnet"], "controlnets"),
+        (["--mode", "pix2pix"], "video"),
+        (["--controlnet", "a", "--controlnet", "b", "--control", "c"], "controlnets"),
+        (["--guidance", "-3"], "guidance"),
+    ],
+)
+def test_bad_jobs_exit_2_naming_the_field(
+    run_backend: Run, tmp_path: Path, args: list[str], field: str
+) -> None:
+    out = tmp_path / "out"
+    proc = run_backend("generate", "--prompt", "x", "--out", str(out), *args)
+    assert proc.returncode == 2
+    assert f"error: bad job: {field}: " in proc.stderr
+    assert proc.stdout == "" and not out.exists()
+
+
+def test_bad_job_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"prompt": "x", "out": str(tmp_path / "o"), "colour": "red"}))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    for path, text in (
+        (unknown, "colour: unknown field"),
+        (listed, "must hold a JSON object"),
+        (tmp_path / "missing.json", "cannot read job file"),
+    ):
+        assert main(["generate", "--job", str(path)]) == 2
+        assert text in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def parse(*argv: str) -> dict:
+    return job_from_args(build_parser().parse_args(["generate", *argv]))
+
+
+def test_controlnet_weights_and_paths_with_colons() -> None:
+    job = parse(
+        "--controlnet", "builtin:tiny-controlnet", "--control", "a",
+        "--controlnet", "builtin:tiny-controlnet:0.25", "--control", "b",
+        "--controlnet", "C:\\models\\canny.safetensors", "--control", "c",
+        "--detector", "canny", "--detector", "none", "--detector", "openpose",
+    )  # fmt: skip
+    assert [(c["model"], c["weight"], c["detector"]) for c in job["controlnets"]] == [
+        ("builtin:tiny-controlnet", 1.0, "canny"),
+        ("builtin:tiny-controlnet", 0.25, "none"),
+        ("C:\\models\\canny.safetensors", 1.0, "openpose"),
+    ]
+    with pytest.raises(JobError, match="one per --control"):
+        parse("--controlnet", "m", "--control", "a", "--detector", "canny", "--detector", "none")
+
+
+def test_flags_override_a_job_file_and_new_steps_rescale_t0_t1(tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"prompt": "old", "out": "o", "steps": 50, "t0": 44, "t1": 47}))
+    job = parse("--job", str(path), "--prompt", "new", "--steps", "10")
+    assert job["prompt"] == "new" and "t0" not in job and "t1" not in job
+    assert (validate_job(job).t0, validate_job(job).t1) == (8, 9)  # scaled to 10 steps
+    kept = parse("--job", str(path), "--seed", "3")
+    assert (kept["t0"], kept["t1"], kept["seed"]) == (44, 47, 3)
+
+
+def test_frame_range_and_flags_parse() -> None:
+    job = parse(
+        "--frame-range", "3:5", "--motion", "4", "-2", "--no-mp4", "--smooth-bg",
+        "--save-latents", "--allow-pickle",
+    )  # fmt: skip
+    assert job["frame_range"] == [3, 5] and job["motion"] == [4.0, -2.0]
+    assert job["write_mp4"] is False and job["smooth_bg"] is True
+    assert job["save_latents"] is True and job["allow_pickle"] is True
+    assert "seed" not in job  # unset flags leave the schema's defaults
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["generate", "--frame-range", "3-5"])
+    assert info.value.code == 2
