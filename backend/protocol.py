@@ -398,8 +398,11 @@ REQUESTS = ("generate", "cancel", "shutdown")
 REPLIES = ("ready", "accepted", "progress", "preview", "done", "error", "cancelled")
 
 
-def encode_message(kind: str, **payload: Any) -> str:
-    """One protocol line (no trailing newline) for a message of ``kind``."""
+def encode_message(kind: str, /, **payload: Any) -> str:
+    """One protocol line (no trailing newline) for a message of ``kind``.
+
+    ``kind`` is positional-only: error replies carry a ``kind`` field of their own.
+    """
     if kind not in REQUESTS and kind not in REPLIES:
         raise ValueError(f"unknown message type {kind!r}")
     return json.dumps({"type": kind, **payload}, separators=(",", ":"))

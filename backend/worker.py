@@ -30,7 +30,7 @@ class ProtocolWriter:
         self.stream = stream
         self.lock = threading.Lock()
 
-    def send(self, kind: str, **payload: Any) -> None:
+    def send(self, kind: str, /, **payload: Any) -> None:
         """Send one message."""
         line = encode_message(kind, **payload)
         with self.lock:

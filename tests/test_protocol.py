@@ -232,6 +232,17 @@ def test_messages_round_trip() -> None:
         assert decode_message(encode_message(kind))["type"] == kind
 
 
+def test_error_messages_carry_their_own_kind_field() -> None:
+    line = encode_message("error", id="j1", kind="JobError", message="width: bad", traceback="")
+    assert decode_message(line) == {
+        "type": "error",
+        "id": "j1",
+        "kind": "JobError",
+        "message": "width: bad",
+        "traceback": "",
+    }
+
+
 @pytest.mark.parametrize("line", ["not json", "[1, 2]", '{"type": "explode"}', '{"id": 1}'])
 def test_decode_refuses_non_protocol_lines(line: str) -> None:
     with pytest.raises(ValueError):
