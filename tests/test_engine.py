@@ -123,6 +123,95 @@ def test_prompt_tokens_mask(engine: TextToVideoZero) -> None:
     assert own_empty.sum() == 1  # falls back to the end token
 
 
+# --------------------------------------------------------------------------- vs diffusers
+
+
+def pipeline(cls: Any, base: Any, **extra: Any) -> Any:
+    from diffusers import DDIMScheduler
+
+    return cls(
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        unet=base.unet,
+        scheduler=DDIMScheduler.from_config(base.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **extra,
+    )
+
+
+def x_t(seed: int) -> torch.Tensor:
+    return frame_noise(seed, 0, "x_T", (4, LATENT, LATENT))[None]
+
+
+def test_one_frame_is_plain_stable_diffusion(engine: TextToVideoZero, tiny_base: Any) -> None:
+    """With one frame and no motion the loop is diffusers' own SD loop (CFG, DDIM, text)."""
+    from diffusers import StableDiffusionPipeline
+
+    ours = run(engine, num_frames=1, motion_dynamics=False, seed=3, negative_prompt="ugly")
+    theirs = pipeline(StableDiffusionPipeline, tiny_base)(
+        "a cat",
+        negative_prompt="ugly",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        latents=x_t(3),
+        output_type="latent",
+    ).images
+    close(ours, theirs)
+
+
+def test_one_frame_is_plain_controlnet(
+    cn_engine: TextToVideoZero, tiny_base: Any, tiny_controlnet: Any
+) -> None:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    image = random_image(5)
+    weighted = ControlInput(tiny_controlnet, {0: image}, weight=0.7)
+    ours = run(cn_engine, num_frames=1, motion_dynamics=False, seed=3, controls=[weighted])
+    theirs = pipeline(StableDiffusionControlNetPipeline, tiny_base, controlnet=tiny_controlnet)(
+        "a cat",
+        image=image[None],
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        controlnet_conditioning_scale=0.7,
+        latents=x_t(3),
+        output_type="latent",
+    ).images
+    close(ours, theirs)
+
+
+def test_one_frame_is_plain_instruct_pix2pix(tiny_pix2pix: Any) -> None:
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    image = random_image(6)
+    ours = run(
+        TextToVideoZero(tiny_pix2pix),
+        prompt="make it snow",
+        num_frames=1,
+        motion_dynamics=False,
+        seed=3,
+        image={0: image},
+        guidance_scale=6.0,
+        image_guidance_scale=1.7,
+    )
+    theirs = pipeline(StableDiffusionInstructPix2PixPipeline, tiny_pix2pix)(
+        "make it snow",
+        image=image[None],
+        num_inference_steps=STEPS,
+        guidance_scale=6.0,
+        image_guidance_scale=1.7,
+        latents=x_t(3),
+        output_type="latent",
+    ).images
+    close(ours, theirs)
+
+
 # --------------------------------------------------------------------------- motion dynamics
 
 
@@ -239,6 +328,28 @@ def test_control_images_drive_the_frames(cn_engine: TextToVideoZero, tiny_contro
     close(lat[0], same[0])  # frame 1 sees the same control in both runs
     other = run(cn_engine, motion_dynamics=False, controls=[control(images[1], tiny_controlnet)])
     assert differ(other[0], same[0])
+
+
+def test_every_frame_follows_the_anchor_frame(
+    cn_engine: TextToVideoZero, tiny_controlnet: Any
+) -> None:
+    """Cross-frame attention in the run: frame 1's control changes frames 2..m too."""
+    images = [random_image(50 + k) for k in range(3)]
+    a = run(
+        cn_engine, num_frames=3, motion_dynamics=False, controls=[control(images, tiny_controlnet)]
+    )
+    images[0] = random_image(99)
+    b = run(
+        cn_engine, num_frames=3, motion_dynamics=False, controls=[control(images, tiny_controlnet)]
+    )
+    assert all(differ(a[k], b[k]) for k in range(3))
+    # ... but a later frame never changes an earlier one.
+    images[2] = random_image(98)
+    c = run(
+        cn_engine, num_frames=3, motion_dynamics=False, controls=[control(images, tiny_controlnet)]
+    )
+    close(c[:2], b[:2])
+    assert differ(c[2], b[2])
 
 
 def test_controlnet_chunks_and_weights(cn_engine: TextToVideoZero, tiny_controlnet: Any) -> None:

@@ -116,6 +116,16 @@ def test_frame_range_and_chunks_match_the_full_run(tmp_path: Path, cache: ModelC
     )
 
 
+def test_text2video_motion_moves_frames_2_to_m(tmp_path: Path, cache: ModelCache) -> None:
+    run_job(make_job(tmp_path / "still", motion=[0, 0]), cache)
+    run_job(make_job(tmp_path / "pan", motion=[64, 0]), cache)
+    still, pan = latents(tmp_path / "still"), latents(tmp_path / "pan")
+    np.testing.assert_allclose(pan[0], still[0], rtol=1e-5, atol=1e-4)  # the anchor
+    assert np.abs(pan[1:] - still[1:]).max() > 1e-2
+    # Motion dynamics give every frame its own start, so frames differ even without motion.
+    assert np.abs(still[1] - still[0]).max() > 1e-2
+
+
 def test_existing_output_is_refused_and_untouched(tmp_path: Path, cache: ModelCache) -> None:
     out = tmp_path / "taken"
     out.mkdir()
