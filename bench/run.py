@@ -37,6 +37,7 @@ from .workloads import (
     floor_variant,
     ours_variant,
     plain_sd_variant,
+    text_encoding_variant,
 )
 
 WARM_UP_STEPS = 2  # warm-up runs use every call shape of the real run, with fewer steps
@@ -108,6 +109,7 @@ def variants_for(
         w = replace(workload, chunk_size=c)
         out[f"ours c{c}"] = ours_variant(models, w)
         out[f"floor c{c}"] = floor_variant(models, w)
+    out["text encoding"] = text_encoding_variant(models, workload)
     if not args.no_plain:
         out["plain SD"] = plain_sd_variant(models, workload)
     if workload.mode == "text2video" and not args.no_diffusers and diffusers_t2vz_available():
@@ -125,10 +127,18 @@ def ratio_lines(results: dict[str, Measurement], frames: int, chunk: int) -> lis
 
     def add(label: str, num: str, den: str) -> None:
         if num in results and den in results:
-            lines.append(f"  {label:<34} {results[num].median / results[den].median:6.3f}")
+            lines.append(f"  {label:<42} {results[num].median / results[den].median:6.3f}")
 
     for c in chunk_sizes(frames, chunk):
         add(f"ours / floor (chunk {c})", f"ours c{c}", f"floor c{c}")
+    text = results.get("text encoding")
+    for c in chunk_sizes(frames, chunk):
+        if text is not None and f"ours c{c}" in results:
+            rest = results[f"ours c{c}"].median - text.median
+            lines.append(
+                f"  {f'(ours - text encoding) / floor (chunk {c})':<42} "
+                f"{rest / results[f'floor c{c}'].median:6.3f}"
+            )
     add(f"ours / plain SD (chunk {frames})", f"ours c{frames}", "plain SD")
     for c in chunk_sizes(frames, chunk):
         add(f"diffusers / ours (chunk {c})", f"diffusers c{c}", f"ours c{c}")
