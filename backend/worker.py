@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
 import sys
 import threading
 import traceback
@@ -57,7 +58,8 @@ class Worker:
         self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancel = threading.Event()
         self.current_id: str | None = None
-        # Cancels for jobs still in the queue: they are answered without running.
+        # Jobs waiting in the queue, and those of them cancelled before they started.
+        self.queued_ids: set[str] = set()
         self.cancelled_ids: set[str] = set()
         self.lock = threading.Lock()
         self.cache = ModelCache(max_bases=max_models)
@@ -77,6 +79,9 @@ class Worker:
             if message["type"] == "cancel":
                 self.request_cancel(message.get("id"))
                 continue
+            if message["type"] == "generate":
+                with self.lock:
+                    self.queued_ids.add(str(message.get("id", "")))
             self.requests.put(message)
             if message["type"] == "shutdown":
                 self.cancel.set()
@@ -89,8 +94,9 @@ class Worker:
         with self.lock:
             if job_id is None or job_id == self.current_id:
                 self.cancel.set()
-            else:
+            elif str(job_id) in self.queued_ids:
                 self.cancelled_ids.add(str(job_id))
+            # A cancel for a finished or unknown job has nothing to stop.
 
     def run_one(self, message: dict[str, Any]) -> None:
         """Validate and run one generate request, replying with the outcome."""
@@ -101,9 +107,14 @@ class Worker:
         try:
             job = validate_job(message.get("job"))
         except JobError as exc:
+            with self.lock:
+                self.queued_ids.discard(job_id)
+                self.cancelled_ids.discard(job_id)
             self.writer.send("error", id=job_id, kind="JobError", message=str(exc), traceback="")
             return
         with self.lock:
+            # Leaving the queue and becoming current is one step, so no cancel falls between.
+            self.queued_ids.discard(job_id)
             if job_id in self.cancelled_ids:
                 self.cancelled_ids.discard(job_id)
                 self.writer.send("cancelled", id=job_id)
@@ -173,6 +184,8 @@ class Worker:
 
 def serve(max_models: int = 1, stdin: TextIO | None = None) -> int:
     """Run the worker until ``shutdown`` or the end of stdin."""
+    # SIGTERM unwinds like an error, so a running job removes its partial output.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     writer = ProtocolWriter(_claim_stdout())
     worker = Worker(writer, max_models=max_models)
     reader = threading.Thread(

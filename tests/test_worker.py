@@ -216,3 +216,32 @@ def test_shutdown_ends_the_worker(backend_env: dict, tmp_path: Path) -> None:
     assert w.close() == 0
     stderr = (tmp_path / "stderr.txt").read_text()
     assert "Traceback" not in stderr
+
+
+def test_a_cancel_for_a_finished_job_does_not_cancel_a_later_one(
+    worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """Cancels only reach running or queued jobs; a stale id is not remembered."""
+    worker.send("generate", id="again", job=job(tmp_path / "one"))
+    assert worker.until_terminal("again")[-1]["type"] == "done"
+    worker.send("cancel", id="again")
+    worker.send("generate", id="again", job=job(tmp_path / "two"))
+    assert worker.until_terminal("again")[-1]["type"] == "done"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_sigterm_mid_job_leaves_no_partial_output(backend_env: dict, tmp_path: Path) -> None:
+    """A worker stopped with SIGTERM while denoising removes its staging folder."""
+    w = WorkerProcess(backend_env, tmp_path / "stderr.txt")
+    results = tmp_path / "results"
+    results.mkdir()
+    try:
+        assert w.next()["type"] == "ready"
+        w.send("generate", id="t", job=job(results / "out", frames=8, steps=50))
+        assert w.next()["type"] == "accepted"
+        assert w.next()["type"] == "progress"  # denoising has begun: a staging folder exists
+        w.proc.terminate()
+        assert w.proc.wait(timeout=60) != 0
+    finally:
+        w.close()
+    assert list(results.iterdir()) == []
