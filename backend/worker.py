@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import signal
 import sys
 import threading
 import traceback
@@ -184,8 +183,6 @@ class Worker:
 
 def serve(max_models: int = 1, stdin: TextIO | None = None) -> int:
     """Run the worker until ``shutdown`` or the end of stdin."""
-    # SIGTERM unwinds like an error, so a running job removes its partial output.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     writer = ProtocolWriter(_claim_stdout())
     worker = Worker(writer, max_models=max_models)
     reader = threading.Thread(
