@@ -16,28 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-POSE_FORMAT = "openpose18"
-
-KEYPOINT_NAMES = (
-    "nose",
-    "neck",
-    "r_shoulder",
-    "r_elbow",
-    "r_wrist",
-    "l_shoulder",
-    "l_elbow",
-    "l_wrist",
-    "r_hip",
-    "r_knee",
-    "r_ankle",
-    "l_hip",
-    "l_knee",
-    "l_ankle",
-    "r_eye",
-    "l_eye",
-    "r_ear",
-    "l_ear",
-)
+from .protocol import KEYPOINT_NAMES, POSE_FORMAT
 
 # Limbs as (keypoint, keypoint) pairs, 0-based, in the annotator's drawing order.
 LIMBS = (

@@ -30,6 +30,31 @@ DEFAULT_MOTION = (12.0, 12.0)
 # Official t0/t1 for 50 DDIM steps; ``resolve_t0_t1`` scales them to other step counts.
 DEFAULT_T0, DEFAULT_T1, DEFAULT_T_STEPS = 44, 47, 50
 
+# OpenPose keypoint files (a control path ending in .json): {"format": POSE_FORMAT,
+# "frames": [[person, ...], ...]}, a person being 18 entries in KEYPOINT_NAMES order, each
+# null (left out) or [x, y] normalised to the frame (x right, y down, 0..1).
+POSE_FORMAT = "openpose18"
+KEYPOINT_NAMES = (
+    "nose",
+    "neck",
+    "r_shoulder",
+    "r_elbow",
+    "r_wrist",
+    "l_shoulder",
+    "l_elbow",
+    "l_wrist",
+    "r_hip",
+    "r_knee",
+    "r_ankle",
+    "l_hip",
+    "l_knee",
+    "l_ankle",
+    "r_eye",
+    "l_eye",
+    "r_ear",
+    "l_ear",
+)
+
 MAX_SIDE = 4096
 MAX_FRAMES = 100_000
 

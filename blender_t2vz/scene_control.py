@@ -38,27 +38,12 @@ import numpy as np
 from bpy.props import EnumProperty, PointerProperty, StringProperty
 from bpy_extras.object_utils import world_to_camera_view
 
-KEYPOINT_NAMES = (
-    "nose",
-    "neck",
-    "r_shoulder",
-    "r_elbow",
-    "r_wrist",
-    "l_shoulder",
-    "l_elbow",
-    "l_wrist",
-    "r_hip",
-    "r_knee",
-    "r_ankle",
-    "l_hip",
-    "l_knee",
-    "l_ankle",
-    "r_eye",
-    "l_eye",
-    "r_ear",
-    "l_ear",
-)
-POSE_FORMAT = "openpose18"
+from . import backend_paths
+
+# The keypoint file contract lives in the backend's protocol module (stdlib only).
+_PROTOCOL = backend_paths.load_protocol()
+KEYPOINT_NAMES = _PROTOCOL.KEYPOINT_NAMES
+POSE_FORMAT = _PROTOCOL.POSE_FORMAT
 KINDS = ("depth", "openpose", "canny", "lines", "edges")
 # Cycles writes this Z where a ray hits nothing.
 BACKGROUND_Z = 1e9
