@@ -166,25 +166,29 @@ class TextToVideoZero:
     # ------------------------------------------------------------------ text
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 77, dim) text embeddings and the (77,) mask of the prompt's own tokens."""
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompts, 77, dim) text embeddings in one encoder call, and (prompts, 77) masks of
+        each prompt's own tokens (no start, end or padding)."""
         tokenizer = self.base.tokenizer
-        tokens = tokenizer(
-            prompt,
+        limit = tokenizer.model_max_length
+        ids = tokenizer(
+            list(prompts),
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=limit,
             truncation=True,
             return_tensors="pt",
-        )
-        ids = tokens.input_ids
-        full = tokenizer(prompt, truncation=False).input_ids
-        if len(full) > tokenizer.model_max_length:
-            log.warning("prompt is longer than %d tokens; the rest is cut off", len(ids[0]))
+        ).input_ids  # (prompts, 77)
+        lengths = [len(full) for full in tokenizer(list(prompts), truncation=False).input_ids]
+        if max(lengths) > limit:
+            log.warning("a prompt is longer than %d tokens; the rest is cut off", limit)
         embeds = self.base.text_encoder(ids.to(self.device))[0].to(self.dtype)
-        special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
-        own = torch.tensor([int(t) not in special for t in ids[0]])
-        if not own.any():  # an empty prompt: fall back to the end token's map
-            own[min(len(full), ids.shape[1]) - 1] = True
+        special = torch.tensor(
+            [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+        )
+        own = ~torch.isin(ids, special)  # (prompts, 77)
+        for row, length in zip(own, lengths, strict=True):
+            if not row.any():  # an empty prompt: fall back to the end token's map
+                row[min(length, limit) - 1] = True
         return embeds, own
 
     # ------------------------------------------------------------------ model calls
@@ -283,19 +287,19 @@ class TextToVideoZero:
         shift = latent_shift(motion, lat_w, lat_h)
 
         # Text and guidance branches: (uncond, cond), or (text+image, image, none) for Pix2Pix.
-        cond, own_tokens = self.encode_prompt(prompt)
         pix2pix = image is not None
         if pix2pix:
             do_cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
-            uncond = self.encode_prompt(negative_prompt)[0]
-            embeds = torch.cat([cond, uncond, uncond]) if do_cfg else cond
-            branches = 3 if do_cfg else 1
-            cond_branch = 0
+            encoded, own = self.encode_prompts([prompt, negative_prompt] if do_cfg else [prompt])
+            embeds = encoded[[0, 1, 1]] if do_cfg else encoded
+            branches, cond_branch = (3 if do_cfg else 1), 0
         else:
             do_cfg = guidance_scale > 1.0
-            embeds = torch.cat([self.encode_prompt(negative_prompt)[0], cond]) if do_cfg else cond
+            encoded, own = self.encode_prompts([negative_prompt, prompt] if do_cfg else [prompt])
+            embeds = encoded
             branches = 2 if do_cfg else 1
             cond_branch = branches - 1
+        own_tokens = own[cond_branch]
         guidance = (guidance_scale, image_guidance_scale)
         image_latents = self._encode_images(image, plan.processed) if pix2pix else None
 

@@ -118,8 +118,7 @@ def text_encoding_variant(models: BenchModels, workload: Workload) -> Runner:
     engine = TextToVideoZero(workload.base(models))
 
     def run() -> None:
-        engine.encode_prompt(PROMPT)
-        engine.encode_prompt("")
+        engine.encode_prompts(["", PROMPT])
 
     return run
 

@@ -116,11 +116,13 @@ def test_prompt_changes_the_result(engine: TextToVideoZero, reference: torch.Ten
 
 
 def test_prompt_tokens_mask(engine: TextToVideoZero) -> None:
-    embeds, own = engine.encode_prompt("cat")
-    assert embeds.shape == (1, 77, 32)
-    assert own.shape == (77,) and own.sum() == 3  # one token per character in the tiny vocab
-    _, own_empty = engine.encode_prompt("")
-    assert own_empty.sum() == 1  # falls back to the end token
+    embeds, own = engine.encode_prompts(["cat", ""])
+    assert embeds.shape == (2, 77, 32)
+    assert own.shape == (2, 77)
+    assert own[0].sum() == 3  # one token per character in the tiny vocab
+    assert own[1].sum() == 1  # an empty prompt falls back to the end token
+    alone, _ = engine.encode_prompts(["cat"])
+    torch.testing.assert_close(alone[0], embeds[0])  # batching does not change a prompt
 
 
 # --------------------------------------------------------------------------- vs diffusers
