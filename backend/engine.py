@@ -331,7 +331,8 @@ class TextToVideoZero:
             # x_T: frame 1's noise; ControlNet and Pix2Pix start every frame from it (Sect. 3.4).
             x_first = frame_noise(seed, 0, "x_T", shape).to(self.device, self.dtype)
             x_first = x_first * scheduler.init_noise_sigma
-            latents: dict[int, torch.Tensor] = {}
+            others = plan.processed[1:]  # every processed frame but the anchor
+            others_shift = motion_shifts(others, shift)  # (frames - 1, 2) latent pixels
 
             if plan.motion_phase:
                 # Sect. 3.3.1: DDIM backward on frame 1 alone, T -> t1 -> t0.
@@ -347,67 +348,52 @@ class TextToVideoZero:
                         x_first_t1 = x_first
                     report(i + 1)
                 # Warp x_t0^1 by delta^k for every other frame, then DDPM-forward t0 -> t1.
-                others = [f for f in plan.processed if f != 0]
+                latents = torch.cat([x_first_t1, x_first.expand(len(others), *shape)])
+                # (frames, 4, h, w), in plan.processed order
                 if others:
-                    warped = translate_latents(
-                        x_first.expand(len(others), *shape), motion_shifts(others, shift)
-                    )  # (frames - 1, 4, h, w)
                     alphas = scheduler.alphas_cumprod
                     a_t0 = float(alphas[int(timesteps[t0_index])])
                     a_t1 = float(alphas[int(timesteps[plan.joint_start])])
-                    for f, x in zip(others, warped, strict=True):
-                        eps = frame_noise(seed, f, "t0_to_t1", shape)
-                        latents[f] = ddpm_jump(x, a_t0, a_t1, eps)
-                latents[0] = x_first_t1[0]
+                    eps = torch.stack([frame_noise(seed, f, "t0_to_t1", shape) for f in others])
+                    warped = translate_latents(latents[1:], others_shift)
+                    latents[1:] = ddpm_jump(warped, a_t0, a_t1, eps)
             else:
-                for f in plan.processed:
-                    latents[f] = x_first.clone()
+                latents = x_first.expand(len(plan.processed), *shape).clone()
+                # (frames, 4, h, w): every frame starts from the anchor's x_T
 
             # Sect. 3.3.2 / 3.4 / 3.5: all frames jointly, cross-frame attention to frame 1.
             joint_steps = num_inference_steps - plan.joint_start
             record_until = plan.joint_start + max(1, round(joint_steps * MASK_RECORD_FRACTION))
-            fg_masks = _masks_to_latent(masks, (lat_h, lat_w)) if masks is not None else None
+            fg_masks = None
+            if masks is not None:
+                fg_masks = _stack_masks(_masks_to_latent(masks, (lat_h, lat_w)), others)
             for i in range(plan.joint_start, num_inference_steps):
                 t = timesteps[i]
                 if recorder is not None:
                     recorder.active = i < record_until
+                start = 0
                 for n, chunk in enumerate(plan.chunks):
                     state.capture = n == 0
                     if recorder is not None:
                         recorder.frame_ids = chunk
-                    x = torch.stack([latents[f] for f in chunk])  # (chunk, 4, h, w)
-                    noise = predict(x, t, chunk)
-                    x = scheduler.step(noise, t, x).prev_sample
-                    for f, xf in zip(chunk, x, strict=True):
-                        latents[f] = xf
+                    rows = slice(start, start + len(chunk))  # chunks are runs of processed
+                    noise = predict(latents[rows], t, chunk)
+                    latents[rows] = scheduler.step(noise, t, latents[rows]).prev_sample
+                    start += len(chunk)
                     report(i + 1)
                 state.clear()
                 if recorder is not None and i + 1 == record_until:
                     recorder.active = False  # the processors keep it: stop recording for good
-                    fg_masks = _attention_masks(recorder.maps)
+                    fg_masks = _stack_masks(_attention_masks(recorder.maps), others)
                     recorder = None
-                if smooth_bg and fg_masks is not None and i + 1 < num_inference_steps:
+                if smooth_bg and fg_masks is not None and others and i + 1 < num_inference_steps:
                     # Sect. 3.3.3: blend each background toward frame 1, warped to frame k.
-                    self._smooth(latents, fg_masks, shift, smooth_alpha)
+                    anchor = latents[:1].expand(len(others), *shape)
+                    warped = translate_latents(anchor, others_shift)
+                    latents[1:] = smooth_background(latents[1:], warped, fg_masks, smooth_alpha)
 
-        return torch.stack([latents[f] for f in plan.frame_ids]).float()
-
-    def _smooth(
-        self,
-        latents: dict[int, torch.Tensor],
-        fg_masks: dict[int, torch.Tensor],
-        shift: tuple[float, float],
-        alpha: float,
-    ) -> None:
-        others = [f for f in latents if f != 0]
-        if not others:
-            return
-        anchor = latents[0].expand(len(others), *latents[0].shape)
-        warped = translate_latents(anchor, motion_shifts(others, shift))
-        x = torch.stack([latents[f] for f in others])
-        m = torch.stack([fg_masks[f] for f in others])
-        for f, xf in zip(others, smooth_background(x, warped, m, alpha), strict=True):
-            latents[f] = xf
+        rows = [plan.processed.index(f) for f in plan.frame_ids]
+        return latents[rows].float()
 
     # ------------------------------------------------------------------ VAE
 
@@ -477,6 +463,13 @@ def _masks_to_latent(
         small = F.interpolate(m[None].float(), size=size, mode="area")[0]  # (1, h, w)
         out[f] = (small >= 0.5).float()
     return out
+
+
+def _stack_masks(masks: dict[int, torch.Tensor], frames: list[int]) -> torch.Tensor:
+    """(frames, 1, h, w) masks of ``frames`` in order."""
+    if not frames:
+        return torch.zeros(0)
+    return torch.stack([masks[f] for f in frames])
 
 
 def _attention_masks(maps: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -245,18 +245,20 @@ def test_motion_phase_warps_frame_k_by_k_times_the_shift(
     x_t0 = source[0]
     assert all(torch.equal(s, x_t0) for s in source)
 
-    assert len(jumps) == FRAMES - 1
+    assert len(jumps) == 1  # one batched DDPM jump for frames 2..4
+    x_warped, a0, a1, noise = jumps[0]
+    assert x_warped.shape[0] == noise.shape[0] == FRAMES - 1
     scheduler = engine_module._ddim(engine.base.scheduler_config)
     scheduler.set_timesteps(steps)
     alphas, timesteps = scheduler.alphas_cumprod, scheduler.timesteps
     a_t0 = float(alphas[int(timesteps[steps - t0 - 1])])
     a_t1 = float(alphas[int(timesteps[steps - t1 - 1])])
     assert a_t1 < a_t0
-    for k, (x, a0, a1, noise) in enumerate(jumps, start=1):
+    assert (a0, a1) == pytest.approx((a_t0, a_t1))
+    for k, (x, eps) in enumerate(zip(x_warped, noise, strict=True), start=1):
         # Content moves k latent pixels left: out(x) = in(x + k).
         assert torch.equal(x[:, :, : LATENT - k], x_t0[:, :, k:])
-        assert (a0, a1) == pytest.approx((a_t0, a_t1))
-        assert torch.equal(noise, frame_noise(5, k, "t0_to_t1", (4, LATENT, LATENT)))
+        assert torch.equal(eps, frame_noise(5, k, "t0_to_t1", (4, LATENT, LATENT)))
 
 
 @pytest.mark.parametrize("steps", [2, 3, 7])
