@@ -64,7 +64,8 @@ class ControlInput:
     """A loaded ControlNet with its control frames for the frames being generated."""
 
     model: torch.nn.Module
-    # frame index -> (3, H, W) float tensor in [0, 1]
+    # frame index -> (3, H, W) image: uint8 in [0, 255] (a quarter of float's memory for
+    # long videos) or float in [0, 1]
     frames: dict[int, torch.Tensor]
     weight: float = 1.0
 
@@ -216,7 +217,8 @@ class TextToVideoZero:
 
         down_residuals = mid_residual = None
         for control, controlnet in zip(controls, self.controlnets, strict=True):
-            cond = torch.stack([control.frames[f] for f in frames]).to(self.device, self.dtype)
+            cond = _unit_range(torch.stack([control.frames[f] for f in frames]))
+            cond = cond.to(self.device, self.dtype)
             cond = cond.repeat(branches, 1, 1, 1)  # (branches * frames, 3, H, W)
             down, mid = controlnet(
                 model_input,
@@ -271,8 +273,8 @@ class TextToVideoZero:
     ) -> torch.Tensor:
         """Generate and return the final latents of ``frame_ids``: (frames, 4, H/8, W/8) fp32.
 
-        ``image`` (pix2pix) maps frame index -> (3, H, W) source frame in [0, 1];
-        ``masks`` maps frame index -> (1, H, W) foreground mask in [0, 1].
+        ``image`` (pix2pix) maps frame index -> (3, H, W) source frame (uint8, or float in
+        [0, 1]); ``masks`` maps frame index -> (1, H, W) foreground mask in [0, 1].
         """
         frame_ids = list(range(num_frames)) if frame_ids is None else list(frame_ids)
         self.check_inputs(prompt, height, width, num_frames, frame_ids, controls, image)
@@ -405,7 +407,8 @@ class TextToVideoZero:
         out = {}
         for i in range(0, len(frames), batch):
             part = frames[i : i + batch]
-            pixels = torch.stack([image[f] for f in part]).to(self.device, self.dtype) * 2 - 1
+            pixels = _unit_range(torch.stack([image[f] for f in part]))
+            pixels = pixels.to(self.device, self.dtype) * 2 - 1
             encoded = self.base.vae.encode(pixels).latent_dist.mode()  # (part, 4, h, w)
             out.update(zip(part, encoded, strict=True))
         return out
@@ -421,6 +424,11 @@ class TextToVideoZero:
 
 
 _SCHEDULERS: dict[str, object] = {}  # scheduler config (JSON) -> unused DDIM scheduler
+
+
+def _unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Images as floats in [0, 1]: uint8 ones are scaled, float ones kept."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images
 
 
 def _ddim(config: dict):

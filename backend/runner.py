@@ -61,8 +61,8 @@ class JobResult:
 
 
 def _to_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 -> (3, H, W) float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255.0
+    """(H, W, 3) uint8 -> (3, H, W) uint8: the engine scales it per chunk."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
 def run_job(

@@ -371,6 +371,24 @@ def test_controlnet_chunks_and_weights(cn_engine: TextToVideoZero, tiny_controln
     assert differ(run(cn_engine, motion_dynamics=False, controls=[weak]), full)
 
 
+def test_uint8_images_are_read_as_their_float_values(
+    cn_engine: TextToVideoZero, tiny_controlnet: Any, tiny_pix2pix: Any
+) -> None:
+    """Control and source frames may come as uint8 (how the runner keeps long videos)."""
+    as_bytes = [(random_image(60 + k) * 255).round().to(torch.uint8) for k in range(FRAMES)]
+    as_floats = [b.float() / 255 for b in as_bytes]
+    kwargs = {"motion_dynamics": False}
+    close(
+        run(cn_engine, controls=[control(as_bytes, tiny_controlnet)], **kwargs),
+        run(cn_engine, controls=[control(as_floats, tiny_controlnet)], **kwargs),
+    )
+    p2p = TextToVideoZero(tiny_pix2pix)
+    close(
+        run(p2p, image=dict(enumerate(as_bytes)), **kwargs),
+        run(p2p, image=dict(enumerate(as_floats)), **kwargs),
+    )
+
+
 # --------------------------------------------------------------------------- Pix2Pix
 
 
