@@ -487,13 +487,5 @@ classes = (
 )
 
 
-def register() -> None:
-    """Register the operators."""
-    for cls in classes:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    """Unregister the operators."""
-    for cls in reversed(classes):
-        bpy.utils.unregister_class(cls)
+# Registers the classes in order and unregisters them in reverse.
+register, unregister = bpy.utils.register_classes_factory(classes)

@@ -215,13 +215,5 @@ def _wrap(text: str, width: int) -> list[str]:
 classes = (T2VZ_UL_controlnets, T2VZ_PT_main, T2VZ_PT_controlnets, T2VZ_PT_settings, T2VZ_PT_output)
 
 
-def register() -> None:
-    """Register the panels."""
-    for cls in classes:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    """Unregister the panels."""
-    for cls in reversed(classes):
-        bpy.utils.unregister_class(cls)
+# Registers the classes in order and unregisters them in reverse.
+register, unregister = bpy.utils.register_classes_factory(classes)
