@@ -48,6 +48,21 @@ class BaseModel:
         """4 for text-to-image models, 8 for InstructPix2Pix-style models."""
         return int(self.unet.config.in_channels)
 
+    def pipeline_components(self) -> dict[str, Any]:
+        """Keyword arguments for a diffusers SD pipeline on these components (DDIM, no checker)."""
+        from diffusers import DDIMScheduler
+
+        return {
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "unet": self.unet,
+            "scheduler": DDIMScheduler.from_config(self.scheduler_config),
+            "safety_checker": None,
+            "feature_extractor": None,
+            "requires_safety_checker": False,
+        }
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent pixel (8 for SD)."""

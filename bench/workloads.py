@@ -193,21 +193,6 @@ def _quiet_diffusers() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def _components(base: BaseModel) -> dict:
-    from diffusers import DDIMScheduler
-
-    return dict(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
 def _seeded(workload: Workload) -> torch.Generator:
     return torch.Generator().manual_seed(workload.seed)
 
@@ -231,15 +216,17 @@ def plain_sd_variant(models: BenchModels, workload: Workload) -> Runner:
     )
     prompts = [PROMPT] * workload.frames
     if workload.mode == "controlnet":
-        pipe = StableDiffusionControlNetPipeline(controlnet=models.controlnet, **_components(base))
+        pipe = StableDiffusionControlNetPipeline(
+            controlnet=models.controlnet, **base.pipeline_components()
+        )
         common["image"] = torch.stack(list(_frames(workload, 1).values()))
     elif workload.mode == "pix2pix":
-        pipe = StableDiffusionInstructPix2PixPipeline(**_components(base))
+        pipe = StableDiffusionInstructPix2PixPipeline(**base.pipeline_components())
         common["image"] = torch.stack(list(_frames(workload, 2).values()))
         common["image_guidance_scale"] = IMAGE_GUIDANCE
         del common["height"], common["width"]
     else:
-        pipe = StableDiffusionPipeline(**_components(base))
+        pipe = StableDiffusionPipeline(**base.pipeline_components())
     pipe.set_progress_bar_config(disable=True)
     return lambda: pipe(
         prompts, negative_prompt=[""] * workload.frames, generator=_seeded(workload), **common
@@ -269,7 +256,7 @@ def diffusers_t2vz_variant(models: BenchModels, workload: Workload) -> Runner:
     from diffusers import TextToVideoZeroPipeline
 
     _quiet_diffusers()
-    pipe = TextToVideoZeroPipeline(**_components(workload.base(models)))
+    pipe = TextToVideoZeroPipeline(**workload.base(models).pipeline_components())
     pipe.set_progress_bar_config(disable=True)
     t0, t1 = workload.t0_t1
     chunks = diffusers_chunks(workload.frames, workload.chunk_size)

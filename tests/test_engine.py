@@ -129,19 +129,7 @@ def test_prompt_tokens_mask(engine: TextToVideoZero) -> None:
 
 
 def pipeline(cls: Any, base: Any, **extra: Any) -> Any:
-    from diffusers import DDIMScheduler
-
-    return cls(
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        unet=base.unet,
-        scheduler=DDIMScheduler.from_config(base.scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        **extra,
-    )
+    return cls(**base.pipeline_components(), **extra)
 
 
 def x_t(seed: int) -> torch.Tensor:
