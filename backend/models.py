@@ -295,7 +295,9 @@ def _load_single_file(path: str, pix2pix: bool, config: str | None, dtype: torch
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
-            f"could not load single-file checkpoint {path} with configs from {config_name!r}: {exc}"
+            f"could not load single-file checkpoint {path} with configs from {config_name!r}: "
+            f"{exc} (offline, or another architecture? give --model-config / model_config a "
+            "local diffusers folder of the same architecture)"
         ) from exc
     return {
         "tokenizer": pipeline.tokenizer,
