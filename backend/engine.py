@@ -57,6 +57,8 @@ class Callbacks:
 
     progress: Callable[[int, int, float], None] | None = None  # (step, total steps, fraction)
     should_cancel: Callable[[], bool] | None = None
+    # After each joint step: (step, frame 1's predicted clean latent, (1, 4, h, w)).
+    anchor_preview: Callable[[int, torch.Tensor], None] | None = None
 
 
 @dataclass
@@ -380,10 +382,15 @@ class TextToVideoZero:
                         recorder.frame_ids = chunk
                     rows = slice(start, start + len(chunk))  # chunks are runs of processed
                     noise = predict(latents[rows], t, chunk)
-                    latents[rows] = scheduler.step(noise, t, latents[rows]).prev_sample
+                    stepped = scheduler.step(noise, t, latents[rows])
+                    latents[rows] = stepped.prev_sample
+                    if n == 0:
+                        anchor_x0 = stepped.pred_original_sample[:1]  # (1, 4, h, w)
                     start += len(chunk)
                     report(i + 1)
                 state.clear()
+                if callbacks.anchor_preview is not None:
+                    callbacks.anchor_preview(i + 1, anchor_x0)
                 if recorder is not None and i + 1 == record_until:
                     recorder.active = False  # the processors keep it: stop recording for good
                     fg_masks = _stack_masks(_attention_masks(recorder.maps), others)

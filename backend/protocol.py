@@ -416,7 +416,8 @@ REQUESTS = ("generate", "cancel", "shutdown")
 #   ready      {"version", "pid"}                       once, when the worker starts
 #   accepted   {"id"}                                   the job passed validation
 #   progress   {"id", "step", "total", "frames_done", "frames_total", "fraction", "stage"}
-#   preview    {"id", "frame", "path"}                  a finished frame on disk
+#   preview    {"id", "frame", "path"}                  a frame on disk: finished, or frame 1
+#                                                     forming while denoising (valid until done)
 #   done       {"id", "out", "frames": [paths]}
 #   error      {"id", "kind", "message", "traceback"}   kind: the exception's class name
 #   cancelled  {"id"}

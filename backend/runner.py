@@ -48,6 +48,44 @@ class JobEvents:
     # (0-based frame index, path of the written frame; valid until the job ends)
     preview: Callable[[int, str], None] | None = None
     should_cancel: Callable[[], bool] | None = None
+    # While denoising, also preview frame 1 as it forms, at most every this many seconds
+    # (and never spending more than 1/20 of the time on it); None: finished frames only.
+    preview_every: float | None = None
+
+
+class DenoisingPreview:
+    """Decodes frame 1's predicted clean latent now and then while the job denoises.
+
+    Files are ``.preview-STEP.png`` in the staging folder; the last two are kept (the
+    add-on may still be loading the older one) and all are removed before the result lands.
+    """
+
+    def __init__(self, engine: TextToVideoZero, folder: Path, events: JobEvents):
+        self.engine = engine
+        self.folder = folder
+        self.events = events
+        self.due = time.perf_counter() + (events.preview_every or 0.0)
+        self.files: list[Path] = []
+
+    def __call__(self, step: int, latent: torch.Tensor) -> None:
+        """Engine callback: decode and announce a preview when one is due."""
+        if self.events.preview is None or time.perf_counter() < self.due:
+            return
+        started = time.perf_counter()
+        path = self.folder / f".preview-{step:04d}.png"
+        write_png(path, self.engine.decode(latent)[0].numpy())
+        self.files.append(path)
+        while len(self.files) > 2:
+            self.files.pop(0).unlink(missing_ok=True)
+        self.events.preview(0, str(path))
+        spent = time.perf_counter() - started
+        self.due = time.perf_counter() + max(self.events.preview_every or 0.0, 20 * spent)
+
+    def remove_files(self) -> None:
+        """Delete the preview files (before the folder becomes the result)."""
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        self.files.clear()
 
 
 @dataclass
@@ -122,6 +160,9 @@ def run_job(
     engine = TextToVideoZero(base, controlnets)
     motion = job.effective_motion
     with staged_output(out) as staging:
+        previews = None
+        if events.preview_every is not None:
+            previews = DenoisingPreview(engine, staging, events)
         latents = engine(
             prompt=job.prompt,
             negative_prompt=job.negative_prompt,
@@ -143,8 +184,12 @@ def run_job(
             controls=controls,
             image=image,
             image_guidance_scale=job.image_guidance,
-            callbacks=Callbacks(progress=on_step, should_cancel=events.should_cancel),
+            callbacks=Callbacks(
+                progress=on_step, should_cancel=events.should_cancel, anchor_preview=previews
+            ),
         )
+        if previews is not None:
+            previews.remove_files()
         written = []
         for start in range(0, total_frames, DECODE_SLICE):
             if events.should_cancel is not None and events.should_cancel():

@@ -22,6 +22,9 @@ from .protocol import JobError, decode_message, encode_message, validate_job
 
 log = logging.getLogger(__name__)
 
+# The add-on shows frame 1 forming while a job denoises, refreshed at most this often.
+DENOISING_PREVIEW_SECONDS = 2.0
+
 
 class ProtocolWriter:
     """Writes protocol lines to the real stdout, one whole line at a time."""
@@ -137,7 +140,12 @@ class Worker:
         def preview(frame, path):
             self.writer.send("preview", id=job_id, frame=frame + 1, path=path)
 
-        events = JobEvents(progress=progress, preview=preview, should_cancel=self.cancel.is_set)
+        events = JobEvents(
+            progress=progress,
+            preview=preview,
+            should_cancel=self.cancel.is_set,
+            preview_every=DENOISING_PREVIEW_SECONDS,
+        )
         try:
             result = run_job(job, self.cache, events)
         except Cancelled:

@@ -96,6 +96,27 @@ def test_text2video_job_writes_a_reproducible_result(tmp_path: Path, cache: Mode
     assert events[-1][2:4] == (3, 3)  # frames written / total
 
 
+def test_denoising_previews_show_frame_1_forming_and_leave_no_files(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    out = tmp_path / "run"
+    seen: list[tuple[int, str, bool]] = []
+    job = make_job(out, steps=4)
+    run_job(
+        job,
+        cache,
+        JobEvents(
+            preview=lambda f, p: seen.append((f, p, Path(p).is_file())),
+            preview_every=0.0,  # as often as the 1/20-of-the-time budget allows
+        ),
+    )
+    denoising = [(f, p, ok) for f, p, ok in seen if Path(p).name.startswith(".preview-")]
+    assert denoising, "no preview while denoising"
+    assert all(f == 0 and ok for f, _, ok in denoising)
+    assert seen.index(denoising[-1]) < len(seen) - 3  # before the 3 finished frames
+    assert not list(out.glob(".preview-*"))  # none of them lands in the result
+
+
 def test_second_job_reuses_the_loaded_models(tmp_path: Path, tiny_models: dict) -> None:
     cache = ModelCache()
     run_job(make_job(tmp_path / "a", frames=2), cache)
