@@ -86,15 +86,22 @@ class GenerationPlan:
     evaluations: int = field(init=False)  # frame evaluations of the UNet, for progress
 
     def __post_init__(self) -> None:
-        joint = self.steps - self.joint_start
-        self.evaluations = joint * len(self.processed) + (
-            self.steps - self.t0 - 1 if self.motion_phase else 0
-        )
+        self.evaluations = sum(self.model_calls())
+
+    @property
+    def anchor_steps(self) -> int:
+        """DDIM steps frame 1 runs alone (T -> t1 -> t0) before the others exist."""
+        return self.steps - self.t0 - 1 if self.motion_phase else 0
 
     @property
     def joint_start(self) -> int:
         """Index of the first DDIM step that denoises all frames together."""
         return self.steps - self.t1 - 1 if self.motion_phase else 0
+
+    def model_calls(self) -> list[int]:
+        """Frames in each UNet call, in the order the loop makes them."""
+        joint = [len(chunk) for _ in range(self.joint_start, self.steps) for chunk in self.chunks]
+        return [1] * self.anchor_steps + joint
 
 
 def plan_generation(
@@ -340,7 +347,7 @@ class TextToVideoZero:
 
             if plan.motion_phase:
                 # Sect. 3.3.1: DDIM backward on frame 1 alone, T -> t1 -> t0.
-                t0_index = num_inference_steps - plan.t0 - 1
+                t0_index = plan.anchor_steps  # step index of x_t0
                 x_first = x_first[None]  # (1, 4, h, w)
                 x_first_t1 = x_first if plan.joint_start == 0 else None
                 for i in range(t0_index):

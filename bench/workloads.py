@@ -137,9 +137,7 @@ def call_batches(workload: Workload) -> list[int]:
     plan = plan_generation(
         range(workload.frames), workload.chunk_size, workload.steps, workload.motion, t0, t1
     )
-    alone = [1] * (workload.steps - t0 - 1) if workload.motion else []
-    joint = workload.steps - plan.joint_start
-    return alone + [len(chunk) for _ in range(joint) for chunk in plan.chunks]
+    return plan.model_calls()
 
 
 def floor_variant(models: BenchModels, workload: Workload) -> Runner:
