@@ -94,13 +94,19 @@ class CrossFrameAttnProcessor:
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         # (branches * frames, tokens, inner)
-        out = out.to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if spatial_shape is not None:
-            out = out.transpose(-1, -2).reshape(spatial_shape)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return _project_out(attn, out.to(query.dtype), residual, spatial_shape)
+
+
+def _project_out(
+    attn, out: torch.Tensor, residual: torch.Tensor, spatial_shape: torch.Size | None = None
+) -> torch.Tensor:
+    """The attention layer's output projection, residual and rescale, as diffusers does."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if spatial_shape is not None:
+        out = out.transpose(-1, -2).reshape(spatial_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
 
 
 class CrossAttnMapRecorder:
@@ -171,10 +177,7 @@ class RecordingCrossAttnProcessor:
         probs = (query @ key.transpose(-1, -2) * attn.scale).softmax(-1)  # (b, heads, tokens, text)
         self.recorder.add(probs, self.state.branches)
         out = (probs @ value).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return _project_out(attn, out, residual)
 
 
 def _is_self_attention(name: str) -> bool:
