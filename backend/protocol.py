@@ -274,7 +274,7 @@ def resolve_t0_t1(steps: int, t0: int | None = None, t1: int | None = None) -> t
     if t0 is None:
         before_t0 = round(steps * (DEFAULT_T_STEPS - DEFAULT_T0 - 1) / DEFAULT_T_STEPS)
         t0 = min(steps - 1 - before_t0, t1 - 1)
-    if not 0 <= t1 <= steps - 1:
+    if not 1 <= t1 <= steps - 1:
         raise JobError("t1", f"must be between 1 and steps - 1 = {steps - 1}, got {t1}")
     if not 0 <= t0 < t1:
         raise JobError("t0", f"must be at least 0 and below t1 = {t1}, got {t0}")
