@@ -24,12 +24,12 @@ from .models import ModelCache, resolve_device, resolve_dtype
 from .protocol import Job
 from .tiny import BUILTIN_PREFIX
 from .video_io import (
+    Mp4Writer,
     OutputExistsError,
     frame_name,
     read_frames,
     read_masks,
     staged_output,
-    write_mp4,
     write_png,
 )
 
@@ -191,24 +191,33 @@ def run_job(
         if previews is not None:
             previews.remove_files()
         written = []
-        for start in range(0, total_frames, DECODE_SLICE):
-            if events.should_cancel is not None and events.should_cancel():
-                raise Cancelled()
-            images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
-            for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
-                path = staging / frame_name(f)
-                write_png(path, rgb)
-                written.append(frame_name(f))
-                if events.preview is not None:
-                    events.preview(f, str(path))
-            if events.progress is not None:
-                done = len(written)
-                fraction = 0.9 + 0.1 * done / total_frames
-                events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
+        # Frames stream into the mp4 as they are decoded (no second pass over the PNGs).
+        movie = Mp4Writer(staging / "video.mp4", job.fps) if job.write_mp4 else None
+        try:
+            for start in range(0, total_frames, DECODE_SLICE):
+                if events.should_cancel is not None and events.should_cancel():
+                    raise Cancelled()
+                images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
+                for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
+                    path = staging / frame_name(f)
+                    write_png(path, rgb)
+                    if movie is not None:
+                        movie.write(rgb)
+                    written.append(frame_name(f))
+                    if events.preview is not None:
+                        events.preview(f, str(path))
+                if events.progress is not None:
+                    done = len(written)
+                    fraction = 0.9 + 0.1 * done / total_frames
+                    events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
+        except BaseException:
+            if movie is not None:
+                movie.abort()
+            raise
+        if movie is not None:
+            movie.close()
         if job.save_latents:
             np.save(staging / "latents.npy", latents.numpy().astype(np.float32))
-        if job.write_mp4:
-            write_mp4(staging / "video.mp4", [staging / n for n in written], job.fps)
         resolved = job.to_dict()
         resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
         resolved["out"] = str(out)

@@ -16,6 +16,7 @@ import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -155,22 +156,112 @@ def write_png(path: Path, image: np.ndarray) -> None:
         raise OSError(f"cannot write {path}")
 
 
+def _h264_stream(container, fps: float, width: int, height: int):
+    """An H.264 (yuv420p) video stream in a PyAV container: plays in browsers and players."""
+    stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+    stream.width, stream.height = width, height
+    stream.pix_fmt = "yuv420p"
+    stream.options = {"crf": "18", "preset": "medium"}  # visually lossless for previews
+    return stream
+
+
+def h264_available() -> bool:
+    """True when PyAV and its bundled libx264 encoder can be used."""
+    try:
+        import av
+
+        av.codec.Codec("libx264", "w")
+    except Exception:  # noqa: BLE001 (missing package, or an FFmpeg build without libx264)
+        return False
+    return True
+
+
+class Mp4Writer:
+    """Streams RGB uint8 frames into an mp4 as they are decoded.
+
+    H.264 (yuv420p) through PyAV's bundled FFmpeg; without it, OpenCV's mp4v (which many
+    players and browsers refuse) with a log line saying so; without either, nothing is
+    written and ``close`` returns None. Odd sizes are padded by one edge pixel (yuv420p
+    needs even sides).
+    """
+
+    def __init__(self, path: Path, fps: float):
+        self.path, self.fps = Path(path), fps
+        self.codec: str | None = None
+        self._container = self._stream = self._cv_writer = None
+        self._failed = False
+
+    def _open(self, width: int, height: int) -> None:
+        """Pick the encoder once the frame size is known."""
+        if h264_available():
+            import av
+
+            self._container = av.open(str(self.path), "w", options={"movflags": "+faststart"})
+            self._stream = _h264_stream(self._container, self.fps, width, height)
+            self.codec = "h264"
+            return
+        log.warning(
+            "PyAV with libx264 is not installed (pip install av): writing %s with OpenCV's "
+            "mp4v codec, which browsers and many players refuse",
+            self.path,
+        )
+        writer = cv2.VideoWriter(
+            str(self.path), cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (width, height)
+        )
+        if writer.isOpened():
+            self._cv_writer, self.codec = writer, "mp4v"
+        else:
+            log.warning("no mp4 encoder at all (neither PyAV nor OpenCV); skipping %s", self.path)
+            self._failed = True
+
+    def write(self, image: np.ndarray) -> None:
+        """Append one RGB uint8 frame (height, width, 3)."""
+        pad_h, pad_w = image.shape[0] % 2, image.shape[1] % 2
+        if pad_h or pad_w:
+            image = np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        if self.codec is None and not self._failed:
+            self._open(image.shape[1], image.shape[0])
+        if self._stream is not None:
+            import av
+
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        elif self._cv_writer is not None:
+            self._cv_writer.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+    def close(self) -> str | None:
+        """Flush and close; the codec written ("h264", "mp4v") or None when nothing was."""
+        if self._stream is not None:
+            for packet in self._stream.encode():  # flush the encoder's delayed frames
+                self._container.mux(packet)
+            self._container.close()
+            self._stream = None
+        if self._cv_writer is not None:
+            self._cv_writer.release()
+            self._cv_writer = None
+        return self.codec
+
+    def abort(self) -> None:
+        """Close without caring about the file (the staging folder is discarded)."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 (a broken encoder must not hide the job's own error)
+            log.debug("mp4 writer failed while aborting", exc_info=True)
+
+
 def write_mp4(path: Path, frames: Sequence[Path], fps: float) -> bool:
-    """Encode PNG frames into an mp4; False (and a log line) when no encoder is available."""
+    """Encode PNG frames into an mp4 (H.264 when available); False when nothing was written."""
     if not frames:
         return False
-    first = cv2.imread(str(frames[0]))
-    height, width = first.shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        log.warning("no mp4 encoder in this OpenCV build; skipping %s", path)
-        return False
+    writer = Mp4Writer(path, fps)
     try:
         for frame in frames:
-            writer.write(cv2.imread(str(frame)))
-    finally:
-        writer.release()
-    return True
+            writer.write(_read_image(Path(frame)))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close() is not None
 
 
 @contextmanager

@@ -14,7 +14,7 @@ from backend.engine import Cancelled
 from backend.models import ModelCache
 from backend.protocol import validate_job
 from backend.runner import JobEvents, run_job
-from backend.video_io import OutputExistsError, write_png
+from backend.video_io import OutputExistsError, h264_available, write_png
 
 
 def make_job(out: Path, **fields: Any):
@@ -87,6 +87,12 @@ def test_text2video_job_writes_a_reproducible_result(tmp_path: Path, cache: Mode
     assert lat.shape == (3, 4, 8, 8) and lat.dtype == np.float32
     info = json.loads((out / "run.json").read_text())
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+    if h264_available():  # frames streamed into the movie as they were decoded
+        import av
+
+        with av.open(str(out / "video.mp4")) as movie:
+            assert movie.streams.video[0].codec_context.name == "h264"
+            assert sum(1 for _ in movie.decode(video=0)) == 3
 
     assert [(f, ok) for f, _, ok in previews] == [(0, True), (1, True), (2, True)]
     fractions = [e[4] for e in events]

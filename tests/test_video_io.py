@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -10,10 +13,12 @@ import pytest
 
 from backend.protocol import VideoInput
 from backend.video_io import (
+    Mp4Writer,
     OutputExistsError,
     VideoInputError,
     fit_frame,
     frame_name,
+    h264_available,
     list_image_files,
     read_frames,
     read_masks,
@@ -223,12 +228,57 @@ def test_png_and_mp4_writing(tmp_path: Path) -> None:
     for i in range(3):
         paths.append(tmp_path / frame_name(i))
         write_png(paths[-1], solid(60 * i, 64, 64))
-    if not write_mp4(tmp_path / "video.mp4", paths, fps=8):
-        pytest.skip("this OpenCV build has no mp4v encoder")
+    assert write_mp4(tmp_path / "video.mp4", paths, fps=8)
     capture = cv2.VideoCapture(str(tmp_path / "video.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 3
     capture.release()
     assert write_mp4(tmp_path / "none.mp4", [], fps=8) is False
+
+
+def test_mp4_is_h264_yuv420p_with_every_frame(tmp_path: Path) -> None:
+    av = pytest.importorskip("av", reason="PyAV (backend/requirements.txt) writes H.264")
+    path = tmp_path / "video.mp4"
+    writer = Mp4Writer(path, fps=12.5)
+    for i in range(5):
+        writer.write(solid((50 * i, 200 - 40 * i, 128), 64, 48))
+    assert writer.close() == "h264"
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert stream.codec_context.pix_fmt == "yuv420p"
+        assert (stream.width, stream.height) == (64, 48)
+        assert stream.average_rate == Fraction(25, 2)
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == 5
+    for i, image in enumerate(decoded):  # lossy, but every frame is the one written
+        assert np.abs(image.astype(int) - solid((50 * i, 200 - 40 * i, 128), 64, 48)).mean() < 4
+
+
+def test_odd_sizes_are_padded_to_even_for_yuv420p(tmp_path: Path) -> None:
+    av = pytest.importorskip("av", reason="PyAV (backend/requirements.txt) writes H.264")
+    writer = Mp4Writer(tmp_path / "odd.mp4", fps=8)
+    writer.write(solid(90, 33, 17))
+    assert writer.close() == "h264"
+    with av.open(str(tmp_path / "odd.mp4")) as container:
+        assert (container.streams.video[0].width, container.streams.video[0].height) == (34, 18)
+
+
+def test_without_pyav_the_mp4_falls_back_to_opencv_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
+    assert not h264_available()
+    writer = Mp4Writer(tmp_path / "video.mp4", fps=8)
+    with caplog.at_level(logging.WARNING, logger="backend.video_io"):
+        writer.write(solid(100, 64, 64))
+        codec = writer.close()
+    assert "pip install av" in caplog.text and "mp4v" in caplog.text
+    if codec is None:
+        assert "no mp4 encoder" in caplog.text
+    else:
+        assert codec == "mp4v"
+        fourcc = int(cv2.VideoCapture(str(tmp_path / "video.mp4")).get(cv2.CAP_PROP_FOURCC))
+        assert fourcc.to_bytes(4, "little") in (b"mp4v", b"FMP4")  # MPEG-4 part 2
 
 
 def test_staged_output_renames_into_place(tmp_path: Path) -> None:
