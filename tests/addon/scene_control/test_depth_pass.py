@@ -1,0 +1,40 @@
+"""The depth pass (blender_t2vz/scene_control/depth.py), rendered headless with Cycles."""
+
+import numpy as np
+import pytest
+from rig_scene import FRAMES, H, W, project_cube, read, settings_snapshot
+
+from blender_t2vz import scene_control as sc
+
+
+def test_depth_orders_with_distance_and_leaves_the_scene_untouched(scene3d, tmp_path):
+    before = settings_snapshot(scene3d)
+    paths = sc.render_depth_frames(scene3d, tmp_path, FRAMES, W, H)
+    assert settings_snapshot(scene3d) == before
+    assert [p.name for p in paths] == ["frame_00001.png", "frame_00002.png", "frame_00003.png"]
+    image = read(paths[0])
+    assert image.dtype == np.uint16 and image.shape == (H, W, 3)
+    depth = image[:, :, 0].astype(float) / 65535
+    near, far = depth[project_cube(scene3d, "Near")], depth[project_cube(scene3d, "Far")]
+    assert near > far > 0.0
+    assert near == pytest.approx(1.0, abs=0.02)  # the nearest surface of the shot
+    assert depth[2, W // 2] == 0.0  # sky: nothing hit
+    # Inverse depth: the near face is 3.5 units away, the far face 13.5 (cubes of size 1).
+    far_expected = sc.DEPTH_FLOOR + (1 - sc.DEPTH_FLOOR) * 0.0
+    assert far == pytest.approx(far_expected, abs=0.05)
+    # Per-shot normalisation: the still cubes keep their values in every frame.
+    for path in paths[1:]:
+        other = read(path)[:, :, 0].astype(float) / 65535
+        assert other[project_cube(scene3d, "Near")] == pytest.approx(near, abs=1e-3)
+
+
+def test_normalize_depth_is_per_shot():
+    near = np.full((2, 2), 2.0, np.float32)
+    far = np.full((2, 2), 8.0, np.float32)
+    far[0, 0] = 1e10  # background
+    a, b = sc.normalize_depth([near, far], floor=0.0)
+    assert a.max() == 1.0 and b[1, 1] == 0.0 and b[0, 0] == 0.0
+    # A frame with only the far surface does not become bright on its own.
+    (alone,) = sc.normalize_depth([far], floor=0.2)
+    assert alone[1, 1] == pytest.approx(1.0)
+    assert sc.normalize_depth([np.full((1, 1), 1e10)])[0].max() == 0.0
