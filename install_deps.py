@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes.util
+import json
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -33,6 +35,12 @@ TORCH_MINIMUM = (2, 1)
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu128"
 BACKEND_REQUIREMENTS = HERE / "backend" / "requirements.txt"
+# The exact versions the test suite ran with (regenerate: --write-constraints): a user's
+# install gets what was tested. torch is left out: its build is chosen per machine.
+BACKEND_CONSTRAINTS = HERE / "backend" / "constraints.txt"
+# torch (and its CUDA parts) is chosen per machine by ensure_torch; pip and setuptools
+# belong to the environment itself: never pinned.
+UNPINNED_PREFIXES = ("torch", "nvidia-", "triton", "pip", "setuptools", "wheel")
 DEV_REQUIREMENTS = HERE / "requirements-dev.txt"
 # bpy wheels on PyPI exist for one Python version per Blender release (3.11 for 4.2-5.0).
 BPY_PYTHON = (3, 11)
@@ -155,8 +163,11 @@ def missing_bpy_libraries() -> list[str]:
     return [lib for lib in BPY_LIBRARIES if ctypes.util.find_library(lib) is None]
 
 
-def install_packages(python: Path, dev: bool) -> None:
-    """The backend's packages (and the test tools with ``dev``), keeping the chosen torch."""
+def install_packages(python: Path, dev: bool, pinned: bool = True) -> None:
+    """The backend's packages (and the test tools with ``dev``), keeping the chosen torch.
+
+    ``pinned``: hold every package to the tested version in backend/constraints.txt.
+    """
     constraints = python.parent / "t2vz-constraints.txt"
     torch_version = subprocess.run(
         [str(python), "-c", "import torch; print(torch.__version__)"],
@@ -177,6 +188,14 @@ def install_packages(python: Path, dev: bool) -> None:
                 f"bpy (Blender as a module) needs Python {BPY_PYTHON[0]}.{BPY_PYTHON[1]}; "
                 f"this is {platform.python_version()}: the add-on tests will be skipped"
             )
+    if pinned and BACKEND_CONSTRAINTS.is_file():
+        cmd += ["-c", str(BACKEND_CONSTRAINTS)]
+        say(f"using the tested versions in {BACKEND_CONSTRAINTS.name} (--unpinned: newest allowed)")
+        if sys.version_info[:2] != BPY_PYTHON:
+            say(
+                f"the versions were tested on Python {BPY_PYTHON[0]}.{BPY_PYTHON[1]}; if one has "
+                "no wheel for this Python, run again with --unpinned"
+            )
     say("installing the backend packages" + (" and test tools" if dev else ""))
     run(cmd)
     if dev:
@@ -189,6 +208,48 @@ def install_packages(python: Path, dev: bool) -> None:
                 "libxi6 libxkbcommon0 libxext6 libsm6 libgl1 libegl1 libegl-mesa0 "
                 "libgl1-mesa-dri"
             )
+
+
+def normalized_name(name: str) -> str:
+    """A distribution name as pip compares them (PEP 503): lower case, runs of -_. as -."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed_versions(python: Path) -> dict[str, str]:
+    """{normalized name: version} of every distribution in ``python``'s environment."""
+    probe = (
+        "import importlib.metadata as m, json; "
+        "print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
+    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True)
+    found = json.loads(result.stdout)
+    return {normalized_name(name): version for name, version in found.items() if name}
+
+
+def constraints_text(versions: dict[str, str]) -> str:
+    """A pip constraints file pinning ``versions`` exactly, torch and its CUDA parts left out."""
+    lines = [
+        "# The exact versions the test suite ran with; install_deps.py installs with them.",
+        "# Regenerate from a tested environment: python3 install_deps.py --write-constraints",
+        "# torch is not pinned here: install_deps.py picks its build for the machine.",
+    ]
+    for name in sorted(versions):
+        if name.startswith(UNPINNED_PREFIXES):
+            continue
+        version = versions[name].split("+")[0]  # a local build tag is not on the index
+        lines.append(f"{name}=={version}")
+    return "\n".join(lines) + "\n"
+
+
+def read_constraints(path: Path = BACKEND_CONSTRAINTS) -> dict[str, str]:
+    """{normalized name: version} pinned by a constraints file."""
+    pins = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            pins[normalized_name(name.strip())] = version.strip()
+    return pins
 
 
 def run_demo(python: Path, which: str) -> None:
@@ -254,6 +315,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--run-tests", action="store_true", help="then run the whole test suite (implies --dev)"
     )
+    parser.add_argument(
+        "--unpinned",
+        action="store_true",
+        help="newest versions the requirements allow instead of the tested ones "
+        "(backend/constraints.txt), e.g. for a Python version the pins have no wheels for",
+    )
+    parser.add_argument(
+        "--write-constraints",
+        action="store_true",
+        help="write backend/constraints.txt from the environment (after its tests passed) and stop",
+    )
     return parser.parse_args(argv)
 
 
@@ -264,9 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Python 3.10 or newer is needed, this is {platform.python_version()}")
         return 1
     dev = args.dev or args.run_tests
-    python = ensure_venv(args.venv.expanduser().resolve())
+    venv = args.venv.expanduser().resolve()
+    if args.write_constraints:
+        BACKEND_CONSTRAINTS.write_text(constraints_text(installed_versions(venv_python(venv))))
+        say(f"wrote {BACKEND_CONSTRAINTS} from {venv}")
+        return 0
+    python = ensure_venv(venv)
     ensure_torch(python, args.torch, args.torch_version)
-    install_packages(python, dev)
+    install_packages(python, dev, pinned=not args.unpinned)
     say(f"backend environment ready: {python}")
     if args.demo:
         run_demo(python, args.demo)

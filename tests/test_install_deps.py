@@ -1,12 +1,14 @@
-"""install_deps.py: which PyTorch build it picks and how it installs it (no pip is run)."""
+"""install_deps.py: which PyTorch build it picks, the tested versions it installs (no pip is run)."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 import install_deps
 
@@ -91,3 +93,80 @@ def test_help_describes_the_options() -> None:
     ).stdout
     for flag in ("--venv", "--torch", "--dev", "--demo", "--run-tests"):
         assert flag in out
+
+
+# --------------------------------------------------------------------------- tested versions
+
+
+def backend_requirements() -> list[Requirement]:
+    """The requirement lines of backend/requirements.txt."""
+    text = install_deps.BACKEND_REQUIREMENTS.read_text(encoding="utf-8")
+    lines = [line.split("#")[0].strip() for line in text.splitlines()]
+    return [Requirement(line) for line in lines if line]
+
+
+def test_every_requirement_is_pinned_at_its_tested_upper_bound() -> None:
+    pins = install_deps.read_constraints()
+    for req in backend_requirements():
+        name = install_deps.normalized_name(req.name)
+        assert name in pins, f"{req.name} has no tested version in constraints.txt"
+        assert req.specifier.contains(pins[name]), (req, pins[name])
+        uppers = [s.version for s in req.specifier if s.operator == "<="]
+        assert uppers == [pins[name]], f"{req} should carry the tested {pins[name]} as <="
+    assert not [n for n in pins if n.startswith(("torch", "nvidia-", "triton", "pip"))]
+
+
+def test_constraints_are_the_versions_these_tests_run_with() -> None:
+    installed = {
+        install_deps.normalized_name(d.metadata["Name"]): d.version
+        for d in importlib.metadata.distributions()
+    }
+    differ = {
+        name: (pinned, installed[name])
+        for name, pinned in install_deps.read_constraints().items()
+        if name in installed and installed[name].split("+")[0] != pinned
+    }
+    assert not differ, f"(pinned, installed): regenerate with --write-constraints: {differ}"
+
+
+def test_constraints_text_pins_exact_versions_without_torch_or_local_tags() -> None:
+    text = install_deps.constraints_text(
+        {"torch": "2.13.0+cpu", "nvidia-cudnn-cu12": "9.1", "pip": "26.3", "av": "18.1.0",
+         "numpy": "1.26.4", "triton": "3.1"}
+    )  # fmt: skip
+    pins = [line for line in text.splitlines() if not line.startswith("#")]
+    assert pins == ["av==18.1.0", "numpy==1.26.4"]
+
+
+def fake_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, **kwargs: bool) -> list[str]:
+    """The pip command install_packages runs (nothing is installed)."""
+    ran: list[list[str]] = []
+    monkeypatch.setattr(install_deps, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.setattr(
+        install_deps.subprocess,
+        "run",
+        lambda *a, **kw: subprocess.CompletedProcess(a, 0, stdout="2.5.1+cu121\n"),
+    )
+    install_deps.install_packages(tmp_path / "bin" / "python", dev=False, **kwargs)
+    assert len(ran) == 1
+    return ran[0]
+
+
+def test_install_uses_the_tested_versions_and_keeps_the_chosen_torch(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "bin").mkdir()
+    cmd = fake_install(monkeypatch, tmp_path)
+    constraints = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-c"]
+    assert str(install_deps.BACKEND_CONSTRAINTS) in constraints
+    torch_pin = Path(next(c for c in constraints if c != str(install_deps.BACKEND_CONSTRAINTS)))
+    assert torch_pin.read_text().strip() == "torch==2.5.1+cu121"  # the installed build stays
+    assert cmd[cmd.index("-r") + 1] == str(install_deps.BACKEND_REQUIREMENTS)
+    unpinned = fake_install(monkeypatch, tmp_path, pinned=False)
+    assert str(install_deps.BACKEND_CONSTRAINTS) not in unpinned and "-c" in unpinned
+
+
+def test_write_constraints_reads_an_environment() -> None:
+    versions = install_deps.installed_versions(Path(sys.executable))
+    assert versions["pytest"] == importlib.metadata.version("pytest")
+    assert "huggingface-hub" in versions  # names are normalized as pip compares them
