@@ -179,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", choices=DEVICES, help="auto: CUDA, then MPS, then CPU [default: auto]"
     )
     gen.add_argument(
-        "--dtype", choices=DTYPES, help="auto: float16 on CUDA, float32 elsewhere [default: auto]"
+        "--dtype",
+        choices=DTYPES,
+        help="auto: float16 on CUDA; on the CPU bfloat16 with native bf16 (AMX, AVX-512 BF16), "
+        "else float32 [default: auto]",
     )
     gen.add_argument(
         "--save-latents",

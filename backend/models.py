@@ -89,11 +89,82 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 matrix math: Intel AMX and AVX-512
+# BF16. Without them oneDNN emulates bf16 and it runs slower than fp32. Vendor names do not
+# decide: an AMD EPYC Zen 4 has avx512_bf16, an older Xeon has neither.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype a job runs in and why (written to run.json)."""
+
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        """The dtype's name: float32, bfloat16 or float16."""
+        return str(self.dtype).replace("torch.", "")
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU feature flags the kernel reports (Linux), or None where they cannot be read.
+
+    torch's own queries do not say "native": ``torch.backends.cpu.get_cpu_capability()``
+    stops at "AVX512", and ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` is also true on
+    AVX-512 CPUs that only emulate bf16.
+    """
+    try:
+        text = Path(cpuinfo).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return frozenset(value.split())
+    return None
+
+
+def native_bf16_flags(flags: frozenset[str] | None) -> list[str]:
+    """The flags of NATIVE_BF16_FLAGS the CPU has (empty: bf16 would be emulated or unknown)."""
+    return [f for f in NATIVE_BF16_FLAGS if flags and f in flags]
+
+
+def cpu_auto_dtype(flags: frozenset[str] | None) -> DtypeChoice:
+    """Auto dtype on the CPU: bfloat16 with native bf16 math, else (or flags unknown) float32."""
+    # Native bf16 (AMX): an SD 1.5 UNet forward 1.51x faster than fp32, 1.2 % relative
+    # error. Emulated bf16 (and fp16) on a CPU without it is slower than fp32.
+    if flags is None:
+        return DtypeChoice(torch.float32, "auto: CPU flags unreadable here, float32")
+    native = native_bf16_flags(flags)
+    if native:
+        return DtypeChoice(torch.bfloat16, f"auto: CPU has native bf16 ({', '.join(native)})")
+    return DtypeChoice(
+        torch.float32,
+        f"auto: CPU has no native bf16 ({' or '.join(NATIVE_BF16_FLAGS)}), float32",
+    )
+
+
+def choose_dtype(name: str, device: torch.device) -> DtypeChoice:
+    """The dtype for ``name`` on ``device`` and why (auto: fp16 on CUDA, CPU by its flags)."""
+    if name != "auto":
+        if name not in TORCH_DTYPES:
+            raise ValueError(
+                f"dtype must be auto or one of {', '.join(TORCH_DTYPES)}, got {name!r}"
+            )
+        return DtypeChoice(TORCH_DTYPES[name], f"{name} was asked for")
+    if device.type == "cuda":
+        return DtypeChoice(torch.float16, "auto: float16 on CUDA")
+    if device.type != "cpu":
+        return DtypeChoice(torch.float32, f"auto: float32 on {device.type}")
+    return cpu_auto_dtype(cpu_flags())
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """fp16 on CUDA and fp32 elsewhere for "auto" (half precision is slow on CPU)."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    """The torch dtype ``choose_dtype`` picks (bf16 on CPUs with native bf16 for "auto")."""
+    return choose_dtype(name, device).dtype
 
 
 # --------------------------------------------------------------------------- sources

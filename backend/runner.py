@@ -20,7 +20,7 @@ import torch
 from . import __version__
 from .controls import load_control_frames
 from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
-from .models import ModelCache, resolve_device, resolve_dtype
+from .models import ModelCache, choose_dtype, resolve_device
 from .protocol import Job
 from .tiny import BUILTIN_PREFIX
 from .video_io import (
@@ -117,7 +117,8 @@ def run_job(
         log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
 
     device = resolve_device(job.device)
-    dtype = resolve_dtype(job.dtype, device)
+    dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
+    dtype = dtype_choice.dtype
     base = cache.base(
         job.model,
         pix2pix=job.mode == "pix2pix",
@@ -226,7 +227,8 @@ def run_job(
         run_info = {
             "backend": __version__,
             "device": str(device),
-            "dtype": str(dtype).replace("torch.", ""),
+            "dtype": dtype_choice.name,
+            "dtype_reason": dtype_choice.reason,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "seconds": round(seconds, 3),

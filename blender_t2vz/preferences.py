@@ -18,7 +18,7 @@ DEVICE_ITEMS = [
     ("cpu", "CPU", "Slow, but works everywhere"),
 ]
 DTYPE_ITEMS = [
-    ("auto", "Auto", "float16 on GPUs, float32 on the CPU"),
+    ("auto", "Auto", "float16 on GPUs; on the CPU bfloat16 where it has native bf16, else float32"),
     ("float32", "float32", ""),
     ("float16", "float16", ""),
     ("bfloat16", "bfloat16", ""),

@@ -14,6 +14,9 @@ import backend.models as models
 from backend.models import (
     ModelCache,
     ModelLoadError,
+    choose_dtype,
+    cpu_auto_dtype,
+    cpu_flags,
     load_base_model,
     load_controlnet,
     resolve_device,
@@ -247,6 +250,54 @@ def test_devices_and_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+# /proc/cpuinfo excerpts: an AMX Xeon (Sapphire Rapids), a Zen 4 EPYC with AVX-512 BF16, an
+# AVX-512 Xeon without bf16 (oneDNN emulates it there), this project's AMD EPYC (AVX2).
+XEON_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+EPYC_ZEN4 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+XEON_AVX512 = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512bw avx512vl\n"
+EPYC_AVX2 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 fma\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected", "because"),
+    [
+        (XEON_AMX, torch.bfloat16, "amx_bf16, avx512_bf16"),
+        (EPYC_ZEN4, torch.bfloat16, "avx512_bf16"),  # AMD with the flag: bf16 (no vendor rule)
+        (XEON_AVX512, torch.float32, "no native bf16"),  # Intel without it: fp32
+        (EPYC_AVX2, torch.float32, "no native bf16"),
+    ],
+)
+def test_auto_dtype_on_cpu_follows_native_bf16_flags(
+    tmp_path: Path, cpuinfo: str, expected: torch.dtype, because: str
+) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text(cpuinfo)
+    choice = cpu_auto_dtype(cpu_flags(info))
+    assert choice.dtype == expected
+    assert because in choice.reason
+
+
+def test_auto_dtype_reads_the_cpu_flags_on_the_cpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    # Explicit choices and CUDA are not affected by the CPU's flags.
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="got 'half'"):
+        choose_dtype("half", torch.device("cpu"))
+
+
+def test_auto_dtype_falls_back_to_float32_without_cpu_flags(tmp_path: Path) -> None:
+    assert cpu_flags(tmp_path / "missing") is None  # not Linux, or /proc unreadable
+    no_flags_line = tmp_path / "cpuinfo"
+    no_flags_line.write_text("processor\t: 0\n")
+    assert cpu_flags(no_flags_line) is None
+    choice = cpu_auto_dtype(None)
+    assert choice.dtype == torch.float32 and "unreadable" in choice.reason
 
 
 # --------------------------------------------------------------------------- cache

@@ -8,10 +8,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import backend.runner as runner
 from backend.engine import Cancelled
-from backend.models import ModelCache
+from backend.models import ModelCache, choose_dtype
 from backend.protocol import validate_job
 from backend.runner import JobEvents, run_job
 from backend.video_io import OutputExistsError, h264_available, write_png
@@ -86,7 +87,9 @@ def test_text2video_job_writes_a_reproducible_result(tmp_path: Path, cache: Mode
     lat = latents(out)
     assert lat.shape == (3, 4, 8, 8) and lat.dtype == np.float32
     info = json.loads((out / "run.json").read_text())
-    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    auto = choose_dtype("auto", torch.device("cpu"))  # float32 here, bfloat16 with AMX
+    assert info["device"] == "cpu" and info["dtype"] == auto.name
+    assert info["dtype_reason"] == auto.reason and "bf16" in auto.reason
     if h264_available():  # frames streamed into the movie as they were decoded
         import av
 
