@@ -47,6 +47,20 @@ def _controlnet(text: str) -> dict[str, Any]:
     return {"model": text, "weight": 1.0}
 
 
+def _lora(text: str) -> dict[str, Any]:
+    """PATH[:WEIGHT]: a LoRA file, folder or hub id with an optional weight (default 1)."""
+    spec = _controlnet(text)
+    return {"path": spec["model"], "weight": spec["weight"]}
+
+
+def _embedding(text: str) -> dict[str, str]:
+    """PATH:TOKEN: a textual inversion embedding and the word that calls it in prompts."""
+    path, sep, token = text.rpartition(":")
+    if not sep or not path or not token:
+        raise argparse.ArgumentTypeError(f"expected PATH:TOKEN, got {text!r}")
+    return {"path": path, "token": token}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m backend``."""
     parser = argparse.ArgumentParser(
@@ -167,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DETECTORS,
         help="turn the matching --control into control images in the backend [default: none]",
     )
+    gen.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:WEIGHT]",
+        help="a LoRA (.safetensors file, folder or hub id) with optional weight "
+        "[default weight: 1]; repeat for several",
+    )
+    gen.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        type=_embedding,
+        metavar="PATH:TOKEN",
+        help="a textual inversion embedding and the token that calls it in the prompt; "
+        "repeat for several",
+    )
     gen.add_argument("--video", help="pix2pix: the source video (image folder or movie)")
     gen.add_argument(
         "--image-guidance",
@@ -248,6 +279,10 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.steps is not None and args.t0 is None and args.t1 is None and args.job:
         job.pop("t0", None)  # a new step count rescales the job file's t0/t1
         job.pop("t1", None)
+    if args.lora:
+        job["loras"] = [_lora(spec) for spec in args.lora]
+    if args.embedding:
+        job["embeddings"] = list(args.embedding)
     if args.controlnet or args.control:
         if len(args.controlnet) != len(args.control):
             raise JobError(

@@ -93,6 +93,26 @@ class ControlNetSpec:
 
 
 @dataclass
+class LoraSpec:
+    """A LoRA applied to the base model for one job (diffusers' loaders, peft)."""
+
+    # A .safetensors file, a folder holding one, or a hub id.
+    path: str
+    # Strength of the LoRA: 0 leaves the model as it is, 1 as trained, negative inverts it.
+    weight: float = 1.0
+
+
+@dataclass
+class EmbeddingSpec:
+    """A textual inversion embedding, used in prompts by its token."""
+
+    # A .safetensors file (diffusers or A1111 format), a folder holding one, or a hub id.
+    path: str
+    # The word that stands for the embedding in prompts, e.g. "<my-style>".
+    token: str
+
+
+@dataclass
 class Job:
     """Everything that defines one generation; ``job.json`` holds exactly this."""
 
@@ -127,6 +147,9 @@ class Job:
     smooth_alpha: float = 0.6
     masks: VideoInput | None = None
     controlnets: list[ControlNetSpec] = field(default_factory=list)
+    # Applied to the base model for this job only; the cached model is clean afterwards.
+    loras: list[LoraSpec] = field(default_factory=list)
+    embeddings: list[EmbeddingSpec] = field(default_factory=list)
     # pix2pix: the source video and how strongly the output follows it.
     video: VideoInput | None = None
     image_guidance: float = 1.5
@@ -254,6 +277,48 @@ def _controlnet(name: str, value: Any) -> ControlNetSpec:
     )
 
 
+def _lora(name: str, value: Any) -> LoraSpec:
+    """A LoraSpec from a path string or a {path, weight} object."""
+    if isinstance(value, str):
+        value = {"path": value}
+    _check_type(name, value, dict)
+    _no_unknown(name, value, LoraSpec)
+    if "path" not in value:
+        raise JobError(f"{name}.path", "is required")
+    return LoraSpec(
+        path=_str(f"{name}.path", value["path"], nonempty=True),
+        weight=_float(f"{name}.weight", value.get("weight", 1.0), lo=-10.0, hi=10.0),
+    )
+
+
+def _embedding(name: str, value: Any) -> EmbeddingSpec:
+    _check_type(name, value, dict)
+    _no_unknown(name, value, EmbeddingSpec)
+    for required in ("path", "token"):
+        if required not in value:
+            raise JobError(f"{name}.{required}", "is required")
+    token = _str(f"{name}.token", value["token"], nonempty=True)
+    if token != token.strip() or len(token.split()) != 1:
+        raise JobError(f"{name}.token", f"must be one word without spaces, got {token!r}")
+    return EmbeddingSpec(path=_str(f"{name}.path", value["path"], nonempty=True), token=token)
+
+
+def _adapters(d: dict) -> tuple[list[LoraSpec], list[EmbeddingSpec]]:
+    """The job's LoRAs and embeddings; an embedding token may appear only once."""
+    loras_raw = d.get("loras", [])
+    _check_type("loras", loras_raw, (list, tuple))
+    loras = [_lora(f"loras[{i}]", v) for i, v in enumerate(loras_raw)]
+    embeddings_raw = d.get("embeddings", [])
+    _check_type("embeddings", embeddings_raw, (list, tuple))
+    embeddings = [_embedding(f"embeddings[{i}]", v) for i, v in enumerate(embeddings_raw)]
+    seen: set[str] = set()
+    for i, embedding in enumerate(embeddings):
+        if embedding.token in seen:
+            raise JobError(f"embeddings[{i}].token", f"{embedding.token!r} is used twice")
+        seen.add(embedding.token)
+    return loras, embeddings
+
+
 def resolve_t0_t1(steps: int, t0: int | None = None, t1: int | None = None) -> tuple[int, int]:
     """t0/t1 for ``steps`` DDIM steps: given ones checked, missing ones scaled from 44/47 of 50.
 
@@ -333,6 +398,7 @@ def validate_job(data: Any) -> Job:
     _check_type("controlnets", controlnets_raw, (list, tuple))
     controlnets = [_controlnet(f"controlnets[{i}]", c) for i, c in enumerate(controlnets_raw)]
 
+    loras, embeddings = _adapters(d)
     video = d.get("video")
     video = None if video is None else _video("video", video)
     masks = d.get("masks")
@@ -363,6 +429,8 @@ def validate_job(data: Any) -> Job:
         smooth_alpha=_float("smooth_alpha", d.get("smooth_alpha", 0.6), lo=0.0, hi=1.0),
         masks=masks,
         controlnets=controlnets,
+        loras=loras,
+        embeddings=embeddings,
         video=video,
         image_guidance=_float("image_guidance", d.get("image_guidance", 1.5), lo=0.0, hi=100.0),
         device=_choice("device", d.get("device", "auto"), DEVICES),

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .adapters import applied_adapters, convert_prompt
 from .controls import load_control_frames
 from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from .models import ModelCache, choose_dtype, resolve_device
@@ -160,13 +161,15 @@ def run_job(
 
     engine = TextToVideoZero(base, controlnets)
     motion = job.effective_motion
-    with staged_output(out) as staging:
+    # LoRAs and embeddings live on the cached model for this job only (see adapters.py).
+    adapters = applied_adapters(base, job.loras, job.embeddings, allow_pickle=job.allow_pickle)
+    with adapters as pipe, staged_output(out) as staging:
         previews = None
         if events.preview_every is not None:
             previews = DenoisingPreview(engine, staging, events)
         latents = engine(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
+            prompt=convert_prompt(pipe, base, job.prompt),
+            negative_prompt=convert_prompt(pipe, base, job.negative_prompt),
             num_frames=job.frames,
             height=h,
             width=w,

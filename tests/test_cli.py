@@ -216,6 +216,22 @@ def test_controlnet_weights_and_paths_with_colons() -> None:
         parse("--controlnet", "m", "--control", "a", "--detector", "canny", "--detector", "none")
 
 
+def test_loras_and_embeddings_parse_with_windows_paths() -> None:
+    job = parse(
+        "--lora", "C:\\loras\\style.safetensors", "--lora", "owner/lora:0.5",
+        "--lora", "/loras/x.safetensors:-1",
+        "--embedding", "C:\\emb\\shiny.safetensors:<shiny>",
+    )  # fmt: skip
+    assert job["loras"] == [
+        {"path": "C:\\loras\\style.safetensors", "weight": 1.0},
+        {"path": "owner/lora", "weight": 0.5},
+        {"path": "/loras/x.safetensors", "weight": -1.0},
+    ]
+    assert job["embeddings"] == [{"path": "C:\\emb\\shiny.safetensors", "token": "<shiny>"}]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--embedding", "shiny.safetensors"])
+
+
 def test_flags_override_a_job_file_and_new_steps_rescale_t0_t1(tmp_path: Path) -> None:
     path = tmp_path / "job.json"
     path.write_text(json.dumps({"prompt": "old", "out": "o", "steps": 50, "t0": 44, "t1": 47}))
