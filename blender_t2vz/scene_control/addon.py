@@ -69,7 +69,11 @@ class T2VZ_SceneControlSettings(bpy.types.PropertyGroup):
         items=[
             ("auto", "Auto", "Pick the preset that matches each armature's bones"),
             ("rigify", "Rigify", "A generated Rigify rig (DEF-/ORG- bones)"),
-            ("mixamo", "Mixamo", "mixamorig: bones"),
+            (
+                "mixamo",
+                "Mixamo",
+                "Mixamo bones (Hips, LeftArm, ...) with any prefix (mixamorig:, MyChar:) or none",
+            ),
             ("metarig", "Human Meta-Rig", "Blender's human meta-rig"),
             ("custom", "Custom", "Only the bone overrides"),
         ],

@@ -14,7 +14,7 @@ from .edges import render_edge_frames
 from .errors import SceneControlError
 from .files import _abs, _check_frames
 from .masks import render_mask_frames
-from .openpose import Character, keypoint_frames, write_pose_json
+from .openpose import Character, keypoint_frames, scene_characters, write_pose_json
 from .scene import _check_size
 
 KINDS = ("depth", "openpose", "canny", "lines", "edges")
@@ -48,6 +48,13 @@ def render_scene_control(
         return paths[0].parent, "none"
     if kind == "openpose":
         people = keypoint_frames(scene, frames, width, height, characters, camera)
+        if not any(people):
+            # A pose file with no person on any frame controls nothing: say why instead.
+            names = ", ".join(repr(c.armature) for c in characters or scene_characters(scene))
+            raise SceneControlError(
+                f"no keypoint of armature {names} is in the camera's view at frames "
+                f"{frames[0]} to {frames[-1]}; the pose control would be empty"
+            )
         return write_pose_json(_abs(folder) / "pose.json", people), "none"
     if kind in ("canny", "lines", "edges"):
         paths, detector = render_edge_frames(

@@ -6,6 +6,7 @@ Blender's human meta-rig; per-keypoint overrides map any other rig.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
 from ... import backend_paths
@@ -46,7 +47,8 @@ _RIGIFY: dict[str, tuple[BonePoint, ...]] = {
     for key, points in _METARIG.items()
 }
 
-# Mixamo: names after the "mixamorig:" prefix (or "mixamorig1:", ...), found per armature.
+# Mixamo: names after a prefix found per armature ("mixamorig:", "mixamorig1:", "MyChar:",
+# none at all when a tool dropped the namespace).
 _MIXAMO: dict[str, tuple[BonePoint, ...]] = {
     "nose": (("Head", 0.4),),
     "neck": (("Neck", 0.0),),
@@ -73,17 +75,47 @@ PRESETS: dict[str, dict[str, tuple[BonePoint, ...]]] = {
     "mixamo": _MIXAMO,
     "metarig": _METARIG,
 }
+# The Mixamo bone names the preset uses, without a prefix.
+_MIXAMO_BONES = tuple(dict.fromkeys(b for points in _MIXAMO.values() for b, _ in points))
 PRESET_ITEMS = ("auto", "rigify", "mixamo", "metarig", "custom")
 # An armature must resolve at least this many keypoints for "auto" to accept a preset.
 MIN_AUTO_KEYPOINTS = 4
 
 
 def mixamo_prefix(bone_names: Iterable[str]) -> str:
-    """The "mixamorig:"-style prefix of an armature's bones, found from its Hips bone."""
+    """The prefix of an armature's Mixamo bones: "mixamorig:", "mixamorig1:", "MyChar:", "".
+
+    Mixamo names its bones ``<namespace>:Hips`` ..., and other tools drop or rename the
+    namespace, so the prefix is the one most of the bones share before a Mixamo name.
+    """
+    counts: Counter[str] = Counter()
     for name in bone_names:
-        if name.endswith("Hips") and ":" in name:
-            return name[: -len("Hips")]
-    return "mixamorig:"
+        for base in _MIXAMO_BONES:
+            if name.endswith(base):
+                counts[name[: -len(base)]] += 1
+    if not counts:
+        return "mixamorig:"
+    # Most bones first; on a tie the shorter prefix (and then the name) decides.
+    return min(counts, key=lambda prefix: (-counts[prefix], len(prefix), prefix))
+
+
+def _looked_for(preset: str, bone_names: set[str], limit: int = 12) -> str:
+    """The bone names a preset looks for, for an error message."""
+    points = _MIXAMO if preset == "mixamo" else _preset_points(preset, bone_names)
+    names = list(dict.fromkeys(b for candidates in points.values() for b, _ in candidates))
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    if preset == "mixamo":
+        return f"{shown}, with any prefix such as 'mixamorig:' or none"
+    return shown
+
+
+def _some_bones(bone_names: set[str], limit: int = 6) -> str:
+    """A few of an armature's bone names, for an error message."""
+    names = sorted(bone_names)
+    if not names:
+        return "it has no bones"
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"its bones are {', '.join(names[:limit])}{more}"
 
 
 def _preset_points(preset: str, bone_names: set[str]) -> dict[str, tuple[BonePoint, ...]]:
@@ -141,12 +173,21 @@ def resolve_bone_map(
         found = next((c for c in candidates if c[0] in names), None)
         if found is not None:
             mapping[key] = found
+    if preset != "custom" and not mapping:
+        # A wrong preset would draw no person on any frame: say so instead.
+        raise SceneControlError(
+            f"bone preset {preset!r} matches no bone: it looks for "
+            f"{_looked_for(preset, names)}; {_some_bones(names)}. "
+            "Choose another preset (or Auto) or give per-keypoint overrides"
+        )
     for key, text in (overrides or {}).items():
         point = parse_override(key, text, names)
         if point is None:
             mapping.pop(key, None)
         else:
             mapping[key] = point
+    if not mapping:
+        raise SceneControlError("no keypoint maps to a bone; give per-keypoint overrides")
     return mapping
 
 
@@ -163,6 +204,6 @@ def detect_preset(bone_names: Iterable[str], overrides: dict[str, str] | None = 
     if overrides:
         return "custom"
     raise SceneControlError(
-        "bone names match no preset (rigify, mixamo, metarig); "
+        f"bone names match no preset (rigify, mixamo, metarig; {_some_bones(names)}); "
         "choose a preset or give per-keypoint overrides"
     )

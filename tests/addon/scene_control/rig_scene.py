@@ -75,6 +75,53 @@ RIG_PLACES = {"rigify": (-1.2, 0.0, 0.0), "mixamo": (0.0, 0.0, 0.0), "metarig": 
 MOVING_BONE = "hand.L"  # on the meta-rig: moves +X (right) from frame 1 to 3
 
 
+def mixamo_skeleton(prefix=""):
+    """The bones of a Mixamo character: the 67 names Mixamo exports (eyes included), parented.
+
+    ``prefix`` is the FBX namespace: "mixamorig:" from Mixamo, "mixamorig1:" for a second
+    import, a character's own ("MyChar:"), or "" where a tool dropped it. Returns
+    name -> (head, tail, parent name or None), on BODY's proportions.
+    """
+    body = {base: BODY[joint] for joint, base in _MIXAMO_JOINTS.items()}
+    bones = {}
+
+    def add(name, head, tail, parent):
+        bones[prefix + name] = (head, tail, None if parent is None else prefix + parent)
+
+    add("Hips", *body["Hips"], None)
+    add("Spine", (0.0, 0.0, 1.05), (0.0, 0.0, 1.2), "Hips")
+    add("Spine1", (0.0, 0.0, 1.2), (0.0, 0.0, 1.35), "Spine")
+    add("Spine2", (0.0, 0.0, 1.35), (0.0, 0.0, 1.5), "Spine1")
+    add("Neck", *body["Neck"], "Spine2")
+    add("Head", *body["Head"], "Neck")
+    add("HeadTop_End", (0.0, 0.0, 1.95), (0.0, 0.0, 2.05), "Head")
+    add("LeftEye", (0.04, -0.1, 1.8), (0.04, -0.15, 1.8), "Head")
+    add("RightEye", (-0.04, -0.1, 1.8), (-0.04, -0.15, 1.8), "Head")
+    for side, sign in (("Left", 1.0), ("Right", -1.0)):
+        add(f"{side}Shoulder", (0.05 * sign, 0.0, 1.45), (0.25 * sign, 0.0, 1.45), "Spine2")
+        add(f"{side}Arm", *body[f"{side}Arm"], f"{side}Shoulder")
+        add(f"{side}ForeArm", *body[f"{side}ForeArm"], f"{side}Arm")
+        add(f"{side}Hand", *body[f"{side}Hand"], f"{side}ForeArm")
+        for finger_index, finger in enumerate(("Thumb", "Index", "Middle", "Ring", "Pinky")):
+            x = (0.21 + 0.02 * finger_index) * sign
+            parent = f"{side}Hand"
+            for joint in range(1, 5):
+                z = 0.85 - 0.02 * joint
+                add(f"{side}Hand{finger}{joint}", (x, 0.0, z), (x, 0.0, z - 0.02), parent)
+                parent = f"{side}Hand{finger}{joint}"
+        add(f"{side}UpLeg", *body[f"{side}UpLeg"], "Hips")
+        add(f"{side}Leg", *body[f"{side}Leg"], f"{side}UpLeg")
+        add(f"{side}Foot", *body[f"{side}Foot"], f"{side}Leg")
+        toe = ((0.12 * sign, -0.15, 0.0), (0.12 * sign, -0.25, 0.0))
+        add(f"{side}ToeBase", *toe, f"{side}Foot")
+        add(f"{side}Toe_End", toe[1], (0.12 * sign, -0.3, 0.0), f"{side}ToeBase")
+    return bones
+
+
+# Mixamo's names of BODY's joints.
+_MIXAMO_JOINTS = {joint: name.split(":", 1)[1] for joint, name in RIG_NAMES["mixamo"].items()}
+
+
 def add_cube(scene, name, location, size=1.0):
     import bmesh
 
@@ -90,7 +137,10 @@ def add_cube(scene, name, location, size=1.0):
 
 
 def add_armature(scene, name, bones, location):
-    """An armature object with unparented bones, built through edit mode."""
+    """An armature object built through edit mode.
+
+    ``bones``: name -> (head, tail) or (head, tail, parent name or None).
+    """
     data = bpy.data.armatures.new(name)
     obj = bpy.data.objects.new(name, data)
     obj.location = location
@@ -103,9 +153,12 @@ def add_armature(scene, name, bones, location):
         with bpy.context.temp_override(scene=scene, view_layer=scene.view_layers[0]):
             scene.view_layers[0].objects.active = obj
             bpy.ops.object.mode_set(mode="EDIT")
-            for bone, (head, tail) in bones.items():
+            for bone, (head, tail, *_parent) in bones.items():
                 edit = data.edit_bones.new(bone)
                 edit.head, edit.tail = head, tail
+            for bone, (_head, _tail, *parent) in bones.items():
+                if parent and parent[0] is not None:
+                    data.edit_bones[bone].parent = data.edit_bones[parent[0]]
             bpy.ops.object.mode_set(mode="OBJECT")
     finally:
         if window and previous is not None:

@@ -1,7 +1,7 @@
 """Bone-name presets of the OpenPose pass (blender_t2vz/scene_control/openpose/presets.py)."""
 
 import pytest
-from rig_scene import RIG_NAMES
+from rig_scene import FRAMES, RIG_NAMES, H, W, add_armature, by_hand, mixamo_skeleton, world_point
 
 from blender_t2vz import scene_control as sc
 
@@ -45,3 +45,80 @@ def test_overrides_map_any_rig():
         sc.resolve_bone_map(bones)
     with pytest.raises(sc.SceneControlError, match="unknown bone preset 'maya'"):
         sc.resolve_bone_map(bones, "maya")
+
+
+# ------------------------------------------------------------------ real Mixamo rigs
+
+# Mixamo's FBX namespace as it reaches Blender: none (a tool dropped it), Mixamo's own, a
+# second import, a character's own name.
+PREFIXES = ("", "mixamorig:", "mixamorig1:", "MyChar:")
+
+
+@pytest.fixture(scope="module")
+def mixamo_rigs(scene3d):
+    """Full Mixamo skeletons, one per prefix, side by side behind the other characters."""
+    return {
+        prefix: add_armature(
+            scene3d,
+            f"Mixamo {prefix or 'bare'}",
+            mixamo_skeleton(prefix),
+            (-1.8 + 1.2 * i, 3.0, 0.0),
+        )
+        for i, prefix in enumerate(PREFIXES)
+    }
+
+
+def test_auto_finds_mixamo_bones_with_any_prefix_or_none(mixamo_rigs):
+    for prefix, rig in mixamo_rigs.items():
+        bones = rig.data.bones.keys()
+        assert len(bones) == 67 and prefix + "LeftHandPinky4" in bones
+        assert sc.mixamo_prefix(bones) == prefix
+        assert sc.detect_preset(bones) == "mixamo", prefix
+        for preset in ("auto", "mixamo"):
+            mapping = sc.resolve_bone_map(bones, preset)
+            assert mapping["l_wrist"] == (prefix + "LeftHand", 0.0)
+            assert mapping["r_knee"] == (prefix + "RightLeg", 0.0)
+            assert mapping["nose"] == (prefix + "Head", 0.4)
+            assert mapping["r_eye"] == (prefix + "RightEye", 0.0)
+            assert set(sc.KEYPOINT_NAMES) - set(mapping) == {"r_ear", "l_ear"}
+
+
+def test_mixamo_rigs_pose_where_their_bones_are(scene3d, mixamo_rigs):
+    for prefix, rig in mixamo_rigs.items():
+        for preset in ("auto", "mixamo"):
+            frames = sc.keypoint_frames(scene3d, FRAMES, W, H, [sc.Character(rig.name, preset)])
+            assert all(len(people) == 1 for people in frames), (prefix, preset)
+            person = frames[0][0]
+            for joint, bone in (
+                ("neck", "Neck"),
+                ("l_wrist", "LeftHand"),
+                ("r_ankle", "RightFoot"),
+            ):
+                expected = by_hand(scene3d, 1, world_point(scene3d, 1, rig.name, prefix + bone))
+                key = sc.KEYPOINT_NAMES.index(joint)
+                assert person[key] == pytest.approx(expected, abs=1e-4), (prefix, preset, joint)
+    scene3d.frame_set(1)
+
+
+def test_a_preset_that_matches_no_bone_is_an_error(scene3d, mixamo_rigs, tmp_path):
+    bare = mixamo_rigs[""].name
+    # Rigify's names on a Mixamo rig: the error names the armature and what was looked for.
+    with pytest.raises(sc.SceneControlError) as error:
+        sc.keypoint_frames(scene3d, [1], W, H, [sc.Character(bare, "rigify")])
+    message = str(error.value)
+    assert f"armature {bare!r}: bone preset 'rigify' matches no bone" in message
+    assert "DEF-upper_arm.R" in message and "its bones are" in message
+    # Mixamo's names on the meta-rig, through a job's controls: no pose file is written.
+    folder = tmp_path / "scene"
+    control = sc.SceneControl("openpose", "m", 1.0, [sc.Character("Rig metarig", "mixamo")])
+    with pytest.raises(sc.SceneControlError, match="'Rig metarig': bone preset 'mixamo'") as error:
+        sc.build_scene_controls(scene3d, folder, [control], FRAMES, W, H)
+    assert "RightArm" in str(error.value) and "any prefix" in str(error.value)
+    assert not (folder / "pose.json").exists()
+    # Custom without overrides maps nothing either.
+    with pytest.raises(sc.SceneControlError, match="no keypoint maps to a bone"):
+        sc.keypoint_frames(scene3d, [1], W, H, [sc.Character(bare, "custom")])
+    # Rigify and the meta-rig keep working with their presets.
+    for preset in ("rigify", "metarig"):
+        people = sc.keypoint_frames(scene3d, [1], W, H, [sc.Character(f"Rig {preset}", preset)])
+        assert sum(k is not None for k in people[0][0]) >= 13

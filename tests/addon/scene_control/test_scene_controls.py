@@ -85,3 +85,19 @@ def test_scene_controlnet_job_runs_through_the_backend(scene3d, tmp_path):
     frames = sorted((tmp_path / "out").glob("frame_*.png"))
     assert [f.name for f in frames] == ["frame_00001.png", "frame_00002.png"]
     assert read(frames[0]).shape[:2] == (64, 64)
+
+
+def test_a_pose_control_with_nobody_in_view_is_an_error(scene3d, tmp_path):
+    rig = scene3d.objects["Rig mixamo"]
+    saved = rig.location.copy()
+    folder = tmp_path / "scene"
+    control = sc.SceneControl("openpose", "m", 1.0, [sc.Character(rig.name)])
+    try:
+        rig.location = (0.0, -12.0, 0.0)  # behind the camera on every frame
+        with pytest.raises(sc.SceneControlError, match="'Rig mixamo' is in the camera's view"):
+            sc.build_scene_controls(scene3d, folder, [control], [1, 2, 3], W, H)
+        assert not (folder / "pose.json").exists()
+    finally:
+        rig.location = saved
+    controlnets, _ = sc.build_scene_controls(scene3d, folder, [control], [1, 2, 3], W, H)
+    assert len(json.loads(Path(controlnets[0]["control"]["path"]).read_text())["frames"]) == 3
