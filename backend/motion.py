@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 
 import torch
-import torch.nn.functional as F
 
 # Official unit of motion strength: 1/512 of the frame per frame.
 MOTION_UNIT = 512.0
@@ -32,26 +31,44 @@ def latent_shift(motion: tuple[float, float], latent_width: int, latent_height: 
     return (dx * latent_width / MOTION_UNIT, dy * latent_height / MOTION_UNIT)
 
 
+def sample_offset(size: int) -> float:
+    """Where the official warp samples, relative to x + s, along a latent side of ``size``.
+
+    The official code (and diffusers) builds the flow on a 512x512 pixel grid and resizes
+    it bilinearly to the latent, so latent pixel x reads x + s - size / 1024. Sampling at
+    exactly x + s puts the default 1.5 px/frame shift of a 64-wide latent on ties.
+    """
+    return -size / (2.0 * MOTION_UNIT)
+
+
+def _nearest_indices(size: int, shifts: torch.Tensor) -> torch.Tensor:
+    """(frames, size) source indices of a shifted axis: nearest sample, reflection padding.
+
+    Positions reflect about -0.5 and size - 0.5 (grid_sample, align_corners=False) and
+    round half up, so a shift on an exact tie is a clean translation, never a duplication.
+    """
+    positions = torch.arange(size, dtype=torch.float64)[None] + shifts.double()[:, None]
+    positions = positions + sample_offset(size)  # (frames, size)
+    period = 2.0 * size
+    folded = torch.remainder(positions + 0.5, period)
+    folded = torch.where(folded > size, period - folded, folded) - 0.5
+    return torch.floor(folded + 0.5).clamp(0, size - 1).long()
+
+
 def translate_latents(latents: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Warp each latent by its own (sx, sy) translation: out(x, y) = in(x + sx, y + sy).
 
-    Nearest sampling with reflection padding, as in the official code; ``latents`` is
-    (frames, channels, h, w) and ``shifts`` is (frames, 2) in latent pixels.
+    Nearest sampling with reflection padding at the official sample positions (see
+    ``sample_offset``); ``latents`` is (frames, channels, h, w) and ``shifts`` is
+    (frames, 2) in latent pixels.
     """
-    frames, _, h, w = latents.shape
-    ys = torch.arange(h, device=latents.device, dtype=torch.float32)
-    xs = torch.arange(w, device=latents.device, dtype=torch.float32)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
-    shifts = shifts.to(device=latents.device, dtype=torch.float32)
-    sample_x = grid_x[None] + shifts[:, 0, None, None]  # (frames, h, w)
-    sample_y = grid_y[None] + shifts[:, 1, None, None]
-    # Pixel centres in grid_sample's normalised coordinates (align_corners=False).
-    grid = torch.stack(((sample_x + 0.5) / w * 2 - 1, (sample_y + 0.5) / h * 2 - 1), dim=-1)
-    # (frames, h, w, 2)
-    warped = F.grid_sample(
-        latents.float(), grid, mode="nearest", padding_mode="reflection", align_corners=False
-    )
-    return warped.to(latents.dtype)
+    frames, channels, h, w = latents.shape
+    shifts = shifts.detach().to("cpu")
+    rows = _nearest_indices(h, shifts[:, 1]).to(latents.device)  # (frames, h)
+    cols = _nearest_indices(w, shifts[:, 0]).to(latents.device)  # (frames, w)
+    rows = rows[:, None, :, None].expand(frames, channels, h, w)  # (frames, channels, h, w)
+    cols = cols[:, None, None, :].expand(frames, channels, h, w)
+    return latents.gather(2, rows).gather(3, cols)
 
 
 def motion_shifts(frame_ids: list[int], shift: tuple[float, float]) -> torch.Tensor:

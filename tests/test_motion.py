@@ -93,6 +93,82 @@ def test_each_frame_gets_its_own_shift() -> None:
     assert torch.equal(out[0], x[0])
 
 
+# Real job sizes (pixels) and their latents; every frame of a 16-frame job.
+REAL_SIZES = [(512, 512), (768, 768), (896, 512), (1024, 576)]
+JOB_FRAMES = 16
+
+
+def _official_warp() -> object:
+    """diffusers' copy of the official warp (deprecated module); skip if this diffusers lacks it."""
+    module = pytest.importorskip(
+        "diffusers.pipelines.deprecated.text_to_video_synthesis.pipeline_text_to_video_zero"
+    )
+    warp = getattr(module, "create_motion_field_and_warp_latents", None)
+    if warp is None:
+        pytest.skip("this diffusers has no create_motion_field_and_warp_latents (0.42.1 has)")
+    return warp
+
+
+def wide_ramp(frames: int, h: int, w: int) -> torch.Tensor:
+    """(frames, 4, h, w) float64 latents whose every value names its (channel, y, x)."""
+    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = torch.stack([1_000_000 * c + 1000 * y + x for c in range(4)]).double()
+    return base[None].repeat(frames, 1, 1, 1)
+
+
+@pytest.mark.parametrize(("width", "height"), REAL_SIZES)
+@pytest.mark.parametrize("motion", [(12.0, 12.0), (6.2, -4.6), (-18.6, 9.4)])
+def test_warp_samples_where_the_official_code_does(
+    width: int, height: int, motion: tuple[float, float]
+) -> None:
+    """Every frame of a 16-frame job, fractional shifts: equal to diffusers' official warp.
+
+    These strengths put no sample of these sizes on an exact tie, where the official code
+    itself duplicates pixels (e.g. 7.3 at 512x512, frame 6) and ours rounds half up.
+    """
+    official = _official_warp()
+    h, w = height // 8, width // 8
+    x = wide_ramp(JOB_FRAMES, h, w)
+    frames = list(range(JOB_FRAMES))
+    ours = translate_latents(x, motion_shifts(frames, latent_shift(motion, w, h)))
+    theirs = official(motion[0], motion[1], frames, x)
+    for k in frames:
+        assert torch.equal(ours[k], theirs[k]), f"frame {k} differs at {width}x{height}"
+
+
+@pytest.mark.parametrize(("width", "height"), REAL_SIZES)
+@pytest.mark.parametrize("motion", [(12.0, 12.0), (16.0, 8.0), (7.3, -5.1)])
+def test_warp_never_duplicates_rows_or_columns(
+    width: int, height: int, motion: tuple[float, float]
+) -> None:
+    """Inside the frame each warp is a whole-pixel translation: neighbours stay neighbours.
+
+    Sampling at exactly x + s put the default shift (1.5 px at 512x512) on ties that nearest
+    rounding sends half to even: columns 2, 2, 4, 4, ... on every other frame.
+    """
+    h, w = height // 8, width // 8
+    x = wide_ramp(JOB_FRAMES, h, w)
+    frames = list(range(JOB_FRAMES))
+    out = translate_latents(x, motion_shifts(frames, latent_shift(motion, w, h)))
+    cols = out[:, 0, 0, :] % 1000  # (frames, w): source column of every output column
+    rows = (out[:, 0, :, 0] // 1000) % 1000  # (frames, h): source row of every output row
+    for k in frames:
+        for sources in (cols[k], rows[k]):
+            steps = sources[1:] - sources[:-1]
+            # Forward steps are +1; the reflected border only turns back (steps <= 0).
+            forward = steps[steps > 0]
+            assert torch.equal(forward, torch.ones_like(forward)), f"frame {k}: {sources}"
+
+
+def test_a_shift_on_an_exact_tie_is_still_a_clean_translation() -> None:
+    """Even where x + s - w/1024 lands on .5, rounding is one-sided: no doubled pixels."""
+    w = 8  # offset -1/128: a shift of 0.5 + 1/128 puts every sample on a tie
+    x = wide_ramp(1, 1, w)
+    out = translate_latents(x, torch.tensor([[0.5 + 1 / 128, 0.0]], dtype=torch.float64))
+    cols = (out[0, 0, 0] % 1000).tolist()
+    assert cols[:-1] == list(range(1, w))
+
+
 def test_translate_keeps_dtype() -> None:
     x = ramp().half()
     assert translate_latents(x, torch.tensor([[1.0, 0.0]])).dtype == torch.float16
