@@ -7,11 +7,9 @@ checks both), runs it, and prints where the frames went.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 from .protocol import (
@@ -20,8 +18,11 @@ from .protocol import (
     DETECTORS,
     DEVICES,
     DTYPES,
+    MAX_LINE_BYTES,
     MODES,
     JobError,
+    clip_text,
+    parse_json,
     validate_job,
 )
 
@@ -234,16 +235,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_job_file(path: str) -> dict[str, Any]:
+    """The JSON object of a job file of at most MAX_LINE_BYTES; JobError saying what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_LINE_BYTES + 1)  # never more: a huge file is refused unread
+        if len(data) > MAX_LINE_BYTES:
+            raise ValueError(f"it is larger than the limit of {MAX_LINE_BYTES} bytes")
+        job = parse_json(data, "the file")
+    except (OSError, ValueError) as exc:
+        raise JobError("job", f"cannot read job file {path}: {exc}") from None
+    if not isinstance(job, dict):
+        raise JobError("job", f"job file {path} must hold a JSON object")
+    return job
+
+
 def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The job dict that ``args`` describe (not yet validated)."""
     job: dict[str, Any] = {}
     if args.job:
-        try:
-            job = json.loads(Path(args.job).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise JobError("job", f"cannot read job file {args.job}: {exc}") from exc
-        if not isinstance(job, dict):
-            raise JobError("job", f"job file {args.job} must hold a JSON object")
+        job = read_job_file(args.job)
     simple = {
         "mode": args.mode,
         "model": args.model,
@@ -310,7 +321,7 @@ def _generate(args: argparse.Namespace) -> int:
     try:
         job = validate_job(job_from_args(args))
     except JobError as exc:
-        print(f"error: bad job: {exc}", file=sys.stderr)
+        print(f"error: bad job: {clip_text(str(exc))}", file=sys.stderr)
         return 2
     from .runner import JobEvents, run_job  # torch and diffusers: only for a valid job
 
@@ -327,7 +338,7 @@ def _generate(args: argparse.Namespace) -> int:
     except Exception as exc:  # one clear line for the user; -v shows the traceback
         print(file=sys.stderr)
         logging.getLogger(__name__).debug("job failed", exc_info=True)
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {clip_text(str(exc))}", file=sys.stderr)
         return 1
     print(file=sys.stderr)
     print(f"wrote {len(result.frames)} frames to {result.out} in {result.seconds:.1f} s")

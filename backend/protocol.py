@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import reprlib
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -57,6 +58,21 @@ KEYPOINT_NAMES = (
 
 MAX_SIDE = 4096
 MAX_FRAMES = 100_000
+# DDIM steps: with the SD schedule's steps_offset of 1, 1000 steps would ask for timestep
+# 1000 of a 1000-step schedule; 999 is the most any SD 1.x model can run.
+MAX_STEPS = 999
+# Prompt and negative prompt length in characters: CLIP reads 77 tokens (about 300
+# characters of English) and cuts the rest, so this is generous; it keeps a pasted
+# megabyte from being tokenised (and written to job.json) just to be cut off.
+MAX_PROMPT_CHARS = 2000
+# One protocol line (a worker request) and one job file, in bytes: a job with paths and
+# settings is a few KB. Longer input is refused without being read into memory.
+MAX_LINE_BYTES = 1 << 20
+# Error messages show a bad value cut to about this many characters, with its length.
+MAX_ECHO_CHARS = 80
+# Error replies carry at most this many characters of message and of traceback.
+MAX_MESSAGE_CHARS = 4000
+MAX_TRACEBACK_CHARS = 20_000
 
 
 class JobError(ValueError):
@@ -187,6 +203,31 @@ class Job:
 
 # --------------------------------------------------------------------------- checks
 
+_SHORT = reprlib.Repr()  # keyword arguments only from Python 3.12: Blender 4.2 has 3.11
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxtuple = _SHORT.maxlist = _SHORT.maxdict = 4
+
+
+def shown(value: Any) -> str:
+    """A bad value for an error message: its repr cut short, with its length if it was long."""
+    try:
+        text = _SHORT.repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    if len(text) > MAX_ECHO_CHARS:
+        text = text[: MAX_ECHO_CHARS - 3] + "..."
+    if isinstance(value, (str, list, dict, tuple)) and "..." in text:
+        unit = "characters" if isinstance(value, str) else "items"
+        text += f" ({len(value)} {unit})"
+    return text
+
+
+def clip_text(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f" ... [{len(text) - limit} more characters]"
+
 
 def _type_name(value: Any) -> str:
     return type(value).__name__
@@ -200,7 +241,8 @@ def _check_type(name: str, value: Any, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kinds):
         raise JobError(
             name,
-            f"expected {'/'.join(k.__name__ for k in kinds)}, got {_type_name(value)} {value!r}",
+            f"expected {'/'.join(k.__name__ for k in kinds)}, got {_type_name(value)} "
+            f"{shown(value)}",
         )
     return value
 
@@ -226,8 +268,12 @@ def _float(name: str, value: Any, lo: float | None = None, hi: float | None = No
     return value
 
 
-def _str(name: str, value: Any, nonempty: bool = False) -> str:
+def _str(name: str, value: Any, nonempty: bool = False, max_chars: int | None = None) -> str:
     _check_type(name, value, str)
+    if max_chars is not None and len(value) > max_chars:
+        raise JobError(
+            name, f"must be at most {max_chars} characters, got {len(value)}: {shown(value)}"
+        )
     if nonempty and not value.strip():
         raise JobError(name, "must not be empty")
     return value
@@ -236,7 +282,7 @@ def _str(name: str, value: Any, nonempty: bool = False) -> str:
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     _check_type(name, value, str)
     if value not in choices:
-        raise JobError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+        raise JobError(name, f"must be one of {', '.join(choices)}, got {shown(value)}")
     return value
 
 
@@ -245,7 +291,8 @@ def _no_unknown(name: str, data: dict, cls: type) -> None:
     unknown = sorted(set(data) - known)
     if unknown:
         where = f"{name}." if name else ""
-        raise JobError(f"{where}{unknown[0]}", f"unknown field (value {data[unknown[0]]!r})")
+        key = unknown[0] if len(unknown[0]) <= MAX_ECHO_CHARS else shown(unknown[0])
+        raise JobError(f"{where}{key}", f"unknown field (value {shown(data[unknown[0]])})")
 
 
 def _video(name: str, value: Any) -> VideoInput:
@@ -367,13 +414,13 @@ def validate_job(data: Any) -> Job:
         raise JobError("width", f"must be divisible by 8, got {width}")
     if height % 8:
         raise JobError("height", f"must be divisible by 8, got {height}")
-    steps = _int("steps", d.get("steps", 50), lo=1, hi=1000)
+    steps = _int("steps", d.get("steps", 50), lo=1, hi=MAX_STEPS)
 
     frame_range = d.get("frame_range")
     if frame_range is not None:
         _check_type("frame_range", frame_range, (list, tuple))
         if len(frame_range) != 2:
-            raise JobError("frame_range", f"expected [first, last], got {list(frame_range)!r}")
+            raise JobError("frame_range", f"expected [first, last], got {shown(frame_range)}")
         first = _int("frame_range[0]", frame_range[0], lo=1, hi=frames)
         last = _int("frame_range[1]", frame_range[1], lo=1, hi=frames)
         if first > last:
@@ -384,7 +431,7 @@ def validate_job(data: Any) -> Job:
     if motion is not None:
         _check_type("motion", motion, (list, tuple))
         if len(motion) != 2:
-            raise JobError("motion", f"expected [dx, dy], got {list(motion)!r}")
+            raise JobError("motion", f"expected [dx, dy], got {shown(motion)}")
         motion = [_float(f"motion[{i}]", v, lo=-512.0, hi=512.0) for i, v in enumerate(motion)]
 
     t0 = d.get("t0")
@@ -408,12 +455,14 @@ def validate_job(data: Any) -> Job:
         _str("model_config", model_config, nonempty=True)
 
     job = Job(
-        prompt=_str("prompt", d["prompt"]),
+        prompt=_str("prompt", d["prompt"], max_chars=MAX_PROMPT_CHARS),
         out=_str("out", d["out"], nonempty=True),
         mode=mode,
         model=_str("model", d.get("model", default_model), nonempty=True),
         model_config=model_config,
-        negative_prompt=_str("negative_prompt", d.get("negative_prompt", "")),
+        negative_prompt=_str(
+            "negative_prompt", d.get("negative_prompt", ""), max_chars=MAX_PROMPT_CHARS
+        ),
         frames=frames,
         width=width,
         height=height,
@@ -502,12 +551,35 @@ def encode_message(kind: str, /, **payload: Any) -> str:
     return json.dumps({"type": kind, **payload}, separators=(",", ":"))
 
 
-def decode_message(line: str) -> dict[str, Any]:
-    """Parse one protocol line; raise ValueError on anything that is not a known message."""
+def parse_json(data: str | bytes, what: str) -> Any:
+    """Parse JSON text (or UTF-8 bytes) of at most MAX_LINE_BYTES; ValueError saying why not.
+
+    Never raises anything else: invalid UTF-8, nesting too deep for the parser and
+    oversized input all become a ValueError whose message shows at most a short excerpt.
+    """
+    if len(data) > MAX_LINE_BYTES:
+        raise ValueError(f"{what} is {len(data)} bytes long; the limit is {MAX_LINE_BYTES}")
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{what} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
-        message = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not a JSON protocol line: {line[:200]!r}") from exc
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to parse") from None
+    except ValueError as exc:  # JSONDecodeError
+        raise ValueError(f"{what} is not JSON ({exc}): {shown(data)}") from None
+
+
+def decode_message(line: str | bytes) -> dict[str, Any]:
+    """Parse one protocol line; raise ValueError on anything that is not a known message."""
+    message = parse_json(line, "protocol line")
     if not isinstance(message, dict) or message.get("type") not in REQUESTS + REPLIES:
-        raise ValueError(f"not a protocol message: {line[:200]!r}")
+        raise ValueError(f"not a protocol message: {shown(message)}")
+    message_id = message.get("id")
+    if message_id is not None and (
+        isinstance(message_id, bool) or not isinstance(message_id, (str, int))
+    ):
+        raise ValueError(f"message id must be a string, got {shown(message_id)}")
     return message

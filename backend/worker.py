@@ -15,10 +15,19 @@ import queue
 import sys
 import threading
 import traceback
-from typing import Any, TextIO
+from collections.abc import Iterator
+from typing import IO, Any, TextIO
 
 from . import __version__
-from .protocol import JobError, decode_message, encode_message, validate_job
+from .protocol import (
+    MAX_LINE_BYTES,
+    MAX_TRACEBACK_CHARS,
+    JobError,
+    clip_text,
+    decode_message,
+    encode_message,
+    validate_job,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +44,9 @@ class ProtocolWriter:
 
     def send(self, kind: str, /, **payload: Any) -> None:
         """Send one message."""
+        if kind == "error":  # a reply never echoes megabytes of a bad value or a long trace
+            payload["message"] = clip_text(str(payload.get("message", "")))
+            payload["traceback"] = clip_text(str(payload.get("traceback", "")), MAX_TRACEBACK_CHARS)
         line = encode_message(kind, **payload)
         with self.lock:
             self.stream.write(line + "\n")
@@ -48,6 +60,26 @@ def _claim_stdout() -> TextIO:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     return os.fdopen(protocol_fd, "w", encoding="utf-8", buffering=1)
+
+
+# Marks a request line longer than MAX_LINE_BYTES (skipped without being kept in memory).
+TOO_LONG = b""
+
+
+def bounded_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[bytes]:
+    """The lines of ``stream``, or TOO_LONG for a line over ``limit`` bytes (its rest skipped)."""
+    while True:
+        line = stream.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            while True:  # skip to the end of this line, a bounded piece at a time
+                rest = stream.readline(1 << 16)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield TOO_LONG
+            continue
+        yield line
 
 
 class Worker:
@@ -66,30 +98,52 @@ class Worker:
         self.lock = threading.Lock()
         self.cache = ModelCache(max_bases=max_models)
 
-    def read_requests(self, stream: TextIO) -> None:
-        """Reader thread: parse lines; cancels act at once, the rest is queued."""
-        for line in stream:
-            if not line.strip():
-                continue
+    def read_requests(self, stream: IO[bytes] | TextIO) -> None:
+        """Reader thread: parse lines; cancels act at once, the rest is queued.
+
+        Whatever a line holds (no JSON, invalid UTF-8, nesting too deep, megabytes) it gets
+        an error reply and the thread reads on: only ``shutdown`` or the end of input stop it.
+        """
+        binary = getattr(stream, "buffer", stream)
+        for line in bounded_lines(binary):
             try:
-                message = decode_message(line)
-            except ValueError as exc:
-                self.writer.send(
-                    "error", id=None, kind="ProtocolError", message=str(exc), traceback=""
-                )
-                continue
-            if message["type"] == "cancel":
-                self.request_cancel(message.get("id"))
-                continue
-            if message["type"] == "generate":
-                with self.lock:
-                    self.queued_ids.add(str(message.get("id", "")))
-            self.requests.put(message)
-            if message["type"] == "shutdown":
-                self.cancel.set()
-                return
+                if self.handle_line(line):
+                    return
+            except Exception as exc:  # never let one line end the reader: report it
+                log.exception("request line could not be handled")
+                self.send_protocol_error(f"{type(exc).__name__}: {exc}")
         self.cancel.set()  # stdin closed: the add-on is gone
         self.requests.put(None)
+
+    def send_protocol_error(self, text: str) -> None:
+        """Reply to a line that is no valid request (it has no job id to answer to)."""
+        self.writer.send("error", id=None, kind="ProtocolError", message=text, traceback="")
+
+    def handle_line(self, line: bytes) -> bool:
+        """Act on one request line; True when it was ``shutdown``."""
+        if line == TOO_LONG:
+            self.send_protocol_error(
+                f"request line longer than {MAX_LINE_BYTES} bytes refused (skipped unread)"
+            )
+            return False
+        if not line.strip():
+            return False
+        try:
+            message = decode_message(line)
+        except ValueError as exc:
+            self.send_protocol_error(str(exc))
+            return False
+        if message["type"] == "cancel":
+            self.request_cancel(message.get("id"))
+            return False
+        if message["type"] == "generate":
+            with self.lock:
+                self.queued_ids.add(str(message.get("id", "")))
+        self.requests.put(message)
+        if message["type"] == "shutdown":
+            self.cancel.set()
+            return True
+        return False
 
     def request_cancel(self, job_id: Any) -> None:
         """Cancel the running job now, or a queued one as soon as it comes up."""
@@ -108,7 +162,7 @@ class Worker:
         job_id = str(message.get("id", ""))
         try:
             job = validate_job(message.get("job"))
-        except JobError as exc:
+        except (JobError, RecursionError) as exc:
             with self.lock:
                 self.queued_ids.discard(job_id)
                 self.cancelled_ids.discard(job_id)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from backend.cli import build_parser, job_from_args, main
-from backend.protocol import JobError, validate_job
+from backend.protocol import MAX_LINE_BYTES, JobError, validate_job
 from backend.video_io import write_png
 
 Run = Callable[..., subprocess.CompletedProcess]
@@ -191,6 +191,30 @@ def test_bad_job_files_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     ):
         assert main(["generate", "--job", str(path)]) == 2
         assert text in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        # A RecursionError traceback before; now one line and exit 2.
+        (
+            b'{"prompt": "x", "out": "o", "seed": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "nested",
+        ),
+        (b'{"prompt": "\xff\xfe", "out": "o"}', "not UTF-8"),
+        (b'{"prompt": "' + b"x" * MAX_LINE_BYTES + b'", "out": "o"}', "larger than the limit"),
+        (b'{"prompt": "x", "out": "o", "frames": "' + b"9" * 500_000 + b'"}', "500000 characters"),
+    ],
+)
+def test_hostile_job_files_exit_2_with_one_short_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, content: bytes, reason: str
+) -> None:
+    path = tmp_path / "job.json"
+    path.write_bytes(content)
+    assert main(["generate", "--job", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad job: ") and reason in err
+    assert len(err) < 400 and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- arguments

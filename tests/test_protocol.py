@@ -12,6 +12,8 @@ from backend.protocol import (
     DEFAULT_MODEL,
     DEFAULT_MOTION,
     DEFAULT_PIX2PIX_MODEL,
+    MAX_LINE_BYTES,
+    MAX_PROMPT_CHARS,
     REPLIES,
     REQUESTS,
     ControlNetSpec,
@@ -247,6 +249,61 @@ def test_error_messages_carry_their_own_kind_field() -> None:
 def test_decode_refuses_non_protocol_lines(line: str) -> None:
     with pytest.raises(ValueError):
         decode_message(line)
+
+
+NESTED = '{"type": "cancel", "id": ' + "[" * 100_000 + "]" * 100_000 + "}"
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (NESTED, "nested too deeply"),  # was a RecursionError that killed the reader thread
+        ('{"type": "cancel", "id": ' + "[" * 200 + "]" * 200 + "}", "message id"),
+        (b'{"type": "shutdown", "x": "\xff\xfe"}', "not UTF-8"),
+        ('"shutdown"', "not a protocol message"),
+        ("null", "not a protocol message"),
+        ('{"type": "cancel", "id": "' + "x" * MAX_LINE_BYTES + '"}', "the limit is"),
+    ],
+)
+def test_hostile_lines_are_value_errors_with_short_messages(line: str | bytes, reason: str) -> None:
+    """Any line becomes a ValueError (never RecursionError or UnicodeDecodeError) whose
+    message is short whatever the line's size."""
+    with pytest.raises(ValueError, match=reason) as info:
+        decode_message(line)
+    assert len(str(info.value)) < 300
+
+
+def test_error_messages_show_a_huge_bad_value_cut_short_with_its_length() -> None:
+    """A 5 MB bad value used to be echoed whole into stderr and worker replies."""
+    huge = "x" * 5_000_000
+    for fields, field in (
+        ({"colour": huge}, "colour"),
+        ({"frames": huge}, "frames"),
+        ({"mode": huge}, "mode"),
+        ({"motion": [1.0] * 1_000_000}, "motion"),
+        ({"model_config": [[[[[["deep"]]]]]]}, "model_config"),
+    ):
+        with pytest.raises(JobError) as info:
+            validate_job(job(**fields))
+        text = str(info.value)
+        assert info.value.field == field and len(text) < 300, text[:300]
+    assert "5000000 characters" in _error_text(frames=huge)
+    assert "1000000 items" in _error_text(motion=[1.0] * 1_000_000)
+
+
+def _error_text(**fields: Any) -> str:
+    with pytest.raises(JobError) as info:
+        validate_job(job(**fields))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_prompts_have_a_documented_length_limit(field: str) -> None:
+    """A 50 MB prompt used to run for minutes and "succeed"; now it is a clear error."""
+    assert getattr(validate_job(job(**{field: "a" * MAX_PROMPT_CHARS})), field)
+    text = _error_text(**{field: "a" * (MAX_PROMPT_CHARS + 1)})
+    assert text.startswith(f"{field}: must be at most {MAX_PROMPT_CHARS} characters, got ")
+    assert str(MAX_PROMPT_CHARS + 1) in text and len(text) < 300
 
 
 def test_encode_refuses_unknown_types() -> None:

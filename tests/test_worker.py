@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from backend.protocol import REPLIES, decode_message, encode_message, validate_job
+from backend.protocol import (
+    MAX_LINE_BYTES,
+    MAX_PROMPT_CHARS,
+    REPLIES,
+    decode_message,
+    encode_message,
+    validate_job,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"done", "error", "cancelled"}
@@ -61,6 +68,12 @@ class WorkerProcess:
         assert self.proc.stdin is not None
         self.proc.stdin.write(text)
         self.proc.stdin.flush()
+
+    def send_bytes(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.flush()
+        self.proc.stdin.buffer.write(data)
+        self.proc.stdin.buffer.flush()
 
     def next(self, timeout: float = 120) -> dict[str, Any]:
         try:
@@ -165,6 +178,45 @@ def test_bad_job_is_an_error_naming_the_field_and_the_worker_lives_on(
     assert worker.until_terminal("good")[-1]["type"] == "done"
 
 
+HOSTILE_LINES = {
+    # A RecursionError used to kill the reader thread: no reply, shutdown and EOF ignored.
+    "nested": b'{"type":"cancel","id":' + b"[" * 1000 + b"]" * 1000 + b"}\n",
+    "deeper": b'{"type":"cancel","id":' + b"[" * 200_000 + b"]" * 200_000 + b"}\n",
+    "not UTF-8": b'{"type":"shutdown","note":"\xff\xfe"}\n',
+    "not an object": b'"shutdown"\n',
+    "over the line limit": b'{"type":"cancel","id":"' + b"x" * (3 * MAX_LINE_BYTES) + b'"}\n',
+    "bad id": b'{"type":"cancel","id":{"a":[1]}}\n',
+}
+
+
+def test_any_line_gets_an_error_reply_and_the_worker_keeps_serving(
+    worker: WorkerProcess, tmp_path: Path
+) -> None:
+    for name, line in HOSTILE_LINES.items():
+        worker.send_bytes(line)
+        reply = worker.next(timeout=30)
+        assert reply["type"] == "error" and reply["kind"] == "ProtocolError", name
+        assert reply["id"] is None and len(reply["message"]) < 400, name
+    assert "longer than" in reply["message"] or "id" in reply["message"]
+    worker.send("generate", id="after", job=job(tmp_path / "out"))
+    assert worker.until_terminal("after")[-1]["type"] == "done"
+
+
+def test_big_bad_values_are_refused_with_short_replies(
+    worker: WorkerProcess, tmp_path: Path
+) -> None:
+    """A 10.5 MB reply echoed a bad value; a 10 MB prompt delayed a cancel by 44 s."""
+    worker.send("generate", id="prompt", job=job(tmp_path / "a", prompt="a" * 900_000))
+    [error] = worker.until_terminal("prompt", timeout=30)
+    assert error["kind"] == "JobError"
+    assert error["message"].startswith(f"prompt: must be at most {MAX_PROMPT_CHARS} characters")
+    assert len(error["message"]) < 300
+    worker.send("generate", id="field", job=job(tmp_path / "b", colour="red" * 300_000))
+    [error] = worker.until_terminal("field", timeout=30)
+    assert error["message"].startswith("colour: unknown field") and len(error["message"]) < 300
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_runtime_failure_reports_kind_message_and_traceback(
     worker: WorkerProcess, tmp_path: Path
 ) -> None:
@@ -228,6 +280,22 @@ def test_a_cancel_for_a_finished_job_does_not_cancel_a_later_one(
     worker.send("generate", id="again", job=job(tmp_path / "two"))
     assert worker.until_terminal("again")[-1]["type"] == "done"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_shutdown_and_eof_still_work_after_a_hostile_line(
+    backend_env: dict, tmp_path: Path
+) -> None:
+    for ending in ("shutdown", "eof"):
+        w = WorkerProcess(backend_env, tmp_path / f"stderr-{ending}.txt")
+        assert w.next()["type"] == "ready"
+        w.send_bytes(HOSTILE_LINES["deeper"])
+        assert w.next(timeout=30)["kind"] == "ProtocolError"
+        if ending == "shutdown":
+            w.send("shutdown")
+        else:
+            w.proc.stdin.close()
+        assert w.proc.wait(timeout=60) == 0
+        w.close()
 
 
 def test_sigterm_mid_job_leaves_no_partial_output(backend_env: dict, tmp_path: Path) -> None:
