@@ -105,6 +105,31 @@ def test_text2video_job_writes_a_reproducible_result(tmp_path: Path, cache: Mode
     assert events[-1][2:4] == (3, 3)  # frames written / total
 
 
+@pytest.mark.parametrize("frames", [1, runner.DECODE_SLICE + 1])
+def test_every_frame_is_written_and_is_its_decoded_latent(
+    tmp_path: Path, cache: ModelCache, frames: int
+) -> None:
+    """One PNG per frame, in order, each the decode of that frame's latents: a lone frame
+    and a last decode slice holding a single frame included."""
+    import cv2
+    import torch
+
+    from backend.engine import TextToVideoZero
+    from backend.models import load_base_model
+
+    out = tmp_path / "run"
+    result = run_job(make_job(out, frames=frames), cache)
+    names = [f"frame_{i:05d}.png" for i in range(1, frames + 1)]
+    assert [Path(p).name for p in result.frames] == names
+    assert sorted(p.name for p in out.glob("frame_*.png")) == names
+    decoded = TextToVideoZero(load_base_model("builtin:tiny")).decode(
+        torch.from_numpy(latents(out))
+    )
+    for name, expected in zip(names, decoded.numpy(), strict=True):
+        png = cv2.cvtColor(cv2.imread(str(out / name)), cv2.COLOR_BGR2RGB)
+        np.testing.assert_array_equal(png, expected)
+
+
 def test_denoising_previews_show_frame_1_forming_and_leave_no_files(
     tmp_path: Path, cache: ModelCache
 ) -> None:

@@ -260,6 +260,30 @@ def test_stdout_carries_only_protocol_lines(worker: WorkerProcess, tmp_path: Pat
     assert all(m["type"] in REPLIES for m in worker.seen)
 
 
+def test_stdout_guard_sends_stray_output_to_stderr(backend_env: dict) -> None:
+    """Once the worker claims stdout, prints and raw writes to fd 1 (a library's C code)
+    land on stderr; only protocol lines reach the real stdout."""
+    script = (
+        "import os, sys\n"
+        "from backend.worker import ProtocolWriter, _claim_stdout\n"
+        "writer = ProtocolWriter(_claim_stdout())\n"
+        "print('stray print'); sys.stdout.flush()\n"
+        "os.write(1, b'stray fd write\\n')\n"
+        "writer.send('ready')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=backend_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [decode_message(line)["type"] for line in proc.stdout.splitlines()] == ["ready"]
+    assert "stray print" in proc.stderr and "stray fd write" in proc.stderr
+
+
 def test_shutdown_ends_the_worker(backend_env: dict, tmp_path: Path) -> None:
     w = WorkerProcess(backend_env, tmp_path / "stderr.txt")
     assert w.next()["type"] == "ready"
