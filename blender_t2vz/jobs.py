@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import backend_paths
+from .sizing import round_to_8, scene_size  # noqa: F401  (the job size helpers)
 
 MODES = ("text2video", "controlnet", "pix2pix")
 
@@ -39,17 +40,6 @@ REGENERATE_FIELDS = (
 
 class JobBuildError(ValueError):
     """The panel's settings or inputs cannot make a job; the message says which value."""
-
-
-def round_to_8(value: float, lo: int = 64, hi: int = 4096) -> int:
-    """``value`` rounded to the nearest multiple of 8 within [lo, hi]."""
-    return int(min(hi, max(lo, 8 * round(float(value) / 8))))
-
-
-def scene_size(resolution_x: int, resolution_y: int, percentage: int = 100) -> tuple[int, int]:
-    """The job size for a scene's render resolution: scaled, then multiples of 8."""
-    scale = percentage / 100.0
-    return round_to_8(resolution_x * scale), round_to_8(resolution_y * scale)
 
 
 def resolve_output_root(setting: str, blend_path: str, temp_dir: str | None = None) -> Path:

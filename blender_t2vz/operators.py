@@ -397,7 +397,7 @@ class T2VZ_OT_load_settings(bpy.types.Operator):
             settings.motion = job["motion"]
         settings.frames = job.get("frames", settings.frames)
         if (job.get("width"), job.get("height")) != settings.size(context.scene):
-            settings.use_scene_size = False
+            settings.size_mode = "CUSTOM"
             settings.width, settings.height = job["width"], job["height"]
         self.report({"INFO"}, f"Loaded: {json.dumps(job.get('prompt', ''))}")
         return {"FINISHED"}

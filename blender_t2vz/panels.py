@@ -4,7 +4,7 @@ from typing import Any
 
 import bpy
 
-from . import operators, runtime, strips
+from . import operators, runtime, sizing, strips
 
 CATEGORY = "T2VZ"
 
@@ -164,14 +164,7 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
         sub = col.column(align=True)
         sub.active = settings.mode == "text2video" or not settings.match_source
         sub.prop(settings, "frames")
-        col = layout.column(align=True)
-        col.prop(settings, "use_scene_size")
-        if settings.use_scene_size:
-            width, height = settings.scene_size(context.scene)
-            col.label(text=f"{width} x {height} (scene)")
-        else:
-            col.prop(settings, "width")
-            col.prop(settings, "height")
+        draw_size(layout, context.scene, settings)
         layout.prop(settings, "chunk_size")
         row = layout.row(heading="Background")
         row.prop(settings, "smooth_bg", text="Smooth")
@@ -197,6 +190,24 @@ class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):
         if status.worker_pid:
             layout.label(text=f"Backend worker running (pid {status.worker_pid})", icon="CHECKMARK")
         layout.operator("t2vz.restart_worker", icon="X")
+
+
+def draw_size(layout: Any, scene: Any, settings: Any) -> None:
+    """The size choice, the size the job will use, and a warning far above native."""
+    col = layout.column(align=True)
+    col.prop(settings, "size_mode")
+    if settings.size_mode == "CUSTOM":
+        col.prop(settings, "width")
+        col.prop(settings, "height")
+    width, height = settings.size(scene)
+    side = settings.native_side()
+    ratio = sizing.pixel_ratio(width, height, side)
+    col.label(text=f"{width} x {height} px, {ratio:.1f}x native {side}x{side}", icon="IMAGE_DATA")
+    if sizing.is_oversize(width, height, side):
+        warn = layout.column(align=True)
+        warn.alert = True
+        warn.label(text=f"{ratio:.1f}x the model's native pixel count:", icon="ERROR")
+        warn.label(text="expect repeated subjects, more memory and time", icon="BLANK1")
 
 
 def _wrap(text: str, width: int) -> list[str]:

@@ -15,7 +15,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from . import jobs
+from . import preferences, sizing
 
 MODE_ITEMS = [
     ("text2video", "Text to Video", "Generate from the prompt alone, with motion dynamics"),
@@ -43,6 +43,19 @@ SCENE_PASS_ITEMS = [
     ("DEPTH", "Depth", "Depth pass of the scene camera"),
     ("OPENPOSE", "OpenPose", "Pose keypoints of rigged characters"),
     ("CANNY", "Edges", "Edges of a render of the scene"),
+]
+SIZE_ITEMS = [
+    (
+        "NATIVE",
+        "Model Native",
+        "The model's native pixel count (SD 1.x: 512x512) at the scene's aspect ratio",
+    ),
+    (
+        "SCENE",
+        "Scene",
+        "The scene's resolution (times its %): slow and repetitive far above native",
+    ),
+    ("CUSTOM", "Custom", "Width and height set here"),
 ]
 STATE_ITEMS = [
     ("IDLE", "Idle", ""),
@@ -87,9 +100,9 @@ class T2VZ_ControlNetItem(bpy.types.PropertyGroup):
 
 
 def _size_update(self: "T2VZ_SceneSettings", context: Any) -> None:
-    # Keep the custom size in step with the scene while "From Scene" is on.
-    if self.use_scene_size and context and context.scene:
-        self.width, self.height = self.scene_size(context.scene)
+    # Switching to a custom size starts from the model's native size at the scene's aspect.
+    if self.size_mode == "CUSTOM" and context and context.scene:
+        self.width, self.height = self.native_size(context.scene)
 
 
 class T2VZ_SceneSettings(bpy.types.PropertyGroup):
@@ -131,10 +144,11 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         default=True,
         description="Generate as many frames as the source strip shows",
     )
-    use_scene_size: BoolProperty(
-        name="Size From Scene",
-        default=True,
-        description="Use the scene's resolution, rounded to multiples of 8",
+    size_mode: EnumProperty(
+        name="Size",
+        items=SIZE_ITEMS,
+        default="NATIVE",
+        description="The job's width and height",
         update=_size_update,
     )
     width: IntProperty(name="Width", default=512, min=64, max=4096, step=8)
@@ -161,13 +175,31 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
     def scene_size(scene: Any) -> tuple[int, int]:
         """The scene's render size, scaled and rounded to multiples of 8."""
         r = scene.render
-        return jobs.scene_size(r.resolution_x, r.resolution_y, r.resolution_percentage)
+        return sizing.scene_size(r.resolution_x, r.resolution_y, r.resolution_percentage)
+
+    def size_model(self) -> str:
+        """The base model the job will use (the panel's, else the preferences' for the mode)."""
+        if self.model.strip():
+            return self.model.strip()
+        prefs = preferences.get_prefs()
+        return prefs.pix2pix_model if self.mode == "pix2pix" else prefs.model
+
+    def native_side(self) -> int:
+        """The side of the square the job's model was trained at, in pixels."""
+        return sizing.native_side(self.size_model())
+
+    def native_size(self, scene: Any) -> tuple[int, int]:
+        """The model's native pixel count at the scene's aspect ratio, multiples of 8."""
+        r = scene.render
+        return sizing.native_size(r.resolution_x, r.resolution_y, self.native_side())
 
     def size(self, scene: Any) -> tuple[int, int]:
         """The job's width and height."""
-        if self.use_scene_size:
+        if self.size_mode == "NATIVE":
+            return self.native_size(scene)
+        if self.size_mode == "SCENE":
             return self.scene_size(scene)
-        return jobs.round_to_8(self.width), jobs.round_to_8(self.height)
+        return sizing.round_to_8(self.width), sizing.round_to_8(self.height)
 
     def enabled_controlnets(self) -> list[T2VZ_ControlNetItem]:
         """The ControlNet entries that take part in a job."""

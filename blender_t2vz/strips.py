@@ -17,6 +17,8 @@ from typing import Any
 
 import bpy
 
+from . import sizing
+
 JOB_PROPERTY = "t2vz_job"
 VIDEO_TYPES = {"MOVIE", "IMAGE"}
 MAX_CHANNEL = 128
@@ -187,8 +189,14 @@ def add_result_strip(
         if p.parent != folder:
             raise StripInputError(f"result frames are not in one folder: {p}")
     editor = scene.sequence_editor_create()
+    # Scaled by Blender's own fit so the result covers the scene's frame like other footage.
+    render = scene.render
+    width, height = job.get("width"), job.get("height")
+    fit = "FIT"
+    if isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0:
+        fit = sizing.fit_method(width, height, render.resolution_x, render.resolution_y)
     strip = top_strips(editor).new_image(
-        name=name, filepath=str(paths[0]), channel=channel, frame_start=start, fit_method="FIT"
+        name=name, filepath=str(paths[0]), channel=channel, frame_start=start, fit_method=fit
     )
     for p in paths[1:]:
         strip.elements.append(p.name)

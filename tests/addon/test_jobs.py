@@ -74,6 +74,7 @@ def test_pix2pix_job_from_image_strip_honours_offsets(scene, image_folder: Path)
     settings.mode = "pix2pix"
     settings.prompt = "make it snowy"
     settings.seed = 11
+    settings.size_mode = "SCENE"  # the scene's 100x60, rounded to multiples of 8
 
     plan = operators.plan_from_panel(bpy.context)
     job = plan.job

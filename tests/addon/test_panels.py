@@ -74,7 +74,7 @@ def test_panels_draw_in_every_mode(scene, image_folder: Path, mode: str) -> None
     for source in ("ACTIVE_STRIP", "STRIP", "SCENE"):
         item = settings.controlnets.add()
         item.source = source
-    settings.use_scene_size = False
+    settings.size_mode = "CUSTOM"
     log = []
     for cls in panels.classes[1:]:
         if cls.poll(bpy.context):

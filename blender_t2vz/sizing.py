@@ -1,0 +1,97 @@
+"""The job's size: the model's native pixel count at the scene's aspect ratio, by default.
+
+No bpy here. A model makes its best pictures near the pixel count it was trained at (SD 1.x:
+512x512); far above it subjects repeat and memory and time grow with the pixel count. The
+add-on cannot load a model to ask (no torch in Blender), so the native side comes from:
+
+1. a small table for the built-in models (their size is fixed by this repository);
+2. a local diffusers folder's ``unet/config.json`` (``sample_size`` latent pixels times the
+   VAE's factor, from ``vae/config.json``), read as plain JSON;
+3. otherwise 512, the SD 1.x size every model this add-on runs is built on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+# Native square side in pixels of the built-in models, by name prefix.
+BUILTIN_SIDES = {"builtin:tiny": 64, "builtin:shapes": 64}
+DEFAULT_SIDE = 512
+# Above this many times the native pixel count the panel warns (the issue's threshold).
+OVERSIZE_FACTOR = 2.0
+# Smallest and largest job side (the backend's schema).
+MIN_SIDE, MAX_SIDE = 64, 4096
+# A result whose aspect differs from the scene's by less than this (rounding to multiples
+# of 8) fills the frame; a clearly different aspect is fitted whole (letterboxed).
+SAME_ASPECT_TOLERANCE = 0.02
+
+
+def round_to_8(value: float, lo: int = MIN_SIDE, hi: int = MAX_SIDE) -> int:
+    """``value`` rounded to the nearest multiple of 8 within [lo, hi]."""
+    return int(min(hi, max(lo, 8 * round(float(value) / 8))))
+
+
+def _folder_side(folder: Path) -> int | None:
+    """The native side of a local diffusers folder from its configs, or None."""
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    sample = unet.get("sample_size")
+    if isinstance(sample, list):
+        sample = sample[0] if sample else None
+    if not isinstance(sample, int) or sample <= 0:
+        return None
+    factor = 8
+    try:
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return sample * factor
+
+
+def native_side(model: str) -> int:
+    """The side of the square a model was trained at, in pixels (see the module docstring)."""
+    name = (model or "").strip()
+    for prefix, side in BUILTIN_SIDES.items():
+        if name.startswith(prefix):
+            return side
+    if name:
+        path = Path(os.path.expanduser(name))
+        if path.is_dir():
+            return _folder_side(path) or DEFAULT_SIDE
+    return DEFAULT_SIDE
+
+
+def native_size(aspect_x: float, aspect_y: float, side: int) -> tuple[int, int]:
+    """(width, height), multiples of 8, holding about side * side pixels at aspect x:y."""
+    if aspect_x <= 0 or aspect_y <= 0:
+        raise ValueError(f"aspect must be positive, got {aspect_x}x{aspect_y}")
+    ratio = aspect_x / aspect_y
+    return round_to_8(side * math.sqrt(ratio)), round_to_8(side / math.sqrt(ratio))
+
+
+def scene_size(resolution_x: int, resolution_y: int, percentage: int = 100) -> tuple[int, int]:
+    """The job size for a scene's render resolution: scaled, then multiples of 8."""
+    scale = percentage / 100.0
+    return round_to_8(resolution_x * scale), round_to_8(resolution_y * scale)
+
+
+def pixel_ratio(width: int, height: int, side: int) -> float:
+    """How many times the native pixel count ``width`` x ``height`` is."""
+    return width * height / float(side * side)
+
+
+def is_oversize(width: int, height: int, side: int) -> bool:
+    """True above OVERSIZE_FACTOR times the native pixel count (the panel warns)."""
+    return pixel_ratio(width, height, side) > OVERSIZE_FACTOR
+
+
+def fit_method(width: int, height: int, frame_x: int, frame_y: int) -> str:
+    """Blender's fit method for a result strip: FILL at the frame's aspect, else FIT."""
+    aspect, frame = width / height, frame_x / frame_y
+    return "FILL" if abs(aspect / frame - 1.0) < SAME_ASPECT_TOLERANCE else "FIT"
