@@ -110,6 +110,26 @@ def _controlnet_model(entry: Mapping[str, Any], defaults: Mapping[str, Any], ind
     return model
 
 
+def adapter_fields(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The job's ``loras`` and ``embeddings`` from the panel's list (kind, path, weight/token)."""
+    loras: list[dict[str, Any]] = []
+    embeddings: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        kind = entry.get("kind", "lora")
+        label = f"{'LoRA' if kind == 'lora' else 'Embedding'} {i + 1}"
+        path = str(entry.get("path") or "").strip()
+        if not path:
+            raise JobBuildError(f"{label}: choose a .safetensors file or type a hub id")
+        if kind == "lora":
+            loras.append({"path": path, "weight": float(entry.get("weight", 1.0))})
+            continue
+        token = str(entry.get("token") or "").strip()
+        if not token:
+            raise JobBuildError(f"{label}: type the token that calls it in the prompt")
+        embeddings.append({"path": path, "token": token})
+    return {"loras": loras, "embeddings": embeddings}
+
+
 def build_job(
     settings: Mapping[str, Any],
     *,
@@ -125,7 +145,8 @@ def build_job(
     ``settings`` holds plain values (see ``properties.T2VZ_SceneSettings.to_values``):
     mode, prompt, negative_prompt, model, seed, steps, guidance, image_guidance, motion,
     frames, match_source, width, height, chunk_size, smooth_bg, smooth_alpha, device,
-    dtype, write_mp4 and ``controlnets`` (dicts with model, weight, detector).
+    dtype, write_mp4, ``controlnets`` (dicts with model, weight, detector) and ``adapters``
+    (dicts with kind "lora" or "embedding", path, and weight or token).
     ``video`` is the pix2pix source and ``controls`` one VideoInput dict per ControlNet,
     both ``{"path", "start", "stride"}``; ``source_frames`` is how many frames they hold.
     """
@@ -172,6 +193,7 @@ def build_job(
         "fps": float(fps),
         "write_mp4": bool(settings.get("write_mp4", False)),
     }
+    job.update(adapter_fields(settings.get("adapters", ())))
     for side in ("width", "height"):
         if job[side] % 8:
             raise JobBuildError(f"{side}: must be a multiple of 8, got {job[side]}")
@@ -240,6 +262,8 @@ def rebuild_job(
             job["motion"] = [float(v) for v in settings["motion"]]
         if "frames" in settings:
             job["frames"] = int(settings["frames"])
+    if "adapters" in settings:  # the panel's LoRAs and embeddings replace the stored ones
+        job.update(adapter_fields(settings["adapters"]))
     entries = list(settings.get("controlnets", ()))
     if mode == "controlnet" and len(entries) == len(job.get("controlnets", [])):
         job["controlnets"] = [

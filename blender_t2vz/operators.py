@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import bpy
-from bpy.props import IntProperty
+from bpy.props import EnumProperty, IntProperty
 
 from . import backend_paths, jobs, preferences, runtime, strips
+from .properties import ADAPTER_KIND_ITEMS
 from .worker_client import WorkerError
 
 SCENE_CONTROL_MODULE = "scene_control"
@@ -368,6 +369,60 @@ class T2VZ_OT_controlnet_remove(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class T2VZ_OT_adapter_add(bpy.types.Operator):
+    """Add a LoRA or a textual inversion embedding to the job"""
+
+    bl_idname = "t2vz.adapter_add"
+    bl_label = "Add LoRA or Embedding"
+    bl_options = {"REGISTER", "UNDO"}
+
+    kind: EnumProperty(name="Kind", items=ADAPTER_KIND_ITEMS, default="LORA")
+
+    def execute(self, context: Any) -> set[str]:
+        settings = context.scene.t2vz
+        item = settings.adapters.add()
+        item.kind = self.kind
+        settings.adapter_index = len(settings.adapters) - 1
+        return {"FINISHED"}
+
+
+class T2VZ_OT_adapter_remove(bpy.types.Operator):
+    """Remove the selected LoRA or embedding"""
+
+    bl_idname = "t2vz.adapter_remove"
+    bl_label = "Remove LoRA or Embedding"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if context.scene is None or not len(context.scene.t2vz.adapters):
+            cls.poll_message_set("There is no LoRA or embedding to remove")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        settings = context.scene.t2vz
+        index = settings.adapter_index
+        if not 0 <= index < len(settings.adapters):
+            self.report({"ERROR"}, f"No LoRA or embedding at index {index}")
+            return {"CANCELLED"}
+        settings.adapters.remove(index)
+        settings.adapter_index = max(0, min(index, len(settings.adapters) - 1))
+        return {"FINISHED"}
+
+
+def load_adapters(settings: Any, job: dict) -> None:
+    """Fill the panel's LoRA and embedding list from a job's ``loras`` and ``embeddings``."""
+    settings.adapters.clear()
+    for lora in job.get("loras") or ():
+        item = settings.adapters.add()
+        item.kind, item.path, item.weight = "LORA", lora["path"], lora.get("weight", 1.0)
+    for embedding in job.get("embeddings") or ():
+        item = settings.adapters.add()
+        item.kind, item.path, item.token = "EMBEDDING", embedding["path"], embedding["token"]
+    settings.adapter_index = 0
+
+
 class T2VZ_OT_load_settings(bpy.types.Operator):
     """Copy the selected generated strip's settings into the panel"""
 
@@ -396,6 +451,7 @@ class T2VZ_OT_load_settings(bpy.types.Operator):
         if job.get("motion"):
             settings.motion = job["motion"]
         settings.frames = job.get("frames", settings.frames)
+        load_adapters(settings, job)
         if (job.get("width"), job.get("height")) != settings.size(context.scene):
             settings.size_mode = "CUSTOM"
             settings.width, settings.height = job["width"], job["height"]
@@ -480,6 +536,8 @@ classes = (
     T2VZ_OT_randomize_seed,
     T2VZ_OT_controlnet_add,
     T2VZ_OT_controlnet_remove,
+    T2VZ_OT_adapter_add,
+    T2VZ_OT_adapter_remove,
     T2VZ_OT_load_settings,
     T2VZ_OT_restart_worker,
     T2VZ_OT_install_backend,

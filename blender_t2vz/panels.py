@@ -1,5 +1,6 @@
 """The sidebar tab in the Video Sequence Editor."""
 
+import os
 from typing import Any
 
 import bpy
@@ -35,6 +36,22 @@ class T2VZ_UL_controlnets(bpy.types.UIList):
         detail = item.scene_pass.title() if item.source == "SCENE" else item.detector
         row.label(text=f"{source} ({detail})")
         row.prop(item, "weight", text="")
+
+
+class T2VZ_UL_adapters(bpy.types.UIList):
+    """The job's LoRAs and textual inversion embeddings."""
+
+    def draw_item(
+        self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0
+    ):  # noqa: D102
+        row = layout.row(align=True)
+        row.prop(item, "enabled", text="")
+        name = os.path.basename(item.path.rstrip("/\\")) or "(no file)"
+        if item.kind == "LORA":
+            row.label(text=name, icon="MODIFIER")
+            row.prop(item, "weight", text="")
+        else:
+            row.label(text=f"{item.token or '(no token)'}: {name}", icon="FONT_DATA")
 
 
 class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
@@ -137,6 +154,40 @@ class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
         col.prop(item, "weight")
 
 
+class T2VZ_PT_adapters(_SequencerPanel, bpy.types.Panel):
+    """LoRAs (with a weight) and textual inversion embeddings (called by their token)."""
+
+    bl_label = "LoRAs & Embeddings"
+    bl_parent_id = "T2VZ_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        settings = context.scene.t2vz
+        row = layout.row()
+        row.template_list(
+            "T2VZ_UL_adapters", "", settings, "adapters", settings, "adapter_index", rows=2
+        )
+        col = row.column(align=True)
+        col.operator("t2vz.adapter_add", text="", icon="ADD").kind = "LORA"
+        col.operator("t2vz.adapter_add", text="", icon="FONT_DATA").kind = "EMBEDDING"
+        col.operator("t2vz.adapter_remove", text="", icon="REMOVE")
+        if not 0 <= settings.adapter_index < len(settings.adapters):
+            layout.label(text="+ adds a LoRA, the text icon an embedding", icon="INFO")
+            return
+        item = settings.adapters[settings.adapter_index]
+        col = layout.column()
+        col.use_property_split = True
+        col.prop(item, "kind")
+        col.prop(item, "path")
+        if item.kind == "LORA":
+            col.prop(item, "weight")
+        else:
+            col.prop(item, "token")
+            if item.token.strip() and item.token.strip() not in settings.prompt:
+                col.label(text=f"Use {item.token.strip()} in the prompt", icon="INFO")
+
+
 class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
     """Seed, sampling, motion, frames and size."""
 
@@ -223,7 +274,15 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-classes = (T2VZ_UL_controlnets, T2VZ_PT_main, T2VZ_PT_controlnets, T2VZ_PT_settings, T2VZ_PT_output)
+classes = (
+    T2VZ_UL_controlnets,
+    T2VZ_UL_adapters,
+    T2VZ_PT_main,
+    T2VZ_PT_controlnets,
+    T2VZ_PT_adapters,
+    T2VZ_PT_settings,
+    T2VZ_PT_output,
+)
 
 
 # Registers the classes in order and unregisters them in reverse.

@@ -99,6 +99,59 @@ class T2VZ_ControlNetItem(bpy.types.PropertyGroup):
         return values
 
 
+ADAPTER_KIND_ITEMS = [
+    ("LORA", "LoRA", "Low-rank weights added to the base model, with a weight"),
+    ("EMBEDDING", "Embedding", "A textual inversion embedding, called by its token in the prompt"),
+]
+
+
+# Blender 5.0 warns when a "//" path is set on a property not marked as taking one; 4.2 and
+# 4.5 do not know the option (and refuse unknown ones).
+_BLEND_RELATIVE = (
+    {"PATH_SUPPORTS_BLEND_RELATIVE"}
+    if "is_path_supports_blend_relative" in bpy.types.Property.bl_rna.properties
+    else set()
+)
+
+
+def _abspath(path: str) -> str:
+    """A blend-relative path (//...) made absolute; hub ids and absolute paths stay."""
+    path = path.strip()
+    return bpy.path.abspath(path) if path.startswith("//") else path
+
+
+class T2VZ_AdapterItem(bpy.types.PropertyGroup):
+    """One LoRA or textual inversion embedding applied to the base model for a job."""
+
+    enabled: BoolProperty(name="Enabled", default=True)
+    kind: EnumProperty(name="Kind", items=ADAPTER_KIND_ITEMS, default="LORA")
+    path: StringProperty(
+        name="File",
+        subtype="FILE_PATH",
+        options=_BLEND_RELATIVE,
+        description="A .safetensors file, a folder holding one, or a hub id (owner/name)",
+    )
+    weight: FloatProperty(
+        name="Weight",
+        default=1.0,
+        min=-10.0,
+        max=10.0,
+        soft_min=-2.0,
+        soft_max=2.0,
+        description="LoRA strength: 0 has no effect, 1 as trained, negative inverts it",
+    )
+    token: StringProperty(
+        name="Token",
+        description="The word that calls the embedding in the prompt, e.g. <my-style>",
+    )
+
+    def to_values(self) -> dict[str, Any]:
+        """The entry as plain values: {path, weight} for a LoRA, {path, token} otherwise."""
+        if self.kind == "LORA":
+            return {"kind": "lora", "path": _abspath(self.path), "weight": self.weight}
+        return {"kind": "embedding", "path": _abspath(self.path), "token": self.token.strip()}
+
+
 def _size_update(self: "T2VZ_SceneSettings", context: Any) -> None:
     # Switching to a custom size starts from the model's native size at the scene's aspect.
     if self.size_mode == "CUSTOM" and context and context.scene:
@@ -117,6 +170,8 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
     )
     controlnets: CollectionProperty(type=T2VZ_ControlNetItem)
     controlnet_index: IntProperty(name="Active ControlNet", default=0, min=0)
+    adapters: CollectionProperty(type=T2VZ_AdapterItem)
+    adapter_index: IntProperty(name="Active LoRA or Embedding", default=0, min=0)
     seed: IntProperty(name="Seed", default=0, min=0, max=MAX_SEED)
     steps: IntProperty(name="Steps", default=50, min=2, max=1000, soft_max=150)
     guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=100.0, soft_max=20.0)
@@ -229,6 +284,7 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
             "dtype": dtype,
             "write_mp4": self.write_mp4,
             "controlnets": [c.to_values() for c in self.enabled_controlnets()],
+            "adapters": [a.to_values() for a in self.adapters if a.enabled],
         }
 
     def randomize_seed(self) -> int:
@@ -251,7 +307,7 @@ class T2VZ_Status(bpy.types.PropertyGroup):
     install_error: StringProperty(name="Install Error")
 
 
-classes = (T2VZ_ControlNetItem, T2VZ_SceneSettings, T2VZ_Status)
+classes = (T2VZ_ControlNetItem, T2VZ_AdapterItem, T2VZ_SceneSettings, T2VZ_Status)
 
 
 def register() -> None:
