@@ -211,8 +211,13 @@ def installed_processors(
     state: AnchorState,
     recorder: CrossAttnMapRecorder | None = None,
     latent_tokens: int = 0,
+    cross_frame: bool = True,
 ) -> Iterator[None]:
-    """Install cross-frame attention in ``models`` for the block; restore the originals after."""
+    """Install cross-frame attention in ``models`` for the block; restore the originals after.
+
+    With ``cross_frame=False`` self-attention keeps the model's own per-frame processors (the
+    ablation "without cross-frame attention"); the cross-attention recorder still installs.
+    """
     saved: list[tuple[torch.nn.Module, object]] = []
     try:
         for tag, model in models:
@@ -220,7 +225,8 @@ def installed_processors(
                 original = layer.get_processor()
                 saved.append((layer, original))
                 if _is_self_attention(name):
-                    layer.set_processor(CrossFrameAttnProcessor(state, f"{tag}/{name}"))
+                    if cross_frame:
+                        layer.set_processor(CrossFrameAttnProcessor(state, f"{tag}/{name}"))
                 elif recorder is not None and tag == "unet":
                     layer.set_processor(RecordingCrossAttnProcessor(recorder, state, latent_tokens))
         yield

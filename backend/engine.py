@@ -279,11 +279,14 @@ class TextToVideoZero:
         image: dict[int, torch.Tensor] | None = None,
         image_guidance_scale: float = 1.5,
         callbacks: Callbacks | None = None,
+        cross_frame_attention: bool = True,
     ) -> torch.Tensor:
         """Generate and return the final latents of ``frame_ids``: (frames, 4, H/8, W/8) fp32.
 
         ``image`` (pix2pix) maps frame index -> (3, H, W) source frame (uint8, or float in
         [0, 1]); ``masks`` maps frame index -> (1, H, W) foreground mask in [0, 1].
+        ``cross_frame_attention=False`` leaves self-attention per frame (Sect. 3.3.2 off: the
+        paper's ablation); everything else, background smoothing's maps included, still runs.
         """
         frame_ids = list(range(num_frames)) if frame_ids is None else list(frame_ids)
         self.check_inputs(prompt, height, width, num_frames, frame_ids, controls, image)
@@ -338,7 +341,9 @@ class TextToVideoZero:
             if callbacks.progress is not None:
                 callbacks.progress(step, num_inference_steps, done / plan.evaluations)
 
-        with installed_processors(models, state, recorder, lat_h * lat_w):
+        with installed_processors(
+            models, state, recorder, lat_h * lat_w, cross_frame=cross_frame_attention
+        ):
             # x_T: frame 1's noise; ControlNet and Pix2Pix start every frame from it (Sect. 3.4).
             x_first = frame_noise(seed, 0, "x_T", shape).to(self.device, self.dtype)
             x_first = x_first * scheduler.init_noise_sigma

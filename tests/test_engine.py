@@ -389,6 +389,61 @@ def test_every_frame_follows_the_anchor_frame(
     assert differ(c[2], b[2])
 
 
+def test_without_cross_frame_attention_frames_ignore_the_anchor(
+    cn_engine: TextToVideoZero, tiny_controlnet: Any
+) -> None:
+    """cross_frame_attention=False: each frame attends to itself, so frame 1's control no
+    longer reaches frames 2..m, and a frame equals a run of that frame alone."""
+    images = [random_image(50 + k) for k in range(3)]
+    params = dict(num_frames=3, motion_dynamics=False, cross_frame_attention=False)
+    a = run(cn_engine, controls=[control(images, tiny_controlnet)], **params)
+    alone = run(cn_engine, controls=[control([images[2]] * 3, tiny_controlnet)], **params)
+    close(a[2], alone[0])
+    images[0] = random_image(99)
+    b = run(cn_engine, controls=[control(images, tiny_controlnet)], **params)
+    assert differ(a[0], b[0])
+    close(a[1:], b[1:])
+    attending = run(
+        cn_engine, num_frames=3, motion_dynamics=False, controls=[control(images, tiny_controlnet)]
+    )
+    assert differ(attending[1:], b[1:])  # with it (the default), frame 1 steers them
+
+
+def test_without_cross_frame_attention_the_model_keeps_its_processors(
+    cn_engine: TextToVideoZero,
+    tiny_base: Any,
+    tiny_controlnet: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Self-attention keeps the model's own processors during the run; background smoothing
+    still records its cross-attention maps; everything is restored afterwards."""
+    before = processors_of(tiny_base.unet, tiny_controlnet)
+    seen: list[dict[str, Any]] = []
+    made: list[dict[int, torch.Tensor]] = []
+    real_masks = engine_module._attention_masks
+
+    def spy_masks(maps):
+        seen.append(processors_of(tiny_base.unet, tiny_controlnet))
+        made.append(real_masks(maps))
+        return made[-1]
+
+    monkeypatch.setattr(engine_module, "_attention_masks", spy_masks)
+    run(
+        cn_engine,
+        controls=[control(random_image(0), tiny_controlnet)],
+        smooth_bg=True,
+        cross_frame_attention=False,
+        **SMOOTH,
+    )
+    assert len(made) == 1 and sorted(made[0]) == list(range(FRAMES))
+    for during, saved in zip(seen[0], before, strict=True):  # the UNet, the ControlNet
+        self_attention = [name for name in during if name.endswith("attn1.processor")]
+        assert self_attention and all(during[n] is saved[n] for n in self_attention)
+    unet_during, unet_before = seen[0][0], before[0]
+    assert any(unet_during[n] is not unet_before[n] for n in unet_during if "attn2" in n)
+    assert_same_processors(before, tiny_base.unet, tiny_controlnet)
+
+
 def test_controlnet_chunks_and_weights(cn_engine: TextToVideoZero, tiny_controlnet: Any) -> None:
     images = [random_image(20 + k) for k in range(FRAMES)]
     full = run(cn_engine, motion_dynamics=False, controls=[control(images, tiny_controlnet)])
