@@ -20,7 +20,9 @@ from .protocol import (
     DTYPES,
     MAX_LINE_BYTES,
     MODES,
+    PRESETS,
     JobError,
+    apply_preset,
     clip_text,
     parse_json,
     validate_job,
@@ -99,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-config",
         help="diffusers folder or hub id giving configs and "
         "tokenizer for a single-file checkpoint [default: the SD 1.5 configs]",
+    )
+    gen.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        help="a named look that fills the fields you leave out: "
+        + "; ".join(f"{p.name}: {p.description}" for p in PRESETS.values())
+        + ". Its prompt words are appended to --prompt and written to job.json",
     )
     gen.add_argument("--prompt", help="what to generate (pix2pix: the edit instruction)")
     gen.add_argument("--negative-prompt", help="what to avoid [default: empty]")
@@ -314,6 +323,8 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 args.controlnet, args.control, detectors, strict=True
             )
         ]
+    if args.preset:
+        job = apply_preset(job, args.preset)
     return job
 
 

@@ -524,6 +524,79 @@ def _check_mode(job: Job) -> None:
         raise JobError("masks", "masks are used for background smoothing; set smooth_bg too")
 
 
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named look: job fields it fills when the user leaves them out, shown, never hidden.
+
+    The prompt words are appended to the user's prompt (``prompt, added``) and the negative
+    prompt fills an empty one, so the job (and job.json) holds the final prompts.
+    """
+
+    name: str
+    label: str  # for menus
+    description: str  # one line: where the values come from
+    mode: str  # the mode the preset is made for; a job of another mode is refused
+    # Job fields filled when not given (never prompt or negative_prompt: see below).
+    fields: dict[str, Any] = field(default_factory=dict)
+    added_prompt: str = ""  # appended to the prompt after ", "
+    negative_prompt: str = ""  # used when the job's negative prompt is empty
+
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset
+    for preset in (
+        Preset(
+            name="official-controlnet",
+            label="Official ControlNet look",
+            description="Text2Video-Zero's ControlNet demo: 20 steps, guidance 9, its added "
+            "and negative prompts",
+            mode="controlnet",
+            fields={"steps": 20, "guidance": 9.0},
+            added_prompt="best quality, extremely detailed",
+            negative_prompt="longbody, lowres, bad anatomy, bad hands, missing fingers, "
+            "extra digit, fewer digits, cropped, worst quality, low quality",
+        ),
+        Preset(
+            name="official-text2video",
+            label="Official text-to-video look",
+            description="Text2Video-Zero's text-to-video demo: its added prompt (steps, "
+            "guidance, motion and t0/t1 are already the official defaults)",
+            mode="text2video",
+            added_prompt="high quality, HD, 8K, trending on artstation, high focus, "
+            "dramatic lighting",
+        ),
+    )
+}
+
+
+def with_added_prompt(prompt: str, added: str) -> str:
+    """``prompt, added``; unchanged when ``added`` is empty or the prompt already ends with it."""
+    if not added or prompt.rstrip().endswith(added):
+        return prompt
+    return f"{prompt.rstrip().rstrip(',')}, {added}" if prompt.strip() else added
+
+
+def apply_preset(job: dict[str, Any], name: str) -> dict[str, Any]:
+    """A copy of the (unvalidated) job dict with preset ``name`` filling what it leaves out."""
+    if name not in PRESETS:
+        raise JobError("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
+    out = dict(job)
+    mode = out.setdefault("mode", preset.mode)
+    if mode != preset.mode:
+        raise JobError("preset", f"{name} is made for mode {preset.mode}, the job is {mode!r}")
+    for key, value in preset.fields.items():
+        out.setdefault(key, value)
+    if isinstance(out.get("prompt"), str):
+        out["prompt"] = with_added_prompt(out["prompt"], preset.added_prompt)
+    if not out.get("negative_prompt"):
+        out["negative_prompt"] = preset.negative_prompt
+    return out
+
+
 # --------------------------------------------------------------------------- messages
 
 # Requests (add-on -> worker): {"type": "generate", "id": str, "job": {...}},

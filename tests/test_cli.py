@@ -278,3 +278,12 @@ def test_frame_range_and_flags_parse() -> None:
     with pytest.raises(SystemExit) as info:
         build_parser().parse_args(["generate", "--frame-range", "3-5"])
     assert info.value.code == 2
+
+
+def test_preset_fills_flags_left_out_and_shows_in_the_job() -> None:
+    job = parse("--preset", "official-controlnet", "--prompt", "a robot", "--steps", "12")
+    assert job["mode"] == "controlnet" and job["steps"] == 12 and job["guidance"] == 9.0
+    assert job["prompt"] == "a robot, best quality, extremely detailed"
+    assert job["negative_prompt"].startswith("longbody, lowres")
+    plain = parse("--prompt", "a robot")
+    assert plain["prompt"] == "a robot" and "negative_prompt" not in plain

@@ -323,3 +323,39 @@ def test_protocol_module_stays_stdlib_only() -> None:
     )
     repo = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-c", code], cwd=repo, check=True, timeout=60)
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_official_controlnet_preset_fills_only_what_is_left_out() -> None:
+    from backend.protocol import PRESETS, apply_preset
+
+    preset = PRESETS["official-controlnet"]
+    raw = {"prompt": "a dancer", "out": "o", "controlnets": [CONTROLNET]}
+    filled = validate_job(apply_preset(raw, "official-controlnet"))
+    assert filled.mode == "controlnet" and (filled.steps, filled.guidance) == (20, 9.0)
+    assert filled.prompt == "a dancer, best quality, extremely detailed"
+    assert filled.negative_prompt == preset.negative_prompt
+    assert "bad hands" in filled.negative_prompt
+    assert raw == {"prompt": "a dancer", "out": "o", "controlnets": [CONTROLNET]}  # not mutated
+    # What the user gave wins; applying twice adds the words once (a job.json run again).
+    given = {**raw, "steps": 30, "negative_prompt": "blurry", "guidance": 5.0}
+    again = apply_preset(apply_preset(given, "official-controlnet"), "official-controlnet")
+    assert (again["steps"], again["guidance"], again["negative_prompt"]) == (30, 5.0, "blurry")
+    assert again["prompt"] == "a dancer, best quality, extremely detailed"
+    assert validate_job(again).to_dict()["prompt"] == again["prompt"]  # job.json: final prompt
+
+
+def test_official_text2video_preset_and_mode_mismatch() -> None:
+    from backend.protocol import apply_preset
+
+    t2v = validate_job(apply_preset(job(prompt="a panda, "), "official-text2video"))
+    assert t2v.mode == "text2video" and t2v.steps == 50 and t2v.negative_prompt == ""
+    assert t2v.prompt == (
+        "a panda, high quality, HD, 8K, trending on artstation, high focus, dramatic lighting"
+    )
+    with pytest.raises(JobError, match="official-controlnet is made for mode controlnet"):
+        apply_preset(job(mode="pix2pix"), "official-controlnet")
+    with pytest.raises(JobError, match="preset: must be one of"):
+        apply_preset(job(), "cinematic")
