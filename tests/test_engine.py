@@ -204,6 +204,52 @@ def test_one_frame_is_plain_controlnet(
     close(ours, theirs)
 
 
+def test_several_controlnets_sum_their_weighted_residuals(
+    tiny_base: Any, tiny_controlnet: Any
+) -> None:
+    """Two different ControlNets with their own images and weights: diffusers' multi-ControlNet
+    pipeline (residuals scaled by each weight and summed) gives the same frame."""
+    import copy
+
+    from diffusers import StableDiffusionControlNetPipeline
+
+    other = copy.deepcopy(tiny_controlnet)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    images, weights = [random_image(5), random_image(6)], [0.7, 0.4]
+    ours = run(
+        TextToVideoZero(tiny_base, [tiny_controlnet, other]),
+        num_frames=1,
+        motion_dynamics=False,
+        seed=3,
+        controls=[
+            ControlInput(model, {0: image}, weight=weight)
+            for model, image, weight in zip([tiny_controlnet, other], images, weights, strict=True)
+        ],
+    )
+    multi = pipeline(
+        StableDiffusionControlNetPipeline, tiny_base, controlnet=[tiny_controlnet, other]
+    )
+    args = dict(height=SIZE, width=SIZE, num_inference_steps=STEPS, latents=x_t(3))
+    theirs = multi(
+        "a cat",
+        image=[image[None] for image in images],
+        controlnet_conditioning_scale=weights,
+        output_type="latent",
+        **args,
+    ).images
+    close(ours, theirs)
+    swapped = multi(
+        "a cat",
+        image=[image[None] for image in images],
+        controlnet_conditioning_scale=weights[::-1],
+        output_type="latent",
+        **args,
+    ).images
+    assert differ(ours, swapped)  # each weight belongs to its own ControlNet
+
+
 def test_one_frame_is_plain_instruct_pix2pix(tiny_pix2pix: Any) -> None:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
