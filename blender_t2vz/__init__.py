@@ -6,9 +6,9 @@ process (``python -m backend serve``) started from the backend's own environment
 
 import importlib
 
-from . import operators, panels, preferences, properties, runtime
+from . import operators, panels, preferences, presets, properties, runtime
 
-_modules = [properties, preferences, operators, panels]
+_modules = [properties, preferences, operators, presets, panels]
 # Optional modules that register their own classes when present (issue 4: scene control).
 _OPTIONAL = ("scene_control",)
 _registered: list = []

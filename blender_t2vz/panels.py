@@ -5,7 +5,7 @@ from typing import Any
 
 import bpy
 
-from . import operators, runtime, sizing, strips
+from . import operators, presets, runtime, sizing, strips
 
 CATEGORY = "T2VZ"
 
@@ -199,6 +199,7 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
         layout.use_property_split = True
         layout.use_property_decorate = False
         settings = context.scene.t2vz
+        presets.draw_menu(layout)
         row = layout.row(align=True)
         row.prop(settings, "seed")
         row.operator("t2vz.randomize_seed", text="", icon="FILE_REFRESH")

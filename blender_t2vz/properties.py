@@ -51,6 +51,11 @@ SIZE_ITEMS = [
         "The model's native pixel count (SD 1.x: 512x512) at the scene's aspect ratio",
     ),
     (
+        "PREVIEW",
+        "Preview",
+        "Half the native width and height (a quarter of the pixels) for quick looks",
+    ),
+    (
         "SCENE",
         "Scene",
         "The scene's resolution (times its %): slow and repetitive far above native",
@@ -252,6 +257,9 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         """The job's width and height."""
         if self.size_mode == "NATIVE":
             return self.native_size(scene)
+        if self.size_mode == "PREVIEW":
+            r = scene.render
+            return sizing.native_size(r.resolution_x, r.resolution_y, self.native_side() // 2)
         if self.size_mode == "SCENE":
             return self.scene_size(scene)
         return sizing.round_to_8(self.width), sizing.round_to_8(self.height)
@@ -286,6 +294,18 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
             "controlnets": [c.to_values() for c in self.enabled_controlnets()],
             "adapters": [a.to_values() for a in self.adapters if a.enabled],
         }
+
+    def append_to_prompt(self, words: str) -> None:
+        """Add ``words`` to the end of the prompt field (a preset's look, shown in the field)."""
+        prompt = self.prompt.rstrip()
+        if not words or prompt.endswith(words):
+            return
+        self.prompt = f"{prompt.rstrip(',')}, {words}" if prompt else words
+
+    def fill_negative_prompt(self, text: str) -> None:
+        """Put ``text`` in the negative prompt field when it is empty."""
+        if not self.negative_prompt.strip():
+            self.negative_prompt = text
 
     def randomize_seed(self) -> int:
         """Pick a new random seed and return it."""

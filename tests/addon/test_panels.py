@@ -34,6 +34,10 @@ class Layout:
         self.log.append(("operator", idname))
         return SimpleNamespace()
 
+    def menu(self, menu: str, **kwargs) -> None:
+        assert hasattr(bpy.types, menu), menu
+        self.log.append(("menu", menu))
+
     def prop_search(self, data, name, search_data, search_name, **kwargs) -> None:
         assert hasattr(data, name) and hasattr(search_data, search_name), (name, search_name)
         self.log.append(("prop_search", search_name))

@@ -1,0 +1,152 @@
+"""Panel presets through Blender's preset system: shipped looks, the user's own, visibility."""
+
+import ast
+from pathlib import Path
+from types import SimpleNamespace
+
+import bpy
+import pytest
+from test_panels import Layout
+
+from blender_t2vz import backend_paths, panels, presets
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PROTOCOL = backend_paths.load_protocol()
+
+
+def _apply(path: Path) -> None:
+    result = bpy.ops.script.execute_preset(filepath=str(path), menu_idname=presets.MENU_IDNAME)
+    assert result == {"FINISHED"}
+
+
+def _visible_props(scene) -> set[str]:
+    """Every panel property the sidebar draws, in every mode and size choice."""
+    settings = scene.t2vz
+    shown: set[str] = set()
+    for mode in ("text2video", "controlnet", "pix2pix"):
+        for size_mode in ("NATIVE", "CUSTOM"):
+            settings.mode, settings.size_mode = mode, size_mode
+            for cls in [c for c in panels.classes if issubclass(c, bpy.types.Panel)]:
+                log: list = []
+                if cls.poll(bpy.context):
+                    cls.draw(SimpleNamespace(layout=Layout(log)), bpy.context)
+                shown |= {name for kind, name in log if kind == "prop"}
+    return shown
+
+
+def _assignments(text: str) -> tuple[set[str], set[str]]:
+    """(settings properties assigned, settings methods called) by a preset file."""
+    assigned, called = set(), set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Attribute):
+                    assigned.add(target.attr)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            called.add(node.func.attr)
+    return assigned, called
+
+
+def test_shipped_files_are_the_generated_presets() -> None:
+    expected = presets.shipped_presets(PROTOCOL)
+    files = {p.stem: p.read_text(encoding="utf-8") for p in presets.shipped_dir().glob("*.py")}
+    assert {"Preview", "Final"} <= set(files)
+    assert files == expected  # regenerate with presets.write_shipped() after changing them
+
+
+def test_presets_only_fill_visible_fields(scene) -> None:
+    visible = _visible_props(scene)
+    saved = set(presets.PRESET_VALUES)
+    assert saved <= visible, saved - visible
+    assert not {"prompt", "seed", "model", "output_dir"} & saved
+    for path in presets.shipped_dir().glob("*.py"):
+        assigned, called = _assignments(path.read_text(encoding="utf-8"))
+        assert assigned <= visible | {"mode", "size_mode"}, (path.name, assigned - visible)
+        assert "prompt" not in assigned, path.name
+        assert called <= {"append_to_prompt", "fill_negative_prompt"}, (path.name, called)
+
+
+def test_preview_and_final(scene) -> None:
+    settings = scene.t2vz
+    settings.model = SD15
+    settings.prompt, settings.seed = "a red ball", 7
+    scene.render.resolution_x, scene.render.resolution_y = 1920, 1080
+    _apply(presets.shipped_dir() / "Preview.py")
+    assert settings.steps == 20 and settings.size_mode == "PREVIEW"
+    assert settings.size(scene) == (344, 192)  # a quarter of the native pixel count
+    assert settings.write_mp4 is False
+    _apply(presets.shipped_dir() / "Final.py")
+    assert settings.steps == 50 and settings.size(scene) == (680, 384)
+    assert settings.write_mp4 is True
+    assert (settings.prompt, settings.seed, settings.model) == ("a red ball", 7, SD15)
+
+
+def test_user_presets_save_apply_and_remove(scene) -> None:
+    settings = scene.t2vz
+    settings.steps, settings.guidance, settings.negative_prompt = 33, 5.5, "blurry"
+    settings.motion = (4.0, -2.0)
+    settings.size_mode = "CUSTOM"
+    settings.width, settings.height = 320, 200
+    assert bpy.ops.t2vz.preset_add(name="My Look") == {"FINISHED"}
+    user_dir = Path(bpy.utils.user_resource("SCRIPTS", path="presets/t2vz"))
+    path = user_dir / "My_Look.py"
+    assert path.is_file()
+    assert str(user_dir) in presets.preset_folders()
+    assert presets.preset_folders()[0] == str(presets.shipped_dir())
+    settings.property_unset("steps")
+    settings.property_unset("guidance")
+    settings.negative_prompt = ""
+    settings.size_mode = "NATIVE"
+    settings.prompt = "kept"
+    _apply(path)
+    assert (settings.steps, settings.guidance, settings.negative_prompt) == (33, 5.5, "blurry")
+    assert tuple(settings.motion) == (4.0, -2.0)
+    assert settings.size(scene) == (320, 200) and settings.prompt == "kept"
+    # The same name again is refused; removing the active preset deletes the user's file.
+    assert bpy.ops.t2vz.preset_add(name="My Look") == {"CANCELLED"}
+    assert bpy.ops.t2vz.preset_add(name="My Look", remove_name=True) == {"FINISHED"}
+    assert not path.exists()
+
+
+def test_shipped_presets_cannot_be_removed(scene) -> None:
+    path = presets.shipped_dir() / "Preview.py"
+    text = path.read_text(encoding="utf-8")
+    _apply(path)  # makes it the menu's active preset
+    assert presets.T2VZ_MT_presets.bl_label == "Preview"
+    with pytest.raises(RuntimeError):
+        bpy.ops.t2vz.preset_add(remove_active=True)
+    assert path.read_text(encoding="utf-8") == text
+
+
+def test_official_looks_fill_visible_fields_and_show_their_prompt_words(scene, tmp_path) -> None:
+    look = SimpleNamespace(
+        name="official-x",
+        label="Official X look",
+        mode="controlnet",
+        fields={"steps": 20, "guidance": 9.0},
+        added_prompt="best quality",
+        negative_prompt="lowres",
+    )
+    texts = presets.official_presets(SimpleNamespace(PRESETS={look.name: look}))
+    assert list(texts) == ["Official_X_look"]
+    path = tmp_path / "Official_X_look.py"
+    path.write_text(texts["Official_X_look"], encoding="utf-8")
+    settings = scene.t2vz
+    settings.prompt = "a dancer,"
+    _apply(path)
+    assert (settings.mode, settings.steps, settings.guidance) == ("controlnet", 20, 9.0)
+    assert settings.prompt == "a dancer, best quality"  # in the field, for the user to see
+    assert settings.negative_prompt == "lowres"
+    settings.negative_prompt = "mine"
+    _apply(path)  # twice: the words are not added again, the user's negative prompt stays
+    assert settings.prompt == "a dancer, best quality" and settings.negative_prompt == "mine"
+    hidden = SimpleNamespace(**{**vars(look), "fields": {"t0": 40}})
+    with pytest.raises(presets.PresetError, match="'t0'"):
+        presets.official_presets(SimpleNamespace(PRESETS={"h": hidden}))
+
+
+def test_settings_panel_draws_the_preset_menu(scene) -> None:
+    log: list = []
+    panels.T2VZ_PT_settings.draw(SimpleNamespace(layout=Layout(log)), bpy.context)
+    assert ("menu", presets.MENU_IDNAME) in log
+    assert ("operator", "t2vz.preset_add") in log
