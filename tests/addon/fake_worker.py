@@ -1,7 +1,13 @@
 """A stand-in for ``python -m backend serve`` speaking the same protocol (stdlib only).
 
 generate: accepted, a stray non-protocol line, progress, then done (an empty frame list).
-A job whose prompt is "crash" makes the worker write to stderr and exit with status 3.
+A job's prompt picks another script:
+
+- "crash": write to stderr and exit with status 3;
+- "hang": accepted, then nothing: cancels are ignored (a worker stuck in a model call);
+- "stale": messages of an earlier job id first, then the job waits for its cancel;
+- "late": accepted; a cancel is answered with done (the job finished before the cancel
+  arrived), after writing a frame into the job's output folder.
 """
 
 import json
@@ -9,19 +15,42 @@ import os
 import sys
 
 
-def send(kind: str, **payload: object) -> None:
+def send(kind: str, /, **payload: object) -> None:
     sys.stdout.write(json.dumps({"type": kind, **payload}) + "\n")
     sys.stdout.flush()
 
 
 send("ready", version="fake", pid=os.getpid())
+scripts: dict[str, dict] = {}  # job id -> job, for jobs that wait for their cancel
 for line in sys.stdin:
     message = json.loads(line)
     if message["type"] == "shutdown":
         break
+    if message["type"] == "cancel" and message["id"] in scripts:
+        job = scripts.pop(message["id"])
+        if job["prompt"] == "late":
+            os.makedirs(job["out"])
+            frame = os.path.join(job["out"], "frame_00001.png")
+            with open(frame, "wb") as f:
+                f.write(b"not really a png")
+            send("done", id=message["id"], out=job["out"], frames=[frame])
+        elif job["prompt"] == "stale":
+            send("cancelled", id=message["id"])
+        continue
     if message["type"] == "generate":
         job_id = message["id"]
-        if message["job"].get("prompt") == "crash":
+        prompt = message["job"].get("prompt")
+        if prompt in ("hang", "stale", "late"):
+            send("accepted", id=job_id)
+            if prompt == "stale":
+                send("progress", id="earlier", step=9, total=9, fraction=0.9, stage="denoising")
+                send("preview", id="earlier", frame=0, path=message["job"]["out"])
+                send("done", id="earlier", out=message["job"]["out"], frames=["/x.png"])
+                send("error", id="earlier", kind="Boom", message="an old failure")
+            if prompt != "hang":
+                scripts[job_id] = message["job"]
+            continue
+        if prompt == "crash":
             sys.stderr.write("fatal: the fake worker crashed\n")
             sys.stderr.flush()
             sys.exit(3)

@@ -33,8 +33,28 @@ def test_register_unregister_twice(addon: object) -> None:
         assert not bpy.app.timers.is_registered(runtime._timer)
         enable_addon()
         assert all(_registered().values()), _registered()
-        assert bpy.ops.t2vz.generate.poll() in (True, False)
+        assert bpy.ops.t2vz.generate.poll()  # text to video needs nothing but a scene
+        assert not bpy.ops.t2vz.cancel.poll()  # no job runs
     configure_prefs()
+
+
+def test_generate_poll_says_what_is_missing(scene) -> None:
+    """Generate is refused, with a reason, until the mode's inputs exist."""
+    from blender_t2vz import runtime
+
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    assert not bpy.ops.t2vz.generate.poll()  # no ControlNet and no active strip
+    settings.mode = "pix2pix"
+    assert not bpy.ops.t2vz.generate.poll()  # no source strip
+    settings.mode = "text2video"
+    assert bpy.ops.t2vz.generate.poll()
+    runtime.RUNNER.job = runtime.ActiveJob("x", {}, scene.name, 1, 1, "x")
+    try:
+        assert not bpy.ops.t2vz.generate.poll()  # one job at a time
+        assert bpy.ops.t2vz.cancel.poll()
+    finally:
+        runtime.RUNNER.job = None
 
 
 def _imports(path: Path) -> set[str]:
