@@ -295,6 +295,12 @@ class TextToVideoZero:
         scheduler = _ddim(self.base.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
+        if int(timesteps.max()) >= scheduler.config.num_train_timesteps:  # steps_offset
+            raise ValueError(
+                f"num_inference_steps must be at most {num_inference_steps - 1} for this "
+                f"model's {scheduler.config.num_train_timesteps}-step schedule, "
+                f"got {num_inference_steps}"
+            )
         factor = self.base.vae_scale_factor
         lat_h, lat_w = height // factor, width // factor
         shape = (4, lat_h, lat_w)

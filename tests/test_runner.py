@@ -13,7 +13,7 @@ import torch
 import backend.runner as runner
 from backend.engine import Cancelled
 from backend.models import ModelCache, choose_dtype
-from backend.protocol import validate_job
+from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, validate_job
 from backend.runner import JobEvents, run_job
 from backend.video_io import OutputExistsError, h264_available, write_png
 
@@ -290,3 +290,118 @@ def test_bad_inputs_fail_before_any_output(tmp_path: Path, cache: ModelCache) ->
     with pytest.raises(ValueError, match="does not exist"):
         run_job(job, cache)
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- boundaries
+
+STILL = "STILL"  # replaced by a still image path in the test
+CN = {"model": "builtin:tiny-controlnet", "control": STILL}
+P2P = {"mode": "pix2pix", "model": "builtin:tiny-pix2pix", "video": STILL}
+# Every numeric job field at the minimum and the maximum validate_job accepts (the sizes
+# one at a time, the frame count through a frame range so that a run stays small).
+BOUNDARIES = {
+    "frames min": {"frames": 1},
+    "frames max": {"frames": MAX_FRAMES, "frame_range": [MAX_FRAMES, MAX_FRAMES]},
+    "width min, height max": {"width": 64, "height": MAX_SIDE, "frames": 1},
+    "width max, height min": {"width": MAX_SIDE, "height": 64, "frames": 1},
+    "steps min (text2video)": {"steps": 2},
+    "steps min (controlnet)": {"mode": "controlnet", "steps": 1, "controlnets": [CN]},
+    "steps max": {"steps": MAX_STEPS, "frames": 1, "guidance": 0.0},
+    "guidance min": {"guidance": 0.0},
+    "guidance max": {"guidance": 100.0},
+    "seed min": {"seed": 0},
+    "seed max": {"seed": 2**63 - 1},
+    "chunk_size min": {"chunk_size": 1, "frames": 3},
+    "chunk_size max": {"chunk_size": MAX_FRAMES},
+    "frame_range min": {"frame_range": [1, 1]},
+    "frame_range max": {"frame_range": [2, 2]},
+    "motion min": {"motion": [-512.0, -512.0]},
+    "motion max": {"motion": [512.0, 512.0]},
+    "t0, t1 min": {"steps": 4, "t0": 0, "t1": 1},
+    "t0, t1 max": {"steps": 4, "t0": 2, "t1": 3},
+    "smooth_alpha min": {"smooth_bg": True, "smooth_alpha": 0.0},
+    "smooth_alpha max": {"smooth_bg": True, "smooth_alpha": 1.0},
+    "fps min": {"fps": 0.1, "write_mp4": True},
+    "fps max": {"fps": 1000.0, "write_mp4": True},
+    "image_guidance min": {**P2P, "image_guidance": 0.0},
+    "image_guidance max": {**P2P, "image_guidance": 100.0},
+    "video start, stride min": {**P2P, "video": {"path": STILL, "start": 0, "stride": 1e-3}},
+    "video start, stride large": {
+        **P2P,
+        "video": {"path": STILL, "start": 10**12, "stride": 1000.0},
+    },
+    "controlnet weight min": {"mode": "controlnet", "controlnets": [{**CN, "weight": 0.0}]},
+    "controlnet weight max": {"mode": "controlnet", "controlnets": [{**CN, "weight": 10.0}]},
+    "masks stride max": {
+        "smooth_bg": True,
+        "masks": {"path": STILL, "start": 10**12, "stride": 1000.0},
+    },
+}
+# Just beyond each bound: refused by validation, naming the field.
+BEYOND = {
+    "frames": {"frames": 0},
+    "frames ": {"frames": MAX_FRAMES + 1},
+    "width": {"width": MAX_SIDE + 8},
+    "height": {"height": 56},
+    "steps": {"steps": MAX_STEPS + 1},
+    "steps ": {"steps": 1},
+    "guidance": {"guidance": 100.5},
+    "seed": {"seed": 2**63},
+    "chunk_size": {"chunk_size": 0},
+    "chunk_size ": {"chunk_size": MAX_FRAMES + 1},
+    "motion[0]": {"motion": [-513.0, 0.0]},
+    "t1": {"steps": 4, "t0": 2, "t1": 4},
+    "smooth_alpha": {"smooth_bg": True, "smooth_alpha": 1.01},
+    "fps": {"fps": 0.09},
+    "fps ": {"fps": 1001.0},
+    "image_guidance": {**P2P, "image_guidance": 101.0},
+    "video.stride": {**P2P, "video": {"path": STILL, "stride": 1001.0}},
+    "controlnets[0].weight": {"mode": "controlnet", "controlnets": [{**CN, "weight": 10.5}]},
+}
+
+
+def _with_still(fields: Any, still: str) -> Any:
+    """``fields`` with every STILL placeholder replaced by the still image path."""
+    if fields == STILL:
+        return still
+    if isinstance(fields, dict):
+        return {k: _with_still(v, still) for k, v in fields.items()}
+    if isinstance(fields, list):
+        return [_with_still(v, still) for v in fields]
+    return fields
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.slow) if c == "steps max" else c for c in BOUNDARIES]
+)
+def test_every_accepted_boundary_value_runs(tmp_path: Path, cache: ModelCache, case: str) -> None:
+    """The validator's minimum and maximum of every numeric field run (``--steps 1000``
+    used to pass validation and crash every mode with an IndexError)."""
+    fields = {"frames": 2, "steps": 2, "save_latents": False, **BOUNDARIES[case]}
+    job = make_job(tmp_path / "out", **_with_still(fields, str(bar(tmp_path / "still.png", 20))))
+    result = run_job(job, cache)
+    assert len(result.frames) == len(job.frame_indices)
+    assert all(Path(p).is_file() for p in result.frames)
+
+
+@pytest.mark.parametrize("field", list(BEYOND))
+def test_values_beyond_the_boundaries_are_refused_by_validation(field: str) -> None:
+    with pytest.raises(JobError) as info:
+        make_job(Path("/tmp/out"), **_with_still(BEYOND[field], "/tmp/still.png"))
+    assert info.value.field == field.strip()
+
+
+def test_a_step_count_beyond_the_models_schedule_is_a_clear_error(tiny_base: Any) -> None:
+    """With steps_offset 1, as many steps as the schedule has timesteps asks for one past
+    its end: a ValueError naming the count, not an IndexError deep in the scheduler."""
+    import dataclasses
+
+    from backend.engine import TextToVideoZero
+
+    config = {**tiny_base.scheduler_config, "num_train_timesteps": 20, "steps_offset": 1}
+    engine = TextToVideoZero(dataclasses.replace(tiny_base, scheduler_config=config))
+    small = {"prompt": "x", "num_frames": 1, "height": 64, "width": 64, "guidance_scale": 0.0}
+    small["motion_dynamics"] = False
+    assert engine(num_inference_steps=19, **small).shape[0] == 1
+    with pytest.raises(ValueError, match="num_inference_steps must be at most 19.*got 20"):
+        engine(num_inference_steps=20, **small)
