@@ -13,6 +13,7 @@ presets folder (``scripts/presets/t2vz``).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,11 +88,22 @@ def _file_name(label: str) -> str:
     return AddPresetBase.as_filename(label)
 
 
+def _job_defaults(protocol: Any, mode: str) -> dict[str, Any]:
+    """The protocol's defaults of the sampling fields the panel shows for ``mode``."""
+    defaults = {f.name: f.default for f in dataclasses.fields(protocol.Job)}
+    values = {"steps": defaults["steps"], "guidance": defaults["guidance"]}
+    if mode == "text2video":
+        values["motion"] = list(protocol.DEFAULT_MOTION)
+    return values
+
+
 def official_presets(protocol: Any) -> dict[str, str]:
     """File name -> preset text for each official look in ``protocol.PRESETS``."""
     texts = {}
     for preset in getattr(protocol, "PRESETS", {}).values():
-        values: dict[str, Any] = {"mode": preset.mode}
+        # A look the protocol leaves at the job's defaults sets those defaults visibly, so it
+        # also undoes an earlier preset (e.g. Preview's 20 steps).
+        values: dict[str, Any] = {"mode": preset.mode, **_job_defaults(protocol, preset.mode)}
         for field, value in preset.fields.items():
             if field not in JOB_TO_PANEL:
                 raise PresetError(f"preset {preset.name}: the panel does not show {field!r}")

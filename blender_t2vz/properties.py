@@ -15,7 +15,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from . import preferences, sizing
+from . import backend_paths, preferences, sizing
 
 MODE_ITEMS = [
     ("text2video", "Text to Video", "Generate from the prompt alone, with motion dynamics"),
@@ -297,10 +297,7 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
 
     def append_to_prompt(self, words: str) -> None:
         """Add ``words`` to the end of the prompt field (a preset's look, shown in the field)."""
-        prompt = self.prompt.rstrip()
-        if not words or prompt.endswith(words):
-            return
-        self.prompt = f"{prompt.rstrip(',')}, {words}" if prompt else words
+        self.prompt = backend_paths.load_protocol().with_added_prompt(self.prompt, words)
 
     def fill_negative_prompt(self, text: str) -> None:
         """Put ``text`` in the negative prompt field when it is empty."""

@@ -127,7 +127,10 @@ def test_official_looks_fill_visible_fields_and_show_their_prompt_words(scene, t
         added_prompt="best quality",
         negative_prompt="lowres",
     )
-    texts = presets.official_presets(SimpleNamespace(PRESETS={look.name: look}))
+    protocol = SimpleNamespace(
+        PRESETS={look.name: look}, Job=PROTOCOL.Job, DEFAULT_MOTION=PROTOCOL.DEFAULT_MOTION
+    )
+    texts = presets.official_presets(protocol)
     assert list(texts) == ["Official_X_look"]
     path = tmp_path / "Official_X_look.py"
     path.write_text(texts["Official_X_look"], encoding="utf-8")
@@ -142,7 +145,25 @@ def test_official_looks_fill_visible_fields_and_show_their_prompt_words(scene, t
     assert settings.prompt == "a dancer, best quality" and settings.negative_prompt == "mine"
     hidden = SimpleNamespace(**{**vars(look), "fields": {"t0": 40}})
     with pytest.raises(presets.PresetError, match="'t0'"):
-        presets.official_presets(SimpleNamespace(PRESETS={"h": hidden}))
+        presets.official_presets(SimpleNamespace(**{**vars(protocol), "PRESETS": {"h": hidden}}))
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL.PRESETS))
+def test_official_look_in_the_panel_makes_the_protocols_job(scene, name: str) -> None:
+    preset = PROTOCOL.PRESETS[name]
+    settings = scene.t2vz
+    settings.steps, settings.guidance = 7, 3.0  # e.g. left by another preset
+    settings.prompt = "a dancer"
+    _apply(presets.shipped_dir() / f"{presets._file_name(preset.label)}.py")
+    job = PROTOCOL.apply_preset({"prompt": "a dancer", "out": "o"}, name)
+    if preset.mode == "controlnet":
+        job["controlnets"] = [{"model": "m", "control": "c"}]
+    job = PROTOCOL.validate_job(job)
+    assert settings.mode == preset.mode
+    assert (settings.prompt, settings.negative_prompt) == (job.prompt, job.negative_prompt)
+    assert (settings.steps, settings.guidance) == (job.steps, job.guidance)
+    if preset.mode == "text2video":
+        assert list(settings.motion) == list(job.effective_motion)
 
 
 def test_settings_panel_draws_the_preset_menu(scene) -> None:
