@@ -4,6 +4,7 @@
     python3 install_deps.py                    # .venv beside this file, torch for this machine
     python3 install_deps.py --demo             # ... then generate a demo video (offline)
     python3 install_deps.py --dev --run-tests  # ... with test tools, then run the test suite
+    python3 install_deps.py --detectors        # ... with the OpenPose/Depth detectors (controlnet-aux)
 
 The backend runs in its own virtual environment (torch, diffusers, transformers, ...),
 never inside Blender. PyTorch is chosen for the machine: a CUDA build on Linux/Windows
@@ -210,6 +211,59 @@ def install_packages(python: Path, dev: bool, pinned: bool = True) -> None:
             )
 
 
+def torchvision_version(torch_version: str) -> str:
+    """The torchvision release built for a torch release: torch 2.m.p pairs with 0.(m+15).p."""
+    match = re.match(r"2\.(\d+)\.(\d+)", torch_version)
+    if not match:
+        raise ValueError(f"no known torchvision release for torch {torch_version}")
+    return f"0.{int(match.group(1)) + 15}.{match.group(2)}"
+
+
+def torch_build_index(torch_version: str) -> str | None:
+    """PyTorch's wheel index of the installed torch build ("+cpu", "+cu128"); None: PyPI's."""
+    _, _, build = torch_version.partition("+")
+    if not re.fullmatch(r"cpu|cu\d+|rocm[\d.]+", build):
+        return None
+    return f"{TORCH_CPU_INDEX.rsplit('/', 1)[0]}/{build}"
+
+
+def detectors_install_commands(
+    python: Path, torch_version: str, constraints: list[Path]
+) -> list[list[str]]:
+    """pip commands for the OpenPose/Depth detectors: a torchvision built for the installed
+    torch (from the index that torch came from), then controlnet-aux, torch held in place."""
+    pins = [arg for path in constraints for arg in ("-c", str(path))]
+    vision = [
+        str(python),
+        "-m",
+        "pip",
+        "install",
+        f"torchvision=={torchvision_version(torch_version)}",
+    ]
+    index = torch_build_index(torch_version)
+    if index and reachable(index):
+        vision += ["--index-url", index, "--no-deps"]  # its other dependencies are installed
+    elif index:
+        say(f"{index} is out of reach: looking for torchvision on the configured package index")
+    return [vision + pins, [str(python), "-m", "pip", "install", "controlnet-aux", *pins]]
+
+
+def install_detectors(python: Path, pinned: bool = True) -> None:
+    """controlnet-aux and a matching torchvision, for the openpose and depth detectors."""
+    torch_version = subprocess.run(
+        [str(python), "-c", "import torch; print(torch.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    constraints = [python.parent / "t2vz-constraints.txt"]  # torch==the installed build
+    if pinned and BACKEND_CONSTRAINTS.is_file():
+        constraints.append(BACKEND_CONSTRAINTS)
+    say(f"installing the detectors (controlnet-aux, torchvision for torch {torch_version})")
+    for cmd in detectors_install_commands(python, torch_version, constraints):
+        run(cmd)
+
+
 def normalized_name(name: str) -> str:
     """A distribution name as pip compares them (PEP 503): lower case, runs of -_. as -."""
     return re.sub(r"[-_.]+", "-", name).lower()
@@ -316,6 +370,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--run-tests", action="store_true", help="then run the whole test suite (implies --dev)"
     )
     parser.add_argument(
+        "--detectors",
+        action="store_true",
+        help="also install the OpenPose and Depth detectors (controlnet-aux with a torchvision "
+        "that matches the installed torch)",
+    )
+    parser.add_argument(
         "--unpinned",
         action="store_true",
         help="newest versions the requirements allow instead of the tested ones "
@@ -344,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     python = ensure_venv(venv)
     ensure_torch(python, args.torch, args.torch_version)
     install_packages(python, dev, pinned=not args.unpinned)
+    if args.detectors:
+        install_detectors(python, pinned=not args.unpinned)
     say(f"backend environment ready: {python}")
     if args.demo:
         run_demo(python, args.demo)

@@ -21,6 +21,12 @@ SCHEMA_VERSION = 1
 
 MODES = ("text2video", "controlnet", "pix2pix")
 DETECTORS = ("none", "canny", "openpose", "depth")
+# Python modules a detector needs in the backend environment beyond the requirements (the
+# add-on looks for them without importing; install_deps.py --detectors installs them).
+DETECTOR_MODULES = {
+    "openpose": ("controlnet_aux", "torchvision"),
+    "depth": ("controlnet_aux", "torchvision"),
+}
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

@@ -14,7 +14,7 @@ from typing import Any
 import bpy
 from bpy.props import EnumProperty, IntProperty
 
-from . import backend_paths, jobs, preferences, runtime, strips
+from . import backend_paths, capabilities, jobs, preferences, runtime, strips
 from .properties import ADAPTER_KIND_ITEMS
 from .worker_client import WorkerError
 
@@ -43,6 +43,16 @@ def _output_root(settings: Any) -> Path:
 
 def _fps(scene: Any) -> float:
     return scene.render.fps / scene.render.fps_base
+
+
+def check_detector(index: int, detector: str, python: Any) -> None:
+    """Refuse a detector whose packages the backend environment lacks, saying how to get them."""
+    missing = capabilities.missing_modules(detector, python)
+    if missing:
+        raise jobs.JobBuildError(
+            f"ControlNet {index + 1}: detector {detector!r} needs {', '.join(missing)} in the "
+            f"backend environment. {capabilities.INSTALL_HINT}"
+        )
 
 
 class JobPlan:
@@ -105,6 +115,7 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
                     raise strips.StripInputError(
                         f"ControlNet {i + 1}: strip {item.strip_name!r} not found"
                     )
+            check_detector(i, item.detector, preferences.backend_python(prefs))
             control, n = strips.video_input(strip, staging / f"control_{i + 1}")
             controls.append(control)
             source = source or strip
@@ -497,7 +508,9 @@ class T2VZ_OT_install_backend(bpy.types.Operator):
         prefs = preferences.get_prefs(context)
         try:
             venv = preferences.venv_dir()
-            runtime.INSTALLER.start(venv, torch=prefs.torch_variant)
+            runtime.INSTALLER.start(
+                venv, torch=prefs.torch_variant, detectors=prefs.install_detectors
+            )
         except (
             OSError,
             WorkerError,

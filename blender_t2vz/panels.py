@@ -5,7 +5,8 @@ from typing import Any
 
 import bpy
 
-from . import operators, presets, runtime, sizing, strips
+from . import capabilities, operators, preferences, presets, runtime, sizing, strips
+from .properties import DETECTOR_ITEMS
 
 CATEGORY = "T2VZ"
 
@@ -149,7 +150,7 @@ class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
             elif module is None:
                 col.label(text="Scene control is not installed", icon="ERROR")
         else:
-            col.prop(item, "detector")
+            draw_detectors(col, context, item)
         col.prop(item, "model")
         col.prop(item, "weight")
 
@@ -242,6 +243,29 @@ class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):
         if status.worker_pid:
             layout.label(text=f"Backend worker running (pid {status.worker_pid})", icon="CHECKMARK")
         layout.operator("t2vz.restart_worker", icon="X")
+
+
+def draw_detectors(layout: Any, context: Any, item: Any) -> None:
+    """The detector choice; detectors the backend environment lacks are greyed out."""
+    python = preferences.backend_python(preferences.get_prefs(context))
+    available = capabilities.detector_availability(python) or {}
+    col = layout.column(align=True)
+    col.label(text="Detector")
+    row = col.row(align=True)
+    for identifier, name, _ in DETECTOR_ITEMS:
+        sub = row.row(align=True)
+        sub.enabled = available.get(identifier, True)
+        sub.prop_enum(item, "detector", identifier, text=name)
+    missing = [(i, name) for i, name, _ in DETECTOR_ITEMS if not available.get(i, True)]
+    if not missing:
+        return
+    box = col.column(align=True)
+    box.alert = item.detector in {i for i, _ in missing}
+    needs = capabilities.missing_modules(missing[0][0], python)
+    names = ", ".join(name for _, name in missing)
+    box.label(text=f"{names}: need {', '.join(needs)}", icon="INFO")
+    for line in _wrap(capabilities.INSTALL_HINT, 60):
+        box.label(text=line, icon="BLANK1")
 
 
 def draw_size(layout: Any, scene: Any, settings: Any) -> None:

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import bpy
-from bpy.props import EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, StringProperty
 
 from . import backend_paths
 
@@ -64,6 +64,12 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         description="Python of the backend environment; empty: the one 'Install Backend' made",
     )
     torch_variant: EnumProperty(name="PyTorch", items=TORCH_ITEMS, default="auto")
+    install_detectors: BoolProperty(
+        name="Detectors",
+        default=False,
+        description="Also install the OpenPose and Depth detectors (controlnet-aux with a "
+        "torchvision matching the installed PyTorch)",
+    )
     model: StringProperty(name="Base Model", default=_DEFAULTS["model"])
     pix2pix_model: StringProperty(name="Pix2Pix Model", default=_DEFAULTS["pix2pix"])
     controlnet_canny: StringProperty(name="ControlNet Canny", default=DEFAULT_CONTROLNETS["canny"])
@@ -96,6 +102,7 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
             row.operator("t2vz.install_cancel", text="Stop Install", icon="CANCEL")
             box.label(text=status.install_message or "Installing...", icon="SORTTIME")
         else:
+            row.prop(self, "install_detectors")
             row.operator("t2vz.install_backend", icon="IMPORT")
             if status.install_error:
                 box.label(text=status.install_error, icon="ERROR")
@@ -139,6 +146,11 @@ def user_dir(create: bool = False) -> Path | None:
         return Path(bpy.utils.extension_path_user(ADDON_ID, create=create))
     except (ValueError, AttributeError):
         return None
+
+
+def backend_python(prefs: Any) -> Path | None:
+    """The backend python if one is configured or installed (it may not exist), else None."""
+    return backend_paths.find_python(prefs.python_path, user_dir())
 
 
 def resolve_python(prefs: Any) -> Path:

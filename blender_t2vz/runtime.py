@@ -20,7 +20,7 @@ from typing import Any
 import bpy
 import bpy.utils.previews
 
-from . import backend_paths, strips
+from . import backend_paths, capabilities, strips
 from .worker_client import EXITED, NOISE, LineProcess, WorkerClient, WorkerError
 
 INTERVAL_BUSY = 0.1
@@ -433,14 +433,25 @@ class Installer:
         """True while the installer runs."""
         return self.proc is not None
 
-    def start(self, venv: Path, torch: str = "auto", script: Path | None = None) -> None:
-        """Run the installer with Blender's python, creating the environment at ``venv``."""
+    def start(
+        self,
+        venv: Path,
+        torch: str = "auto",
+        script: Path | None = None,
+        detectors: bool = False,
+    ) -> None:
+        """Run the installer with Blender's python, creating the environment at ``venv``.
+
+        ``detectors``: also install the OpenPose/Depth detectors (``--detectors``).
+        """
         if self.proc is not None:
             raise RunnerBusyError("the installer is already running")
         script = script or backend_paths.install_script()
         if not script.is_file():
             raise FileNotFoundError(f"install script not found: {script}")
         argv = [sys.executable, str(script), "--venv", str(venv), "--torch", torch]
+        if detectors:
+            argv.append("--detectors")
         proc = LineProcess(argv, cwd=script.parent)
         proc.start()
         self.proc = proc
@@ -466,6 +477,7 @@ class Installer:
             if message["type"] == EXITED:
                 code = message.get("returncode")
                 self.proc = None
+                capabilities.forget()  # the environment may have new packages now
                 status.install_running = False
                 if code == 0:
                     status.install_message = "Backend installed"

@@ -170,3 +170,47 @@ def test_write_constraints_reads_an_environment() -> None:
     versions = install_deps.installed_versions(Path(sys.executable))
     assert versions["pytest"] == importlib.metadata.version("pytest")
     assert "huggingface-hub" in versions  # names are normalized as pip compares them
+
+
+@pytest.mark.parametrize(
+    ("torch_version", "vision", "index"),
+    [
+        ("2.13.0+cpu", "0.28.0", install_deps.TORCH_CPU_INDEX),
+        ("2.5.1+cu121", "0.20.1", "https://download.pytorch.org/whl/cu121"),
+        ("2.8.0+cu128", "0.23.0", install_deps.TORCH_CUDA_INDEX),
+        ("2.6.0", "0.21.0", None),  # PyPI's build: torchvision from PyPI too
+    ],
+)
+def test_detectors_get_the_torchvision_of_the_installed_torch(
+    monkeypatch: pytest.MonkeyPatch, torch_version: str, vision: str, index: str | None
+) -> None:
+    monkeypatch.setattr(install_deps, "reachable", lambda url: True)
+    pins = [Path("env/bin/t2vz-constraints.txt"), Path("backend/constraints.txt")]
+    first, second = install_deps.detectors_install_commands(Path("py"), torch_version, pins)
+    assert first[:5] == ["py", "-m", "pip", "install", f"torchvision=={vision}"]
+    if index is None:
+        assert "--index-url" not in first and "--no-deps" not in first
+    else:
+        assert first[first.index("--index-url") + 1] == index and "--no-deps" in first
+    assert second[:5] == ["py", "-m", "pip", "install", "controlnet-aux"]
+    for cmd in (first, second):  # torch stays the installed build in both steps
+        assert [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-c"] == [str(p) for p in pins]
+    with pytest.raises(ValueError, match="torch 1.13.1"):
+        install_deps.torchvision_version("1.13.1")
+
+
+def test_detectors_option_runs_the_detector_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[tuple] = []
+    monkeypatch.setattr(install_deps, "ensure_venv", lambda venv: tmp_path / "python")
+    monkeypatch.setattr(install_deps, "ensure_torch", lambda *a: None)
+    monkeypatch.setattr(install_deps, "install_packages", lambda *a, **k: calls.append("pkgs"))
+    monkeypatch.setattr(
+        install_deps, "install_detectors", lambda python, pinned: calls.append(("det", pinned))
+    )
+    assert install_deps.main(["--venv", str(tmp_path), "--detectors", "--unpinned"]) == 0
+    assert calls == ["pkgs", ("det", False)]
+    calls.clear()
+    assert install_deps.main(["--venv", str(tmp_path)]) == 0
+    assert calls == ["pkgs"]

@@ -34,6 +34,10 @@ class Layout:
         self.log.append(("operator", idname))
         return SimpleNamespace()
 
+    def prop_enum(self, data, name: str, value: str, **kwargs) -> None:
+        assert value in {i.identifier for i in data.bl_rna.properties[name].enum_items}, value
+        self.log.append(("prop", name))
+
     def menu(self, menu: str, **kwargs) -> None:
         assert hasattr(bpy.types, menu), menu
         self.log.append(("menu", menu))
