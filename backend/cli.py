@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle",
         action="store_true",
         default=None,
-        help="allow pickled .ckpt/.bin weights (they can run code: only for sources you trust)",
+        help="allow pickled .ckpt/.bin weights (they can run code: only for sources you "
+        "trust); only this flag enables them, never a job file's allow_pickle field",
     )
     gen.add_argument("--out", help="output folder; must not exist yet")
 
@@ -345,7 +346,9 @@ def _generate(args: argparse.Namespace) -> int:
         )
 
     try:
-        result = run_job(job, events=JobEvents(progress=progress))
+        result = run_job(
+            job, events=JobEvents(progress=progress), allow_pickle=args.allow_pickle is True
+        )
     except Exception as exc:  # one clear line for the user; -v shows the traceback
         print(file=sys.stderr)
         logging.getLogger(__name__).debug("job failed", exc_info=True)

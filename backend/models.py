@@ -1,7 +1,7 @@
 """Loading models as users have them: hub ids, local diffusers folders, single-file checkpoints.
 
 Weights load from safetensors; pickled ``.ckpt``/``.bin``/``.pt`` weights are refused
-unless the job allows them (``allow_pickle``), because unpickling runs arbitrary code.
+unless the user allows them (``--allow-pickle`` or the add-on preference), because unpickling runs arbitrary code.
 A local path never touches the network. Loaded models are cached by ``ModelCache`` so a
 worker serving several jobs loads each model once.
 """
@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+# Where pickled weights are allowed: never by a job file's own allow_pickle field.
+PICKLE_SWITCHES = "(or turn on Allow Pickled Weights in the add-on's preferences)"
 
 
 class ModelLoadError(RuntimeError):
@@ -207,8 +209,8 @@ def _check_pickle_file(path: str, allow_pickle: bool) -> None:
         if not allow_pickle:
             raise ModelLoadError(
                 f"{path} is a pickled checkpoint ({suffix}): loading it can run arbitrary code. "
-                "Convert it to .safetensors, or pass --allow-pickle (job field allow_pickle) "
-                "if you trust its source."
+                "Convert it to .safetensors, or, if you trust its source, pass --allow-pickle "
+                f"{PICKLE_SWITCHES}."
             )
         return
     raise ModelLoadError(
@@ -225,8 +227,8 @@ def _check_folder_weights(folder: Path, allow_pickle: bool) -> None:
     if not has_safe and has_pickle and not allow_pickle:
         raise ModelLoadError(
             f"{folder} holds only pickled weights (.bin/.ckpt): loading them can run arbitrary "
-            "code. Convert them to .safetensors, or pass --allow-pickle (job field allow_pickle) "
-            "if you trust their source."
+            "code. Convert them to .safetensors, or, if you trust their source, pass "
+            f"--allow-pickle {PICKLE_SWITCHES}."
         )
 
 

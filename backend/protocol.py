@@ -180,6 +180,8 @@ class Job:
     fps: float = 8.0
     write_mp4: bool = True
     save_latents: bool = False
+    # Recorded in job.json: whether the run allowed pickled weights. Reading it back enables
+    # nothing: only --allow-pickle or the add-on preference do (see run_job).
     allow_pickle: bool = False
     version: int = SCHEMA_VERSION
 
@@ -606,7 +608,9 @@ def apply_preset(job: dict[str, Any], name: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- messages
 
 # Requests (add-on -> worker): {"type": "generate", "id": str, "job": {...}},
-# {"type": "cancel", "id": str}, {"type": "shutdown"}.
+# {"type": "cancel", "id": str}, {"type": "shutdown"}. A generate request may carry
+# "allow_pickle": true, which the add-on sets from its preference: it sits outside the job
+# because a job's own allow_pickle field (a job file anyone could write) enables nothing.
 REQUESTS = ("generate", "cancel", "shutdown")
 # Replies (worker -> add-on), one JSON object per stdout line:
 #   ready      {"version", "pid"}                       once, when the worker starts

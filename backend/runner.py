@@ -105,10 +105,24 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 def run_job(
-    job: Job, cache: ModelCache | None = None, events: JobEvents | None = None
+    job: Job,
+    cache: ModelCache | None = None,
+    events: JobEvents | None = None,
+    *,
+    allow_pickle: bool = False,
 ) -> JobResult:
-    """Generate ``job`` into ``job.out``; raise Cancelled, OutputExistsError, ModelLoadError..."""
+    """Generate ``job`` into ``job.out``; raise Cancelled, OutputExistsError, ModelLoadError...
+
+    ``allow_pickle`` is the caller's own switch (``--allow-pickle``, the add-on preference):
+    the job's ``allow_pickle`` field never enables pickled weights, so a job file someone
+    else wrote cannot make this process unpickle (run) code.
+    """
     started = time.perf_counter()
+    if job.allow_pickle and not allow_pickle:
+        log.warning(
+            "the job asks for allow_pickle; ignored: only --allow-pickle (or the add-on "
+            "preference) lets pickled weights load"
+        )
     events = events or JobEvents()
     cache = cache or ModelCache()
     out = Path(job.out).expanduser().resolve()
@@ -124,12 +138,12 @@ def run_job(
         job.model,
         pix2pix=job.mode == "pix2pix",
         config=job.model_config,
-        allow_pickle=job.allow_pickle,
+        allow_pickle=allow_pickle,
         device=device,
         dtype=dtype,
     )
     controlnets = [
-        cache.controlnet(c.model, allow_pickle=job.allow_pickle, device=device, dtype=dtype)
+        cache.controlnet(c.model, allow_pickle=allow_pickle, device=device, dtype=dtype)
         for c in job.controlnets
     ]
     frame_ids = job.frame_indices
@@ -162,7 +176,7 @@ def run_job(
     engine = TextToVideoZero(base, controlnets)
     motion = job.effective_motion
     # LoRAs and embeddings live on the cached model for this job only (see adapters.py).
-    adapters = applied_adapters(base, job.loras, job.embeddings, allow_pickle=job.allow_pickle)
+    adapters = applied_adapters(base, job.loras, job.embeddings, allow_pickle=allow_pickle)
     with adapters as pipe, staged_output(out) as staging:
         previews = None
         if events.preview_every is not None:
@@ -225,6 +239,7 @@ def run_job(
         resolved = job.to_dict()
         resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
         resolved["out"] = str(out)
+        resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
         (staging / "job.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
         seconds = time.perf_counter() - started
         run_info = {

@@ -26,6 +26,7 @@ from .protocol import (
     clip_text,
     decode_message,
     encode_message,
+    shown,
     validate_job,
 )
 
@@ -160,7 +161,11 @@ class Worker:
         from .runner import JobEvents, run_job
 
         job_id = str(message.get("id", ""))
+        # The request's own switch (the add-on sets it from its preference), never the job's.
+        allow_pickle = message.get("allow_pickle", False)
         try:
+            if not isinstance(allow_pickle, bool):
+                raise JobError("allow_pickle", f"expected bool, got {shown(allow_pickle)}")
             job = validate_job(message.get("job"))
         except (JobError, RecursionError) as exc:
             with self.lock:
@@ -201,7 +206,7 @@ class Worker:
             preview_every=DENOISING_PREVIEW_SECONDS,
         )
         try:
-            result = run_job(job, self.cache, events)
+            result = run_job(job, self.cache, events, allow_pickle=allow_pickle)
         except Cancelled:
             self.writer.send("cancelled", id=job_id)
         except Exception as exc:

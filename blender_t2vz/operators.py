@@ -191,6 +191,7 @@ def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
             python=python,
             env=preferences.worker_env(prefs),
             staging=plan.staging,
+            allow_pickle=bool(getattr(prefs, "allow_pickle", False)),
         )
     except preferences.EnvironmentMissingError as exc:
         runtime.remove_tree(plan.staging)

@@ -84,6 +84,12 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
     )
     device: EnumProperty(name="Device", items=DEVICE_ITEMS, default="auto")
     dtype: EnumProperty(name="Precision", items=DTYPE_ITEMS, default="auto")
+    allow_pickle: BoolProperty(
+        name="Allow Pickled Weights",
+        default=False,
+        description="Load .ckpt/.bin/.pt weights too. Unpickling can run arbitrary code: only "
+        "for sources you trust. A job file cannot turn this on",
+    )
 
     def draw(self, context: Any) -> None:
         layout = self.layout
@@ -121,6 +127,7 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
             "models_dir",
         ):
             box.prop(self, name)
+        box.prop(self, "allow_pickle")
         row = layout.row()
         row.prop(self, "device")
         row.prop(self, "dtype")

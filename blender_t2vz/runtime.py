@@ -152,20 +152,24 @@ class Runner:
         python: str | Path,
         env: dict[str, str] | None = None,
         staging: Path | None = None,
+        allow_pickle: bool = False,
     ) -> str:
-        """Send ``job`` to the worker; the result lands above channel ``above`` at ``start``."""
+        """Send ``job`` to the worker; the result lands above channel ``above`` at ``start``.
+
+        ``allow_pickle`` comes from the preference, never from the job (see protocol).
+        """
         if self.busy:
             raise RunnerBusyError("a job is already running: cancel it first")
         job_id = uuid.uuid4().hex[:12]
         client = self.ensure_worker(python, env)
         try:
-            client.generate(job_id, job)
+            client.generate(job_id, job, allow_pickle=allow_pickle)
         except WorkerError:
             # It died since the last job: start a fresh one and try once more.
             self.stop_worker(timeout=1.0)
             client = self.ensure_worker(python, env)
             try:
-                client.generate(job_id, job)
+                client.generate(job_id, job, allow_pickle=allow_pickle)
             except WorkerError as exc:
                 self.client, self.client_key = None, None
                 client.close(timeout=2.0)

@@ -228,9 +228,15 @@ class WorkerClient(LineProcess):
             raise ValueError(f"not a request type: {kind!r}")
         self.write_line(self.protocol.encode_message(kind, **payload))
 
-    def generate(self, job_id: str, job: Mapping[str, Any]) -> None:
-        """Ask the worker to run ``job``; replies carry ``job_id``."""
-        self.send("generate", id=job_id, job=dict(job))
+    def generate(self, job_id: str, job: Mapping[str, Any], allow_pickle: bool = False) -> None:
+        """Ask the worker to run ``job``; replies carry ``job_id``.
+
+        ``allow_pickle`` (the user's preference) travels beside the job, never inside it.
+        """
+        payload: dict[str, Any] = {"id": job_id, "job": dict(job)}
+        if allow_pickle:
+            payload["allow_pickle"] = True
+        self.send("generate", **payload)
 
     def cancel(self, job_id: str) -> None:
         """Ask the worker to stop ``job_id`` after the current denoising step."""

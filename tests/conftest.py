@@ -146,3 +146,21 @@ def run_backend(
         )
 
     return run
+
+
+@pytest.fixture(scope="session")
+def pickled_controlnet(
+    tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The tiny ControlNet as a diffusers folder whose weights are only a pickled .bin."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("pickled-cn") / "cn"
+    shutil.copytree(tiny_models["tiny-controlnet"], folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(weights)), folder / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    return folder

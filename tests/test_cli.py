@@ -217,6 +217,26 @@ def test_hostile_job_files_exit_2_with_one_short_line(
     assert len(err) < 400 and "Traceback" not in err
 
 
+def test_only_the_flag_allows_pickle_never_the_job_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job file's allow_pickle: true used to turn pickle loading on by itself."""
+    import backend.runner
+
+    calls: list[bool] = []
+
+    def fake_run_job(job, cache=None, events=None, *, allow_pickle=False):
+        calls.append(allow_pickle)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(backend.runner, "run_job", fake_run_job)
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"prompt": "x", "out": str(tmp_path / "o"), "allow_pickle": True}))
+    assert main(["generate", "--job", str(path)]) == 1
+    assert main(["generate", "--job", str(path), "--allow-pickle"]) == 1
+    assert calls == [False, True]
+
+
 # --------------------------------------------------------------------------- arguments
 
 

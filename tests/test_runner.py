@@ -292,6 +292,30 @@ def test_bad_inputs_fail_before_any_output(tmp_path: Path, cache: ModelCache) ->
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_jobs_allow_pickle_field_alone_never_loads_pickled_weights(
+    tmp_path: Path, cache: ModelCache, pickled_controlnet: Path
+) -> None:
+    """allow_pickle: true inside someone else's job.json used to turn pickle loading on."""
+    from backend.models import ModelLoadError
+
+    control = str(bar(tmp_path / "control.png", 20))
+    fields = {
+        "mode": "controlnet",
+        "frames": 1,
+        "steps": 2,
+        "allow_pickle": True,
+        "controlnets": [{"model": str(pickled_controlnet), "control": control}],
+    }
+    with pytest.raises(ModelLoadError, match="pickled.*--allow-pickle"):
+        run_job(make_job(tmp_path / "asked", **fields), cache)
+    assert not (tmp_path / "asked").exists()
+    run_job(make_job(tmp_path / "allowed", **fields), cache, allow_pickle=True)
+    saved = json.loads((tmp_path / "allowed" / "job.json").read_text())
+    assert saved["allow_pickle"] is True
+    run_job(make_job(tmp_path / "plain", frames=1, steps=2, allow_pickle=True), cache)
+    assert json.loads((tmp_path / "plain" / "job.json").read_text())["allow_pickle"] is False
+
+
 # --------------------------------------------------------------------------- boundaries
 
 STILL = "STILL"  # replaced by a still image path in the test

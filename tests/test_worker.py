@@ -217,6 +217,35 @@ def test_big_bad_values_are_refused_with_short_replies(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_only_the_requests_allow_pickle_loads_pickled_weights(
+    worker: WorkerProcess, tmp_path: Path, pickled_controlnet: Path
+) -> None:
+    """The add-on sets the request's allow_pickle from its preference; a job's own field
+    (a job.json anyone could write) enables nothing."""
+    import numpy as np
+
+    from backend.video_io import write_png
+
+    control = tmp_path / "control.png"
+    write_png(control, np.full((64, 64, 3), 200, np.uint8))
+    spec = job(
+        tmp_path / "asked",
+        mode="controlnet",
+        allow_pickle=True,
+        controlnets=[{"model": str(pickled_controlnet), "control": str(control)}],
+    )
+    worker.send("generate", id="asked", job=spec)
+    error = worker.until_terminal("asked")[-1]
+    assert error["type"] == "error" and error["kind"] == "ModelLoadError"
+    assert "--allow-pickle" in error["message"]
+    worker.send("generate", id="bad", job=spec, allow_pickle="yes")
+    error = worker.until_terminal("bad")[-1]
+    assert error["kind"] == "JobError" and error["message"].startswith("allow_pickle: ")
+    spec["out"] = str(tmp_path / "allowed")
+    worker.send("generate", id="allowed", job=spec, allow_pickle=True)
+    assert worker.until_terminal("allowed")[-1]["type"] == "done"
+
+
 def test_runtime_failure_reports_kind_message_and_traceback(
     worker: WorkerProcess, tmp_path: Path
 ) -> None:

@@ -66,4 +66,6 @@ for line in sys.stdin:
             fraction=0.5,
             stage="denoising",
         )
-        send("done", id=job_id, out=message["job"]["out"], frames=[])
+        # Echoes the request's allow_pickle so tests see what the client sent beside the job.
+        allowed = message.get("allow_pickle", False)
+        send("done", id=job_id, out=message["job"]["out"], frames=[], allow_pickle=allowed)

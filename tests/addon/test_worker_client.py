@@ -41,6 +41,16 @@ def test_messages_are_queued_in_order_and_noise_is_marked(fake: worker_client.Wo
     assert "some library printed this" in fake.stderr_tail()
 
 
+def test_allow_pickle_travels_beside_the_job_never_from_it(
+    fake: worker_client.WorkerClient,
+) -> None:
+    """Only the preference (the generate argument) sets the request's allow_pickle."""
+    fake.generate("p1", {"prompt": "a cat", "out": "/nowhere", "allow_pickle": True})
+    assert _until(fake, "done")[-1]["allow_pickle"] is False
+    fake.generate("p2", {"prompt": "a cat", "out": "/nowhere"}, allow_pickle=True)
+    assert _until(fake, "done")[-1]["allow_pickle"] is True
+
+
 def test_exit_is_reported_with_status_and_stderr(fake: worker_client.WorkerClient) -> None:
     fake.generate("j2", {"prompt": "crash", "out": "/nowhere"})
     seen = _until(fake, worker_client.EXITED)
