@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
 from .models import BaseModel
 from .motion import (
+    background_mask,
     ddpm_jump,
     frame_noise,
     latent_shift,
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 MASK_RECORD_FRACTION = 0.2
 # Normalised cross-attention above which a latent pixel counts as foreground.
 MASK_THRESHOLD = 0.4
+# When background smoothing blends (Sect. 3.3.3): "once" at x_t1 (the paper) or after
+# "every_step" of the joint phase (an older variant, kept to measure against).
+SMOOTH_SCHEDULES = ("once", "every_step")
 
 
 class Cancelled(Exception):
@@ -83,6 +87,8 @@ class GenerationPlan:
     motion_phase: bool
     t0: int | None = None
     t1: int | None = None
+    # Joint steps run a first time only to record smoothing masks (Sect. 3.3.3, "once").
+    mask_steps: int = 0
     evaluations: int = field(init=False)  # frame evaluations of the UNet, for progress
 
     def __post_init__(self) -> None:
@@ -101,7 +107,8 @@ class GenerationPlan:
     def model_calls(self) -> list[int]:
         """Frames in each UNet call, in the order the loop makes them."""
         joint = [len(chunk) for _ in range(self.joint_start, self.steps) for chunk in self.chunks]
-        return [1] * self.anchor_steps + joint
+        masks = [len(chunk) for _ in range(self.mask_steps) for chunk in self.chunks]
+        return [1] * self.anchor_steps + masks + joint
 
 
 def plan_generation(
@@ -111,6 +118,7 @@ def plan_generation(
     motion_phase: bool,
     t0: int | None = None,
     t1: int | None = None,
+    mask_steps: int = 0,
 ) -> GenerationPlan:
     """Split the frames into anchored chunks and fix the phases of the loop."""
     if chunk_size < 1:
@@ -120,7 +128,7 @@ def plan_generation(
     wanted = sorted(set(frame_ids))
     processed = sorted(set(wanted) | {0})
     chunks = [processed[i : i + chunk_size] for i in range(0, len(processed), chunk_size)]
-    return GenerationPlan(wanted, processed, chunks, steps, motion_phase, t0, t1)
+    return GenerationPlan(wanted, processed, chunks, steps, motion_phase, t0, t1, mask_steps)
 
 
 class TextToVideoZero:
@@ -280,6 +288,7 @@ class TextToVideoZero:
         image_guidance_scale: float = 1.5,
         callbacks: Callbacks | None = None,
         cross_frame_attention: bool = True,
+        smooth_schedule: str = "once",
     ) -> torch.Tensor:
         """Generate and return the final latents of ``frame_ids``: (frames, 4, H/8, W/8) fp32.
 
@@ -287,11 +296,31 @@ class TextToVideoZero:
         [0, 1]); ``masks`` maps frame index -> (1, H, W) foreground mask in [0, 1].
         ``cross_frame_attention=False`` leaves self-attention per frame (Sect. 3.3.2 off: the
         paper's ablation); everything else, background smoothing's maps included, still runs.
+        ``smooth_schedule`` (with ``smooth_bg``): "once", the paper's blend at x_t1 after a
+        first pass for the masks; "every_step", the older blend after every joint step from
+        the masks on (kept to measure against).
         """
         frame_ids = list(range(num_frames)) if frame_ids is None else list(frame_ids)
         self.check_inputs(prompt, height, width, num_frames, frame_ids, controls, image)
+        if smooth_schedule not in SMOOTH_SCHEDULES:
+            raise ValueError(
+                f"smooth_schedule must be one of {', '.join(SMOOTH_SCHEDULES)}, "
+                f"got {smooth_schedule!r}"
+            )
+        if smooth_bg and image is not None:
+            raise ValueError(
+                "smooth_bg is for text2video and ControlNet video: pix2pix follows its moving "
+                "source video, which a blend toward frame 1 would freeze"
+            )
         callbacks = callbacks or Callbacks()
         plan = plan_generation(frame_ids, chunk_size, num_inference_steps, motion_dynamics, t0, t1)
+        joint_steps = num_inference_steps - plan.joint_start
+        mask_record_steps = max(1, round(joint_steps * MASK_RECORD_FRACTION))
+        if smooth_bg and masks is None and smooth_schedule == "once" and len(plan.processed) > 1:
+            plan = plan_generation(
+                frame_ids, chunk_size, num_inference_steps, motion_dynamics, t0, t1,
+                mask_steps=mask_record_steps,
+            )  # fmt: skip
         scheduler = _ddim(self.base.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = scheduler.timesteps
@@ -384,40 +413,69 @@ class TextToVideoZero:
                 # (frames, 4, h, w): every frame starts from the anchor's x_T
 
             # Sect. 3.3.2 / 3.4 / 3.5: all frames jointly, cross-frame attention to frame 1.
-            joint_steps = num_inference_steps - plan.joint_start
-            record_until = plan.joint_start + max(1, round(joint_steps * MASK_RECORD_FRACTION))
-            fg_masks = None
-            if masks is not None:
-                fg_masks = _stack_masks(_masks_to_latent(masks, (lat_h, lat_w)), others)
-            for i in range(plan.joint_start, num_inference_steps):
-                t = timesteps[i]
-                if recorder is not None:
-                    recorder.active = i < record_until
-                start = 0
-                for n, chunk in enumerate(plan.chunks):
-                    state.capture = n == 0
+            def denoise(latents: torch.Tensor, stop: int, every_step_blend: bool) -> None:
+                """Joint DDIM steps joint_start .. stop - 1 over every chunk, in place."""
+                nonlocal fg_others
+                for i in range(plan.joint_start, stop):
+                    t = timesteps[i]
                     if recorder is not None:
-                        recorder.frame_ids = chunk
-                    rows = slice(start, start + len(chunk))  # chunks are runs of processed
-                    noise = predict(latents[rows], t, chunk)
-                    stepped = scheduler.step(noise, t, latents[rows])
-                    latents[rows] = stepped.prev_sample
-                    if n == 0:
-                        anchor_x0 = stepped.pred_original_sample[:1]  # (1, 4, h, w)
-                    start += len(chunk)
-                    report(i + 1)
-                state.clear()
-                if callbacks.anchor_preview is not None:
-                    callbacks.anchor_preview(i + 1, anchor_x0)
-                if recorder is not None and i + 1 == record_until:
+                        recorder.active = i < record_until
+                    start = 0
+                    for n, chunk in enumerate(plan.chunks):
+                        state.capture = n == 0
+                        if recorder is not None:
+                            recorder.frame_ids = chunk
+                        rows = slice(start, start + len(chunk))  # chunks are runs of processed
+                        noise = predict(latents[rows], t, chunk)
+                        stepped = scheduler.step(noise, t, latents[rows])
+                        latents[rows] = stepped.prev_sample
+                        if n == 0:
+                            anchor_x0 = stepped.pred_original_sample[:1]  # (1, 4, h, w)
+                        start += len(chunk)
+                        report(i + 1)
+                    state.clear()
+                    if callbacks.anchor_preview is not None:
+                        callbacks.anchor_preview(i + 1, anchor_x0)
+                    if not every_step_blend:
+                        continue
+                    if fg_others is None and recorder is not None and i + 1 == record_until:
+                        fg_others = _stack_masks(_attention_masks(recorder.maps), others)
+                    if fg_others is not None and i + 1 < num_inference_steps:
+                        # The every-step variant of Sect. 3.3.3 (measured against, not the
+                        # paper's): blend each background toward frame 1, warped to frame k.
+                        anchor = latents[:1].expand(len(others), *shape)
+                        warped = translate_latents(anchor, others_shift)
+                        latents[1:] = smooth_background(
+                            latents[1:], warped, fg_others, smooth_alpha
+                        )
+
+            record_until = plan.joint_start + mask_record_steps
+            fg_all = None  # (processed, 1, h, w) foreground masks M^k, 1 = foreground
+            if smooth_bg and masks is not None:
+                fg_all = _stack_masks(_masks_to_latent(masks, (lat_h, lat_w)), plan.processed)
+            fg_others = None if fg_all is None else fg_all[1:]
+            if smooth_bg and smooth_schedule == "once" and others:
+                if fg_all is None:
+                    # Sect. 3.3.3: a first pass for the masks (here the prompt's cross-attention
+                    # over the first joint steps), then back to x_t1.
+                    x_t1 = latents.clone()
+                    denoise(latents, record_until, every_step_blend=False)
+                    fg_all = _stack_masks(_attention_masks(recorder.maps), plan.processed)
                     recorder.active = False  # the processors keep it: stop recording for good
-                    fg_masks = _stack_masks(_attention_masks(recorder.maps), others)
-                    recorder = None
-                if smooth_bg and fg_masks is not None and others and i + 1 < num_inference_steps:
-                    # Sect. 3.3.3: blend each background toward frame 1, warped to frame k.
-                    anchor = latents[:1].expand(len(others), *shape)
-                    warped = translate_latents(anchor, others_shift)
-                    latents[1:] = smooth_background(latents[1:], warped, fg_masks, smooth_alpha)
+                    latents = x_t1
+                # Blend once at x_t1, frame 1's foreground kept out of frame k's background.
+                anchor = latents[:1].expand(len(others), *shape)  # (frames - 1, 4, h, w)
+                anchor_fg = fg_all[:1].expand(len(others), -1, -1, -1)  # (frames - 1, 1, h, w)
+                background = background_mask(fg_all[1:], translate_latents(anchor_fg, others_shift))
+                latents[1:] = smooth_background(
+                    latents[1:],
+                    translate_latents(anchor, others_shift),
+                    1 - background,
+                    smooth_alpha,
+                )
+                denoise(latents, num_inference_steps, every_step_blend=False)
+            else:
+                denoise(latents, num_inference_steps, every_step_blend=smooth_bg)
 
         rows = [plan.processed.index(f) for f in plan.frame_ids]
         return latents[rows].float()

@@ -95,3 +95,8 @@ def smooth_background(
     masks = masks.to(latents)
     blended = alpha * anchor_warped + (1.0 - alpha) * latents
     return masks * latents + (1.0 - masks) * blended
+
+
+def background_mask(fg: torch.Tensor, anchor_fg_warped: torch.Tensor) -> torch.Tensor:
+    """(1 - M^k)(1 - W_k(M^1)): frame k's background with frame 1's foreground kept out."""
+    return (1.0 - fg) * (1.0 - anchor_fg_warped.to(fg))

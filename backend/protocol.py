@@ -528,6 +528,12 @@ def _check_mode(job: Job) -> None:
             raise JobError("motion", f"pix2pix follows its source video; got motion {job.motion}")
         if job.t0 is not None or job.t1 is not None:
             raise JobError("t0", "t0/t1 apply only to motion dynamics, not pix2pix")
+        if job.smooth_bg:
+            raise JobError(
+                "smooth_bg",
+                "background smoothing is for text2video and controlnet: pix2pix follows its "
+                "moving source video, which a blend toward frame 1 would freeze",
+            )
     if job.masks is not None and not job.smooth_bg:
         raise JobError("masks", "masks are used for background smoothing; set smooth_bg too")
 

@@ -186,7 +186,8 @@ def build_job(
         "guidance": float(settings.get("guidance", 7.5)),
         "seed": int(settings.get("seed", 0)),
         "chunk_size": int(settings.get("chunk_size", 8)),
-        "smooth_bg": bool(settings.get("smooth_bg", False)),
+        # pix2pix follows its moving source: the backend refuses smoothing there.
+        "smooth_bg": bool(settings.get("smooth_bg", False)) and mode != "pix2pix",
         "smooth_alpha": float(settings.get("smooth_alpha", 0.6)),
         "device": str(settings.get("device", "auto")),
         "dtype": str(settings.get("dtype", "auto")),

@@ -219,11 +219,12 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
         sub.prop(settings, "frames")
         draw_size(layout, context.scene, settings)
         layout.prop(settings, "chunk_size")
-        row = layout.row(heading="Background")
-        row.prop(settings, "smooth_bg", text="Smooth")
-        sub = row.row()
-        sub.active = settings.smooth_bg
-        sub.prop(settings, "smooth_alpha", text="")
+        if settings.mode != "pix2pix":  # pix2pix follows its source: no smoothing
+            row = layout.row(heading="Background")
+            row.prop(settings, "smooth_bg", text="Smooth")
+            sub = row.row()
+            sub.active = settings.smooth_bg
+            sub.prop(settings, "smooth_alpha", text="")
 
 
 class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):

@@ -646,6 +646,86 @@ def test_background_is_pulled_toward_warped_frame_one(
     assert distance_to_warped_anchor(smoothed) < 0.7 * distance_to_warped_anchor(unsmoothed)
 
 
+def spy_on(monkeypatch: pytest.MonkeyPatch, name: str) -> list[tuple]:
+    """Record the arguments and result of ``engine_module.NAME`` on every call."""
+    calls: list[tuple] = []
+    real = getattr(engine_module, name)
+
+    def spy(*args):
+        out = real(*args)
+        calls.append(tuple(a.clone() if torch.is_tensor(a) else a for a in args) + (out,))
+        return out
+
+    monkeypatch.setattr(engine_module, name, spy)
+    return calls
+
+
+def test_smoothing_blends_once_at_x_t1_keeping_frame_one_foreground_out(
+    engine: TextToVideoZero, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sect. 3.3.3 as the official code does it: one blend of x_t1 with the background mask
+    (1 - M^k)(1 - W_k(M^1)), then the joint phase runs from the blended latents."""
+    blends = spy_on(monkeypatch, "smooth_background")
+    jumps = spy_on(monkeypatch, "ddpm_jump")
+    fg = masks(0.0)
+    fg[0][:, :, : SIZE // 2] = 1.0  # frame 1: left half is foreground; frames 2..m: none
+    run(engine, smooth_bg=True, masks=fg, smooth_alpha=0.6, **SMOOTH)
+    assert len(blends) == 1 and len(jumps) == 1
+    latents, warped, used_fg, alpha, _ = blends[0]
+    assert alpha == 0.6
+    torch.testing.assert_close(latents, jumps[0][-1])  # x_t1 of frames 2..m, fresh from the jump
+    for k in range(1, FRAMES):  # motion 64/512 at latent width 8: k pixels to the left
+        expected_fg = torch.zeros(1, LATENT, LATENT)
+        expected_fg[:, :, : max(0, LATENT // 2 - k)] = 1.0  # W_k(M^1) (reflection adds none)
+        assert torch.equal(used_fg[k - 1], expected_fg), f"frame {k + 1}"
+        assert torch.equal(warped[k - 1][:, :, : LATENT - k], warped[0][:, :, k - 1 : LATENT - 1])
+
+
+def test_smoothing_with_attention_masks_runs_a_mask_pass_then_starts_again_from_x_t1(
+    engine: TextToVideoZero, unsmoothed: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blends = spy_on(monkeypatch, "smooth_background")
+    jumps = spy_on(monkeypatch, "ddpm_jump")
+    reports: list[float] = []
+    smoothed = run(
+        engine,
+        smooth_bg=True,
+        callbacks=Callbacks(progress=lambda s, n, f: reports.append(f)),
+        **SMOOTH,
+    )
+    assert len(blends) == 1
+    torch.testing.assert_close(blends[0][0], jumps[0][-1])  # the blend starts from x_t1
+    assert reports == sorted(reports) and reports[-1] == pytest.approx(1.0)  # mask pass counted
+    close(smoothed[0], unsmoothed[0])  # frame 1 is never blended and attends only to itself
+    assert differ(smoothed, unsmoothed)
+
+
+def test_every_step_smoothing_stays_selectable(
+    engine: TextToVideoZero, unsmoothed: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blends = spy_on(monkeypatch, "smooth_background")
+    kwargs = dict(smooth_bg=True, masks=masks(0.0), smooth_alpha=0.9, **SMOOTH)
+    every = run(engine, smooth_schedule="every_step", **kwargs)
+    joint_steps = SMOOTH["num_inference_steps"] - (
+        SMOOTH["num_inference_steps"] - resolve_t0_t1(SMOOTH["num_inference_steps"])[1] - 1
+    )
+    assert len(blends) == joint_steps - 1  # after every joint step but the last
+    once = run(engine, smooth_schedule="once", **kwargs)
+    assert differ(every, once)
+    # every_step pulls the finished frames harder toward frame 1 than one blend at x_t1.
+    assert distance_to_warped_anchor(every) < distance_to_warped_anchor(once)
+
+
+def test_smoothing_refuses_pix2pix_and_unknown_schedules(
+    engine: TextToVideoZero, tiny_pix2pix: Any
+) -> None:
+    source = {f: random_image(50 + f) for f in range(FRAMES)}
+    with pytest.raises(ValueError, match="smooth_bg is for text2video and ControlNet"):
+        run(TextToVideoZero(tiny_pix2pix), motion_dynamics=False, image=source, smooth_bg=True)
+    with pytest.raises(ValueError, match="smooth_schedule must be one of once, every_step"):
+        run(engine, smooth_bg=True, smooth_schedule="sometimes")
+
+
 def test_cross_attention_masks(
     engine: TextToVideoZero, unsmoothed: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:

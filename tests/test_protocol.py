@@ -149,6 +149,7 @@ def test_bad_fields_are_named(fields: dict, field: str, value_text: str) -> None
         ({"mode": "pix2pix", "video": "/v", "controlnets": [CONTROLNET]}, "controlnets"),
         ({"mode": "pix2pix", "video": "/v", "motion": [1, 0]}, "motion"),
         ({"mode": "pix2pix", "video": "/v", "t1": 3}, "t0"),
+        ({"mode": "pix2pix", "video": "/v", "smooth_bg": True}, "smooth_bg"),
         ({"controlnets": [CONTROLNET]}, "controlnets"),
         ({"video": "/v"}, "video"),
         ({"masks": "/m"}, "masks"),
