@@ -43,6 +43,9 @@ BACKEND_CONSTRAINTS = HERE / "backend" / "constraints.txt"
 # belong to the environment itself: never pinned.
 UNPINNED_PREFIXES = ("torch", "nvidia-", "triton", "pip", "setuptools", "wheel")
 DEV_REQUIREMENTS = HERE / "requirements-dev.txt"
+# Blender's platform tags where this installer can set up the backend (PyTorch 2.13 has
+# wheels there); blender_manifest.toml lists the same in ``platforms``.
+SUPPORTED_PLATFORMS = ("windows-x64", "linux-x64", "macos-arm64")
 # bpy wheels on PyPI exist for one Python version per Blender release (3.11 for 4.2-5.0).
 BPY_PYTHON = (3, 11)
 # Shared libraries the bpy module loads (Debian package names in DESIGN.md).
@@ -61,6 +64,16 @@ def run(cmd: list[str], **kwargs) -> None:
     if result.returncode:
         say(f"command failed with exit code {result.returncode}")
         sys.exit(result.returncode)
+
+
+def platform_tag() -> str:
+    """This machine as a Blender extension platform tag, e.g. "linux-x64", "macos-arm64"."""
+    system = {"Windows": "windows", "Linux": "linux", "Darwin": "macos"}.get(
+        platform.system(), platform.system().lower()
+    )
+    machine = platform.machine().lower()
+    arch = {"amd64": "x64", "x86_64": "x64", "aarch64": "arm64", "arm64": "arm64"}.get(machine)
+    return f"{system}-{arch or machine}"
 
 
 def venv_python(venv: Path) -> Path:
@@ -396,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Python 3.10 or newer is needed, this is {platform.python_version()}")
         return 1
     dev = args.dev or args.run_tests
+    if platform_tag() not in SUPPORTED_PLATFORMS:
+        say(
+            f"{platform_tag()} is not among the supported platforms "
+            f"({', '.join(SUPPORTED_PLATFORMS)}): PyTorch may have no build for it"
+        )
     venv = args.venv.expanduser().resolve()
     if args.write_constraints:
         BACKEND_CONSTRAINTS.write_text(constraints_text(installed_versions(venv_python(venv))))

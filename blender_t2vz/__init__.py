@@ -6,7 +6,7 @@ process (``python -m backend serve``) started from the backend's own environment
 
 import importlib
 
-from . import operators, panels, preferences, presets, properties, runtime
+from . import backend_paths, operators, panels, preferences, presets, properties, runtime
 
 _modules = [properties, preferences, operators, presets, panels]
 # Optional modules that register their own classes when present (issue 4: scene control).
@@ -38,3 +38,4 @@ def unregister() -> None:
     runtime.unregister()
     while _registered:
         _registered.pop().unregister()
+    backend_paths.forget_protocol()

@@ -19,7 +19,11 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-PROTOCOL_MODULE_NAME = "_t2vz_backend_protocol"
+# The protocol module's name: a private submodule of the add-on's own package (e.g.
+# ``bl_ext.user_default.blender_t2vz._backend_protocol``), never a top-level name, so two
+# installed copies of the extension, or the backend's own ``backend.protocol`` in the same
+# process, never see each other's module. It leaves sys.modules on unregister.
+PROTOCOL_MODULE_NAME = f"{__package__ or 'blender_t2vz'}._backend_protocol"
 
 _protocol: ModuleType | None = None
 
@@ -46,23 +50,35 @@ def backend_root() -> Path:
 
 
 def load_protocol() -> ModuleType:
-    """The backend's ``protocol`` module (stdlib only), imported by file path once."""
+    """The backend's ``protocol`` module (stdlib only), executed from its file once."""
     global _protocol
     if _protocol is None:
-        path = backend_root() / "backend" / "protocol.py"
-        spec = importlib.util.spec_from_file_location(PROTOCOL_MODULE_NAME, path)
-        if spec is None or spec.loader is None:
-            raise BackendNotFoundError(f"cannot import {path}")
-        module = importlib.util.module_from_spec(spec)
-        # dataclasses look the module up in sys.modules while the class is built.
-        sys.modules[PROTOCOL_MODULE_NAME] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(PROTOCOL_MODULE_NAME, None)
-            raise
-        _protocol = module
+        _protocol = load_module_from_file(backend_root() / "backend" / "protocol.py")
     return _protocol
+
+
+def load_module_from_file(path: Path, name: str = PROTOCOL_MODULE_NAME) -> ModuleType:
+    """Execute the Python file ``path`` as the module ``name`` (a submodule of the add-on)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise BackendNotFoundError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look the module up in sys.modules while its classes are built.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
+
+
+def forget_protocol() -> None:
+    """Drop the loaded protocol (unregister): a re-enabled add-on reads the file again."""
+    global _protocol
+    if _protocol is not None and sys.modules.get(_protocol.__name__) is _protocol:
+        del sys.modules[_protocol.__name__]
+    _protocol = None
 
 
 def install_script() -> Path:

@@ -130,6 +130,7 @@ def test_manifest_and_built_zip_validate(tmp_path: Path) -> None:
         "__init__.py",
         "worker_client.py",
         "backend/protocol.py",
+        "presets/t2vz/Preview.py",
     ):
         assert required in names, sorted(names)
     if (ROOT / "install_deps.py").is_file():
