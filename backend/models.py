@@ -8,6 +8,7 @@ worker serving several jobs loads each model once.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections import OrderedDict
@@ -232,11 +233,17 @@ def _check_folder_weights(folder: Path, allow_pickle: bool) -> None:
         )
 
 
+def low_cpu_mem_usage() -> bool:
+    """True when accelerate is installed: diffusers then loads weights straight into empty
+    (meta) modules, with no random initialisation and no second copy of the weights."""
+    return importlib.util.find_spec("accelerate") is not None
+
+
 def _pretrained_kwargs(kind: str, allow_pickle: bool) -> dict[str, Any]:
-    # low_cpu_mem_usage needs accelerate, which the backend does not depend on.
     kwargs: dict[str, Any] = {
         "use_safetensors": None if allow_pickle else True,
-        "low_cpu_mem_usage": False,
+        # Without accelerate diffusers would warn on every load and fall back anyway.
+        "low_cpu_mem_usage": low_cpu_mem_usage(),
     }
     if kind == "folder":
         kwargs["local_files_only"] = True

@@ -105,3 +105,16 @@ def _sd15_models(modes: list[str], device: torch.device, dtype: torch.dtype) -> 
             UNet2DConditionModel.from_config({**unet_config, "in_channels": 8})
         )
     return models
+
+
+def save_sd15_folder(folder: Path) -> Path:
+    """A diffusers folder of SD 1.5's architecture with random weights (safetensors, fp32)."""
+    import shutil
+
+    models = _sd15_models(["text2video"], torch.device("cpu"), torch.float32)
+    base = models.base
+    for name in ("text_encoder", "unet", "vae"):
+        getattr(base, name).save_pretrained(folder / name, safe_serialization=True)
+    write_tiny_tokenizer(folder / "tokenizer")
+    shutil.copytree(CONFIGS / "sd15" / "scheduler", folder / "scheduler")
+    return folder
