@@ -8,14 +8,14 @@ controlnet-aux, an optional extra imported only when asked for.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 
 import cv2
 import numpy as np
 
 from .protocol import ControlNetSpec
-from .video_io import read_frames, source_indices
+from .video_io import FrameStore, iter_frames, source_indices
 
 # Canny thresholds of the reference ControlNet canny annotator.
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -60,19 +60,48 @@ def apply_detector(name: str, image: np.ndarray) -> np.ndarray:
     return result
 
 
+def iter_control_frames(
+    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """RGB uint8 control images (height, width, 3) one at a time, each with the output
+    ``frame_ids`` that use it (see video_io.iter_frames)."""
+    path = spec.control.path
+    if path.lower().endswith(".json"):
+        from .pose import draw_openpose, load_pose_file
+
+        poses = load_pose_file(path)  # keypoints of every frame (small); drawn one at a time
+        users: dict[int, list[int]] = {}
+        for f, i in source_indices(spec.control, frame_ids).items():
+            users.setdefault(i, []).append(f)
+        last = max(users)
+        if last >= len(poses):
+            raise ValueError(f"pose file {path} has {len(poses)} frames; frame {last} is needed")
+        for i in sorted(users):
+            yield users[i], draw_openpose(poses[i], width, height)
+        return
+    for fs, image in iter_frames(spec.control, frame_ids, width, height):
+        yield fs, apply_detector(spec.detector, image)
+
+
 def load_control_frames(
     spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int
 ) -> dict[int, np.ndarray]:
     """RGB uint8 control images (height, width, 3) for the 0-based ``frame_ids``."""
-    path = spec.control.path
-    if path.lower().endswith(".json"):
-        from .pose import render_pose_frames
+    frames = {
+        f: image for fs, image in iter_control_frames(spec, frame_ids, width, height) for f in fs
+    }
+    return {f: frames[f] for f in frame_ids}
 
-        drawn = render_pose_frames(path, width, height)
-        mapping = source_indices(spec.control, frame_ids)
-        last = max(mapping.values())
-        if last >= len(drawn):
-            raise ValueError(f"pose file {path} has {len(drawn)} frames; frame {last} is needed")
-        return {f: drawn[i] for f, i in mapping.items()}
-    frames = read_frames(spec.control, frame_ids, width, height)
-    return {f: apply_detector(spec.detector, image) for f, image in frames.items()}
+
+def store_control_frames(
+    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int
+) -> FrameStore:
+    """The control images spooled into a FrameStore: read back per chunk while denoising."""
+    store = FrameStore(width, height)
+    try:
+        for fs, image in iter_control_frames(spec, frame_ids, width, height):
+            store.add(fs, image)
+    except BaseException:
+        store.close()
+        raise
+    return store

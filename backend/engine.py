@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -70,9 +70,10 @@ class ControlInput:
     """A loaded ControlNet with its control frames for the frames being generated."""
 
     model: torch.nn.Module
-    # frame index -> (3, H, W) image: uint8 in [0, 255] (a quarter of float's memory for
-    # long videos) or float in [0, 1]
-    frames: dict[int, torch.Tensor]
+    # frame index -> (3, H, W) image: uint8 in [0, 255] or float in [0, 1]. Indexed one
+    # chunk at a time, so a lazy mapping (the runner's frames read from disk) keeps memory
+    # flat in video length.
+    frames: Mapping[int, torch.Tensor]
     weight: float = 1.0
 
 
@@ -150,7 +151,7 @@ class TextToVideoZero:
         num_frames: int,
         frame_ids: Sequence[int],
         controls: Sequence[ControlInput],
-        image: dict[int, torch.Tensor] | None,
+        image: Mapping[int, torch.Tensor] | None,
     ) -> None:
         """Raise ValueError naming the bad value before any model runs."""
         factor = self.base.vae_scale_factor
@@ -282,9 +283,9 @@ class TextToVideoZero:
         t1: int | None = None,
         smooth_bg: bool = False,
         smooth_alpha: float = 0.6,
-        masks: dict[int, torch.Tensor] | None = None,
+        masks: Mapping[int, torch.Tensor] | None = None,
         controls: Sequence[ControlInput] = (),
-        image: dict[int, torch.Tensor] | None = None,
+        image: Mapping[int, torch.Tensor] | None = None,
         image_guidance_scale: float = 1.5,
         callbacks: Callbacks | None = None,
         cross_frame_attention: bool = True,
@@ -484,9 +485,12 @@ class TextToVideoZero:
 
     @torch.no_grad()
     def _encode_images(
-        self, image: dict[int, torch.Tensor], frames: list[int], batch: int = 4
+        self, image: Mapping[int, torch.Tensor], frames: list[int], batch: int = 4
     ) -> dict[int, torch.Tensor]:
         """InstructPix2Pix image latents (the VAE posterior's mode, unscaled) per frame."""
+        # Encoded once, ``batch`` frames a VAE call, and kept for every frame: as small as
+        # the latents the loop keeps anyway (1/12 of a uint8 frame); encoding per chunk
+        # would run the VAE encoder again at every step.
         out = {}
         for i in range(0, len(frames), batch):
             part = frames[i : i + batch]
@@ -546,7 +550,7 @@ def _combine_guidance(
 
 
 def _masks_to_latent(
-    masks: dict[int, torch.Tensor], size: tuple[int, int]
+    masks: Mapping[int, torch.Tensor], size: tuple[int, int]
 ) -> dict[int, torch.Tensor]:
     """Foreground masks at latent resolution, 1 on the foreground and 0 on the background."""
     out = {}

@@ -10,7 +10,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +19,18 @@ import torch
 
 from . import __version__
 from .adapters import applied_adapters, convert_prompt
-from .controls import load_control_frames
+from .controls import store_control_frames
 from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from .models import ModelCache, choose_dtype, resolve_device
 from .protocol import Job
 from .tiny import BUILTIN_PREFIX
 from .video_io import (
+    FrameStore,
     Mp4Writer,
     OutputExistsError,
     frame_name,
-    read_frames,
-    read_masks,
     staged_output,
+    store_frames,
     write_png,
 )
 
@@ -104,6 +104,34 @@ def _to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
 
 
+def _mask_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, H, W) float32 foreground mask in [0, 1]; white is foreground."""
+    return torch.from_numpy(image.mean(axis=2, dtype=np.float32) / 255.0)[None]
+
+
+class TensorFrames(Mapping[int, torch.Tensor]):
+    """A FrameStore seen as the engine's per-frame tensors, read when the engine indexes a
+    frame (one chunk at a time), never all at once."""
+
+    def __init__(
+        self, store: FrameStore, convert: Callable[[np.ndarray], torch.Tensor] = _to_tensor
+    ):
+        self.store = store
+        self.convert = convert
+
+    def __getitem__(self, frame: int) -> torch.Tensor:
+        return self.convert(self.store[frame])
+
+    def __contains__(self, frame: object) -> bool:
+        return frame in self.store  # without reading the frame
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.store)
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
 def run_job(
     job: Job,
     cache: ModelCache | None = None,
@@ -149,22 +177,18 @@ def run_job(
     frame_ids = job.frame_indices
     needed = sorted(set(frame_ids) | {0})
     w, h = job.width, job.height
+    # Input frames are spooled to temporary files and read back per chunk while denoising:
+    # memory stays flat in video length (the files close and vanish with the job).
     controls = [
-        ControlInput(
-            model,
-            {f: _to_tensor(img) for f, img in load_control_frames(spec, needed, w, h).items()},
-            spec.weight,
-        )
+        ControlInput(model, TensorFrames(store_control_frames(spec, needed, w, h)), spec.weight)
         for spec, model in zip(job.controlnets, controlnets, strict=True)
     ]
     image = None
     if job.video is not None:
-        image = {f: _to_tensor(img) for f, img in read_frames(job.video, needed, w, h).items()}
+        image = TensorFrames(store_frames(job.video, needed, w, h))
     masks = None
     if job.masks is not None:
-        masks = {
-            f: torch.from_numpy(m)[None] for f, m in read_masks(job.masks, needed, w, h).items()
-        }
+        masks = TensorFrames(store_frames(job.masks, needed, w, h), _mask_tensor)
 
     total_frames = len(frame_ids)
 

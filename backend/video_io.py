@@ -13,8 +13,9 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -91,12 +92,12 @@ def _read_image(path: Path) -> np.ndarray:
     return _to_rgb8(image)
 
 
-def _read_movie(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
-    """Decode the movie once, front to back, keeping the wanted frame indices."""
+def _iter_movie(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """Decode the movie once, front to back, yielding the wanted frames as they come."""
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise VideoInputError(f"cannot open movie {path}")
-    frames: dict[int, np.ndarray] = {}
+    found: set[int] = set()
     last = max(wanted)
     index = 0
     try:
@@ -105,41 +106,118 @@ def _read_movie(path: Path, wanted: set[int]) -> dict[int, np.ndarray]:
             if not ok:
                 break
             if index in wanted:
-                frames[index] = _to_rgb8(image)
+                found.add(index)
+                yield index, _to_rgb8(image)
             index += 1
     finally:
         capture.release()
-    missing = sorted(wanted - set(frames))
+    missing = sorted(wanted - found)
     if missing:
         raise VideoInputError(
             f"movie {path} has {index} frames; frame index {missing[0]} is needed"
         )
-    return frames
+
+
+def iter_frames(
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Fitted RGB uint8 frames (height, width, 3) of ``spec`` one at a time, in source order,
+    each with the output ``frame_ids`` that show it: one full-size frame in memory at a time."""
+    path = Path(os.path.expanduser(spec.path))
+    users: dict[int, list[int]] = {}  # source index -> output frames showing it
+    for f, i in source_indices(spec, frame_ids).items():
+        users.setdefault(i, []).append(f)
+    if path.is_dir():
+        files = list_image_files(path)
+        if not files:
+            raise VideoInputError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        if max(users) >= len(files):
+            raise VideoInputError(
+                f"folder {path} has {len(files)} images; image index {max(users)} is needed"
+            )
+        for i in sorted(users):
+            yield users[i], fit_frame(_read_image(files[i]), width, height)
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        # One still image for every frame.
+        yield [f for fs in users.values() for f in fs], fit_frame(_read_image(path), width, height)
+    elif path.is_file():
+        for i, image in _iter_movie(path, set(users)):
+            yield users[i], fit_frame(image, width, height)
+    else:
+        raise VideoInputError(f"video input {path} does not exist")
 
 
 def read_frames(
     spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
 ) -> dict[int, np.ndarray]:
     """RGB uint8 frames (height, width, 3) of ``spec`` for the 0-based output ``frame_ids``."""
-    path = Path(os.path.expanduser(spec.path))
-    mapping = source_indices(spec, frame_ids)
-    wanted = set(mapping.values())
-    if path.is_dir():
-        files = list_image_files(path)
-        if not files:
-            raise VideoInputError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-        if max(wanted) >= len(files):
-            raise VideoInputError(
-                f"folder {path} has {len(files)} images; image index {max(wanted)} is needed"
-            )
-        source = {i: _read_image(files[i]) for i in wanted}
-    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-        source = dict.fromkeys(wanted, _read_image(path))  # one still image for every frame
-    elif path.is_file():
-        source = _read_movie(path, wanted)
-    else:
-        raise VideoInputError(f"video input {path} does not exist")
-    return {f: fit_frame(source[i], width, height) for f, i in mapping.items()}
+    frames = {f: image for fs, image in iter_frames(spec, frame_ids, width, height) for f in fs}
+    return {f: frames[f] for f in frame_ids}
+
+
+class FrameStore(Mapping[int, np.ndarray]):
+    """Frames of one input at the job's size, spooled to a temporary file and read back per
+    access, so a job holds one chunk of them in memory whatever the video length.
+
+    The file is unlinked as it is made (POSIX; deleted on close elsewhere) and closes with
+    the store: nothing is left behind. Reading a chunk back is a copy from the OS page
+    cache, about a millisecond for eight 512x512 frames.
+    """
+
+    def __init__(self, width: int, height: int):
+        self.shape = (height, width, 3)
+        self._bytes = height * width * 3
+        # Closed by close(), by ``with store:``, or when the store is dropped.
+        self._file = tempfile.TemporaryFile(prefix="t2vz-frames-")  # noqa: SIM115
+        self._slots: dict[int, int] = {}  # output frame -> slot in the file
+        self._count = 0
+
+    def add(self, frame_ids: Sequence[int], image: np.ndarray) -> None:
+        """Store ``image`` (height, width, 3) uint8 as the frame of every one of ``frame_ids``."""
+        if image.shape != self.shape or image.dtype != np.uint8:
+            raise ValueError(f"frame must be uint8 {self.shape}, got {image.dtype} {image.shape}")
+        self._file.seek(self._count * self._bytes)
+        self._file.write(np.ascontiguousarray(image).tobytes())
+        self._slots.update(dict.fromkeys(frame_ids, self._count))
+        self._count += 1
+
+    def __getitem__(self, frame: int) -> np.ndarray:
+        out = np.empty(self.shape, np.uint8)
+        self._file.seek(self._slots[frame] * self._bytes)
+        if self._file.readinto(out.reshape(-1).data) != self._bytes:
+            raise OSError("a spooled frame was cut short")
+        return out
+
+    def __contains__(self, frame: object) -> bool:
+        return frame in self._slots  # without reading the frame
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._slots)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def close(self) -> None:
+        """Close (and so delete) the spool file."""
+        self._file.close()
+
+    def __enter__(self) -> FrameStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def store_frames(spec: VideoInput, frame_ids: Sequence[int], width: int, height: int) -> FrameStore:
+    """``iter_frames`` of ``spec`` spooled into a FrameStore (each source frame once)."""
+    store = FrameStore(width, height)
+    try:
+        for fs, image in iter_frames(spec, frame_ids, width, height):
+            store.add(fs, image)
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def read_masks(

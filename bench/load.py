@@ -6,7 +6,9 @@ alternating the two cases ``--repeats`` times: "without" forces ``low_cpu_mem_us
 (what the backend did before accelerate was a dependency: random initialisation of every
 module, then a second copy of the weights), "with" loads the weights into empty modules.
 Each child reports the wall time of the load and the peak resident memory above the
-process's memory before it (imports done: a worker pays them once), sampled every 10 ms.
+process's memory before it (imports done: a worker pays them once), sampled every 10 ms;
+"weights read" adds reading every weight once (safetensors are memory-mapped, so a load
+can return before the weights are read; the first denoising step reads them).
 
     python -m bench.load --model sd15 --repeats 2
 """
@@ -43,7 +45,7 @@ def child(spec: dict) -> dict:
     import torch
 
     import backend.models as models
-    from bench.measure import MIB, PeakMemory, peak_rss
+    from bench.measure import MIB, PeakMemory, current_rss, peak_rss
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -61,15 +63,21 @@ def child(spec: dict) -> dict:
         started = time.perf_counter()
         base = models.load_base_model(spec["folder"], device=device, dtype=torch.float32)
         seconds = time.perf_counter() - started
-    params = sum(
-        p.numel() for m in (base.unet, base.vae, base.text_encoder) for p in m.parameters()
-    )
+        loaded_mib = (current_rss() - memory.start) / MIB
+        # Safetensors are memory-mapped: a load can return before the weights are read.
+        # Read every weight once, as the first denoising step would.
+        weights = [p for m in (base.unet, base.vae, base.text_encoder) for p in m.parameters()]
+        for p in weights:
+            p.sum()
+        ready = time.perf_counter() - started
     return {
         "seconds": seconds,
+        "ready_seconds": ready,
+        "loaded_mib": loaded_mib,
         "growth_mib": memory.growth / MIB,
         "peak_mib": memory.peak / MIB,
         "process_peak_mib": peak_rss() / MIB,
-        "weights_mib": params * 4 / MIB,
+        "weights_mib": sum(p.numel() * p.element_size() for p in weights) / MIB,
     }
 
 
@@ -115,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                 row = spawn(case, folder, args.threads)
                 rows[case].append(row)
                 print(
-                    f"  {case:<8} accelerate: load {row['seconds']:7.2f} s, growth "
+                    f"  {case:<8} accelerate: load {row['seconds']:6.2f} s "
+                    f"(+{row['loaded_mib']:.0f} MiB), weights read {row['ready_seconds']:6.2f} s, "
+                    "growth "
                     f"{row['growth_mib']:8.1f} MiB, process peak {row['process_peak_mib']:8.1f} "
                     f"MiB (weights {row['weights_mib']:.1f} MiB)",
                     flush=True,
@@ -126,19 +136,23 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: dict[str, list[dict]]) -> int:
     """Median per case and the with / without ratios."""
     med = {
-        case: {k: statistics.median(r[k] for r in rows[case]) for k in ("seconds", "growth_mib")}
+        case: {
+            k: statistics.median(r[k] for r in rows[case])
+            for k in ("seconds", "ready_seconds", "growth_mib")
+        }
         for case in CASES
     }
     for case in CASES:
         print(
-            f"  median {case:<8}: load {med[case]['seconds']:7.2f} s, "
+            f"  median {case:<8}: load {med[case]['seconds']:7.2f} s, weights read "
+            f"{med[case]['ready_seconds']:7.2f} s, "
             f"growth {med[case]['growth_mib']:8.1f} MiB"
         )
+    for key, label in (("seconds", "load time"), ("ready_seconds", "weights read")):
+        ratio = med["with"][key] / med["without"][key]
+        print(f"  {label:<12} with / without accelerate: {ratio:.3f}")
     print(
-        f"  load time   with / without accelerate: {med['with']['seconds'] / med['without']['seconds']:.3f}"
-    )
-    print(
-        f"  peak memory with / without accelerate: "
+        f"  {'peak memory':<12} with / without accelerate: "
         f"{med['with']['growth_mib'] / med['without']['growth_mib']:.3f}"
     )
     return 0

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import backend.runner as runner
-from backend.engine import Cancelled
+from backend.controls import load_control_frames
+from backend.engine import Cancelled, ControlInput, TextToVideoZero
 from backend.models import ModelCache, choose_dtype
 from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, validate_job
 from backend.runner import JobEvents, run_job
-from backend.video_io import OutputExistsError, h264_available, write_png
+from backend.video_io import OutputExistsError, h264_available, read_frames, read_masks, write_png
 
 
 def make_job(out: Path, **fields: Any):
@@ -429,3 +430,71 @@ def test_a_step_count_beyond_the_models_schedule_is_a_clear_error(tiny_base: Any
     assert engine(num_inference_steps=19, **small).shape[0] == 1
     with pytest.raises(ValueError, match="num_inference_steps must be at most 19.*got 20"):
         engine(num_inference_steps=20, **small)
+
+
+def moving_video(folder: Path, frames: int) -> Path:
+    """PNG frames of a white square moving right on grey, 80x48 (fitted to 64x64 on read)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(frames):
+        image = np.full((48, 80, 3), 60, np.uint8)
+        image[10:34, 8 + 8 * i : 32 + 8 * i] = 255
+        write_png(folder / f"v{i:02d}.png", image)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["controlnet", "pix2pix"])
+def test_streamed_inputs_give_the_in_memory_result_at_any_chunk_size(
+    tmp_path: Path,
+    cache: ModelCache,
+    tiny_base: Any,
+    tiny_pix2pix: Any,
+    tiny_controlnet: Any,
+    mode: str,
+) -> None:
+    """Control / source frames and masks read back per chunk from their spool files give the
+    latents of the engine run on every frame held in memory, chunked or not."""
+    video = moving_video(tmp_path / "video", 5)
+    source = {"path": str(video), "stride": 0.5}  # frames 0/1 and 2/3 share a source frame
+    fields: dict[str, Any] = {"frames": 5, "smooth_bg": True, "masks": source}
+    if mode == "controlnet":
+        fields["controlnets"] = [
+            {"model": "builtin:tiny-controlnet", "control": source, "detector": "canny"}
+        ]
+    else:
+        fields.update(model="builtin:tiny-pix2pix", video=source)
+    jobs = {c: make_job(tmp_path / f"c{c}", mode=mode, chunk_size=c, **fields) for c in (2, 5)}
+    for job in jobs.values():
+        run_job(job, cache)
+    streamed = {c: latents(tmp_path / f"c{c}") for c in jobs}
+    np.testing.assert_allclose(streamed[2], streamed[5], rtol=1e-5, atol=1e-4)
+
+    job = jobs[5]
+    frames = list(range(5))
+    to_tensor = lambda img: torch.from_numpy(img).permute(2, 0, 1)  # noqa: E731
+    masks = {f: torch.from_numpy(m)[None] for f, m in read_masks(job.masks, frames, 64, 64).items()}
+    controls, image, base = [], None, tiny_base
+    if mode == "controlnet":
+        held = load_control_frames(job.controlnets[0], frames, 64, 64)
+        controls = [ControlInput(tiny_controlnet, {f: to_tensor(i) for f, i in held.items()})]
+    else:
+        image = {f: to_tensor(i) for f, i in read_frames(job.video, frames, 64, 64).items()}
+        base = tiny_pix2pix
+    engine = TextToVideoZero(base, [tiny_controlnet] if controls else [])
+    held_latents = engine(
+        prompt=job.prompt,
+        num_frames=5,
+        height=64,
+        width=64,
+        num_inference_steps=job.steps,
+        guidance_scale=job.guidance,
+        seed=job.seed,
+        chunk_size=5,
+        motion=tuple(job.effective_motion),
+        motion_dynamics=False,
+        smooth_bg=True,
+        masks=masks,
+        controls=controls,
+        image=image,
+        image_guidance_scale=job.image_guidance,
+    )
+    np.testing.assert_allclose(streamed[5], held_latents.numpy(), rtol=1e-5, atol=1e-4)

@@ -11,19 +11,23 @@ import cv2
 import numpy as np
 import pytest
 
+import backend.video_io as video_io
 from backend.protocol import VideoInput
 from backend.video_io import (
+    FrameStore,
     Mp4Writer,
     OutputExistsError,
     VideoInputError,
     fit_frame,
     frame_name,
     h264_available,
+    iter_frames,
     list_image_files,
     read_frames,
     read_masks,
     source_indices,
     staged_output,
+    store_frames,
     write_mp4,
     write_png,
 )
@@ -317,3 +321,31 @@ def test_staged_output_keeps_a_folder_that_appeared_meanwhile(tmp_path: Path) ->
         (out / "theirs.txt").write_text("other job")
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result"]
+
+
+def test_frames_are_read_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only one source frame is decoded per step of the iteration: never the whole video."""
+    folder = gray_sequence(tmp_path / "seq", 6)
+    reads: list[Path] = []
+    real_read = video_io._read_image
+    monkeypatch.setattr(video_io, "_read_image", lambda path: reads.append(path) or real_read(path))
+    frames = iter_frames(VideoInput(str(folder), stride=0.5), range(6), 16, 16)
+    users, image = next(frames)
+    assert len(reads) == 1 and users == [0, 1] and image.shape == (16, 16, 3)
+    assert [users for users, _ in frames] == [[2, 3], [4, 5]]
+    assert len(reads) == 3  # each source frame once, though two output frames show it
+
+
+def test_frame_store_reads_back_what_read_frames_gives(tmp_path: Path) -> None:
+    folder = gray_sequence(tmp_path / "seq", 5, w=40, h=24)
+    spec = VideoInput(str(folder), start=1, stride=0.5)
+    held = read_frames(spec, [0, 1, 2, 5], 32, 16)
+    with store_frames(spec, [0, 1, 2, 5], 32, 16) as store:
+        assert sorted(store) == [0, 1, 2, 5] and 3 not in store and len(store) == 4
+        for f, image in held.items():
+            np.testing.assert_array_equal(store[f], image)
+        assert store[1] is not store[1]  # a fresh array per access: nothing kept in memory
+        size = store._file.seek(0, 2)
+        assert size == 3 * 32 * 16 * 3  # source frames 1, 2 and 3, each written once
+    with pytest.raises(ValueError, match="uint8"):
+        FrameStore(8, 8).add([0], np.zeros((8, 8, 3), np.float32))
