@@ -502,12 +502,32 @@ class TextToVideoZero:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode (frames, 4, h, w) latents to (frames, H, W, 3) uint8 RGB on the CPU."""
+        """Decode (frames, 4, h, w) latents to (frames, H, W, 3) uint8 RGB on the CPU.
+
+        A float16 VAE decodes in float32 when its config asks for it (``force_upcast``) or
+        when its float16 output holds a NaN or inf (SD 1.5's VAE can overflow: black frames).
+        """
         vae = self.base.vae
-        x = latents.to(self.device, self.dtype) / vae.config.scaling_factor
-        images = vae.decode(x, return_dict=False)[0]  # (frames, 3, H, W) in [-1, 1]
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255)
+        x = latents.to(self.device) / vae.config.scaling_factor
+        half = vae.dtype == torch.float16
+        if half and getattr(vae.config, "force_upcast", False):
+            images = _decode_in_float32(vae, x)
+        else:
+            images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
+            if half and not torch.isfinite(images).all():
+                log.warning("the VAE overflowed in float16 (NaN/inf); decoding in float32")
+                images = _decode_in_float32(vae, x)
+        images = ((images.float() + 1) * 127.5).round().clamp(0, 255)  # from [-1, 1]
         return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _decode_in_float32(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(frames, 3, H, W) float32 images from a float16 VAE upcast for this call only."""
+    vae.float()  # float()/half(), not to(dtype): diffusers warns on every to(dtype)
+    try:
+        return vae.decode(x.float(), return_dict=False)[0]
+    finally:
+        vae.half()
 
 
 _SCHEDULERS: dict[str, object] = {}  # scheduler config (JSON) -> unused DDIM scheduler

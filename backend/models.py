@@ -23,6 +23,19 @@ from .tiny import BUILTIN_PREFIX, ensure_builtin
 
 log = logging.getLogger(__name__)
 
+# Stable Diffusion 1.x's noise schedule: the DDIM configuration of a model that ships none
+# (DDIMScheduler's own defaults, linear betas and clip_sample on, ruin SD 1.x output).
+SD1X_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+}
+
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 # Where pickled weights are allowed: never by a job file's own allow_pickle field.
@@ -348,8 +361,13 @@ def _scheduler_config(location: str, kind: str) -> dict:
             location, subfolder="scheduler", local_files_only=kind == "folder"
         )
     except (OSError, ValueError):
-        log.warning("%s has no scheduler config; using Stable Diffusion 1.x defaults", location)
-        config = {}
+        log.warning(
+            "%s has no scheduler/ config; using Stable Diffusion 1.x's DDIM configuration "
+            "(scaled_linear betas 0.00085..0.012, steps_offset 1, clip_sample off, "
+            "set_alpha_to_one off)",
+            location,
+        )
+        config = SD1X_SCHEDULER
     return dict(config)
 
 

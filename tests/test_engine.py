@@ -813,3 +813,54 @@ def test_decode_matches_diffusers_decoding(engine: TextToVideoZero, tiny_base: A
     expected = (theirs * 255).round().astype(int)
     assert abs(ours - expected).max() <= 1  # rounding of the last bit only
     assert expected.std() > 10  # not saturated: a decode without the scaling factor differs
+
+
+# --------------------------------------------------------------------------- fp16 decode
+
+
+def overflowing_vae(tiny_base: Any) -> torch.nn.Module:
+    """The tiny VAE with its decoder input scaled 1e5: fine in float32 (GroupNorm follows),
+    inf/NaN in float16 (above 65504), like SD 1.5's VAE on some latents."""
+    import copy
+
+    vae = copy.deepcopy(tiny_base.vae)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.mul_(1e5)
+        vae.decoder.conv_in.bias.mul_(1e5)
+    return vae
+
+
+def test_float16_vae_decodes_in_float32_on_overflow_or_when_asked(
+    tiny_base: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import copy
+    from dataclasses import replace
+
+    latents = torch.randn(2, 4, LATENT, LATENT, generator=torch.Generator().manual_seed(3))
+    vae32 = overflowing_vae(tiny_base)
+    vae16 = copy.deepcopy(vae32).half()
+    scaled = latents / vae16.config.scaling_factor
+    with torch.no_grad():  # the overflow is real: a plain float16 decode is not finite
+        assert not torch.isfinite(vae16.decode(scaled.half()).sample).all()
+    vae16.register_to_config(force_upcast=False)
+    expected = TextToVideoZero(replace(tiny_base, vae=vae32)).decode(latents)
+    engine16 = TextToVideoZero(replace(tiny_base, vae=vae16, dtype=torch.float16))
+    with caplog.at_level("WARNING", logger="backend.engine"):
+        frames = engine16.decode(latents)
+    assert any("overflowed in float16" in r.getMessage() for r in caplog.records)
+    assert vae16.dtype == torch.float16  # upcast only for the call
+    # float16-rounded weights decoded in float32: within a few 8-bit levels of float32's.
+    assert (frames.int() - expected.int()).abs().max() <= 3
+
+    dtypes: list[torch.dtype] = []
+    real_decode = vae16.decode
+
+    def spy(x, *args, **kwargs):
+        dtypes.append(x.dtype)
+        return real_decode(x, *args, **kwargs)
+
+    vae16.decode = spy
+    vae16.register_to_config(force_upcast=True)
+    caplog.clear()
+    assert torch.equal(engine16.decode(latents), frames)
+    assert dtypes == [torch.float32] and not caplog.records  # asked: no float16 attempt

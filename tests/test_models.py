@@ -75,6 +75,30 @@ def test_folder_loads_onto_device_in_eval_mode(tiny_base: Any, tiny_models: dict
     assert tiny_base.scheduler_config["_class_name"] == "DDIMScheduler"
 
 
+def test_a_folder_without_scheduler_gets_sd1x_ddim_and_says_so(
+    tiny_models: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DDIMScheduler's own defaults (linear betas, clip_sample on, no offset) ruin SD 1.x."""
+    import backend.engine as engine_module
+
+    folder = tmp_path / "no-scheduler"
+    shutil.copytree(tiny_models["tiny"], folder)
+    shutil.rmtree(folder / "scheduler")
+    with caplog.at_level("WARNING", logger="backend.models"):
+        base = load_base_model(str(folder))
+    assert any("no scheduler/ config" in r.getMessage() for r in caplog.records)
+    scheduler = engine_module._ddim(base.scheduler_config)
+    config = scheduler.config
+    assert (config.beta_schedule, config.steps_offset) == ("scaled_linear", 1)
+    assert not config.clip_sample and not config.set_alpha_to_one
+    # SD 1.x's schedule, computed independently: betas linear in sqrt from 0.00085 to 0.012.
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    expected = torch.cumprod(1 - betas, 0).float()
+    torch.testing.assert_close(scheduler.alphas_cumprod, expected)
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps[0] == 981 and scheduler.timesteps[-1] == 1  # steps_offset 1
+
+
 def test_folder_in_another_dtype(tiny_models: dict) -> None:
     base = load_base_model(str(tiny_models["tiny"]), dtype=torch.bfloat16)
     assert base.unet.dtype == torch.bfloat16 and base.vae.dtype == torch.bfloat16
