@@ -359,12 +359,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    """Unwind like an error (exit status 128 + signal), so partial output is removed."""
+    sys.exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m backend``."""
+    """Entry point of ``python -m backend``: Ctrl-C ends it with status 130, no traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # the job's staging folder is gone already (staged_output)
+        print("\ninterrupted: no result written", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM (a render farm or the add-on stopping us) unwinds like an error, so a running
-    # job removes its partial output instead of leaving it behind.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM (a render farm or the add-on stopping us) and SIGHUP (the terminal closed)
+    # unwind like an error, so a running job removes its partial output.
+    for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _exit_on_signal)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

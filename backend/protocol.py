@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import reprlib
+import shutil
+import socket
+import uuid
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -672,3 +678,89 @@ def decode_message(line: str | bytes) -> dict[str, Any]:
     ):
         raise ValueError(f"message id must be a string, got {shown(message_id)}")
     return message
+
+
+# --------------------------------------------------------------------------- staging folders
+
+# A result NAME is written into ".NAME.partial-HOST-PID-TOKEN" beside it and renamed when it
+# is complete. HOST and PID name the writing process, so a folder left by a process that was
+# killed (SIGKILL, the OOM killer, a power cut) can be told from one still being written and
+# swept; folders of other machines (a shared render folder) are never touched.
+_PARTIAL = re.compile(
+    r"^\.(?P<name>.+)\.partial-(?P<host>\w*)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$"
+)
+
+
+def host_tag() -> str:
+    """This machine's name as it appears in staging folder names (letters, digits, _)."""
+    return re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:32]
+
+
+def partial_name(out_name: str, pid: int | None = None) -> str:
+    """The staging folder name for result ``out_name`` written by process ``pid`` (this one)."""
+    pid = os.getpid() if pid is None else pid
+    return f".{out_name}.partial-{host_tag()}-{pid}-{uuid.uuid4().hex[:8]}"
+
+
+def partial_owner(folder_name: str) -> tuple[str, int] | None:
+    """(host, pid) of the process writing a staging folder; None for any other name."""
+    match = _PARTIAL.match(folder_name)
+    return (match["host"], int(match["pid"])) if match else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when process ``pid`` runs on this machine (when in doubt: True, keep the folder)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+        return _windows_pid_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: it exists
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Staging folders in ``folder`` left by processes of this machine that are gone."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    host = host_tag()
+    stale = []
+    for entry in entries:
+        owner = partial_owner(entry.name)
+        if owner is None or owner[0] != host or not entry.is_dir(follow_symlinks=False):
+            continue
+        if owner[1] != os.getpid() and not pid_alive(owner[1]):
+            stale.append(Path(entry.path))
+    return sorted(stale)
+
+
+def sweep_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Delete the stale staging folders in ``folder``; return those that are gone now."""
+    removed = []
+    for path in stale_partials(folder):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed

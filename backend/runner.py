@@ -31,7 +31,9 @@ from .video_io import (
     frame_name,
     staged_output,
     store_frames,
+    write_file,
     write_png,
+    writing,
 )
 
 log = logging.getLogger(__name__)
@@ -259,12 +261,13 @@ def run_job(
         if movie is not None:
             movie.close()
         if job.save_latents:
-            np.save(staging / "latents.npy", latents.numpy().astype(np.float32))
+            with writing(staging / "latents.npy"):
+                np.save(staging / "latents.npy", latents.numpy().astype(np.float32))
         resolved = job.to_dict()
         resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
         resolved["out"] = str(out)
         resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
-        (staging / "job.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        write_file(staging / "job.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
         seconds = time.perf_counter() - started
         run_info = {
             "backend": __version__,
@@ -275,5 +278,5 @@ def run_job(
             "python": platform.python_version(),
             "seconds": round(seconds, 3),
         }
-        (staging / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+        write_file(staging / "run.json", json.dumps(run_info, indent=2, sort_keys=True).encode())
     return JobResult(str(out), [str(out / n) for n in written], seconds, run_info)

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
@@ -23,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .protocol import VideoInput
+from .protocol import VideoInput, partial_name, sweep_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -228,10 +227,29 @@ def read_masks(
     return {f: image.mean(axis=2, dtype=np.float32) / 255.0 for f, image in frames.items()}
 
 
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn an OSError of the block into one naming ``path`` and the cause (a full disk:
+    "No space left on device"); a write error alone names neither."""
+    try:
+        yield
+    except OSError as exc:
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        raise OSError(exc.errno, f"cannot write {path}: {cause}") from exc
+
+
+def write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``; an OSError names the path and the cause."""
+    with writing(path), open(path, "wb") as f:
+        f.write(data)
+
+
 def write_png(path: Path, image: np.ndarray) -> None:
-    """Write an RGB uint8 image as PNG."""
-    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR)):
-        raise OSError(f"cannot write {path}")
+    """Write an RGB uint8 image as PNG (encoded here, so a failed write says why)."""
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"cannot encode a PNG for {path}")
+    write_file(path, encoded.tobytes())
 
 
 def _h264_stream(container, fps: float, width: int, height: int):
@@ -349,7 +367,9 @@ def staged_output(out: Path) -> Iterator[Path]:
     if out.exists():
         raise OutputExistsError(f"output folder {out} already exists; results never overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    for stale in sweep_stale_partials(out.parent):
+        log.info("removed %s: a partial result of a process that is gone", stale)
+    staging = out.parent / partial_name(out.name)
     staging.mkdir()
     try:
         yield staging

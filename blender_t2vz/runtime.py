@@ -93,6 +93,20 @@ def remove_tree(path: Path | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def sweep_partials(out: str | Path | None) -> list[Path]:
+    """Remove the staging folders beside ``out`` left by backend processes that are gone
+    (killed by the OOM killer, SIGKILL, a crash); folders of running processes stay."""
+    if not out:
+        return []
+    try:
+        removed = backend_paths.load_protocol().sweep_stale_partials(Path(out).parent)
+    except (OSError, backend_paths.BackendNotFoundError):
+        return []
+    for path in removed:
+        print(f"T2VZ: removed {path}, left by a backend process that is gone", file=sys.stderr)
+    return removed
+
+
 class Runner:
     """Owns the worker process and the one job in flight."""
 
@@ -161,6 +175,7 @@ class Runner:
         if self.busy:
             raise RunnerBusyError("a job is already running: cancel it first")
         job_id = uuid.uuid4().hex[:12]
+        sweep_partials(job.get("out"))
         client = self.ensure_worker(python, env)
         try:
             client.generate(job_id, job, allow_pickle=allow_pickle)
@@ -325,6 +340,7 @@ class Runner:
         if self.job is not None:
             cancelled = self.job.cancel_at is not None
             remove_tree(self.job.staging)
+            sweep_partials(self.job.job.get("out"))  # the worker died while writing it
             self._finish("INFO" if cancelled else "ERROR", "Cancelled" if cancelled else text)
         else:
             status.message = text

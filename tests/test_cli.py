@@ -237,6 +237,58 @@ def test_only_the_flag_allows_pickle_never_the_job_file(
     assert calls == [False, True]
 
 
+@pytest.mark.parametrize(
+    ("signame", "code", "said"), [("SIGINT", 130, "interrupted"), ("SIGHUP", 129, "")]
+)
+def test_ctrl_c_and_a_closed_terminal_leave_nothing_and_no_traceback(
+    backend_env: dict, tiny_models: dict, tmp_path: Path, signame: str, code: int, said: str
+) -> None:
+    """Ctrl-C printed a traceback; SIGHUP (closing the terminal) left a partial folder."""
+    import signal
+    import sys
+    import time
+
+    results = tmp_path / "results"
+    args = ["--model", "builtin:tiny", "--frames", "8", "--steps", "50", "--no-mp4"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "backend", "generate", *SMALL, *args, "--prompt", "x"]
+        + ["--out", str(results / "out")],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=backend_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not list(results.glob(".out.partial-*")):  # denoising has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signame))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and said in stderr
+    assert list(results.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_is_one_line_naming_the_cause_and_the_path(
+    tiny_models: dict,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from test_runner import _full_disk_for_pngs
+
+    _full_disk_for_pngs(monkeypatch)
+    out = tmp_path / "out"
+    argv = ["generate", *SMALL, "--model", "builtin:tiny", "--frames", "1", "--no-mp4"]
+    assert main([*argv, "--prompt", "x", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: OSError: ") and "No space left on device" in err
+    assert str(tmp_path) in err and "frame_00001.png" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- arguments
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,13 @@ from backend.protocol import (
     VideoInput,
     decode_message,
     encode_message,
+    host_tag,
+    partial_name,
+    partial_owner,
+    pid_alive,
     resolve_t0_t1,
+    stale_partials,
+    sweep_stale_partials,
     validate_job,
 )
 
@@ -305,6 +312,56 @@ def test_prompts_have_a_documented_length_limit(field: str) -> None:
     text = _error_text(**{field: "a" * (MAX_PROMPT_CHARS + 1)})
     assert text.startswith(f"{field}: must be at most {MAX_PROMPT_CHARS} characters, got ")
     assert str(MAX_PROMPT_CHARS + 1) in text and len(text) < 300
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(proc.stdout)
+
+
+def test_staging_folder_names_carry_host_and_pid() -> None:
+    name = partial_name("shot 1.partial-x", pid=4242)
+    assert name.startswith(".shot 1.partial-x.partial-")
+    assert partial_owner(name) == (host_tag(), 4242)
+    assert partial_owner(partial_name("a")) == (host_tag(), os.getpid())
+    for other in (".a.partial-1234abcd", "a.partial-h-12-1234abcd", ".a.partial-h-x-1234abcd"):
+        assert partial_owner(other) is None
+
+
+def test_liveness_of_processes() -> None:
+    assert pid_alive(os.getpid()) and pid_alive(os.getppid())
+    assert not pid_alive(_dead_pid())
+
+
+def test_only_stale_staging_folders_of_this_machine_are_swept(tmp_path: Path) -> None:
+    """Folders of killed processes (SIGKILL, the OOM killer) stayed forever."""
+    dead = _dead_pid()
+    stale = tmp_path / partial_name("shot", pid=dead)
+    live = tmp_path / partial_name("shot", pid=os.getppid())
+    mine = tmp_path / partial_name("other")
+    elsewhere = tmp_path / f".shot.partial-another_host-{dead}-0123abcd"
+    legacy = tmp_path / ".shot.partial-0123abcd"  # no owner recorded: never guessed at
+    result = tmp_path / "shot"
+    for folder in (stale, live, mine, elsewhere, legacy, result):
+        folder.mkdir()
+        (folder / "frame_00001.png").write_bytes(b"x")
+    not_a_folder = tmp_path / partial_name("file", pid=dead)
+    not_a_folder.write_bytes(b"x")
+    assert stale_partials(tmp_path) == [stale]
+    assert sweep_stale_partials(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (live, mine, elsewhere, legacy, result, not_a_folder)
+    )
+    assert stale_partials(tmp_path / "missing") == []
 
 
 def test_encode_refuses_unknown_types() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -315,6 +316,56 @@ def test_a_jobs_allow_pickle_field_alone_never_loads_pickled_weights(
     assert saved["allow_pickle"] is True
     run_job(make_job(tmp_path / "plain", frames=1, steps=2, allow_pickle=True), cache)
     assert json.loads((tmp_path / "plain" / "job.json").read_text())["allow_pickle"] is False
+
+
+def _full_disk_for_pngs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNG files written by the backend land on /dev/full: the kernel answers ENOSPC."""
+    import builtins
+
+    import backend.video_io as video_io
+
+    def open_full(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if str(path).endswith(".png") and "w" in mode:
+            return builtins.open("/dev/full", mode, *args, **kwargs)
+        return builtins.open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(video_io, "open", open_full, raising=False)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_names_the_cause_and_the_path(
+    tmp_path: Path, cache: ModelCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """cv2.imwrite said only "cannot write" (or nothing at all); now: No space left, where."""
+    _full_disk_for_pngs(monkeypatch)
+    with pytest.raises(OSError) as info:
+        run_job(make_job(tmp_path / "out", frames=1, steps=2), cache)
+    text = str(info.value)
+    assert "No space left on device" in text and "frame_00001.png" in text
+    assert str(tmp_path) in text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_staging_folders_are_swept_before_writing(tmp_path: Path, cache: ModelCache) -> None:
+    """A job writing into a folder removes partial results of killed processes there."""
+    import subprocess
+    import sys
+
+    from backend.protocol import partial_name
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stale = tmp_path / partial_name("killed", pid=int(done.stdout))
+    running = tmp_path / partial_name("running", pid=os.getppid())
+    for folder in (stale, running):
+        folder.mkdir()
+        (folder / "frame_00001.png").write_bytes(b"half")
+    run_job(make_job(tmp_path / "out", frames=1, steps=2), cache)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, "out"])
 
 
 # --------------------------------------------------------------------------- boundaries

@@ -356,8 +356,14 @@ def test_shutdown_and_eof_still_work_after_a_hostile_line(
         w.close()
 
 
-def test_sigterm_mid_job_leaves_no_partial_output(backend_env: dict, tmp_path: Path) -> None:
-    """A worker stopped with SIGTERM while denoising removes its staging folder."""
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_sigterm_mid_job_leaves_no_partial_output(
+    backend_env: dict, tmp_path: Path, signame: str
+) -> None:
+    """A worker stopped with SIGTERM or SIGHUP (SIGHUP: failed before, the folder stayed)
+    while denoising removes its staging folder."""
+    import signal
+
     w = WorkerProcess(backend_env, tmp_path / "stderr.txt")
     results = tmp_path / "results"
     results.mkdir()
@@ -366,8 +372,8 @@ def test_sigterm_mid_job_leaves_no_partial_output(backend_env: dict, tmp_path: P
         w.send("generate", id="t", job=job(results / "out", frames=8, steps=50))
         assert w.next()["type"] == "accepted"
         assert w.next()["type"] == "progress"  # denoising has begun: a staging folder exists
-        w.proc.terminate()
-        assert w.proc.wait(timeout=60) != 0
+        w.proc.send_signal(getattr(signal, signame))
+        assert w.proc.wait(timeout=60) == 128 + getattr(signal, signame)
     finally:
         w.close()
     assert list(results.iterdir()) == []
