@@ -105,6 +105,9 @@ class VideoInput:
     # Source frames per output frame: 1.0 reads every frame, 2.0 every other one
     # (a 48 fps source on a 24 fps timeline), 0.5 repeats each frame.
     stride: float = 1.0
+    # The source frame index of each output frame, replacing start and stride: what a
+    # retimed sequencer strip shows (Blender rounds, start + stride floors).
+    indices: list[int] | None = None
 
 
 @dataclass
@@ -193,7 +196,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """The job as a plain JSON-ready dict."""
-        return asdict(self)
+        return asdict(self, dict_factory=_dict_without_unset_indices)
 
     def to_json(self) -> str:
         """The job as pretty JSON text."""
@@ -213,6 +216,11 @@ class Job:
             return list(range(self.frames))
         first, last = self.frame_range
         return list(range(first - 1, last))
+
+
+def _dict_without_unset_indices(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A dataclass as a dict, leaving out a VideoInput's ``indices`` when it has none."""
+    return {key: value for key, value in items if not (key == "indices" and value is None)}
 
 
 # --------------------------------------------------------------------------- checks
@@ -310,17 +318,26 @@ def _no_unknown(name: str, data: dict, cls: type) -> None:
 
 
 def _video(name: str, value: Any) -> VideoInput:
-    """A VideoInput from a path string or a {path, start, stride} object."""
+    """A VideoInput from a path string or a {path, start, stride, indices} object."""
     if isinstance(value, str):
         value = {"path": value}
     _check_type(name, value, dict)
     _no_unknown(name, value, VideoInput)
     if "path" not in value:
         raise JobError(f"{name}.path", "is required")
+    indices = value.get("indices")
+    if indices is not None:
+        _check_type(f"{name}.indices", indices, list)
+        if not 1 <= len(indices) <= MAX_FRAMES:
+            raise JobError(
+                f"{name}.indices", f"must list 1 to {MAX_FRAMES} frames, got {len(indices)}"
+            )
+        indices = [_int(f"{name}.indices[{i}]", v, lo=0) for i, v in enumerate(indices)]
     return VideoInput(
         path=_str(f"{name}.path", value["path"], nonempty=True),
         start=_int(f"{name}.start", value.get("start", 0), lo=0),
         stride=_float(f"{name}.stride", value.get("stride", 1.0), lo=1e-3, hi=1000.0),
+        indices=indices,
     )
 
 

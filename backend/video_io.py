@@ -54,7 +54,15 @@ def list_image_files(folder: Path) -> list[Path]:
 
 
 def source_indices(spec: VideoInput, frame_ids: Sequence[int]) -> dict[int, int]:
-    """Source frame index read for each output frame: start + floor(frame * stride)."""
+    """Source frame index read for each output frame: ``indices``, else start + floor(f * stride)."""
+    if spec.indices is not None:
+        beyond = [f for f in frame_ids if f >= len(spec.indices)]
+        if beyond:
+            raise VideoInputError(
+                f"video input {spec.path} lists {len(spec.indices)} frame indices; "
+                f"output frame {beyond[0] + 1} needs one more"
+            )
+        return {f: spec.indices[f] for f in frame_ids}
     return {f: spec.start + math.floor(f * spec.stride + 1e-9) for f in frame_ids}
 
 
@@ -92,6 +100,71 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def _iter_movie(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """The movie's frames at the wanted frame numbers as Blender's sequencer shows them,
+    yielded in order as they are decoded (one pass, front to back).
+
+    Frame n of a movie is the picture on screen at time n / fps: the frame with the latest
+    timestamp at or before ``start_time + round(n * ticks_per_frame)``, which is how
+    Blender seeks (by timestamp). It is the n-th decoded frame when the timestamps are
+    regular; with jittered or late timestamps (variable frame rate recordings) the n-th
+    decoded frame can be one later than the picture on screen. Without PyAV, frames are
+    counted in decoding order with OpenCV.
+    """
+    try:
+        import av
+    except ImportError:
+        yield from _iter_movie_in_order(path, wanted)
+        return
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise VideoInputError(f"cannot open movie {path}: {exc}") from None
+    with container:
+        if not container.streams.video:
+            raise VideoInputError(f"movie {path} has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.guessed_rate or stream.average_rate
+        if rate and stream.time_base is not None:
+            yield from _iter_by_time(container, stream, path, wanted, rate)
+            return
+    yield from _iter_movie_in_order(path, wanted)
+
+
+def _iter_by_time(
+    container, stream, path: Path, wanted: set[int], rate
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Each wanted frame number with the picture shown then, decoding once, front to back."""
+    ticks_per_frame = 1 / (Fraction(rate) * Fraction(stream.time_base))
+    start = stream.start_time or 0
+    # The timestamp Blender looks for, for each frame number (C's round: half away from 0).
+    targets = sorted((start + math.floor(n * ticks_per_frame + Fraction(1, 2)), n) for n in wanted)
+    shown = None  # (end pts, frame) of the latest frame at or before the next target
+    pending = count = 0
+    for frame in container.decode(stream):
+        count += 1
+        if frame.pts is None:
+            continue
+        while pending < len(targets) and targets[pending][0] < frame.pts:
+            earlier = frame if shown is None else shown[1]
+            yield targets[pending][1], earlier.to_ndarray(format="rgb24")
+            pending += 1
+        if pending == len(targets):
+            return
+        shown = (
+            frame.pts + (getattr(frame, "duration", None) or math.ceil(ticks_per_frame)),
+            frame,
+        )
+    # Targets after the last decoded frame: shown while they fall within its duration.
+    while pending < len(targets) and shown is not None and targets[pending][0] < shown[0]:
+        yield targets[pending][1], shown[1].to_ndarray(format="rgb24")
+        pending += 1
+    if pending < len(targets):
+        raise VideoInputError(
+            f"movie {path} has {count} frames; frame index {targets[pending][1]} is needed"
+        )
+
+
+def _iter_movie_in_order(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]]:
     """Decode the movie once, front to back, yielding the wanted frames as they come."""
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():

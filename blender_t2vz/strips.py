@@ -9,6 +9,7 @@ Everything here uses the data API (``new_image``), never ``bpy.ops.sequencer``, 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -64,22 +65,76 @@ def _abspath(strip: Any, path: str) -> Path:
     return Path(bpy.path.abspath(path, library=library)).resolve()
 
 
-def _movie_stride(strip: Any, path: Path) -> float:
-    """Source frames per timeline frame: not 1 when the strip was retimed to the scene's fps."""
+def _source_frames(path: Path) -> int | None:
+    """How many frames Blender finds in a movie file, or None if it cannot read it."""
     try:
         clip = bpy.data.movieclips.load(str(path), check_existing=False)
     except RuntimeError:
-        return 1.0
+        return None
     try:
-        source = clip.frame_duration
+        return int(clip.frame_duration)
     finally:
         bpy.data.movieclips.remove(clip)
-    used = source - strip.animation_offset_start - strip.animation_offset_end
-    content = strip.frame_duration
-    if used < 1 or content < 1:
+
+
+def _playback_rate(strip: Any, content: int) -> float:
+    """Source frames per timeline frame: the movie's fps over the scene's when it plays at
+    its own rate (Add Movie's "Adjust Playback Rate", on by default), else 1.
+
+    The Python API does not expose that setting; its trace is the strip's length, which
+    Blender shortens (or lengthens) to ``content / rate`` frames, truncated.
+    """
+    render = strip.id_data.render
+    scene_fps = render.fps / render.fps_base
+    movie_fps = float(getattr(strip, "fps", 0.0) or 0.0)
+    if content < 1 or movie_fps <= 0.0 or scene_fps <= 0.0:
         return 1.0
-    stride = used / content
-    return 1.0 if abs(stride - 1.0) < 0.01 else stride
+    rate = movie_fps / scene_fps
+    length = int(strip.frame_duration)
+    if length != content and abs(length - content / rate) < 1.0 + 1e-6:
+        return rate
+    return 1.0
+
+
+def movie_indices(strip: Any, source_frames: int) -> list[int]:
+    """The movie frame index the sequencer shows at each visible frame of a movie strip.
+
+    Blender's own mapping, as the strip plays (or renders) from its first visible frame:
+    frames since the strip's start (or before its end, reversed), times the playback rate,
+    held within the strip's content, stepped by its strobe, then rounded (not floored),
+    plus the animation offset at the start; see the comment below for slowed strips.
+    """
+    first = int(strip.animation_offset_start)
+    content = source_frames - first - int(strip.animation_offset_end)
+    if content < 1:
+        raise StripInputError(f"strip {strip.name!r}: its offsets leave no movie frames")
+    rate = _playback_rate(strip, content)
+    strobe = float(getattr(strip, "strobe", 1.0) or 1.0)
+    start = float(strip.frame_start)
+    last = start + int(strip.frame_duration) - 1  # the content's last timeline frame
+    reverse = bool(getattr(strip, "use_reverse_frames", False))
+    out, decoded = [], {}
+    for frame in range(int(strip.frame_final_start), int(strip.frame_final_end)):
+        since = last - frame if reverse else frame - start
+        index = min(max(since, 0.0) * rate, content - 1.0)
+        if strobe > 1.0:
+            index -= math.fmod(index, strobe)
+        # The sequencer decodes frame round(index) and caches it under floor(index): a
+        # slowed-down strip playing forward shows the first frame decoded for each key.
+        shown = decoded.setdefault(math.floor(index), math.floor(index + 0.5))
+        out.append(first + shown)
+    return out
+
+
+def movie_input(path: Path, indices: list[int]) -> dict[str, Any]:
+    """A VideoInput dict for these movie frames: start + stride when they are evenly spaced."""
+    first = indices[0]
+    steps = {b - a for a, b in zip(indices[:-1], indices[1:], strict=True)}
+    if not steps:
+        return {"path": str(path), "start": first, "stride": 1.0}
+    if len(steps) == 1 and (step := steps.pop()) > 0:
+        return {"path": str(path), "start": first, "stride": float(step)}
+    return {"path": str(path), "indices": indices}
 
 
 def _natural_key(name: str) -> list:
@@ -132,9 +187,10 @@ def _image_sequence(strip: Any, staging: Path) -> dict[str, Any]:
 def video_input(strip: Any, staging: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
     """A VideoInput dict for the strip's visible frames, and how many frames that is.
 
-    Honours the strip's handles (frame offsets), its animation offsets and a playback rate
-    that differs from the scene's (a 48 fps movie retimed onto a 24 fps timeline reads every
-    other source frame). ``staging`` is a folder the add-on owns, used only when an image
+    Honours the strip's handles (frame offsets), its animation offsets, reversal, strobe
+    and a playback rate that differs from the scene's (a 48 fps movie retimed onto a 24 fps
+    timeline reads every other source frame): movie frames are those the sequencer shows
+    (``movie_indices``). ``staging`` is a folder the add-on owns, used only when an image
     sequence must be re-laid out.
     """
     if not is_video_strip(strip):
@@ -145,15 +201,19 @@ def video_input(strip: Any, staging: str | os.PathLike[str]) -> tuple[dict[str, 
         raise StripInputError(f"strip {strip.name!r} shows no frames")
     if strip.type == "IMAGE":
         return _image_sequence(strip, Path(staging)), frames
-    if getattr(strip, "use_reverse_frames", False):
-        raise StripInputError(f"strip {strip.name!r}: reversed movie strips are not supported")
+    if len(getattr(strip, "retiming_keys", ())):
+        raise StripInputError(
+            f"strip {strip.name!r} has retiming keys, which the add-on cannot follow: "
+            "reset its retiming, or render the strip to a movie and use that"
+        )
     path = _abspath(strip, strip.filepath)
     if not path.is_file():
         raise StripInputError(f"strip {strip.name!r}: movie file not found: {path}")
-    stride = _movie_stride(strip, path)
-    skipped = int(strip.frame_final_start - int(strip.frame_start))
-    start = int(strip.animation_offset_start) + int(round(skipped * stride))
-    return {"path": str(path), "start": start, "stride": stride}, frames
+    source_frames = _source_frames(path)
+    if source_frames is None:
+        raise StripInputError(f"strip {strip.name!r}: Blender cannot read the movie {path}")
+    indices = movie_indices(strip, source_frames)
+    return movie_input(path, indices), len(indices)
 
 
 # --------------------------------------------------------------------------- results

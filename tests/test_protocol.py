@@ -125,6 +125,9 @@ def test_mode_defaults() -> None:
         ({"video": {"start": 1}}, "video.path", "required"),
         ({"video": {"path": "/v", "stride": 0}}, "video.stride", "0"),
         ({"video": {"path": "/v", "start": -2}}, "video.start", "-2"),
+        ({"video": {"path": "/v", "indices": [0, -1]}}, "video.indices[1]", "-1"),
+        ({"video": {"path": "/v", "indices": []}}, "video.indices", "got 0"),
+        ({"video": {"path": "/v", "indices": "0,1"}}, "video.indices", "'0,1'"),
     ],
 )
 def test_bad_fields_are_named(fields: dict, field: str, value_text: str) -> None:
@@ -417,3 +420,11 @@ def test_official_text2video_preset_and_mode_mismatch() -> None:
         apply_preset(job(mode="pix2pix"), "official-controlnet")
     with pytest.raises(JobError, match="preset: must be one of"):
         apply_preset(job(), "cinematic")
+
+
+def test_video_indices_round_trip_and_stay_out_of_job_json_when_unset() -> None:
+    listed = validate_job(job(mode="pix2pix", video={"path": "/v", "indices": [2, 2, 3, 5]}))
+    assert listed.video == VideoInput("/v", indices=[2, 2, 3, 5])
+    assert validate_job(json.loads(listed.to_json())) == listed
+    plain = validate_job(job(mode="pix2pix", video="/v")).to_dict()
+    assert plain["video"] == {"path": "/v", "start": 0, "stride": 1.0}

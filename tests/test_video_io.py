@@ -85,6 +85,19 @@ def test_start_and_stride_map_output_to_source_frames(
     assert source_indices(spec, frames) == dict(zip(frames, expected, strict=True))
 
 
+def test_listed_indices_replace_start_and_stride(tmp_path: Path) -> None:
+    spec = VideoInput("x", start=5, stride=3.0, indices=[4, 4, 1])
+    assert source_indices(spec, [0, 1, 2]) == {0: 4, 1: 4, 2: 1}
+    with pytest.raises(VideoInputError, match="lists 3 frame indices; output frame 4"):
+        source_indices(spec, [3])
+    folder = gray_sequence(tmp_path / "seq", 5)
+    assert levels(read_frames(VideoInput(str(folder), indices=[3, 0, 3]), [0, 1, 2], 32, 32)) == {
+        0: 30,
+        1: 0,
+        2: 30,
+    }
+
+
 def test_read_folder_with_start_and_stride(tmp_path: Path) -> None:
     folder = gray_sequence(tmp_path / "seq", 7)
     frames = read_frames(VideoInput(str(folder), start=1, stride=2.0), [0, 1, 2], 64, 48)
@@ -160,6 +173,32 @@ def test_read_movie_with_start_and_stride(movie: Path) -> None:
     for frame, expected in {0: 40, 1: 120, 2: 200}.items():
         assert abs(got[frame] - expected) <= 6, got  # mp4 is lossy
     assert frames[0].shape == (32, 32, 3)
+
+
+def test_movie_frames_are_read_by_timestamp_as_blender_shows_them(tmp_path: Path) -> None:
+    """Frame n is the picture on screen at n / fps, not the n-th decoded frame.
+
+    Millisecond timestamps 1 ms late on every frame but the first (like a variable frame
+    rate recording): Blender's sequencer shows decoded frame n-1 at frame n
+    (tests/addon/test_movie_frames.py renders it), and so must the backend.
+    """
+    av = pytest.importorskip("av")
+    path = tmp_path / "late.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 1000)
+        for k in range(6):
+            frame = av.VideoFrame.from_ndarray(solid(40 * k), format="rgb24")
+            frame.pts, frame.time_base = round(k * 1000 / 30) + (1 if k else 0), Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    got = levels(read_frames(VideoInput(str(path)), range(6), 32, 32))
+    shown = [0, 0, 1, 2, 3, 4]  # decoded frame k-1 at frame k
+    assert all(abs(got[n] - 40 * k) <= 6 for n, k in enumerate(shown)), got
 
 
 def test_movie_too_short(movie: Path) -> None:
