@@ -28,6 +28,7 @@ from .video_io import (
     FrameStore,
     Mp4Writer,
     OutputExistsError,
+    check_output_writable,
     frame_name,
     staged_output,
     store_frames,
@@ -160,6 +161,21 @@ def run_job(
         raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
     if job.model.startswith(BUILTIN_PREFIX):
         log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
+    # Everything that can be checked without models is checked first: an unwritable output
+    # folder or a missing input must not wait for minutes of model loading to be reported.
+    check_output_writable(out)
+    frame_ids = job.frame_indices
+    needed = sorted(set(frame_ids) | {0})
+    w, h = job.width, job.height
+    # Input frames are spooled to temporary files and read back per chunk while denoising:
+    # memory stays flat in video length (the files close and vanish with the job).
+    control_frames = [store_control_frames(spec, needed, w, h) for spec in job.controlnets]
+    image = None
+    if job.video is not None:
+        image = TensorFrames(store_frames(job.video, needed, w, h))
+    masks = None
+    if job.masks is not None:
+        masks = TensorFrames(store_frames(job.masks, needed, w, h), _mask_tensor)
 
     device = resolve_device(job.device)
     dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
@@ -176,21 +192,10 @@ def run_job(
         cache.controlnet(c.model, allow_pickle=allow_pickle, device=device, dtype=dtype)
         for c in job.controlnets
     ]
-    frame_ids = job.frame_indices
-    needed = sorted(set(frame_ids) | {0})
-    w, h = job.width, job.height
-    # Input frames are spooled to temporary files and read back per chunk while denoising:
-    # memory stays flat in video length (the files close and vanish with the job).
     controls = [
-        ControlInput(model, TensorFrames(store_control_frames(spec, needed, w, h)), spec.weight)
-        for spec, model in zip(job.controlnets, controlnets, strict=True)
+        ControlInput(model, TensorFrames(frames), spec.weight)
+        for spec, model, frames in zip(job.controlnets, controlnets, control_frames, strict=True)
     ]
-    image = None
-    if job.video is not None:
-        image = TensorFrames(store_frames(job.video, needed, w, h))
-    masks = None
-    if job.masks is not None:
-        masks = TensorFrames(store_frames(job.masks, needed, w, h), _mask_tensor)
 
     total_frames = len(frame_ids)
 

@@ -433,6 +433,26 @@ def write_mp4(path: Path, frames: Sequence[Path], fps: float) -> bool:
     return writer.close() is not None
 
 
+def check_output_writable(out: Path) -> None:
+    """Raise OSError naming the folder when no result can be written beside ``out``.
+
+    Makes and removes a staging folder in the nearest folder that exists (where writing
+    the result starts): only trying tells a read-only disk, a missing permission or a file
+    in the way. Missing parent folders are not made here (the job makes them when it writes).
+    """
+    out = Path(out)
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    probe = existing / partial_name(out.name)
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as exc:
+        cause = exc.strerror or str(exc) or type(exc).__name__
+        raise OSError(exc.errno, f"cannot write the result {out} in {existing}: {cause}") from exc
+
+
 @contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
