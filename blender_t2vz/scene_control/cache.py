@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .files import _abs
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: renders follow the frame (1 rendered the context scene's frame)
 
 
 def _floats(values) -> bytes:

@@ -67,6 +67,9 @@ def temporary_scene(scene, width: int, height: int, camera=None, objects=None) -
         yield tmp
     finally:
         bpy.data.scenes.remove(tmp, do_unlink=True)
+        # Renders of the copy leave its frame's animated values in the shared objects: put
+        # them back as the user's scene has them at its own frame.
+        scene.frame_set(scene.frame_current, subframe=scene.frame_subframe)
         for style in set(bpy.data.linestyles) - linestyles:
             if style.users == 0:
                 bpy.data.linestyles.remove(style)
@@ -113,7 +116,10 @@ def _render_still(tmp, path: Path) -> Path:
     """Render the temporary scene's current frame to ``path``; the written file."""
     tmp.render.filepath = str(path)
     tmp.render.use_file_extension = False
-    bpy.ops.render.render(write_still=True, scene=tmp.name, layer=_render_layer(tmp))
+    # Given another scene than the context's, the render operator renders it at the
+    # context scene's frame: make the temporary scene the context scene.
+    with bpy.context.temp_override(scene=tmp):
+        bpy.ops.render.render(write_still=True, scene=tmp.name, layer=_render_layer(tmp))
     if not path.is_file():
         raise SceneControlError(f"Blender did not write the render {path}")
     return path

@@ -1,8 +1,9 @@
 """The depth pass (blender_t2vz/scene_control/depth.py), rendered headless with Cycles."""
 
+import bpy
 import numpy as np
 import pytest
-from rig_scene import FRAMES, H, W, project_cube, read, settings_snapshot
+from rig_scene import FRAMES, H, W, add_cube, project_cube, read, settings_snapshot
 
 from blender_t2vz import scene_control as sc
 
@@ -38,3 +39,26 @@ def test_normalize_depth_is_per_shot():
     (alone,) = sc.normalize_depth([far], floor=0.2)
     assert alone[1, 1] == pytest.approx(1.0)
     assert sc.normalize_depth([np.full((1, 1), 1e10)])[0].max() == 0.0
+
+
+def test_each_frame_renders_its_own_frame_of_the_animation(scene3d, tmp_path):
+    """A cube moving left to right is where it is at each frame, whatever the context
+    scene's frame (the render operator, given another scene, renders the context's)."""
+    mover = add_cube(scene3d, "Mover", (-2.0, -1.0, 2.2), 0.6)  # above the near cube
+    mover.keyframe_insert("location", frame=1)
+    mover.location.x = 2.0
+    mover.keyframe_insert("location", frame=3)
+    try:
+        places = {}
+        for frame in (1, 3):
+            scene3d.frame_set(frame)
+            places[frame] = project_cube(scene3d, "Mover")
+        scene3d.frame_set(1)
+        bpy.context.scene.frame_set(1)
+        depth = [read(p)[:, :, 0] for p in sc.render_depth_frames(scene3d, tmp_path, [1, 3], W, H)]
+        # The cube at its own place only; at the other frame's place there is sky.
+        assert depth[0][places[1]] > 0 and depth[0][places[3]] == 0
+        assert depth[1][places[3]] > 0 and depth[1][places[1]] == 0
+    finally:
+        bpy.data.objects.remove(mover)
+        scene3d.frame_set(1)
