@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .hub import DownloadHooks, HubError, fetch_model
 from .protocol import DEFAULT_MODEL, DEFAULT_PIX2PIX_MODEL
 from .tiny import BUILTIN_PREFIX, ensure_builtin
 
@@ -252,6 +253,14 @@ def low_cpu_mem_usage() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
+def _fetch(name: str, allow_pickle: bool, download: DownloadHooks | None) -> str:
+    """Download hub model ``name`` (with progress) and return its local snapshot folder."""
+    try:
+        return str(fetch_model(name, allow_pickle=allow_pickle, hooks=download))
+    except HubError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
 def _pretrained_kwargs(kind: str, allow_pickle: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "use_safetensors": None if allow_pickle else True,
@@ -291,13 +300,20 @@ def load_base_model(
     allow_pickle: bool = False,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    download: DownloadHooks | None = None,
 ) -> BaseModel:
-    """Load SD 1.x components from a hub id, a diffusers folder or a single-file checkpoint."""
+    """Load SD 1.x components from a hub id, a diffusers folder or a single-file checkpoint.
+
+    A hub id is first downloaded into the hub cache (progress and cancel through
+    ``download``), then loaded from there like a local folder.
+    """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device = device or torch.device("cpu")
     kind, location = resolve_source(name)
+    if kind == "hub":
+        kind, location = "folder", _fetch(name, allow_pickle, download)
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
         components = _load_single_file(location, pix2pix, config, dtype)
@@ -413,12 +429,15 @@ def load_controlnet(
     allow_pickle: bool = False,
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    download: DownloadHooks | None = None,
 ) -> Any:
     """Load a ControlNet from a hub id, a diffusers folder or a single-file checkpoint."""
     from diffusers import ControlNetModel
 
     device = device or torch.device("cpu")
     kind, location = resolve_source(name)
+    if kind == "hub":
+        kind, location = "folder", _fetch(name, allow_pickle, download)
     try:
         if kind == "file":
             _check_pickle_file(location, allow_pickle)
@@ -451,16 +470,24 @@ class ModelCache:
         self._controlnets: OrderedDict[tuple, Any] = OrderedDict()
         self.loads = 0  # how many times a model was actually loaded (for tests and logs)
 
-    def base(self, name: str, **kwargs: Any) -> BaseModel:
+    def base(self, name: str, download: DownloadHooks | None = None, **kwargs: Any) -> BaseModel:
         """The base model ``name`` loaded with ``kwargs`` (see load_base_model), cached."""
         key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
-        return self._get(self._bases, key, self.max_bases, lambda: load_base_model(name, **kwargs))
+        return self._get(
+            self._bases,
+            key,
+            self.max_bases,
+            lambda: load_base_model(name, download=download, **kwargs),
+        )
 
-    def controlnet(self, name: str, **kwargs: Any) -> Any:
+    def controlnet(self, name: str, download: DownloadHooks | None = None, **kwargs: Any) -> Any:
         """The ControlNet ``name`` loaded with ``kwargs`` (see load_controlnet), cached."""
         key = (name, tuple(sorted((k, str(v)) for k, v in kwargs.items())))
         return self._get(
-            self._controlnets, key, self.max_controlnets, lambda: load_controlnet(name, **kwargs)
+            self._controlnets,
+            key,
+            self.max_controlnets,
+            lambda: load_controlnet(name, download=download, **kwargs),
         )
 
     def _get(self, store: OrderedDict, key: tuple, limit: int, load: Any) -> Any:

@@ -640,17 +640,45 @@ def apply_preset(job: dict[str, Any], name: str) -> dict[str, Any]:
 # {"type": "cancel", "id": str}, {"type": "shutdown"}. A generate request may carry
 # "allow_pickle": true, which the add-on sets from its preference: it sits outside the job
 # because a job's own allow_pickle field (a job file anyone could write) enables nothing.
-REQUESTS = ("generate", "cancel", "shutdown")
+# For the hub model cache:
+#   fetch_model   {"id", "model", "allow_pickle"?}   download a hub model ahead of the first
+#                                   job (queued like a job; ``cancel`` with its id stops it)
+#   list_models   {"id"}            the models in the worker's hub cache (answered at once)
+#   remove_model  {"id", "model"}   delete a model from that cache (queued)
+REQUESTS = ("generate", "cancel", "shutdown", "fetch_model", "list_models", "remove_model")
 # Replies (worker -> add-on), one JSON object per stdout line:
 #   ready      {"version", "pid"}                       once, when the worker starts
 #   accepted   {"id"}                                   the job passed validation
+#   download   {"id", "model", "file", "bytes_done", "bytes_total", "rate", "files_done",
+#               "files_total"}                          a hub model downloading for job or
+#                                                     fetch ``id``: bytes of all the files
+#                                                     it needs (cached ones count as done),
+#                                                     rate in bytes/s, at most 4 a second
 #   progress   {"id", "step", "total", "frames_done", "frames_total", "fraction", "stage"}
 #   preview    {"id", "frame", "path"}                  a frame on disk: finished, or frame 1
 #                                                     forming while denoising (valid until done)
 #   done       {"id", "out", "frames": [paths]}
+#   fetched    {"id", "model", "path"}                  fetch_model finished: its local folder
+#   models     {"id", "cache_dir", "models": [{"model", "size", "files", "last_accessed",
+#               "complete", "path"}]}                  list_models: size in bytes, largest first
+#   removed    {"id", "model", "freed"}                 remove_model: bytes freed
 #   error      {"id", "kind", "message", "traceback"}   kind: the exception's class name
-#   cancelled  {"id"}
-REPLIES = ("ready", "accepted", "progress", "preview", "done", "error", "cancelled")
+#   cancelled  {"id"}                                   a job or fetch_model stopped
+REPLIES = (
+    "ready",
+    "accepted",
+    "download",
+    "progress",
+    "preview",
+    "done",
+    "fetched",
+    "models",
+    "removed",
+    "error",
+    "cancelled",
+)
+# Requests the worker runs one at a time, in order (the others act at once).
+QUEUED_REQUESTS = ("generate", "fetch_model", "remove_model")
 
 
 def encode_message(kind: str, /, **payload: Any) -> str:

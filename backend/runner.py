@@ -21,6 +21,7 @@ from . import __version__
 from .adapters import applied_adapters, convert_prompt
 from .controls import store_control_frames
 from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
+from .hub import DownloadCancelled, DownloadHooks, DownloadProgress
 from .models import ModelCache, choose_dtype, resolve_device
 from .protocol import Job
 from .tiny import BUILTIN_PREFIX
@@ -55,6 +56,8 @@ class JobEvents:
     # While denoising, also preview frame 1 as it forms, at most every this many seconds
     # (and never spending more than 1/20 of the time on it); None: finished frames only.
     preview_every: float | None = None
+    # Model downloads before the job starts: which model and file, bytes, rate.
+    download: Callable[[DownloadProgress], None] | None = None
 
 
 class DenoisingPreview:
@@ -180,18 +183,29 @@ def run_job(
     device = resolve_device(job.device)
     dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
     dtype = dtype_choice.dtype
-    base = cache.base(
-        job.model,
-        pix2pix=job.mode == "pix2pix",
-        config=job.model_config,
-        allow_pickle=allow_pickle,
-        device=device,
-        dtype=dtype,
-    )
-    controlnets = [
-        cache.controlnet(c.model, allow_pickle=allow_pickle, device=device, dtype=dtype)
-        for c in job.controlnets
-    ]
+    download = DownloadHooks(progress=events.download, should_cancel=events.should_cancel)
+    try:
+        base = cache.base(
+            job.model,
+            download=download,
+            pix2pix=job.mode == "pix2pix",
+            config=job.model_config,
+            allow_pickle=allow_pickle,
+            device=device,
+            dtype=dtype,
+        )
+        controlnets = [
+            cache.controlnet(
+                c.model,
+                download=download,
+                allow_pickle=allow_pickle,
+                device=device,
+                dtype=dtype,
+            )
+            for c in job.controlnets
+        ]
+    except DownloadCancelled as exc:
+        raise Cancelled() from exc
     controls = [
         ControlInput(model, TensorFrames(frames), spec.weight)
         for spec, model, frames in zip(job.controlnets, controlnets, control_frames, strict=True)

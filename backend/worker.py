@@ -22,6 +22,7 @@ from . import __version__
 from .protocol import (
     MAX_LINE_BYTES,
     MAX_TRACEBACK_CHARS,
+    QUEUED_REQUESTS,
     JobError,
     clip_text,
     decode_message,
@@ -137,7 +138,10 @@ class Worker:
         if message["type"] == "cancel":
             self.request_cancel(message.get("id"))
             return False
-        if message["type"] == "generate":
+        if message["type"] == "list_models":
+            self.list_models(message)  # read-only and quick: answered even while a job runs
+            return False
+        if message["type"] in QUEUED_REQUESTS:
             with self.lock:
                 self.queued_ids.add(str(message.get("id", "")))
         self.requests.put(message)
@@ -202,6 +206,7 @@ class Worker:
         events = JobEvents(
             progress=progress,
             preview=preview,
+            download=self.download_reporter(job_id),
             should_cancel=self.cancel.is_set,
             preview_every=DENOISING_PREVIEW_SECONDS,
         )
@@ -230,6 +235,73 @@ class Worker:
             with self.lock:
                 self.current_id = None
 
+    # ------------------------------------------------------------------ the model cache
+
+    def download_reporter(self, request_id: str) -> Any:
+        """A DownloadHooks.progress callback sending ``download`` messages for ``request_id``."""
+
+        def report(progress: Any) -> None:
+            payload = progress.to_dict()
+            payload["rate"] = round(payload["rate"], 1)
+            self.writer.send("download", id=request_id, **payload)
+
+        return report
+
+    def _fail(self, request_id: Any, exc: BaseException) -> None:
+        """An error reply for a request that raised ``exc``."""
+        self.writer.send(
+            "error",
+            id=request_id,
+            kind=type(exc).__name__,
+            message=clip_text(str(exc)),
+            traceback=clip_text(traceback.format_exc(), MAX_TRACEBACK_CHARS),
+        )
+
+    def list_models(self, message: dict[str, Any]) -> None:
+        """Answer list_models: the hub cache's models and sizes."""
+        from .hub import cache_location, list_cached
+
+        request_id = message.get("id")
+        try:
+            models = list_cached()
+        except Exception as exc:  # noqa: BLE001 (a broken cache must not end the worker)
+            self._fail(request_id, exc)
+            return
+        self.writer.send("models", id=request_id, cache_dir=str(cache_location()), models=models)
+
+    def run_cache_request(self, message: dict[str, Any]) -> None:
+        """Run a queued fetch_model or remove_model request."""
+        from .hub import DownloadCancelled, DownloadHooks, fetch_model, remove_cached
+
+        request_id = str(message.get("id", ""))
+        model = message.get("model")
+        with self.lock:
+            self.queued_ids.discard(request_id)
+            if request_id in self.cancelled_ids:
+                self.cancelled_ids.discard(request_id)
+                self.writer.send("cancelled", id=request_id)
+                return
+            self.current_id = request_id
+            self.cancel.clear()
+        try:
+            if not isinstance(model, str) or model.count("/") != 1:
+                raise ValueError(f"model: expected a hub id (owner/name), got {model!r}")
+            if message["type"] == "remove_model":
+                freed = remove_cached(model)
+                self.writer.send("removed", id=request_id, model=model, freed=freed)
+                return
+            hooks = DownloadHooks(self.download_reporter(request_id), self.cancel.is_set)
+            path = fetch_model(model, allow_pickle=bool(message.get("allow_pickle")), hooks=hooks)
+            self.writer.send("fetched", id=request_id, model=model, path=str(path))
+        except DownloadCancelled:
+            self.writer.send("cancelled", id=request_id)
+        except Exception as exc:  # noqa: BLE001 (reported to the add-on; the worker goes on)
+            log.warning("%s %s failed: %s", message["type"], model, exc)
+            self._fail(request_id, exc)
+        finally:
+            with self.lock:
+                self.current_id = None
+
     def loop(self) -> None:
         """Main thread: run requests until shutdown or end of input."""
         while True:
@@ -238,6 +310,8 @@ class Worker:
                 return
             if message["type"] == "generate":
                 self.run_one(message)
+            elif message["type"] in QUEUED_REQUESTS:
+                self.run_cache_request(message)
             else:
                 self.writer.send(
                     "error",

@@ -1,0 +1,356 @@
+"""Models from the Hugging Face Hub: downloads with progress and cancel, and the local cache.
+
+``fetch_model`` downloads exactly the files the loaders read (configs, tokenizer, the
+non-variant weights) through ``huggingface_hub.hf_hub_download`` into the usual hub cache,
+reporting bytes done and total, the rate and the file being fetched, and checking the
+cancel flag with every chunk. A cancelled download leaves only huggingface_hub's own
+``.incomplete`` blob (resumed next time), never a snapshot entry that points at half a
+file. Offline (``HF_HUB_OFFLINE=1``, Blender's "Allow Online Access" off) nothing is
+requested: a cached snapshot is used or the error says how to get the model.
+
+``list_cached`` and ``remove_cached`` are what the add-on's preferences show and do. No
+torch here: the worker answers cache requests without loading the ML stack.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Subfolders of a diffusers Stable Diffusion repo that the base-model loader reads.
+BASE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Small files a loader may read next to the weights (configs, tokenizer vocabularies).
+CONFIG_SUFFIXES = (".json", ".txt", ".model")
+SAFE_WEIGHTS = (".safetensors",)
+PICKLE_WEIGHTS = (".bin",)
+# Seconds to wait for the Hub to answer the file listing: the slow part of a download
+# is the transfer, so a Hub that does not answer this fast is treated as unreachable.
+HUB_TIMEOUT = 10.0
+# The rate is measured over this many recent seconds (what the network does now).
+RATE_WINDOW = 3.0
+# huggingface_hub reads a download in 10 MB chunks: progress and the cancel check come
+# once a chunk, which is 10 s on a 1 MB/s line. 1 MB chunks keep ESC within a second.
+PROGRESS_CHUNK = 1 << 20
+
+
+class HubError(RuntimeError):
+    """A model could not be fetched or found in the cache; the message names it."""
+
+
+class DownloadCancelled(Exception):
+    """The user cancelled a download; huggingface_hub resumes its partial file next time."""
+
+
+@dataclass
+class DownloadProgress:
+    """Where a model download stands (one ``download`` protocol message)."""
+
+    model: str
+    file: str  # the file being fetched, relative to the repo
+    bytes_done: int  # of all the files the model needs, cached ones included
+    bytes_total: int
+    rate: float  # bytes per second over the last RATE_WINDOW seconds
+    files_done: int
+    files_total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The message payload."""
+        return asdict(self)
+
+
+@dataclass
+class DownloadHooks:
+    """Where a download reports and how it learns it should stop; both optional."""
+
+    progress: Callable[[DownloadProgress], None] | None = None
+    should_cancel: Callable[[], bool] | None = None
+    # At most one progress report this often (a 4 GB file arrives in ~40000 chunks).
+    every: float = 0.25
+
+
+def _is_variant(name: str, suffix: str) -> bool:
+    """True for variant weights (``x.fp16.safetensors``, ``x.non_ema.bin``) diffusers skips."""
+    return "." in name[: -len(suffix)]
+
+
+def _weights(names: list[str], allow_pickle: bool) -> list[str]:
+    """The non-variant weights of one folder: safetensors, else (if allowed) pickled .bin."""
+    for suffixes in (SAFE_WEIGHTS, PICKLE_WEIGHTS if allow_pickle else ()):
+        found = [
+            n
+            for n in names
+            for s in suffixes
+            if n.endswith(s) and not _is_variant(n.rsplit("/", 1)[-1], s)
+        ]
+        if found:
+            return found
+    return []
+
+
+def model_kind(files: list[str]) -> str:
+    """ "base" for a diffusers pipeline repo (model_index.json), else "single" (one model)."""
+    return "base" if "model_index.json" in files else "single"
+
+
+def needed_files(files: list[str], allow_pickle: bool = False) -> list[str]:
+    """The files of a repo the loaders read: configs, tokenizer and non-variant weights."""
+    by_folder: dict[str, list[str]] = collections.defaultdict(list)
+    for name in files:
+        folder = name.rsplit("/", 1)[0] if "/" in name else ""
+        by_folder[folder].append(name)
+    folders = BASE_FOLDERS if model_kind(files) == "base" else ("",)
+    wanted = ["model_index.json"] if model_kind(files) == "base" else []
+    for folder in folders:
+        names = sorted(by_folder.get(folder, []))
+        wanted += [n for n in names if n.endswith(CONFIG_SUFFIXES)]
+        wanted += _weights(names, allow_pickle)
+    return sorted(set(wanted))
+
+
+def is_offline() -> bool:
+    """True when huggingface_hub may not use the network (``HF_HUB_OFFLINE``)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+class _Tracker:
+    """Counts the bytes of one model download and turns them into progress reports."""
+
+    def __init__(self, model: str, sizes: dict[str, int], hooks: DownloadHooks):
+        self.model, self.sizes, self.hooks = model, sizes, hooks
+        self.total = sum(sizes.values())
+        self.finished = 0  # bytes of completed (or already cached) files
+        self.current = 0  # bytes of the file being fetched
+        self.files_done = 0
+        self.file = ""
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()
+        self.last_report = 0.0
+
+    @property
+    def done(self) -> int:
+        """Bytes on disk so far."""
+        return self.finished + self.current
+
+    def rate(self, now: float) -> float:
+        """Bytes per second over the recent window."""
+        self.samples.append((now, self.done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW:
+            self.samples.popleft()
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def check_cancel(self) -> None:
+        """Raise DownloadCancelled when the user asked to stop."""
+        if self.hooks.should_cancel is not None and self.hooks.should_cancel():
+            raise DownloadCancelled(f"download of {self.model} cancelled")
+
+    def report(self, force: bool = False) -> None:
+        """Send a progress report, at most every ``hooks.every`` seconds unless forced."""
+        now = time.monotonic()
+        rate = self.rate(now)
+        if self.hooks.progress is None or (not force and now - self.last_report < self.hooks.every):
+            return
+        self.last_report = now
+        self.hooks.progress(
+            DownloadProgress(
+                self.model, self.file, self.done, self.total, rate, self.files_done, len(self.sizes)
+            )
+        )
+
+    def start_file(self, name: str) -> None:
+        """A file begins (or resumes)."""
+        self.file, self.current = name, 0
+        self.check_cancel()
+        self.report(force=True)
+
+    def advance(self, n: float) -> None:
+        """Bytes arrived for the current file."""
+        self.current += int(n)
+        self.check_cancel()
+        self.report()
+
+    def finish_file(self, name: str) -> None:
+        """A file is complete in the cache."""
+        self.finished += self.sizes.get(name, self.current)
+        self.current = 0
+        self.files_done += 1
+
+    def bar_class(self) -> type:
+        """A tqdm class for hf_hub_download that feeds this tracker (and prints nothing)."""
+        from huggingface_hub.utils import tqdm as hf_tqdm
+
+        tracker = self
+
+        class TrackerBar(hf_tqdm):
+            def __init__(self, *args: Any, **kwargs: Any):
+                kwargs["disable"] = True
+                super().__init__(*args, **kwargs)
+                tracker.current = int(kwargs.get("initial") or 0)  # a resumed download
+
+            def update(self, n: float | None = 1) -> bool | None:
+                tracker.advance(n or 0)
+                return super().update(n)
+
+        return TrackerBar
+
+
+def cached_snapshot(model: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The cached snapshot folder of hub model ``model`` (its main revision), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for marker in ("model_index.json", "config.json"):
+        found = try_to_load_from_cache(model, marker, cache_dir=cache_dir)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
+
+
+def _snapshot_of(path: str, name: str) -> Path:
+    """The snapshot folder holding the cached file ``path`` of repo file ``name``."""
+    folder = Path(path)
+    for _ in name.split("/"):
+        folder = folder.parent
+    return folder
+
+
+def fetch_model(
+    model: str,
+    *,
+    allow_pickle: bool = False,
+    hooks: DownloadHooks | None = None,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Download what the loaders need of hub model ``model``; its local snapshot folder."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    hooks = hooks or DownloadHooks()
+    if is_offline():
+        snapshot = cached_snapshot(model, cache_dir)
+        if snapshot is None:
+            raise HubError(
+                f"model {model!r} is not downloaded and online access is off (HF_HUB_OFFLINE): "
+                "turn on Allow Online Access in Blender's Preferences > System > Network, "
+                "or give a local folder or .safetensors file"
+            )
+        return snapshot
+    try:
+        info = HfApi(endpoint=endpoint).model_info(model, files_metadata=True, timeout=HUB_TIMEOUT)
+    except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
+        raise HubError(
+            f"model {model!r} is not on the Hugging Face Hub (or is gated): {exc}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 (connection errors differ between hub versions)
+        snapshot = cached_snapshot(model, cache_dir)
+        if snapshot is not None:
+            log.warning("the Hub is out of reach (%s); using the cached %s", exc, model)
+            return snapshot
+        raise HubError(
+            f"cannot download model {model!r}: the Hugging Face Hub is out of reach "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
+    names = needed_files(list(sizes), allow_pickle)
+    if not names:
+        raise HubError(f"model {model!r} has no diffusers weights (.safetensors) to load")
+    constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, PROGRESS_CHUNK)
+    tracker = _Tracker(model, {n: sizes[n] for n in names}, hooks)
+    bar = tracker.bar_class()
+    snapshot = None
+    for name in names:
+        cached = try_to_load_from_cache(model, name, cache_dir=cache_dir, revision=info.sha)
+        if isinstance(cached, str):
+            tracker.finish_file(name)
+            snapshot = _snapshot_of(cached, name)
+            continue
+        tracker.start_file(name)
+        path = hf_hub_download(
+            model,
+            name,
+            revision=info.sha,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+            tqdm_class=bar,
+        )
+        tracker.finish_file(name)
+        snapshot = _snapshot_of(path, name)
+    tracker.file = ""
+    tracker.report(force=True)
+    assert snapshot is not None  # names is not empty
+    _remember_main(snapshot, info.sha)
+    return snapshot
+
+
+def _remember_main(snapshot: Path, commit: str) -> None:
+    """Point the cache's refs/main at ``commit`` (downloads by commit hash do not), so the
+    model is found offline like any model huggingface_hub downloaded itself."""
+    ref = snapshot.parent.parent / "refs" / "main"
+    if ref.is_file() and ref.read_text(encoding="utf-8").strip() == commit:
+        return
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    partial = ref.with_name(f".main.{os.getpid()}.tmp")
+    partial.write_text(commit, encoding="utf-8")
+    os.replace(partial, ref)
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def cache_location(cache_dir: str | Path | None = None) -> Path:
+    """The hub cache folder in use (HF_HUB_CACHE, or HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    return Path(cache_dir or constants.HF_HUB_CACHE)
+
+
+def list_cached(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Models in the hub cache, largest first: model, size (bytes), files, last used, path."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
+
+    try:
+        info = scan_cache_dir(cache_location(cache_dir))
+    except CacheNotFound:
+        return []
+    models = [
+        {
+            "model": repo.repo_id,
+            "size": int(repo.size_on_disk),
+            "files": int(repo.nb_files),
+            "last_accessed": float(repo.last_accessed),
+            "complete": bool(repo.revisions),
+            "path": str(repo.repo_path),
+        }
+        for repo in info.repos
+        if repo.repo_type == "model"
+    ]
+    return sorted(models, key=lambda m: (-m["size"], m["model"]))
+
+
+def remove_cached(model: str, cache_dir: str | Path | None = None) -> int:
+    """Delete hub model ``model`` from the cache (partial downloads too); bytes freed."""
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+
+    folder = cache_location(cache_dir) / (
+        "models" + REPO_ID_SEPARATOR + model.replace("/", REPO_ID_SEPARATOR)
+    )
+    if "/" not in model or ".." in model or not folder.is_dir():
+        raise HubError(f"model {model!r} is not in the cache {cache_location(cache_dir)}")
+    freed = sum(p.stat().st_size for p in (folder / "blobs").glob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return freed

@@ -1,0 +1,260 @@
+"""backend/hub.py: model downloads with progress and cancel, offline mode, the cache.
+
+Downloads go through the real huggingface_hub client in a real ``python -m backend serve``
+worker, against ``fakehub.FakeHub`` on 127.0.0.1 set as ``HF_ENDPOINT``: never the
+internet. The fake repos are built here (random bytes, or the tiny model's files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakehub import FakeHub
+from test_worker import WorkerProcess
+
+from backend.hub import model_kind, needed_files
+
+MB = 1 << 20
+SD_REPO = [
+    "README.md",
+    "model_index.json",
+    "v1-5-pruned.safetensors",
+    "v1-5-pruned.ckpt",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.bin",
+]
+
+
+def test_a_pipeline_repo_needs_configs_tokenizer_and_plain_safetensors() -> None:
+    assert model_kind(SD_REPO) == "base"
+    assert needed_files(SD_REPO) == [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "tokenizer/merges.txt",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/vocab.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
+
+
+def test_pickled_weights_only_when_allowed_and_no_safetensors() -> None:
+    repo = ["config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"]
+    assert model_kind(repo) == "single"
+    assert needed_files(repo) == ["config.json"]
+    assert needed_files(repo, allow_pickle=True) == ["config.json", "diffusion_pytorch_model.bin"]
+    with_safe = [*repo, "diffusion_pytorch_model.safetensors", "images/canny.png"]
+    assert needed_files(with_safe, allow_pickle=True) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
+
+
+# --------------------------------------------------------------------------- through the worker
+
+
+def repo_from_folder(folder: Path) -> dict[str, bytes]:
+    """A fake hub repo holding a saved diffusers model's files."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def hub_repos(tiny_models: dict[str, Path]) -> dict[str, dict[str, bytes]]:
+    """test/tiny: the tiny model; test/big: a 24 MB ControlNet-shaped repo of random bytes."""
+    big = {
+        "config.json": b'{"_class_name": "ControlNetModel"}',
+        "diffusion_pytorch_model.safetensors": os.urandom(24 * MB),
+        "diffusion_pytorch_model.fp16.safetensors": os.urandom(MB),  # never fetched
+    }
+    return {"test/tiny": repo_from_folder(tiny_models["tiny"]), "test/big": big}
+
+
+@pytest.fixture
+def hub(hub_repos: dict[str, dict[str, bytes]]) -> Iterator[FakeHub]:
+    with FakeHub(hub_repos) as server:
+        yield server
+
+
+def hub_worker(env: dict[str, str], tmp: Path, cache: Path, **extra: str) -> WorkerProcess:
+    """A worker whose hub cache is ``cache``; ``extra`` sets HF_ENDPOINT, HF_HUB_OFFLINE..."""
+    env = dict(env, HF_HUB_CACHE=str(cache), **extra)
+    worker = WorkerProcess(env, tmp / f"stderr-{time.monotonic_ns()}.txt")
+    assert worker.next()["type"] == "ready"
+    return worker
+
+
+def until(worker: WorkerProcess, request_id: str, kinds: set[str]) -> list[dict[str, Any]]:
+    """Replies for ``request_id`` up to the first of ``kinds``."""
+    out = []
+    while True:
+        message = worker.next(timeout=120)
+        if message.get("id") == request_id:
+            out.append(message)
+            if message["type"] in kinds:
+                return out
+
+
+ENDS = {"fetched", "cancelled", "error", "done", "models", "removed"}
+
+
+def test_download_reports_progress_and_cancel_leaves_a_resumable_cache(
+    backend_env: dict[str, str], hub: FakeHub, tmp_path: Path
+) -> None:
+    cache = tmp_path / "hub"
+    big = hub.repos["test/big"]["diffusion_pytorch_model.safetensors"]
+    wanted = len(big) + len(hub.repos["test/big"]["config.json"])
+    hub.rate = 6 * MB  # 24 MB in about 4 s: progress can be watched
+    worker = hub_worker(backend_env, tmp_path, cache, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+    try:
+        worker.send("fetch_model", id="f1", model="test/big")
+        reports = []
+        while True:
+            message = worker.next(timeout=60)
+            assert message["type"] == "download", message
+            reports.append(message)
+            if message["bytes_done"] > 0.4 * wanted:
+                break
+        cancelled_at = time.monotonic()
+        worker.send("cancel", id="f1")
+        replies = until(worker, "f1", ENDS)
+        assert replies[-1]["type"] == "cancelled"
+        assert time.monotonic() - cancelled_at < 3.0  # within a 1 MB chunk (about 0.2 s here)
+        reports += [m for m in replies if m["type"] == "download"]
+
+        # Which model, which file, bytes of the whole model, a measured rate.
+        assert {r["model"] for r in reports} == {"test/big"}
+        assert {r["bytes_total"] for r in reports} == {wanted}
+        assert {r["files_total"] for r in reports} == {2}
+        in_weights = [r for r in reports if r["file"] == "diffusion_pytorch_model.safetensors"]
+        assert len(in_weights) >= 3
+        done = [r["bytes_done"] for r in reports]
+        assert done == sorted(done) and done[-1] < wanted
+        rates = [r["rate"] for r in in_weights if r["bytes_done"] > 2 * MB]
+        assert rates and all(2 * MB < rate < 12 * MB for rate in rates), rates  # 6 MB/s served
+        assert hub.bytes_sent < len(big)  # the transfer stopped
+
+        # No snapshot entry points at half a file: every finished blob is a whole file
+        # (huggingface_hub either deletes its partial download or keeps it as .incomplete).
+        repo = cache / "models--test--big"
+        assert not list(repo.glob("snapshots/*/diffusion_pytorch_model.safetensors"))
+        sizes = {len(data) for data in hub.repos["test/big"].values()}
+        for blob in repo.glob("blobs/*"):
+            assert blob.name.endswith(".incomplete") or blob.stat().st_size in sizes
+
+        # The next fetch completes the model with the exact bytes served.
+        hub.rate = None
+        worker.send("fetch_model", id="f2", model="test/big")
+        replies = until(worker, "f2", ENDS)
+        assert replies[-1]["type"] == "fetched", replies[-1]
+        assert replies[-2]["bytes_done"] == wanted and replies[-2]["files_done"] == 2
+        path = Path(replies[-1]["path"])
+        got = (path / "diffusion_pytorch_model.safetensors").read_bytes()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(big).digest()
+        assert not (path / "diffusion_pytorch_model.fp16.safetensors").exists()
+        assert not list(repo.glob("blobs/*.incomplete"))
+    finally:
+        worker.close()
+
+
+def test_a_job_with_a_hub_id_downloads_with_progress_then_runs_and_the_cache_is_managed(
+    backend_env: dict[str, str], hub: FakeHub, tmp_path: Path
+) -> None:
+    cache = tmp_path / "hub"
+    tiny = hub.repos["test/tiny"]
+    job = {
+        "prompt": "a cat",
+        "out": str(tmp_path / "out"),
+        "model": "test/tiny",
+        "frames": 2,
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "device": "cpu",
+        "write_mp4": False,
+    }
+    worker = hub_worker(backend_env, tmp_path, cache, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+    try:
+        worker.send("generate", id="j1", job=job)
+        replies = until(worker, "j1", ENDS)
+        assert replies[-1]["type"] == "done", replies[-1]
+        kinds = [m["type"] for m in replies]
+        assert kinds[0] == "accepted" and "download" in kinds
+        assert kinds.index("progress") > max(i for i, k in enumerate(kinds) if k == "download")
+        last = [m for m in replies if m["type"] == "download"][-1]
+        assert last["bytes_done"] == last["bytes_total"] == sum(len(b) for b in tiny.values())
+
+        worker.send("list_models", id="l1")
+        listed = until(worker, "l1", ENDS)[-1]
+        assert listed["cache_dir"] == str(cache)
+        assert [(m["model"], m["size"], m["complete"]) for m in listed["models"]] == [
+            ("test/tiny", sum(len(b) for b in tiny.values()), True)
+        ]
+        worker.send("remove_model", id="r1", model="test/tiny")
+        removed = until(worker, "r1", ENDS)[-1]
+        assert removed["type"] == "removed" and removed["freed"] == listed["models"][0]["size"]
+        worker.send("list_models", id="l2")
+        assert until(worker, "l2", ENDS)[-1]["models"] == []
+        worker.send("remove_model", id="r2", model="test/tiny")
+        gone = until(worker, "r2", ENDS)[-1]
+        assert gone["type"] == "error" and "test/tiny" in gone["message"]
+    finally:
+        worker.close()
+
+
+def test_offline_uses_the_cache_and_never_asks_the_hub(
+    backend_env: dict[str, str], hub: FakeHub, tmp_path: Path
+) -> None:
+    cache = tmp_path / "hub"
+    online = hub_worker(backend_env, tmp_path, cache, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0")
+    try:
+        online.send("fetch_model", id="f1", model="test/tiny")
+        assert until(online, "f1", ENDS)[-1]["type"] == "fetched"
+    finally:
+        online.close()
+    asked = len(hub.requests)
+    offline = hub_worker(backend_env, tmp_path, cache, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="1")
+    try:
+        job = {"prompt": "a cat", "out": str(tmp_path / "out"), "model": "test/tiny",
+               "frames": 2, "width": 64, "height": 64, "steps": 2, "device": "cpu",
+               "write_mp4": False}  # fmt: skip
+        offline.send("generate", id="j1", job=job)
+        result = until(offline, "j1", ENDS)[-1]
+        assert result["type"] == "done", result
+        started = time.monotonic()
+        offline.send("fetch_model", id="f2", model="test/big")
+        error = until(offline, "f2", ENDS)[-1]
+        assert error["type"] == "error" and "test/big" in error["message"]
+        assert "online access is off" in error["message"]
+        assert time.monotonic() - started < 5.0
+    finally:
+        offline.close()
+    assert len(hub.requests) == asked  # offline means offline
