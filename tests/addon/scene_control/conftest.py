@@ -10,7 +10,7 @@ pytest.importorskip("bpy")
 pytest.importorskip("numpy")
 pytest.importorskip("cv2")
 
-from rig_scene import build_scene3d, remove_scene3d  # noqa: E402
+from .rig_scene import build_scene3d, remove_scene3d  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,10 @@
 import bpy
 import numpy as np
 import pytest
-from rig_scene import FRAMES, H, W, add_cube, project_cube, read, settings_snapshot
 
 from blender_t2vz import scene_control as sc
+
+from .rig_scene import FRAMES, H, W, add_cube, project_cube, read, settings_snapshot
 
 
 def test_depth_orders_with_distance_and_leaves_the_scene_untouched(scene3d, tmp_path):

@@ -1,9 +1,10 @@
 """Foreground masks (blender_t2vz/scene_control/masks.py)."""
 
 import pytest
-from rig_scene import H, W, project_cube, read
 
 from blender_t2vz import scene_control as sc
+
+from .rig_scene import H, W, project_cube, read
 
 
 def test_masks_white_on_the_foreground(scene3d, tmp_path):

@@ -3,9 +3,10 @@
 import json
 
 import pytest
-from rig_scene import FRAMES, RIG_NAMES, H, W, by_hand, world_point
 
 from blender_t2vz import scene_control as sc
+
+from .rig_scene import FRAMES, RIG_NAMES, H, W, by_hand, world_point
 
 
 def test_keypoints_land_where_the_bones_are(scene3d):

@@ -1,9 +1,10 @@
 """Bone-name presets of the OpenPose pass (blender_t2vz/scene_control/openpose/presets.py)."""
 
 import pytest
-from rig_scene import FRAMES, RIG_NAMES, H, W, add_armature, by_hand, mixamo_skeleton, world_point
 
 from blender_t2vz import scene_control as sc
+
+from .rig_scene import FRAMES, RIG_NAMES, H, W, add_armature, by_hand, mixamo_skeleton, world_point
 
 
 def test_presets_resolve_each_rig_naming():

@@ -1,9 +1,9 @@
 """The pass cache (blender_t2vz/scene_control/cache.py, passes.py): unchanged frames reused."""
 
-from rig_scene import FRAMES, H, W
-
 from blender_t2vz import scene_control as sc
 from blender_t2vz.scene_control import passes
+
+from .rig_scene import FRAMES, H, W
 
 
 def test_cache_reuses_unchanged_frames(scene3d, tmp_path, monkeypatch):

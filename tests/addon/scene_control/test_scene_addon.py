@@ -5,9 +5,10 @@ from pathlib import Path
 
 import bpy
 import pytest
-from rig_scene import project_cube, read
 
 from blender_t2vz import scene_control as sc
+
+from .rig_scene import project_cube, read
 
 
 class _Layout:

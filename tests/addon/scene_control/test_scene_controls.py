@@ -9,9 +9,10 @@ from pathlib import Path
 
 import bpy
 import pytest
-from rig_scene import H, W, read
 
 from blender_t2vz import scene_control as sc
+
+from .rig_scene import H, W, read
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -1,0 +1,1 @@
+"""Scene-control tests: a package, so its conftest is not the add-on tests' ``conftest``."""
