@@ -125,7 +125,10 @@ def _iter_movie(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
         stream = container.streams.video[0]
         rate = stream.guessed_rate or stream.average_rate
         if rate and stream.time_base is not None:
-            yield from _iter_by_time(container, stream, path, wanted, rate)
+            try:
+                yield from _iter_by_time(container, stream, path, wanted, rate)
+            except av.error.FFmpegError as exc:
+                raise VideoInputError(f"cannot decode movie {path}: {exc}") from None
             return
     yield from _iter_movie_in_order(path, wanted)
 
