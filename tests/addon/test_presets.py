@@ -171,3 +171,17 @@ def test_settings_panel_draws_the_preset_menu(scene) -> None:
     panels.T2VZ_PT_settings.draw(SimpleNamespace(layout=Layout(log)), bpy.context)
     assert ("menu", presets.MENU_IDNAME) in log
     assert ("operator", "t2vz.preset_add") in log
+
+
+def test_preset_menu_lists_the_shipped_folder_then_blenders(scene) -> None:
+    calls: list = []
+    menu = SimpleNamespace(
+        path_menu=lambda paths, operator, **kw: calls.append((paths, operator, kw)),
+        preset_operator=presets.T2VZ_MT_presets.preset_operator,
+        preset_add_operator=presets.T2VZ_MT_presets.preset_add_operator,
+    )
+    presets.T2VZ_MT_presets.draw(menu, bpy.context)
+    ((paths, operator, kw),) = calls
+    assert paths[0] == str(presets.shipped_dir()) and len(set(paths)) == len(paths)
+    assert operator == "script.execute_preset" and kw["add_operator"] == "t2vz.preset_add"
+    assert kw["filter_ext"](".py") and not kw["filter_ext"](".xml")
