@@ -185,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         ".json) for the ControlNet at the same position",
     )
     gen.add_argument(
+        "--controlnet-config",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="diffusers ControlNet folder or hub id giving the config of a single-file "
+        "ControlNet: one for all, or one per --controlnet [default: the SD 1.5 "
+        "ControlNet config shipped with the backend]",
+    )
+    gen.add_argument(
         "--detector",
         action="append",
         default=[],
@@ -317,6 +326,15 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 f"give no --detector or one per --control, got {len(args.detector)} "
                 f"for {len(args.control)} controls",
             )
+        configs = args.controlnet_config
+        if len(configs) == 1:
+            configs = configs * len(args.controlnet)
+        if configs and len(configs) != len(args.controlnet):
+            raise JobError(
+                "controlnets",
+                f"give no --controlnet-config, one, or one per --controlnet, got "
+                f"{len(configs)} for {len(args.controlnet)} ControlNets",
+            )
         detectors = args.detector or ["none"] * len(args.control)
         job["controlnets"] = [
             {**_controlnet(spec), "control": control, "detector": detector}
@@ -324,6 +342,8 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
                 args.controlnet, args.control, detectors, strict=True
             )
         ]
+        for spec, config in zip(job["controlnets"], configs, strict=False):
+            spec["config"] = config
     if args.preset:
         job = apply_preset(job, args.preset)
     return job

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .protocol import clip_text
+
 log = logging.getLogger(__name__)
 
 # Subfolders of a diffusers Stable Diffusion repo that the base-model loader reads.
@@ -262,7 +264,9 @@ def fetch_model(
             return snapshot
         raise HubError(
             f"cannot download model {model!r}: the Hugging Face Hub is out of reach "
-            f"({type(exc).__name__}: {exc})"
+            f"({type(exc).__name__}: {clip_text(str(exc), 200)}) and it is not in the local "
+            "cache: connect to the internet once so it downloads, or give a local folder or "
+            ".safetensors file (--model / --controlnet, or the add-on's model preferences)"
         ) from exc
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
     names = needed_files(list(sizes), allow_pickle)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import threading
+import urllib.error
+import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,14 @@ SD1X_SCHEDULER = {
     "set_alpha_to_one": False,
     "prediction_type": "epsilon",
 }
+
+# Stable Diffusion 1.5's ControlNet architecture (ControlNetModel.from_unet of SD 1.5's
+# UNet, 361 M parameters): the config a single-file ControlNet loads with unless given
+# another, so a local .safetensors never needs the network.
+SD15_CONTROLNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15-controlnet"
+# A single-file checkpoint whose configs come from a hub id first asks the hub whether it
+# answers, for at most this long; without an answer only the local cache is used.
+HUB_PROBE_SECONDS = 8.0
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -261,6 +272,36 @@ def _fetch(name: str, allow_pickle: bool, download: DownloadHooks | None) -> str
         raise ModelLoadError(str(exc)) from exc
 
 
+def hub_unreachable(repo_id: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """None when the Hugging Face hub answers (any HTTP status), else why it does not:
+    offline mode, a refused connection, or no answer within ``timeout`` seconds."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT.rstrip("/")
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        request = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="HEAD")
+        try:
+            urllib.request.urlopen(request, timeout=timeout).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:
+            outcome.append(None)  # it answered (401/404 are for the loader to explain)
+        except Exception as exc:  # URLError, timeouts, SSL: no usable connection
+            reason = getattr(exc, "reason", None) or exc
+            outcome.append(f"the hub at {endpoint} cannot be reached ({reason})")
+
+    # A thread, so that a DNS lookup that hangs is bounded too (urlopen's timeout is not).
+    thread = threading.Thread(target=probe, daemon=True, name="t2vz-hub-probe")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"the hub at {endpoint} did not answer within {timeout:g} s"
+    return outcome[0]
+
+
 def _pretrained_kwargs(kind: str, allow_pickle: bool) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "use_safetensors": None if allow_pickle else True,
@@ -398,12 +439,15 @@ def _load_single_file(path: str, pix2pix: bool, config: str | None, dtype: torch
         raise ModelLoadError(
             f"model_config must be a diffusers folder or hub id, got {config_name}"
         )
+    offline = hub_unreachable(config_location) if config_kind == "hub" else None
+    if offline is not None:
+        log.warning("configs of %s: %s; looking in the local cache only", path, offline)
     try:
         pipeline = pipeline_cls.from_single_file(
             path,
             config=config_location,
             torch_dtype=dtype,
-            local_files_only=config_kind == "folder",
+            local_files_only=config_kind == "folder" or offline is not None,
             safety_checker=None,
             requires_safety_checker=False,
         )
@@ -436,25 +480,50 @@ def load_controlnet(
 
     device = device or torch.device("cpu")
     kind, location = resolve_source(name)
+    if kind == "file":
+        _check_pickle_file(location, allow_pickle)
+        return _place(_load_single_file_controlnet(location, config, dtype), device, dtype)
     if kind == "hub":
         kind, location = "folder", _fetch(name, allow_pickle, download)
+    if not (Path(location) / "config.json").is_file():
+        raise ModelLoadError(f"{location} is not a diffusers ControlNet folder (no config.json)")
+    _check_folder_weights(Path(location), allow_pickle)
     try:
-        if kind == "file":
-            _check_pickle_file(location, allow_pickle)
-            model = ControlNetModel.from_single_file(location, config=config, torch_dtype=dtype)
-        else:
-            if kind == "folder":
-                if not (Path(location) / "config.json").is_file():
-                    raise ModelLoadError(
-                        f"{location} is not a diffusers ControlNet folder (no config.json)"
-                    )
-                _check_folder_weights(Path(location), allow_pickle)
-            model = ControlNetModel.from_pretrained(
-                location, torch_dtype=dtype, **_pretrained_kwargs(kind, allow_pickle)
-            )
+        model = ControlNetModel.from_pretrained(
+            location, torch_dtype=dtype, **_pretrained_kwargs(kind, allow_pickle)
+        )
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(name, allow_pickle, exc) from exc
     return _place(model, device, dtype)
+
+
+def _load_single_file_controlnet(path: str, config: str | None, dtype: torch.dtype) -> Any:
+    """A ControlNet from one checkpoint file, its config from ``config`` (a diffusers
+    ControlNet folder or hub id) or the shipped SD 1.5 ControlNet config: no network."""
+    from diffusers import ControlNetModel
+
+    config_name = config or str(SD15_CONTROLNET_CONFIG)
+    config_kind, config_location = resolve_source(config_name)
+    if config_kind == "file":
+        raise ModelLoadError(
+            f"a ControlNet config must be a diffusers ControlNet folder or hub id, got {config}"
+        )
+    offline = hub_unreachable(config_location) if config_kind == "hub" else None
+    try:
+        return ControlNetModel.from_single_file(
+            path,
+            config=config_location,
+            local_files_only=config_kind == "folder" or offline is not None,
+            torch_dtype=dtype,
+            low_cpu_mem_usage=low_cpu_mem_usage(),
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        where = "the SD 1.5 ControlNet config" if config is None else repr(config)
+        raise ModelLoadError(
+            f"could not load single-file ControlNet {path} with {where}: {exc} (a ControlNet "
+            "of another architecture? give --controlnet-config / controlnets[].config a "
+            "diffusers ControlNet folder of its architecture)"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- cache

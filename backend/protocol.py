@@ -121,6 +121,9 @@ class ControlNetSpec:
     # Turns the control video into a control image in the backend ("none": use as is).
     # A control path ending in .json holds OpenPose keypoints and is drawn by the backend.
     detector: str = "none"
+    # Where a single-file ControlNet gets its config.json (a diffusers ControlNet folder or
+    # hub id); None: the SD 1.5 ControlNet config shipped with the backend (no network).
+    config: str | None = None
 
 
 @dataclass
@@ -352,6 +355,9 @@ def _controlnet(name: str, value: Any) -> ControlNetSpec:
         control=_video(f"{name}.control", value["control"]),
         weight=_float(f"{name}.weight", value.get("weight", 1.0), lo=0.0, hi=10.0),
         detector=_choice(f"{name}.detector", value.get("detector", "none"), DETECTORS),
+        config=None
+        if value.get("config") is None
+        else _str(f"{name}.config", value["config"], nonempty=True),
     )
 
 

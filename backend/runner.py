@@ -197,6 +197,7 @@ def run_job(
         controlnets = [
             cache.controlnet(
                 c.model,
+                config=c.config,
                 download=download,
                 allow_pickle=allow_pickle,
                 device=device,

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from backend.cli import build_parser, job_from_args, main
-from backend.protocol import MAX_LINE_BYTES, JobError, validate_job
+from backend.protocol import DEFAULT_MODEL, MAX_LINE_BYTES, JobError, validate_job
 from backend.video_io import write_png
 
 Run = Callable[..., subprocess.CompletedProcess]
@@ -287,6 +287,32 @@ def test_a_full_disk_is_one_line_naming_the_cause_and_the_path(
     assert err.startswith("error: OSError: ") and "No space left on device" in err
     assert str(tmp_path) in err and "frame_00001.png" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_default_hub_model_offline_is_one_clear_line(run_backend: Run, tmp_path: Path) -> None:
+    """Leaving the model empty offline used to mean minutes of retries and a raw error."""
+    out = tmp_path / "out"
+    proc = run_backend("generate", "--prompt", "x", "--out", str(out), "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ModelLoadError: model ")
+    assert f"{DEFAULT_MODEL!r}" in last and "give a local folder or .safetensors file" in last
+    assert not out.exists()
+
+
+def test_controlnet_configs_one_for_all_or_one_each() -> None:
+    pairs = ["--controlnet", "a.safetensors", "--control", "c1"]
+    pairs += ["--controlnet", "b.safetensors", "--control", "c2"]
+    one = parse(*pairs, "--controlnet-config", "cfg")["controlnets"]
+    assert [c["config"] for c in one] == ["cfg", "cfg"]
+    each = parse(*pairs, "--controlnet-config", "x", "--controlnet-config", "y")["controlnets"]
+    assert [c["config"] for c in each] == ["x", "y"]
+    assert "config" not in parse(*pairs)["controlnets"][0]
+    fields = {"prompt": "p", "out": "o", "mode": "controlnet"}
+    job = validate_job({**parse(*pairs, "--controlnet-config", "cfg"), **fields})
+    assert job.controlnets[1].config == "cfg"
+    with pytest.raises(JobError, match="--controlnet-config"):
+        parse(*pairs, *["--controlnet-config", "x"] * 3)
 
 
 # --------------------------------------------------------------------------- arguments

@@ -63,6 +63,81 @@ def test_hub_ids_fail_cleanly_offline() -> None:
         load_base_model("someone/nothing")
 
 
+class Endpoint:
+    """A loopback hub endpoint that refuses connections or accepts and never answers;
+    ``connections`` counts the connections it accepted."""
+
+    def __init__(self, behaviour: str):
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self.held: list[Any] = []
+        if behaviour == "refused":
+            self.sock.close()  # nothing listens on the port any more
+            return
+        self.sock.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            self.held.append(conn)  # read nothing, answer nothing
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Take the hub out of offline mode and point it at a loopback Endpoint."""
+    from huggingface_hub import constants
+
+    endpoints: list[Endpoint] = []
+
+    def make(behaviour: str) -> Endpoint:
+        endpoint = Endpoint(behaviour)
+        endpoints.append(endpoint)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint.url)
+        return endpoint
+
+    yield make
+    for endpoint in endpoints:
+        endpoint.close()
+
+
+@pytest.mark.parametrize("behaviour", ["offline", "refused", "silent"])
+@pytest.mark.parametrize("loader", [load_base_model, load_controlnet])
+def test_a_hub_id_without_network_fails_within_15_s_saying_what_to_do(
+    online: Any, behaviour: str, loader: Any
+) -> None:
+    """With no network a hub id took 263 s of retries to fail (the default model is one)."""
+    import time
+
+    if behaviour != "offline":
+        online(behaviour)
+    started = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
+        loader("t2vz-tests/not-in-any-cache")
+    seconds = time.perf_counter() - started
+    text = str(info.value)
+    assert seconds < 15, f"{seconds:.1f} s"
+    assert "model 't2vz-tests/not-in-any-cache'" in text
+    assert "give a local folder or .safetensors file" in text and "pickle" not in text
+    reason = {"offline": "HF_HUB_OFFLINE", "refused": "out of reach", "silent": "out of reach"}
+    assert reason[behaviour] in text and len(text) < 1000
+
+
 # --------------------------------------------------------------------------- folders
 
 
@@ -169,6 +244,44 @@ def test_single_file_config_must_be_a_folder_or_hub_id(ldm_checkpoint: Path) -> 
 def test_single_file_without_local_configs_fails_cleanly_offline(ldm_checkpoint: Path) -> None:
     with pytest.raises(ModelLoadError, match="single-file checkpoint"):
         load_base_model(str(ldm_checkpoint))
+
+
+def test_shipped_controlnet_config_is_sd15s_unet_as_a_controlnet() -> None:
+    """The shipped config is ControlNetModel.from_unet of the SD 1.5 UNet config."""
+    import json
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    repo = Path(__file__).resolve().parent.parent
+    unet_config = json.loads((repo / "bench/configs/sd15/unet/config.json").read_text())
+    shipped = json.loads((models.SD15_CONTROLNET_CONFIG / "config.json").read_text())
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        derived = ControlNetModel.from_unet(unet, load_weights_from_unet=False)
+        built = ControlNetModel.from_config(shipped)
+    derived_config = json.loads(json.dumps(dict(derived.config)))
+    assert {k: v for k, v in shipped.items() if not k.startswith("_")} == {
+        k: v for k, v in derived_config.items() if not k.startswith("_")
+    }
+    assert sum(p.numel() for p in built.parameters()) == 361_279_120  # SD 1.5 ControlNet
+
+
+def test_local_single_file_controlnet_never_touches_the_network(
+    online: Any, tiny_models: dict, tiny_controlnet: Any, tmp_path: Path
+) -> None:
+    """A local .safetensors ControlNet went to the hub for its config (29 s offline, naming
+    a repository the user never chose, with a pickle hint)."""
+    endpoint = online("silent")
+    single = tmp_path / "my-controlnet.safetensors"
+    shutil.copy(tiny_models["tiny-controlnet"] / "diffusion_pytorch_model.safetensors", single)
+    loaded = load_controlnet(str(single), config=str(tiny_models["tiny-controlnet"]))
+    same_weights(loaded, tiny_controlnet)
+    with pytest.raises(ModelLoadError) as info:  # the tiny weights do not fit SD 1.5's config
+        load_controlnet(str(single))
+    text = str(info.value)
+    assert "the SD 1.5 ControlNet config" in text and "--controlnet-config" in text
+    assert "pickle" not in text
+    assert endpoint.connections == 0
 
 
 def test_exporter_is_general_over_block_counts() -> None:
