@@ -106,3 +106,39 @@ def test_a_job_that_finishes_as_it_is_cancelled_leaves_nothing(
     assert (fake_runner.outcome.level, fake_runner.outcome.message) == ("INFO", "Cancelled")
     assert not out.exists()  # the folder the finished job made is removed again
     assert not strips_of(bpy.context.scene)
+
+
+def _staging(folder: Path, pid: int) -> Path:
+    """A backend staging folder (with a half-written frame) owned by process ``pid``."""
+    from blender_t2vz import backend_paths
+
+    path = folder / backend_paths.load_protocol().partial_name("shot", pid=pid)
+    path.mkdir(parents=True)
+    (path / "frame_00001.png").write_bytes(b"half")
+    return path
+
+
+def test_starting_a_job_sweeps_partial_folders_of_dead_processes(
+    fake_runner: runtime.Runner, tmp_path: Path
+) -> None:
+    """Folders left by a worker killed outright (OOM killer, SIGKILL) stayed forever."""
+    import os
+    import subprocess
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = _staging(tmp_path, dead.pid)
+    running = _staging(tmp_path, os.getpid())
+    submit(fake_runner, "a cat", tmp_path / "out")
+    assert not stale.exists() and running.exists()
+    step_until(fake_runner, lambda: not fake_runner.busy)
+
+
+def test_a_crashed_worker_leaves_no_partial_folder(
+    fake_runner: runtime.Runner, tmp_path: Path
+) -> None:
+    submit(fake_runner, "crash", tmp_path / "out")
+    left = _staging(tmp_path, fake_runner.client.pid)  # as if it died while writing
+    step_until(fake_runner, lambda: not fake_runner.busy)
+    assert fake_runner.outcome.level == "ERROR"
+    assert not left.exists()
