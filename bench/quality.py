@@ -31,7 +31,8 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,7 @@ class Variant:
     frames: int  # video length run; every shorter measured length is its first frames
     kwargs: dict = field(default_factory=dict)  # engine keywords
     independent: bool = False  # one-frame runs, each frame with its own seed
+    legacy_warp: bool = False  # the warp before the fix (bench.warp_check): a control row
 
 
 def text2video_variants(settings: Settings) -> list[Variant]:
@@ -100,6 +102,7 @@ def text2video_variants(settings: Settings) -> list[Variant]:
         Variant(f"no cross-frame attn m{default:g}", default, long, no_xattn),
         Variant(f"full m{strong:g}", strong, long),
         Variant(f"no cross-frame attn m{strong:g}", strong, short, no_xattn),
+        Variant(f"legacy warp m{strong:g} (control)", strong, short, legacy_warp=True),
         Variant("no motion dynamics", None, short),
         Variant("independent frames", None, short, independent=True),
         Variant(f"bg smoothing m{default:g}", default, short, {"smooth_bg": True}),
@@ -189,15 +192,35 @@ def text2video(
         )
     else:
         motion = variant.motion or 0.0
-        latents = engine(
-            num_frames=variant.frames,
-            chunk_size=variant.frames,
-            seed=seed,
-            motion=(motion, motion),
-            **common,
-            **variant.kwargs,
-        )
+        with legacy_warp(variant.legacy_warp):
+            latents = engine(
+                num_frames=variant.frames,
+                chunk_size=variant.frames,
+                seed=seed,
+                motion=(motion, motion),
+                **common,
+                **variant.kwargs,
+            )
     return decode(engine, latents)
+
+
+@contextmanager
+def legacy_warp(active: bool) -> Iterator[None]:
+    """While active, the engine warps with the pre-fix warp (nearest at exactly x + s, ties
+    to even: duplicated latent rows on half-pixel shifts), to show what the figures see."""
+    if not active:
+        yield
+        return
+    import backend.engine as engine_module
+
+    from .warp_check import legacy_translate
+
+    fixed = engine_module.translate_latents
+    engine_module.translate_latents = legacy_translate
+    try:
+        yield
+    finally:
+        engine_module.translate_latents = fixed
 
 
 def displacements(settings: Settings, motion: float | None, frames: int) -> list:
@@ -272,6 +295,14 @@ def summarise(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 @dataclass
+class Outputs:
+    """What the sections leave besides their table rows."""
+
+    sheets: dict[str, np.ndarray] = field(default_factory=dict)  # contact sheets (RGB)
+    per_seed: dict[str, dict[str, list]] = field(default_factory=dict)  # section -> row -> seeds
+
+
+@dataclass
 class Models:
     """The loaded engines of a benchmark run."""
 
@@ -292,7 +323,7 @@ def load_models(names: Sequence[str], sections: Sequence[str]) -> Models:
     return Models(TextToVideoZero(base), controlnet, pix2pix, tuple(names))
 
 
-def run_fidelity(models: Models, settings: Settings, sheets: dict) -> dict:
+def run_fidelity(models: Models, settings: Settings, out: Outputs) -> dict:
     """Prompt fidelity of single images, and of the world's renders of the same scenes."""
     parts = {"colour": [], "shape": [], "background": []}
     truth = []
@@ -320,7 +351,7 @@ def run_fidelity(models: Models, settings: Settings, sheets: dict) -> dict:
             shape = scene.shapes[0]
             labels.append((f"{shape.colour} {shape.kind}", f"on {scene.background}"))
     everything = [all(v) for v in zip(*parts.values(), strict=True)]
-    sheets["fidelity"] = captioned_grid(images, labels, columns=8)
+    out.sheets["fidelity"] = captioned_grid(images, labels, columns=8)
     return {
         "fidelity": float(np.mean(everything)),
         **{f"{k}_match": float(np.mean(v)) for k, v in parts.items()},
@@ -329,9 +360,10 @@ def run_fidelity(models: Models, settings: Settings, sheets: dict) -> dict:
     }
 
 
-def run_text2video(models: Models, settings: Settings, sheets: dict) -> list[dict]:
-    """The ablation table: one row per variant and video length."""
+def run_text2video(models: Models, settings: Settings, out: Outputs) -> list[dict]:
+    """The ablation table: one row per variant and video length (and per-seed figures)."""
     rows = []
+    per_seed: dict[str, list] = out.per_seed.setdefault("text2video", {})
     sheet_rows = []
     for variant in text2video_variants(settings):
         lengths = [n for n in (settings.short, settings.frames) if n <= variant.frames]
@@ -344,6 +376,7 @@ def run_text2video(models: Models, settings: Settings, sheets: dict) -> list[dic
             colour = scene.shapes[0].colour
             for length, figures in video_figures(frames, shifts, colour, lengths).items():
                 per_length[length].append(figures)
+                per_seed.setdefault(f"{variant.name}, {length} frames", []).append(figures)
             if seed == 0:
                 sheet_rows.append((variant.name, frames[:: max(1, variant.frames // 8)]))
         seconds = (time.perf_counter() - started) / settings.seeds
@@ -358,11 +391,11 @@ def run_text2video(models: Models, settings: Settings, sheets: dict) -> list[dic
                     "s_per_video": seconds,
                 }
             )
-    sheets["text2video"] = labelled_rows(sheet_rows)
+    out.sheets["text2video"] = labelled_rows(sheet_rows)
     return rows
 
 
-def run_controlnet(models: Models, settings: Settings, sheets: dict) -> list[dict]:
+def run_controlnet(models: Models, settings: Settings, out: Outputs) -> list[dict]:
     """ControlNet video on Canny edges of a moving shape, with and without cross-frame attn."""
     rows, sheet_rows = [], []
     engine = models.controlnet
@@ -407,21 +440,26 @@ def run_controlnet(models: Models, settings: Settings, sheets: dict) -> list[dic
                 sheet_rows.append((name, frames))
         seconds = (time.perf_counter() - started) / settings.seeds
         progress(f"controlnet {name}: {seconds:.1f} s/video")
+        out.per_seed.setdefault("controlnet", {})[name] = figures
         rows.append({"variant": name, "frames": n, **summarise(figures), "s_per_video": seconds})
-    sheets["controlnet"] = labelled_rows(sheet_rows)
+    out.sheets["controlnet"] = labelled_rows(sheet_rows)
     return rows
 
 
 def pix2pix_variants(engine: TextToVideoZero) -> list[tuple[str, dict, bool]]:
-    """(name, engine keywords, per-frame runs) of the Pix2Pix comparison."""
-    return [
+    """(name, engine keywords, per-frame runs) of the Pix2Pix comparison; the initial noise
+    schedules when the engine offers them (shared x_T is the default)."""
+    variants = [
         ("video pix2pix", {}, False),
         ("no cross-frame attn", {"cross_frame_attention": False}, False),
-        ("per-frame pix2pix", {}, True),
     ]
+    if "initial_noise" in inspect.signature(type(engine).__call__).parameters:
+        variants.append(("video, per-frame x_T", {"initial_noise": "per_frame"}, False))
+    variants.append(("per-frame pix2pix", {}, True))
+    return variants
 
 
-def run_pix2pix(models: Models, settings: Settings, sheets: dict) -> list[dict]:
+def run_pix2pix(models: Models, settings: Settings, out: Outputs) -> list[dict]:
     """Video Instruct-Pix2Pix of a moving shape against per-frame Pix2Pix."""
     rows, sheet_rows = [], []
     engine = models.pix2pix
@@ -465,8 +503,9 @@ def run_pix2pix(models: Models, settings: Settings, sheets: dict) -> list[dict]:
                 sheet_rows.append((name, frames))
         seconds = (time.perf_counter() - started) / settings.seeds
         progress(f"pix2pix {name}: {seconds:.1f} s/video")
+        out.per_seed.setdefault("pix2pix", {})[name] = figures
         rows.append({"variant": name, "frames": n, **summarise(figures), "s_per_video": seconds})
-    sheets["pix2pix"] = labelled_rows(sheet_rows)
+    out.sheets["pix2pix"] = labelled_rows(sheet_rows)
     return rows
 
 
@@ -674,11 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header, flush=True)
     results: dict = {"settings": asdict(settings), "models": list(names), "header": header}
-    sheets: dict[str, np.ndarray] = {}
+    outputs = Outputs()
     for section in args.sections:
         section_started = time.perf_counter()
         with torch.inference_mode():
-            result = RUNNERS[section](models, settings, sheets)
+            result = RUNNERS[section](models, settings, outputs)
         results[section] = result
         print(f"\n{section} ({time.perf_counter() - section_started:.0f} s)")
         if section == "fidelity":
@@ -694,8 +733,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     results["seconds"] = time.perf_counter() - started
     print(f"\ntotal {results['seconds']:.0f} s")
+    results["per_seed"] = outputs.per_seed
     if args.sheets:
-        results["sheets"] = write_sheets(sheets, args.sheets)
+        results["sheets"] = write_sheets(outputs.sheets, args.sheets)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
