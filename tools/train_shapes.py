@@ -1,0 +1,727 @@
+"""Train the built-in shapes models on the synthetic world of ``backend/shapes.py``.
+
+    .venv/bin/python -m tools.train_shapes --stage all [--out backend/builtin] [--threads 2]
+
+Stages run in order and each reads what the previous one saved, so one can be re-run alone:
+
+* ``vae``: the word-level CLIP tokenizer and an AutoencoderKL (4 latent channels, factor 8),
+  written into ``OUT/shapes/{tokenizer,vae}``; the VAE config's ``scaling_factor`` is set so
+  scaled latents of the training images have unit standard deviation;
+* ``base``: CLIPTextModel + UNet2DConditionModel trained jointly (epsilon prediction, SD's
+  noise schedule, 10 % empty prompts for classifier-free guidance) -> ``OUT/shapes``;
+* ``controlnet``: ``ControlNetModel.from_unet`` on the frozen base, controlled by
+  ``backend.controls.canny`` of the rendered frame -> ``OUT/shapes-controlnet``;
+* ``pix2pix``: an 8-input-channel UNet initialised from the base (extra channels zero),
+  trained on ``shapes.random_edit`` pairs with InstructPix2Pix conditioning dropout
+  -> ``OUT/shapes-pix2pix`` (tokenizer, text encoder and VAE are the base's, byte for byte).
+
+Everything is seeded (``--seed``); weights are stored as fp16 safetensors (loading upcasts
+to the job's dtype). Nothing here runs in tests or CI: the trained folders are committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend import shapes
+from backend.controls import canny
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "backend" / "builtin"
+# Rendered training images, reused by the stages (each runs in its own process if asked).
+DATA_CACHE = Path(tempfile.gettempdir()) / "t2vz-train-shapes"
+STAGES = ("vae", "base", "controlnet", "pix2pix")
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+# Words of every prompt and instruction the world makes (see shapes.Scene.prompt, shapes.Edit).
+WORLD_WORDS = ("a", "and", "on", "background", "make", "the", *shapes.COLOURS, *shapes.SHAPES)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Sizes and schedules; defaults fit all stages in about 40 minutes on 2 CPU cores."""
+
+    seed: int = 20261122
+    image_size: int = 64  # the world is rendered at 64x64; latents are 8x8 (factor 8)
+    scenes: int = 6000  # rendered once and shared by vae/base/controlnet (13 ms each)
+    edits: int = 4000  # edit pairs for pix2pix (two renders each)
+    vae_steps: int = 400
+    vae_batch: int = 8
+    vae_lr: float = 2e-3
+    vae_resume_steps: int = 1400  # a second run continuing the first (--resume)
+    vae_kl: float = 1e-6  # tiny KL: a near-deterministic autoencoder, as in SD's VAE
+    base_steps: int = 1000
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    base_resume_steps: int = 2500  # a second run continuing the first (--resume)
+    empty_prompt: float = 0.1  # classifier-free guidance needs the unconditional branch
+    snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023): faster convergence
+    ema: float = 0.995
+    controlnet_steps: int = 1200
+    controlnet_lr: float = 5e-4
+    pix2pix_steps: int = 2000
+    pix2pix_lr: float = 4e-4
+    drop_text: float = 0.05  # InstructPix2Pix conditioning dropout (Brooks et al. 2023, 3.2)
+    drop_image: float = 0.05
+    warmup: int = 100
+
+
+def log(message: str) -> None:
+    """Progress line with a wall-clock stamp."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A CLIP tokenizer whose merges make every world word one token (bytes still fall back)."""
+    from transformers import CLIPTokenizer
+
+    from backend.tiny import _byte_vocab
+
+    chars = _byte_vocab()
+    tokens = chars + [c + "</w>" for c in chars]
+    known = set(tokens)
+    merges: list[str] = []
+    # Longer words first: BPE applies the lowest-ranked merge present, so a short word's
+    # merges ("a n" of "and") must rank after the chains of words containing them ("orange").
+    for word in sorted(set(WORLD_WORDS), key=lambda w: (-len(w), w)):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        current = parts[0]
+        for part in parts[1:]:
+            merge = f"{current} {part}"
+            if merge not in merges:
+                merges.append(merge)
+            current += part
+            if current not in known:
+                tokens.append(current)
+                known.add(current)
+    tokens += list(SPECIAL_TOKENS)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file, merges_file = Path(tmp, "vocab.json"), Path(tmp, "merges.txt")
+        vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+        merges_file.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        tokenizer = CLIPTokenizer(
+            str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77
+        )
+        for word in WORLD_WORDS:
+            ids = tokenizer(word, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise RuntimeError(f"tokenizer splits world word {word!r} into {len(ids)} tokens")
+        tokenizer.save_pretrained(str(folder))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _render(scene: shapes.Scene) -> np.ndarray:
+    return shapes.render(scene)
+
+
+def render_all(scenes: list[shapes.Scene], workers: int) -> np.ndarray:
+    """(n, H, W, 3) uint8 renders; the scenes are drawn beforehand, so order is deterministic."""
+    with Pool(workers) as pool:
+        return np.stack(pool.map(_render, scenes, chunksize=64))
+
+
+def cached_render(key: str, scenes: list[shapes.Scene], workers: int) -> np.ndarray:
+    """render_all, kept in DATA_CACHE under ``key`` (renders are deterministic) for the
+    stages that run in other processes."""
+    cache = DATA_CACHE / f"{key}.npy"
+    if cache.is_file():
+        return np.load(cache)
+    images = render_all(scenes, workers)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{time.time_ns()}.npy")
+    np.save(tmp, images)
+    tmp.replace(cache)
+    return images
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def make_scenes(seed: int, count: int) -> list[shapes.Scene]:
+    """``count`` random scenes from one seeded generator."""
+    rng = random.Random(seed)
+    return [shapes.random_scene(rng) for _ in range(count)]
+
+
+def batches(n: int, batch: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless random index batches over ``n`` items (a fresh permutation each epoch)."""
+    while True:
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n - batch + 1, batch):
+            yield order[i : i + batch]
+
+
+def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10 %."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class EMA:
+    """Exponential moving average of parameters (with the usual warmup of the decay)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = copy.deepcopy(module).requires_grad_(False)
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        """Blend the module's current parameters into the average."""
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for avg, cur in zip(self.shadow.parameters(), module.parameters(), strict=True):
+            avg.lerp_(cur.detach(), 1 - decay)
+
+
+# --------------------------------------------------------------------------- models
+
+
+def vae_config() -> dict:
+    """Four encoder/decoder levels: SD's factor 8 (64x64 -> 8x8), 4 latent channels."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 64),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def unet_config(in_channels: int, cross_dim: int) -> dict:
+    """Cross- and self-attention at both latent resolutions (8x8 and 4x4) and in the middle."""
+    return dict(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_dim,
+        attention_head_dim=4,  # diffusers' legacy name: the number of heads
+        norm_num_groups=8,
+    )
+
+
+def text_config(tokenizer, cross_dim: int):
+    """A two-layer CLIP text encoder; its hidden states are the UNet's cross-attention input."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cross_dim,
+        intermediate_size=cross_dim * 2,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=cross_dim,
+    )
+
+
+def scheduler():
+    """Stable Diffusion 1.x's noise schedule and DDIM settings."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(n, 77) ids, padded exactly as the engine pads them."""
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def save_fp16(module: torch.nn.Module, folder: Path) -> None:
+    """save_pretrained with fp16 safetensors (a copy; the trained module stays fp32)."""
+    copy.deepcopy(module).to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Trainer:
+    """Runs the stages; holds the rendered data shared between them."""
+
+    def __init__(self, config: TrainConfig, out: Path, workers: int):
+        self.config = config
+        self.out = out
+        self.workers = workers
+        self._images: np.ndarray | None = None
+        self._scenes: list[shapes.Scene] | None = None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.out / "shapes"
+
+    def data(self) -> tuple[list[shapes.Scene], np.ndarray]:
+        """The shared scenes and their 64x64 renders (rendered once per process)."""
+        if self._images is None:
+            started = time.perf_counter()
+            self._scenes = make_scenes(self.config.seed, self.config.scenes)
+            key = f"scenes-{self.config.seed}-{self.config.scenes}"
+            self._images = cached_render(key, self._scenes, self.workers)
+            log(f"rendered {len(self._scenes)} scenes in {time.perf_counter() - started:.0f} s")
+        return self._scenes, self._images
+
+    def seed(self, stage: str) -> torch.Generator:
+        """Seed torch for a stage (its own offset, so stages re-run alone reproduce)."""
+        offset = STAGES.index(stage) + 1
+        torch.manual_seed(self.config.seed + offset)
+        return torch.Generator().manual_seed(self.config.seed + 100 * offset)
+
+    # ---------------------------------------------------------------- vae
+    def train_vae(self, resume: bool = False) -> None:
+        """Tokenizer and autoencoder: L1 + MSE reconstruction and a tiny KL term."""
+        from diffusers import AutoencoderKL
+
+        cfg = self.config
+        gen = self.seed("vae")
+        write_tokenizer(self.base_dir / "tokenizer")
+        _, images = self.data()
+        pixels = to_tensor(images)
+        vae = AutoencoderKL(**vae_config())
+        if resume:  # continue a previous run's weights (see --resume)
+            vae.load_state_dict(self.load_vae().state_dict())
+            vae.requires_grad_(True).train()
+        steps = cfg.vae_resume_steps if resume else cfg.vae_steps
+        optim = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(50, steps))
+        index = batches(len(pixels), cfg.vae_batch, gen)
+        started = time.perf_counter()
+        for step in range(steps):
+            x = pixels[next(index)]
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+            recon = vae.decode(z).sample
+            loss = F.l1_loss(recon, x) + F.mse_loss(recon, x)
+            loss = loss + cfg.vae_kl * posterior.kl().mean()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optim.step()
+            sched.step()
+            if step % 100 == 0 or step == steps - 1:
+                log(f"vae {step}/{steps} loss {loss.item():.4f}")
+        vae.eval()
+        with torch.no_grad():
+            means = torch.cat(
+                [vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, 2048, 256)]
+            )
+        scale = float(1.0 / means.std())
+        vae.register_to_config(scaling_factor=round(scale, 5))
+        log(f"vae done in {time.perf_counter() - started:.0f} s; scaling_factor {scale:.5f}")
+        save_fp16(vae, self.base_dir / "vae")
+
+    # ---------------------------------------------------------------- latents
+    def load_vae(self):
+        """The saved VAE (fp16 on disk, fp32 here), frozen."""
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(str(self.base_dir / "vae"), torch_dtype=torch.float32)
+        return vae.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def posterior(self, vae, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std (n, 4, 8, 8) of uint8 images, unscaled."""
+        pixels = to_tensor(images)
+        means, stds = [], []
+        for i in range(0, len(pixels), 256):
+            dist = vae.encode(pixels[i : i + 256]).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        return torch.cat(means), torch.cat(stds)
+
+    def load_tokenizer(self):
+        from transformers import CLIPTokenizer
+
+        return CLIPTokenizer.from_pretrained(str(self.base_dir / "tokenizer"))
+
+    # ---------------------------------------------------------------- base
+    def train_base(self, resume: bool = False) -> None:
+        """Text encoder and UNet jointly: epsilon prediction on scaled VAE latents."""
+        from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        cfg = self.config
+        gen = self.seed("base")
+        scenes, images = self.data()
+        vae = self.load_vae()
+        tokenizer = self.load_tokenizer()
+        mean, std = self.posterior(vae, images)
+        scale = vae.config.scaling_factor
+        prompts = [s.prompt() for s in scenes]
+        ids = tokenize(tokenizer, prompts)
+        empty = tokenize(tokenizer, [""])[0]
+        cross_dim = 64
+        text_encoder = CLIPTextModel(text_config(tokenizer, cross_dim))
+        unet = UNet2DConditionModel(**unet_config(4, cross_dim))
+        if resume:  # continue a previous run's (EMA) weights (see --resume)
+            saved_unet, saved_text = self.load_base()
+            unet.load_state_dict(saved_unet.state_dict())
+            text_encoder.load_state_dict(saved_text.state_dict())
+            unet.requires_grad_(True)
+            text_encoder.requires_grad_(True)
+        log(
+            f"unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
+            f"text encoder {sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M"
+        )
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        modules = torch.nn.ModuleList([unet, text_encoder])
+        ema = EMA(modules, cfg.ema)
+
+        def step_fn(index: torch.Tensor) -> torch.Tensor:
+            latents = (
+                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
+            ) * scale
+            tokens = ids[index].clone()
+            drop = torch.rand(len(index), generator=gen) < cfg.empty_prompt
+            tokens[drop] = empty
+            text = text_encoder(tokens)[0]
+            return self.diffusion_loss(unet, latents, text, gen)
+
+        steps = cfg.base_resume_steps if resume else cfg.base_steps
+        self.fit("base", modules, params, step_fn, len(scenes), steps, cfg.base_lr, gen, ema)
+        unet, text_encoder = ema.shadow[0], ema.shadow[1]
+        sched = scheduler()
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=sched,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+            pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            self._replace(Path(tmp), self.base_dir, keep=("vae", "tokenizer"))
+
+    def diffusion_loss(
+        self,
+        unet,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        gen: torch.Generator,
+        extra: torch.Tensor | None = None,
+        **unet_kwargs,
+    ) -> torch.Tensor:
+        """Min-SNR-weighted epsilon MSE at uniformly drawn timesteps (SD's schedule)."""
+        alphas = self._alphas()
+        t = torch.randint(0, 1000, (len(latents),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
+        pred = unet(model_input, t, encoder_hidden_states=text, **unet_kwargs).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=self.config.snr_gamma) / snr
+        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        return (weight * per_sample).mean()
+
+    def _alphas(self) -> torch.Tensor:
+        if not hasattr(self, "_alphas_cache"):
+            self._alphas_cache = scheduler().alphas_cumprod.float()
+        return self._alphas_cache
+
+    def fit(self, name, modules, params, step_fn, n, steps, lr, gen, ema=None) -> None:
+        """AdamW with warmup and cosine decay over ``steps`` batches of ``step_fn``."""
+        cfg = self.config
+        batch = cfg.base_batch
+        optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+        sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(cfg.warmup, steps))
+        index = batches(n, batch, gen)
+        modules.train()
+        started = time.perf_counter()
+        running = None
+        for step in range(steps):
+            loss = step_fn(next(index))
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            if ema is not None:
+                ema.update(modules)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 100 == 0 or step == steps - 1:
+                elapsed = time.perf_counter() - started
+                log(f"{name} {step}/{steps} loss {running:.4f} ({elapsed:.0f} s)")
+        modules.eval()
+
+    def _replace(self, staged: Path, target: Path, keep: tuple[str, ...] = ()) -> None:
+        """Move a staged folder into place, keeping ``keep`` subfolders of the target."""
+        target.mkdir(parents=True, exist_ok=True)
+        for item in staged.iterdir():
+            if item.name in keep:
+                continue
+            dest = target / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            elif dest.exists():
+                dest.unlink()
+            shutil.move(str(item), str(dest))
+
+    def load_base(self):
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(
+            str(self.base_dir / "unet"), torch_dtype=torch.float32
+        )
+        text = CLIPTextModel.from_pretrained(
+            str(self.base_dir / "text_encoder"), torch_dtype=torch.float32
+        )
+        return unet.requires_grad_(False).eval(), text.requires_grad_(False).eval()
+
+    # ---------------------------------------------------------------- controlnet
+    def train_controlnet(self) -> None:
+        """ControlNet on the frozen base; control = canny edges of the rendered frame."""
+        from diffusers import ControlNetModel
+
+        cfg = self.config
+        gen = self.seed("controlnet")
+        scenes, images = self.data()
+        vae = self.load_vae()
+        tokenizer = self.load_tokenizer()
+        unet, text_encoder = self.load_base()
+        mean, std = self.posterior(vae, images)
+        scale = vae.config.scaling_factor
+        controls = torch.from_numpy(np.stack([canny(im) for im in images])).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            texts = text_encoder(tokenize(tokenizer, [s.prompt() for s in scenes]))[0]
+            empty = text_encoder(tokenize(tokenizer, [""]))[0][0]
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(16, 32, 64, 128)
+        )
+        controlnet.train()
+
+        def step_fn(index: torch.Tensor) -> torch.Tensor:
+            latents = (
+                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
+            ) * scale
+            text = texts[index].clone()
+            text[torch.rand(len(index), generator=gen) < cfg.empty_prompt] = empty
+            cond = controls[index].float() / 255  # (batch, 3, H, W) in [0, 1], as the engine
+            return self.controlnet_loss(unet, controlnet, latents, text, cond, gen)
+
+        modules = torch.nn.ModuleList([controlnet])
+        self.fit(
+            "controlnet",
+            modules,
+            list(controlnet.parameters()),
+            step_fn,
+            len(scenes),
+            cfg.controlnet_steps,
+            cfg.controlnet_lr,
+            gen,
+        )
+        target = self.out / "shapes-controlnet"
+        if target.exists():
+            shutil.rmtree(target)
+        save_fp16(controlnet, target)
+
+    def controlnet_loss(self, unet, controlnet, latents, text, cond, gen) -> torch.Tensor:
+        """Epsilon MSE (min-SNR weighted) of the frozen UNet plus the ControlNet residuals."""
+        alphas = self._alphas()
+        t = torch.randint(0, 1000, (len(latents),), generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        down, mid = controlnet(
+            noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+        )
+        pred = unet(
+            noisy,
+            t,
+            encoder_hidden_states=text,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=self.config.snr_gamma) / snr
+        return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    # ---------------------------------------------------------------- pix2pix
+    def train_pix2pix(self) -> None:
+        """InstructPix2Pix: 8-channel UNet from the base, edit pairs, conditioning dropout."""
+        from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+        cfg = self.config
+        gen = self.seed("pix2pix")
+        rng = random.Random(cfg.seed + 5)
+        edits = [shapes.random_edit(rng) for _ in range(cfg.edits)]
+        started = time.perf_counter()
+        key = f"edits-{cfg.seed}-{cfg.edits}"
+        before = cached_render(f"{key}-before", [e.before for e in edits], self.workers)
+        after = cached_render(f"{key}-after", [e.after for e in edits], self.workers)
+        log(f"rendered {len(edits)} edit pairs in {time.perf_counter() - started:.0f} s")
+        vae = self.load_vae()
+        tokenizer = self.load_tokenizer()
+        base_unet, text_encoder = self.load_base()
+        scale = vae.config.scaling_factor
+        mean, std = self.posterior(vae, after)
+        image_latents, _ = self.posterior(vae, before)  # the posterior mode, unscaled (engine)
+        with torch.no_grad():
+            texts = text_encoder(tokenize(tokenizer, [e.instruction for e in edits]))[0]
+            empty = text_encoder(tokenize(tokenizer, [""]))[0][0]
+        config = dict(base_unet.config)
+        config["in_channels"] = 8
+        unet = UNet2DConditionModel.from_config(config)
+        state = base_unet.state_dict()
+        weight = state["conv_in.weight"]
+        state["conv_in.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)
+        unet.load_state_dict(state)
+        modules = torch.nn.ModuleList([unet])
+        ema = EMA(modules, cfg.ema)
+
+        def step_fn(index: torch.Tensor) -> torch.Tensor:
+            latents = (
+                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
+            ) * scale
+            text = texts[index].clone()
+            image = image_latents[index].clone()
+            r = torch.rand(len(index), generator=gen)
+            # Paper 3.2: drop the text only, the image only, or both (5 % each).
+            drop_text = r < cfg.drop_text
+            drop_image = (r >= cfg.drop_text) & (r < cfg.drop_text + cfg.drop_image)
+            drop_both = (r >= cfg.drop_text + cfg.drop_image) & (
+                r < 2 * (cfg.drop_text + cfg.drop_image) - cfg.drop_text
+            )
+            text[drop_text | drop_both] = empty
+            image[drop_image | drop_both] = 0
+            return self.diffusion_loss(unet, latents, text, gen, extra=image)
+
+        self.fit(
+            "pix2pix",
+            modules,
+            list(unet.parameters()),
+            step_fn,
+            len(edits),
+            cfg.pix2pix_steps,
+            cfg.pix2pix_lr,
+            gen,
+            ema,
+        )
+        unet = ema.shadow[0]
+        pipe = StableDiffusionInstructPix2PixPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        target = self.out / "shapes-pix2pix"
+        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            save_fp16(unet, Path(tmp) / "unet")
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(tmp, target)
+            Path(tmp).mkdir()  # TemporaryDirectory removes it on exit
+        # Byte-identical copies of the base's shared parts (git stores them once).
+        for sub in ("tokenizer", "text_encoder", "vae"):
+            shutil.rmtree(target / sub)
+            shutil.copytree(self.base_dir / sub, target / sub)
+
+
+# What ``--stage all`` runs: the VAE and the base are each trained in two runs, the second
+# continuing the first's weights with a fresh optimiser and schedule (how the committed
+# weights were made: the first runs' budgets were set before the machine's speed was known).
+RECIPE = (
+    ("vae", False),
+    ("vae", True),
+    ("base", False),
+    ("base", True),
+    ("controlnet", False),
+    ("pix2pix", False),
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: train the chosen stages into ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a busy 2-core machine two OpenMP threads that wait "
+        "for each other made each step ~10x slower)",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes rendering the data")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument(
+        "--resume", action="store_true", help="vae, base: continue from the saved weights"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(TrainConfig(seed=args.seed), args.out, args.workers)
+    runs = RECIPE if args.stage == "all" else ((args.stage, args.resume),)
+    for stage, resume in runs:
+        started = time.perf_counter()
+        if stage in ("vae", "base"):
+            getattr(trainer, f"train_{stage}")(resume=resume)
+        else:
+            getattr(trainer, f"train_{stage}")()
+        log(
+            f"stage {stage}{' (resumed)' if resume else ''} done in {time.perf_counter() - started:.0f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()
