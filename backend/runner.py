@@ -24,7 +24,7 @@ from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from .hub import DownloadCancelled, DownloadHooks, DownloadProgress
 from .models import ModelCache, choose_dtype, resolve_device
 from .protocol import Job
-from .tiny import BUILTIN_PREFIX
+from .tiny import BUILTIN_PREFIX, TINY_KINDS
 from .video_io import (
     FrameStore,
     Mp4Writer,
@@ -162,7 +162,7 @@ def run_job(
     out = Path(job.out).expanduser().resolve()
     if out.exists():
         raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
-    if job.model.startswith(BUILTIN_PREFIX):
+    if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in TINY_KINDS:
         log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
     # Everything that can be checked without models is checked first: an unwritable output
     # folder or a missing input must not wait for minutes of model loading to be reported.

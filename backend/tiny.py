@@ -1,9 +1,14 @@
-"""Tiny random-weight Stable Diffusion 1.x-shaped models, built locally for smoke tests.
+"""Built-in models: tiny random-weight ones built locally, and the trained shapes models.
 
 ``builtin:tiny`` (base), ``builtin:tiny-controlnet`` and ``builtin:tiny-pix2pix`` are
 built here once, saved as diffusers folders with safetensors weights, and then loaded
 through the same loading code as any user model. They produce noise-like images: they
 exist so the whole chain runs offline on any machine in seconds, not to make pictures.
+
+``builtin:shapes``, ``builtin:shapes-controlnet`` and ``builtin:shapes-pix2pix`` are
+trained by ``tools/train_shapes.py`` on the synthetic world of ``backend/shapes.py`` and
+ship inside the package (``backend/builtin/``): they make pictures whose content the prompt
+determines, so quality can be measured offline.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ import torch
 
 BUILTIN_PREFIX = "builtin:"
 TINY_KINDS = ("tiny", "tiny-controlnet", "tiny-pix2pix")
+SHAPES_KINDS = ("shapes", "shapes-controlnet", "shapes-pix2pix")
+BUILTIN_KINDS = TINY_KINDS + SHAPES_KINDS
+# The trained shapes models, committed with the package (see tools/train_shapes.py).
+SHIPPED_DIR = Path(__file__).resolve().parent / "builtin"
 # Bump when the tiny architecture changes so stale caches are rebuilt.
 TINY_REVISION = 2
 TINY_SEED = 1234
@@ -186,13 +195,21 @@ def build_tiny(kind: str, folder: Path) -> Path:
 
 
 def ensure_builtin(name: str) -> Path:
-    """Folder of built-in model ``builtin:KIND``, building it once into the cache."""
+    """Folder of built-in model ``builtin:KIND``: shipped (shapes) or built once into the cache."""
     kind = name[len(BUILTIN_PREFIX) :] if name.startswith(BUILTIN_PREFIX) else name
-    if kind not in TINY_KINDS:
+    if kind not in BUILTIN_KINDS:
         raise ValueError(
             f"unknown built-in model {name!r}; choose one of "
-            + ", ".join(BUILTIN_PREFIX + k for k in TINY_KINDS)
+            + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_KINDS)
         )
+    if kind in SHAPES_KINDS:
+        folder = SHIPPED_DIR / kind
+        if not folder.is_dir():
+            raise ValueError(
+                f"built-in model {name!r} is missing from this installation ({folder}); "
+                "reinstall the extension or train it with python -m tools.train_shapes"
+            )
+        return folder
     target = cache_dir() / f"{kind}-r{TINY_REVISION}"
     if target.is_dir():
         return target

@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "backend" / "builtin"
 # Rendered training images, reused by the stages (each runs in its own process if asked).
 DATA_CACHE = Path(tempfile.gettempdir()) / "t2vz-train-shapes"
+# Share of ControlNet training controls drawn from the silhouette (see control_images).
+SILHOUETTE_CONTROLS = 0.3
 STAGES = ("vae", "base", "controlnet", "pix2pix")
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # Words of every prompt and instruction the world makes (see shapes.Scene.prompt, shapes.Edit).
@@ -125,6 +127,10 @@ def write_tokenizer(folder: Path) -> None:
             if len(ids) != 1:
                 raise RuntimeError(f"tokenizer splits world word {word!r} into {len(ids)} tokens")
         tokenizer.save_pretrained(str(folder))
+        # Also the slow tokenizer's files, for transformers versions that do not read
+        # tokenizer.json into CLIPTokenizer.
+        shutil.copy(vocab_file, folder / "vocab.json")
+        shutil.copy(merges_file, folder / "merges.txt")
 
 
 # --------------------------------------------------------------------------- data
@@ -152,6 +158,20 @@ def cached_render(key: str, scenes: list[shapes.Scene], workers: int) -> np.ndar
     np.save(tmp, images)
     tmp.replace(cache)
     return images
+
+
+def control_images(scenes: list[shapes.Scene], images: np.ndarray, seed: int) -> np.ndarray:
+    """Canny edges of each rendered frame; for a share of the scenes, canny of the bare
+    silhouette instead (the render's edges are mostly texture, and a shape of a dark colour
+    on a dark background gives none), so clean outlines drive the model too."""
+    rng = random.Random(seed + 11)
+    out = []
+    for scene, image in zip(scenes, images, strict=True):
+        if rng.random() < SILHOUETTE_CONTROLS:
+            mask = (shapes.silhouette(scene) * 255).round().astype(np.uint8)
+            image = np.repeat(mask[:, :, None], 3, axis=2)
+        out.append(canny(image))
+    return np.stack(out)  # (n, H, W, 3) uint8
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -536,7 +556,7 @@ class Trainer:
         unet, text_encoder = self.load_base()
         mean, std = self.posterior(vae, images)
         scale = vae.config.scaling_factor
-        controls = torch.from_numpy(np.stack([canny(im) for im in images])).permute(0, 3, 1, 2)
+        controls = torch.from_numpy(control_images(scenes, images, cfg.seed)).permute(0, 3, 1, 2)
         with torch.no_grad():
             texts = text_encoder(tokenize(tokenizer, [s.prompt() for s in scenes]))[0]
             empty = text_encoder(tokenize(tokenizer, [""]))[0][0]
