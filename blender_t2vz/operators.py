@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import bpy
-from bpy.props import EnumProperty, IntProperty
+from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from . import backend_paths, capabilities, jobs, preferences, runtime, strips
 from .properties import ADAPTER_KIND_ITEMS
@@ -503,6 +503,9 @@ class T2VZ_OT_install_backend(bpy.types.Operator):
         if runtime.INSTALLER.running:
             cls.poll_message_set("The installer is already running")
             return False
+        if not preferences.online_access():
+            cls.poll_message_set(preferences.OFFLINE_INSTALL)
+            return False
         return True
 
     def execute(self, context: Any) -> set[str]:
@@ -543,6 +546,91 @@ class T2VZ_OT_install_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def _cache_request(operator: Any, context: Any, send: Any) -> set[str]:
+    """Send a model-cache request to the worker (started if needed); report failures."""
+    prefs = preferences.get_prefs(context)
+    try:
+        python = preferences.resolve_python(prefs)
+        send(python=python, env=preferences.worker_env(prefs))
+    except preferences.EnvironmentMissingError as exc:
+        operator.report({"ERROR"}, str(exc))
+        return {"CANCELLED"}
+    except (WorkerError, runtime.RunnerBusyError, backend_paths.BackendNotFoundError) as exc:
+        operator.report({"ERROR"}, f"Could not ask the backend: {exc}")
+        return {"CANCELLED"}
+    return {"FINISHED"}
+
+
+class T2VZ_OT_model_download(_JobOperator, bpy.types.Operator):
+    """Download this model from the Hugging Face Hub now, ahead of the first job (ESC cancels)"""
+
+    bl_idname = "t2vz.model_download"
+    bl_label = "Download Model"
+    bl_options = {"REGISTER", "INTERNAL"}
+
+    model: StringProperty(name="Model", description="Hub id (owner/name)")
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if not preferences.online_access():
+            cls.poll_message_set(
+                "Allow Online Access is off (Preferences > System > Network): nothing downloads"
+            )
+            return False
+        if runtime.RUNNER.busy:
+            cls.poll_message_set("A job or download is running: wait or cancel it")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        if not preferences.is_hub_id(self.model):
+            self.report({"ERROR"}, f"{self.model!r} is not a hub id (owner/name)")
+            return {"CANCELLED"}
+        result = _cache_request(
+            self, context, lambda **kw: runtime.RUNNER.fetch(self.model.strip(), **kw)
+        )
+        if "FINISHED" in result:
+            self.report({"INFO"}, f"Downloading {self.model} (progress in the preferences)")
+        return result
+
+
+class T2VZ_OT_model_remove(bpy.types.Operator):
+    """Delete this model from the backend's model cache (it downloads again when needed)"""
+
+    bl_idname = "t2vz.model_remove"
+    bl_label = "Remove Downloaded Model"
+    bl_options = {"REGISTER", "INTERNAL"}
+
+    model: StringProperty(name="Model")
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        job = runtime.RUNNER.job
+        if job is not None and job.kind == "fetch":
+            cls.poll_message_set("A model is downloading: wait or cancel it")
+            return False
+        return True
+
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        return context.window_manager.invoke_confirm(self, event)
+
+    def execute(self, context: Any) -> set[str]:
+        return _cache_request(
+            self, context, lambda **kw: runtime.RUNNER.remove_model(self.model, **kw)
+        )
+
+
+class T2VZ_OT_models_refresh(bpy.types.Operator):
+    """List the models in the backend's model cache with their sizes"""
+
+    bl_idname = "t2vz.models_refresh"
+    bl_label = "Refresh Downloaded Models"
+    bl_options = {"REGISTER", "INTERNAL"}
+
+    def execute(self, context: Any) -> set[str]:
+        return _cache_request(self, context, runtime.RUNNER.list_models)
+
+
 classes = (
     T2VZ_OT_generate,
     T2VZ_OT_regenerate,
@@ -556,6 +644,9 @@ classes = (
     T2VZ_OT_restart_worker,
     T2VZ_OT_install_backend,
     T2VZ_OT_install_cancel,
+    T2VZ_OT_model_download,
+    T2VZ_OT_model_remove,
+    T2VZ_OT_models_refresh,
 )
 
 

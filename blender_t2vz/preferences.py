@@ -110,6 +110,8 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         else:
             row.prop(self, "install_detectors")
             row.operator("t2vz.install_backend", icon="IMPORT")
+            if not online_access():
+                box.label(text=OFFLINE_INSTALL, icon="INTERNET_OFFLINE")
             if status.install_error:
                 box.label(text=status.install_error, icon="ERROR")
             elif status.install_message:
@@ -124,13 +126,80 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
             "controlnet_canny",
             "controlnet_openpose",
             "controlnet_depth",
-            "models_dir",
         ):
-            box.prop(self, name)
+            row = box.row(align=True)
+            row.prop(self, name)
+            value = getattr(self, name)
+            if is_hub_id(value):  # fetch it now rather than during the first job
+                row.operator("t2vz.model_download", text="", icon="IMPORT").model = value
+        box.prop(self, "models_dir")
         box.prop(self, "allow_pickle")
+        self.draw_cache(layout, status)
         row = layout.row()
         row.prop(self, "device")
         row.prop(self, "dtype")
+
+    def draw_cache(self, layout: Any, status: Any) -> None:
+        """The models in the backend's hub cache, a download in progress, Remove buttons."""
+        from . import runtime
+
+        box = layout.box()
+        row = box.row()
+        row.label(text="Downloaded Models", icon="DISK_DRIVE")
+        row.operator("t2vz.models_refresh", text="", icon="FILE_REFRESH")
+        if not online_access():
+            box.label(text=OFFLINE_WORKER, icon="INTERNET_OFFLINE")
+        job = runtime.RUNNER.job
+        if job is not None and job.kind == "fetch":
+            row = box.row(align=True)
+            if hasattr(row, "progress"):  # Blender 4.0+
+                row.progress(factor=status.progress, type="BAR", text=status.message)
+            else:
+                row.label(text=status.message)
+            row.operator("t2vz.cancel", text="", icon="CANCEL")
+        if status.cache_listed:
+            for item in status.cached_models:
+                row = box.row(align=True)
+                suffix = "" if item.complete else " (incomplete)"
+                row.label(text=item.model + suffix, icon="FILE_3D")
+                row.label(text=runtime.format_bytes(item.size))
+                row.operator("t2vz.model_remove", text="", icon="TRASH").model = item.model
+            if not status.cached_models:
+                box.label(text="No models downloaded yet")
+            if status.cache_dir:
+                box.label(text=f"In {status.cache_dir}")
+        else:
+            box.label(text="Click the refresh button to list them (the backend starts)")
+        if status.cache_message:
+            box.label(text=status.cache_message, icon="INFO")
+
+
+OFFLINE_INSTALL = (
+    "Allow Online Access is off (Preferences > System > Network): Install Backend "
+    "downloads PyTorch and other packages, so it will not run"
+)
+OFFLINE_WORKER = (
+    "Allow Online Access is off: the backend runs offline (HF_HUB_OFFLINE=1) and uses "
+    "downloaded models only"
+)
+
+
+def online_access() -> bool:
+    """Blender's "Allow Online Access" (Preferences > System > Network); True before 4.2."""
+    return bool(getattr(bpy.app, "online_access", True))
+
+
+def is_hub_id(name: str) -> bool:
+    """True for a Hugging Face hub id (owner/name), not a path or a built-in model."""
+    name = name.strip()
+    return (
+        name.count("/") == 1
+        and not name.startswith(("/", ".", "~", "builtin:"))
+        and "\\" not in name
+        and ":" not in name
+        and not name.lower().endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
+        and not Path(bpy.path.abspath(name)).exists()
+    )
 
 
 def get_prefs(context: Any = None) -> Any:
@@ -190,11 +259,17 @@ def model_defaults(prefs: Any) -> dict[str, Any]:
     }
 
 
-def worker_env(prefs: Any) -> dict[str, str]:
-    """Extra environment variables for the backend worker."""
+def worker_env(prefs: Any, online: bool | None = None) -> dict[str, str]:
+    """Extra environment variables for the backend worker.
+
+    ``online``: Blender's "Allow Online Access" (read when None); off, the worker runs with
+    HF_HUB_OFFLINE=1 and never asks the Hub, using downloaded models only.
+    """
     env = {}
     if prefs.models_dir.strip():
         env["HF_HOME"] = str(Path(bpy.path.abspath(prefs.models_dir)).resolve())
+    if not (online_access() if online is None else online):
+        env["HF_HUB_OFFLINE"] = "1"
     return env
 
 

@@ -310,6 +310,15 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         return self.seed
 
 
+class T2VZ_CachedModel(bpy.types.PropertyGroup):
+    """A model in the backend's hub cache, as the worker listed it."""
+
+    model: StringProperty(name="Model")
+    # Bytes, as a float: IntProperty is 32-bit and models pass 2 GB.
+    size: FloatProperty(name="Size", default=0.0, min=0.0)
+    complete: BoolProperty(name="Complete", default=True)
+
+
 class T2VZ_Status(bpy.types.PropertyGroup):
     """What the add-on is doing right now; never saved (``window_manager.t2vz_status``)."""
 
@@ -322,9 +331,19 @@ class T2VZ_Status(bpy.types.PropertyGroup):
     install_running: BoolProperty(name="Installing", default=False)
     install_message: StringProperty(name="Install Status")
     install_error: StringProperty(name="Install Error")
+    cached_models: CollectionProperty(type=T2VZ_CachedModel)
+    cache_dir: StringProperty(name="Model Cache Folder")
+    cache_listed: BoolProperty(name="Cache Listed", default=False)
+    cache_message: StringProperty(name="Cache Status")
 
 
-classes = (T2VZ_ControlNetItem, T2VZ_AdapterItem, T2VZ_SceneSettings, T2VZ_Status)
+classes = (
+    T2VZ_ControlNetItem,
+    T2VZ_AdapterItem,
+    T2VZ_SceneSettings,
+    T2VZ_CachedModel,
+    T2VZ_Status,
+)
 
 
 def register() -> None:

@@ -46,6 +46,8 @@ class ActiveJob:
     name: str
     staging: Path | None = None
     cancel_at: float | None = None
+    # "generate", or "fetch": a model download ahead of the first job (no strip, no folder)
+    kind: str = "generate"
 
 
 @dataclass
@@ -107,6 +109,28 @@ def sweep_partials(out: str | Path | None) -> list[Path]:
     return removed
 
 
+def format_bytes(count: float) -> str:
+    """A byte count as people read it: 512 B, 3.4 MB, 1.20 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}" if unit == "GB" else f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
+def download_text(message: dict[str, Any]) -> str:
+    """The status line of a ``download`` message: model, file, bytes done of total, rate."""
+    done, total = message.get("bytes_done") or 0, message.get("bytes_total") or 0
+    text = f"Downloading {message.get('model')}"
+    if message.get("file"):
+        text += f" ({message.get('file')})"
+    text += f": {format_bytes(done)} of {format_bytes(total)}"
+    rate = float(message.get("rate") or 0.0)
+    if rate > 0 and done < total:
+        text += f" at {format_bytes(rate)}/s"
+        text += f", {max(1, round((total - done) / rate))} s left"
+    return text
+
+
 class Runner:
     """Owns the worker process and the one job in flight."""
 
@@ -119,6 +143,8 @@ class Runner:
         self.previews: Any = None
         self.preview_key = ""
         self._dead_since: float | None = None
+        # list_models / remove_model requests waiting for their reply: id -> model or "".
+        self.cache_requests: dict[str, str] = {}
 
     # ------------------------------------------------------------------ worker
 
@@ -203,6 +229,79 @@ class Runner:
         _redraw()
         return job_id
 
+    def _send(self, python: str | Path, env: dict[str, str] | None, kind: str, **payload) -> None:
+        """Send one request, starting the worker (once more if it had died) as needed."""
+        client = self.ensure_worker(python, env)
+        try:
+            client.send(kind, **payload)
+        except WorkerError:
+            self.stop_worker(timeout=1.0)
+            self.ensure_worker(python, env).send(kind, **payload)
+
+    def fetch(self, model: str, *, python: str | Path, env: dict[str, str] | None = None) -> str:
+        """Download hub model ``model`` ahead of the first job; progress and cancel as a job's."""
+        if self.busy:
+            raise RunnerBusyError("a job is already running: cancel it first")
+        job_id = uuid.uuid4().hex[:12]
+        self._send(python, env, "fetch_model", id=job_id, model=model)
+        self.job = ActiveJob(job_id, {"model": model}, "", 0, 0, model, kind="fetch")
+        self.outcome = None
+        status = _status()
+        status.state = "RUNNING"
+        status.progress = 0.0
+        status.error = ""
+        status.message = f"Downloading {model}..."
+        _wm_progress("begin")
+        ensure_timer()
+        _redraw()
+        return job_id
+
+    def list_models(self, *, python: str | Path, env: dict[str, str] | None = None) -> str:
+        """Ask the worker which models its hub cache holds (the answer fills the status)."""
+        request_id = uuid.uuid4().hex[:12]
+        self._send(python, env, "list_models", id=request_id)
+        self.cache_requests[request_id] = ""
+        _status().cache_message = "Listing downloaded models..."
+        ensure_timer()
+        return request_id
+
+    def remove_model(
+        self, model: str, *, python: str | Path, env: dict[str, str] | None = None
+    ) -> str:
+        """Delete ``model`` from the worker's hub cache (after the job in flight, if any)."""
+        request_id = uuid.uuid4().hex[:12]
+        self._send(python, env, "remove_model", id=request_id, model=model)
+        self.cache_requests[request_id] = model
+        _status().cache_message = f"Removing {model}..."
+        ensure_timer()
+        return request_id
+
+    def _apply_cache_reply(self, message: dict[str, Any]) -> None:
+        """A reply to list_models or remove_model: update the preferences' model list."""
+        status = _status()
+        model = self.cache_requests.pop(str(message.get("id")), "")
+        kind = message.get("type")
+        if kind == "models":
+            status.cached_models.clear()
+            for entry in message.get("models") or []:
+                item = status.cached_models.add()
+                item.model = str(entry.get("model", ""))
+                item.size = float(entry.get("size") or 0)
+                item.complete = bool(entry.get("complete"))
+            status.cache_dir = str(message.get("cache_dir") or "")
+            status.cache_listed = True
+            status.cache_message = ""
+        elif kind == "removed":
+            freed = format_bytes(float(message.get("freed") or 0))
+            status.cache_message = f"Removed {model} ({freed} freed)"
+            for i, item in enumerate(status.cached_models):
+                if item.model == model:
+                    status.cached_models.remove(i)
+                    break
+        elif kind == "error":
+            status.cache_message = f"{message.get('kind', 'Error')}: {message.get('message', '')}"
+        _redraw()
+
     def cancel(self) -> bool:
         """Ask the worker to stop the job after its current step; False when none runs."""
         if self.job is None:
@@ -281,6 +380,9 @@ class Runner:
                 status.message = "Running"
             _redraw()
             return
+        if message.get("id") in self.cache_requests:
+            self._apply_cache_reply(message)
+            return
         if job is None or message.get("id") != job.id:
             return  # a late message of an earlier job
         status = _status()
@@ -299,6 +401,22 @@ class Runner:
                     f"frames {message.get('frames_done')}/{message.get('frames_total')}"
                 )
             _wm_progress("update", status.progress)
+        elif kind == "download":
+            total = float(message.get("bytes_total") or 0)
+            if total > 0:
+                status.progress = min(1.0, float(message.get("bytes_done") or 0) / total)
+                _wm_progress("update", status.progress)
+            if job.cancel_at is None:
+                status.message = download_text(message)
+        elif kind == "fetched":
+            model = str(message.get("model") or job.name)
+            self._finish("INFO", f"Downloaded {model}")
+            status.progress = 1.0
+            if self.client is not None:  # refresh the preferences' list of downloaded models
+                request_id = uuid.uuid4().hex[:12]
+                with contextlib.suppress(WorkerError):
+                    self.client.send("list_models", id=request_id)
+                    self.cache_requests[request_id] = ""
         elif kind == "preview":
             self._show_preview(str(message.get("path") or ""))
         elif kind == "done":
@@ -322,7 +440,8 @@ class Runner:
             if job.cancel_at is not None:
                 self._finish("INFO", "Cancelled")
             else:
-                self._finish("ERROR", f"Generation failed: {text}")
+                what = "Download" if job.kind == "fetch" else "Generation"
+                self._finish("ERROR", f"{what} failed: {text}")
         elif kind == "cancelled":
             remove_tree(job.staging)
             self._finish("INFO", "Cancelled")
