@@ -133,6 +133,7 @@ def test_install_backend_passes_the_detectors_checkbox(
 ) -> None:
     prefs = preferences.get_prefs()
     calls: list[dict] = []
+    monkeypatch.setattr(preferences, "online_access", lambda: True)  # off in headless bpy
     monkeypatch.setattr(runtime.INSTALLER, "start", lambda venv, **kw: calls.append(kw))
     for ticked in (True, False):
         prefs.install_detectors = ticked

@@ -10,7 +10,7 @@ import bpy
 import pytest
 from conftest import BACKEND_PYTHON
 
-from blender_t2vz import backend_paths, jobs, operators, runtime, strips
+from blender_t2vz import backend_paths, jobs, operators, preferences, runtime, strips
 
 PROTOCOL = backend_paths.load_protocol()
 
@@ -234,6 +234,7 @@ def test_install_button_runs_the_installer_in_the_background(
         "sys.exit(int(sys.argv[-1] == 'cpu'))\n"
     )
     monkeypatch.setattr(backend_paths, "install_script", lambda: script)
+    monkeypatch.setattr(preferences, "online_access", lambda: True)  # off in headless bpy
     status = bpy.context.window_manager.t2vz_status
     bpy.ops.t2vz.install_backend()
     assert runtime.INSTALLER.running and status.install_running
