@@ -18,6 +18,7 @@ from .protocol import (
     DETECTORS,
     DEVICES,
     DTYPES,
+    FITS,
     MAX_LINE_BYTES,
     MODES,
     PRESETS,
@@ -112,8 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", help="what to generate (pix2pix: the edit instruction)")
     gen.add_argument("--negative-prompt", help="what to avoid [default: empty]")
     gen.add_argument("--frames", type=int, help="number of frames [default: 8]")
-    gen.add_argument("--width", type=int, help="width in pixels, multiple of 8 [default: 512]")
-    gen.add_argument("--height", type=int, help="height in pixels, multiple of 8 [default: 512]")
+    gen.add_argument(
+        "--width",
+        type=int,
+        help="width in pixels, multiple of 8 [default: the model's native pixel count, "
+        "512x512 on SD 1.x, at the input video's aspect ratio (square for text2video); "
+        "with only --height, from that aspect]",
+    )
+    gen.add_argument(
+        "--height", type=int, help="height in pixels, multiple of 8 [default: see --width]"
+    )
+    gen.add_argument(
+        "--fit",
+        choices=FITS,
+        help="how input videos of another aspect ratio meet the size: crop (cover and "
+        "centre-crop), pad (fit inside on black), stretch [default: crop]",
+    )
     gen.add_argument("--steps", type=int, help="DDIM steps [default: 50]")
     gen.add_argument("--guidance", type=float, help="classifier-free guidance scale [default: 7.5]")
     gen.add_argument(
@@ -283,6 +298,7 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "frames": args.frames,
         "width": args.width,
         "height": args.height,
+        "fit": args.fit,
         "steps": args.steps,
         "guidance": args.guidance,
         "seed": args.seed,

@@ -61,10 +61,11 @@ def apply_detector(name: str, image: np.ndarray) -> np.ndarray:
 
 
 def iter_control_frames(
-    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int
+    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """RGB uint8 control images (height, width, 3) one at a time, each with the output
-    ``frame_ids`` that use it (see video_io.iter_frames)."""
+    ``frame_ids`` that use it (see video_io.iter_frames). Keypoint files are drawn at the
+    job's size (their coordinates are fractions of the frame: ``fit`` does not apply)."""
     path = spec.control.path
     if path.lower().endswith(".json"):
         from .pose import draw_openpose, load_pose_file
@@ -79,27 +80,29 @@ def iter_control_frames(
         for i in sorted(users):
             yield users[i], draw_openpose(poses[i], width, height)
         return
-    for fs, image in iter_frames(spec.control, frame_ids, width, height):
+    for fs, image in iter_frames(spec.control, frame_ids, width, height, fit):
         yield fs, apply_detector(spec.detector, image)
 
 
 def load_control_frames(
-    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int
+    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> dict[int, np.ndarray]:
     """RGB uint8 control images (height, width, 3) for the 0-based ``frame_ids``."""
     frames = {
-        f: image for fs, image in iter_control_frames(spec, frame_ids, width, height) for f in fs
+        f: image
+        for fs, image in iter_control_frames(spec, frame_ids, width, height, fit)
+        for f in fs
     }
     return {f: frames[f] for f in frame_ids}
 
 
 def store_control_frames(
-    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int
+    spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> FrameStore:
     """The control images spooled into a FrameStore: read back per chunk while denoising."""
     store = FrameStore(width, height)
     try:
-        for fs, image in iter_control_frames(spec, frame_ids, width, height):
+        for fs, image in iter_control_frames(spec, frame_ids, width, height, fit):
             store.add(fs, image)
     except BaseException:
         store.close()

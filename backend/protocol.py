@@ -35,6 +35,7 @@ DETECTOR_MODULES = {
 }
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+FITS = ("crop", "pad", "stretch")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PIX2PIX_MODEL = "timbrooks/instruct-pix2pix"
@@ -159,8 +160,14 @@ class Job:
     model_config: str | None = None
     negative_prompt: str = ""
     frames: int = 8
-    width: int = 512
-    height: int = 512
+    # Pixels, multiples of 8. None: the model's native pixel count (SD 1.x: 512x512) at the
+    # input video's aspect ratio (controlnet, pix2pix) or square (text2video); one of them
+    # given: the other from that aspect. The runner resolves them; job.json holds the result.
+    width: int | None = None
+    height: int | None = None
+    # How input videos (source, controls, masks) of another aspect meet the job's size:
+    # "crop" scales to cover and centre-crops, "pad" fits inside on black, "stretch" distorts.
+    fit: str = "crop"
     steps: int = 50
     guidance: float = 7.5
     seed: int = 0
@@ -403,6 +410,31 @@ def _adapters(d: dict) -> tuple[list[LoraSpec], list[EmbeddingSpec]]:
     return loras, embeddings
 
 
+def round_to_8(value: float, lo: int = 64, hi: int = MAX_SIDE) -> int:
+    """``value`` rounded to the nearest multiple of 8 within [lo, hi]."""
+    return int(min(hi, max(lo, 8 * round(float(value) / 8))))
+
+
+def resolve_size(
+    width: int | None, height: int | None, aspect: float, native_side: int
+) -> tuple[int, int]:
+    """The job size: given sides kept, missing ones from ``aspect`` (width / height).
+
+    Neither given: about native_side**2 pixels (the model's native count) at ``aspect``,
+    multiples of 8; 16:9 on SD 1.x (native 512) gives 680x384.
+    """
+    if aspect <= 0 or not math.isfinite(aspect):
+        raise ValueError(f"aspect must be a positive number, got {aspect}")
+    if width is not None and height is not None:
+        return width, height
+    if width is not None:
+        return width, round_to_8(width / aspect)
+    if height is not None:
+        return round_to_8(height * aspect), height
+    root = math.sqrt(aspect)
+    return round_to_8(native_side * root), round_to_8(native_side / root)
+
+
 def resolve_t0_t1(steps: int, t0: int | None = None, t1: int | None = None) -> tuple[int, int]:
     """t0/t1 for ``steps`` DDIM steps: given ones checked, missing ones scaled from 44/47 of 50.
 
@@ -445,12 +477,12 @@ def validate_job(data: Any) -> Job:
     mode = _choice("mode", d.get("mode", "text2video"), MODES)
     default_model = DEFAULT_PIX2PIX_MODEL if mode == "pix2pix" else DEFAULT_MODEL
     frames = _int("frames", d.get("frames", 8), lo=1, hi=MAX_FRAMES)
-    width = _int("width", d.get("width", 512), lo=64, hi=MAX_SIDE)
-    height = _int("height", d.get("height", 512), lo=64, hi=MAX_SIDE)
-    if width % 8:
-        raise JobError("width", f"must be divisible by 8, got {width}")
-    if height % 8:
-        raise JobError("height", f"must be divisible by 8, got {height}")
+    width, height = d.get("width"), d.get("height")
+    for name, side in (("width", width), ("height", height)):
+        if side is not None:
+            _int(name, side, lo=64, hi=MAX_SIDE)
+            if side % 8:
+                raise JobError(name, f"must be divisible by 8, got {side}")
     steps = _int("steps", d.get("steps", 50), lo=1, hi=MAX_STEPS)
 
     frame_range = d.get("frame_range")
@@ -503,6 +535,7 @@ def validate_job(data: Any) -> Job:
         frames=frames,
         width=width,
         height=height,
+        fit=_choice("fit", d.get("fit", "crop"), FITS),
         steps=steps,
         guidance=_float("guidance", d.get("guidance", 7.5), lo=0.0, hi=100.0),
         seed=_int("seed", d.get("seed", 0), lo=0, hi=2**63 - 1),

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from .controls import store_control_frames
 from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from .hub import DownloadCancelled, DownloadHooks, DownloadProgress
 from .models import ModelCache, choose_dtype, resolve_device
-from .protocol import Job
+from .protocol import Job, resolve_size
 from .tiny import BUILTIN_PREFIX, TINY_KINDS
 from .video_io import (
     FrameStore,
@@ -31,6 +32,7 @@ from .video_io import (
     OutputExistsError,
     check_output_writable,
     frame_name,
+    frame_size,
     staged_output,
     store_frames,
     write_file,
@@ -138,6 +140,36 @@ class TensorFrames(Mapping[int, torch.Tensor]):
         return len(self.store)
 
 
+def native_side(base: Any) -> int:
+    """The side of the square the base model was trained at: sample_size x VAE factor."""
+    sample = base.unet.config.sample_size
+    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    return int(sample) * base.vae_scale_factor
+
+
+def input_aspect(job: Job) -> float:
+    """Width / height of the job's input video (pix2pix source, first control video), or 1.
+
+    OpenPose keypoint files have no pixel size: square, unless the job gives a size.
+    """
+    spec = job.video
+    if spec is None and job.controlnets:
+        spec = job.controlnets[0].control
+    if spec is None or spec.path.lower().endswith(".json"):
+        return 1.0
+    width, height = frame_size(spec)
+    return width / height
+
+
+def job_size(job: Job, side: int, aspect: float) -> tuple[int, int]:
+    """(width, height) the job runs at: as given, or ``aspect`` at ``side``**2 pixels."""
+    if job.width is not None and job.height is not None:
+        return job.width, job.height
+    width, height = resolve_size(job.width, job.height, aspect, side)
+    log.info("size %dx%d (%s fit of the input; native side %d)", width, height, job.fit, side)
+    return width, height
+
+
 def run_job(
     job: Job,
     cache: ModelCache | None = None,
@@ -169,16 +201,25 @@ def run_job(
     check_output_writable(out)
     frame_ids = job.frame_indices
     needed = sorted(set(frame_ids) | {0})
-    w, h = job.width, job.height
-    # Input frames are spooled to temporary files and read back per chunk while denoising:
-    # memory stays flat in video length (the files close and vanish with the job).
-    control_frames = [store_control_frames(spec, needed, w, h) for spec in job.controlnets]
-    image = None
-    if job.video is not None:
-        image = TensorFrames(store_frames(job.video, needed, w, h))
-    masks = None
-    if job.masks is not None:
-        masks = TensorFrames(store_frames(job.masks, needed, w, h), _mask_tensor)
+    sized = job.width is not None and job.height is not None
+    # Without a size, the input's aspect (opening it: a missing one fails here, before models).
+    aspect = 1.0 if sized else input_aspect(job)
+    fit = job.fit
+
+    def read_inputs(w: int, h: int) -> tuple[list[FrameStore], Any, Any]:
+        # Input frames are spooled to temporary files and read back per chunk while
+        # denoising: memory stays flat in video length (the files vanish with the job).
+        controls = [store_control_frames(spec, needed, w, h, fit) for spec in job.controlnets]
+        image = masks = None
+        if job.video is not None:
+            image = TensorFrames(store_frames(job.video, needed, w, h, fit))
+        if job.masks is not None:
+            masks = TensorFrames(store_frames(job.masks, needed, w, h, fit), _mask_tensor)
+        return controls, image, masks
+
+    if sized:  # inputs first: a short video must not wait for the model to load
+        w, h = job.width, job.height
+        control_frames, image, masks = read_inputs(w, h)
 
     device = resolve_device(job.device)
     dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
@@ -207,6 +248,9 @@ def run_job(
         ]
     except DownloadCancelled as exc:
         raise Cancelled() from exc
+    if not sized:  # the model's native size at the input's aspect
+        w, h = job_size(job, native_side(base), aspect)
+        control_frames, image, masks = read_inputs(w, h)
     controls = [
         ControlInput(model, TensorFrames(frames), spec.weight)
         for spec, model, frames in zip(job.controlnets, controlnets, control_frames, strict=True)
@@ -286,6 +330,7 @@ def run_job(
         resolved = job.to_dict()
         resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
         resolved["out"] = str(out)
+        resolved["width"], resolved["height"] = w, h  # the size it ran at, however chosen
         resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
         write_file(staging / "job.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
         seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .protocol import VideoInput, partial_name, sweep_stale_partials
+from .protocol import FITS, VideoInput, partial_name, sweep_stale_partials
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,62 @@ def _to_rgb8(image: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def fit_frame(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Scale to cover (width, height) keeping proportions, then centre-crop to it."""
+def fit_frame(image: np.ndarray, width: int, height: int, fit: str = "crop") -> np.ndarray:
+    """The image at (width, height): ``crop`` scales to cover and centre-crops, ``pad``
+    scales to fit inside and centres it on black, ``stretch`` scales each side on its own."""
     h, w = image.shape[:2]
     if (w, h) == (width, height):
         return image
-    scale = max(width / w, height / h)
-    new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    if fit == "stretch":
+        shrink = width * height < w * h
+        return cv2.resize(
+            image, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC
+        )
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    cover = fit == "crop"
+    scale = max(width / w, height / h) if cover else min(width / w, height / h)
+    if cover:
+        new_w, new_h = max(width, round(w * scale)), max(height, round(h * scale))
+    else:
+        new_w, new_h = min(width, max(1, round(w * scale))), min(height, max(1, round(h * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
     image = cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    x0, y0 = (new_w - width) // 2, (new_h - height) // 2
-    return image[y0 : y0 + height, x0 : x0 + width]
+    if cover:
+        x0, y0 = (new_w - width) // 2, (new_h - height) // 2
+        return image[y0 : y0 + height, x0 : x0 + width]
+    canvas = np.zeros((height, width, *image.shape[2:]), dtype=image.dtype)
+    x0, y0 = (width - new_w) // 2, (height - new_h) // 2
+    canvas[y0 : y0 + new_h, x0 : x0 + new_w] = image
+    return canvas
+
+
+def frame_size(spec: VideoInput) -> tuple[int, int]:
+    """(width, height) of the first frame ``spec`` reads (its start frame), without fitting."""
+    path = Path(os.path.expanduser(spec.path))
+    if path.is_dir():
+        files = list_image_files(path)
+        if not files:
+            raise VideoInputError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        first = source_indices(spec, [0])[0]
+        image = _read_image(files[min(first, len(files) - 1)])
+    elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        image = _read_image(path)
+    elif path.is_file():
+        capture = cv2.VideoCapture(str(path))
+        try:
+            size = (
+                int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            )
+        finally:
+            capture.release()
+        if min(size) <= 0:
+            raise VideoInputError(f"cannot open movie {path}")
+        return size
+    else:
+        raise VideoInputError(f"video input {path} does not exist")
+    return image.shape[1], image.shape[0]
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -194,7 +239,7 @@ def _iter_movie_in_order(path: Path, wanted: set[int]) -> Iterator[tuple[int, np
 
 
 def iter_frames(
-    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Fitted RGB uint8 frames (height, width, 3) of ``spec`` one at a time, in source order,
     each with the output ``frame_ids`` that show it: one full-size frame in memory at a time."""
@@ -211,22 +256,25 @@ def iter_frames(
                 f"folder {path} has {len(files)} images; image index {max(users)} is needed"
             )
         for i in sorted(users):
-            yield users[i], fit_frame(_read_image(files[i]), width, height)
+            yield users[i], fit_frame(_read_image(files[i]), width, height, fit)
     elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
         # One still image for every frame.
-        yield [f for fs in users.values() for f in fs], fit_frame(_read_image(path), width, height)
+        still = fit_frame(_read_image(path), width, height, fit)
+        yield [f for fs in users.values() for f in fs], still
     elif path.is_file():
         for i, image in _iter_movie(path, set(users)):
-            yield users[i], fit_frame(image, width, height)
+            yield users[i], fit_frame(image, width, height, fit)
     else:
         raise VideoInputError(f"video input {path} does not exist")
 
 
 def read_frames(
-    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> dict[int, np.ndarray]:
     """RGB uint8 frames (height, width, 3) of ``spec`` for the 0-based output ``frame_ids``."""
-    frames = {f: image for fs, image in iter_frames(spec, frame_ids, width, height) for f in fs}
+    frames = {
+        f: image for fs, image in iter_frames(spec, frame_ids, width, height, fit) for f in fs
+    }
     return {f: frames[f] for f in frame_ids}
 
 
@@ -283,11 +331,13 @@ class FrameStore(Mapping[int, np.ndarray]):
         self.close()
 
 
-def store_frames(spec: VideoInput, frame_ids: Sequence[int], width: int, height: int) -> FrameStore:
+def store_frames(
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
+) -> FrameStore:
     """``iter_frames`` of ``spec`` spooled into a FrameStore (each source frame once)."""
     store = FrameStore(width, height)
     try:
-        for fs, image in iter_frames(spec, frame_ids, width, height):
+        for fs, image in iter_frames(spec, frame_ids, width, height, fit):
             store.add(fs, image)
     except BaseException:
         store.close()
@@ -296,10 +346,10 @@ def store_frames(spec: VideoInput, frame_ids: Sequence[int], width: int, height:
 
 
 def read_masks(
-    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> dict[int, np.ndarray]:
     """Foreground masks as float32 (height, width) in [0, 1]; white is foreground."""
-    frames = read_frames(spec, frame_ids, width, height)
+    frames = read_frames(spec, frame_ids, width, height, fit)
     return {f: image.mean(axis=2, dtype=np.float32) / 255.0 for f, image in frames.items()}
 
 

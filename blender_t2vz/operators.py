@@ -455,7 +455,7 @@ class T2VZ_OT_load_settings(bpy.types.Operator):
         for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "image_guidance"):
             if name in job:
                 setattr(settings, name, job[name])
-        for name in ("chunk_size", "smooth_bg", "smooth_alpha", "write_mp4"):
+        for name in ("chunk_size", "smooth_bg", "smooth_alpha", "write_mp4", "fit"):
             if name in job:
                 setattr(settings, name, job[name])
         settings.mode = job.get("mode", settings.mode)

@@ -218,6 +218,8 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
         sub.active = settings.mode == "text2video" or not settings.match_source
         sub.prop(settings, "frames")
         draw_size(layout, context.scene, settings)
+        if settings.mode != "text2video":  # a source or control strip meets the size
+            layout.prop(settings, "fit")
         layout.prop(settings, "chunk_size")
         if settings.mode != "pix2pix":  # pix2pix follows its source: no smoothing
             row = layout.row(heading="Background")

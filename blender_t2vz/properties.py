@@ -104,6 +104,13 @@ class T2VZ_ControlNetItem(bpy.types.PropertyGroup):
         return values
 
 
+# The job's ``fit`` (backend/protocol.py FITS) for input strips of another aspect ratio.
+FIT_ITEMS = [
+    ("crop", "Crop", "Scale the input to cover the frame and crop what sticks out (centred)"),
+    ("pad", "Pad", "Fit the whole input inside the frame, centred on black"),
+    ("stretch", "Stretch", "Scale width and height separately (distorts the input)"),
+]
+
 ADAPTER_KIND_ITEMS = [
     ("LORA", "LoRA", "Low-rank weights added to the base model, with a weight"),
     ("EMBEDDING", "Embedding", "A textual inversion embedding, called by its token in the prompt"),
@@ -212,6 +219,12 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         update=_size_update,
     )
     width: IntProperty(name="Width", default=512, min=64, max=4096, step=8)
+    fit: EnumProperty(
+        name="Fit",
+        items=FIT_ITEMS,
+        default="crop",
+        description="How a source or control strip of another aspect ratio meets the size",
+    )
     height: IntProperty(name="Height", default=512, min=64, max=4096, step=8)
     chunk_size: IntProperty(
         name="Chunk Size",
@@ -285,6 +298,7 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
             "match_source": self.match_source,
             "width": width,
             "height": height,
+            "fit": self.fit,
             "chunk_size": self.chunk_size,
             "smooth_bg": self.smooth_bg,
             "smooth_alpha": self.smooth_alpha,

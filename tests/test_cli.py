@@ -385,3 +385,11 @@ def test_preset_fills_flags_left_out_and_shows_in_the_job() -> None:
     assert job["negative_prompt"].startswith("longbody, lowres")
     plain = parse("--prompt", "a robot")
     assert plain["prompt"] == "a robot" and "negative_prompt" not in plain
+
+
+def test_fit_and_one_side_parse() -> None:
+    job = parse("--fit", "pad", "--width", "768")
+    assert job["fit"] == "pad" and job["width"] == 768 and "height" not in job
+    assert validate_job({**job, "prompt": "p", "out": "o"}).height is None  # from the input
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--fit", "zoom"])

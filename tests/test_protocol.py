@@ -47,8 +47,8 @@ def test_minimal_job_gets_documented_defaults() -> None:
         "text2video",
         DEFAULT_MODEL,
         8,
-        512,
-        512,
+        None,  # the model's native size (512x512 on SD 1.x), resolved by the runner
+        None,
         50,
     )
     assert (j.t0, j.t1) == (44, 47)  # text2video resolves the official t0/t1
@@ -428,3 +428,35 @@ def test_video_indices_round_trip_and_stay_out_of_job_json_when_unset() -> None:
     assert validate_job(json.loads(listed.to_json())) == listed
     plain = validate_job(job(mode="pix2pix", video="/v")).to_dict()
     assert plain["video"] == {"path": "/v", "start": 0, "stride": 1.0}
+
+
+# --------------------------------------------------------------------------- size and fit
+
+
+def test_size_defaults_to_none_and_fit_to_crop() -> None:
+    from backend.protocol import FITS
+
+    j = validate_job(job())
+    assert (j.width, j.height, j.fit) == (None, None, "crop")
+    assert validate_job(job(fit="pad", width=64)).to_dict()["fit"] == "pad"
+    assert FITS == ("crop", "pad", "stretch")
+    with pytest.raises(JobError, match="fit: must be one of crop, pad, stretch, got 'zoom'"):
+        validate_job(job(fit="zoom"))
+
+
+def test_resolve_size_keeps_native_pixel_count_at_the_input_aspect() -> None:
+    from backend.protocol import resolve_size
+
+    assert resolve_size(None, None, 16 / 9, 512) == (680, 384)  # SD 1.x, a 16:9 input
+    assert resolve_size(None, None, 9 / 16, 512) == (384, 680)
+    assert resolve_size(None, None, 1.0, 512) == (512, 512)  # text2video: square
+    assert resolve_size(None, None, 4 / 3, 768) == (888, 664)
+    for aspect in (16 / 9, 4 / 3, 2.35, 0.5):
+        w, h = resolve_size(None, None, aspect, 512)
+        assert w % 8 == 0 and h % 8 == 0
+        assert abs(w * h / 512**2 - 1) < 0.03 and abs(w / h / aspect - 1) < 0.03
+    assert resolve_size(768, None, 16 / 9, 512) == (768, 432)  # one side given: the aspect
+    assert resolve_size(None, 432, 16 / 9, 512) == (768, 432)
+    assert resolve_size(640, 480, 16 / 9, 512) == (640, 480)  # both given: kept
+    with pytest.raises(ValueError, match="aspect must be a positive number"):
+        resolve_size(None, None, 0.0, 512)

@@ -15,7 +15,7 @@ import backend.runner as runner
 from backend.controls import load_control_frames
 from backend.engine import Cancelled, ControlInput, TextToVideoZero
 from backend.models import ModelCache, choose_dtype
-from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, validate_job
+from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, VideoInput, validate_job
 from backend.runner import JobEvents, run_job
 from backend.video_io import OutputExistsError, h264_available, read_frames, read_masks, write_png
 
@@ -607,3 +607,65 @@ def test_streamed_inputs_give_the_in_memory_result_at_any_chunk_size(
         image_guidance_scale=job.image_guidance,
     )
     np.testing.assert_allclose(streamed[5], held_latents.numpy(), rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- size and fit
+
+
+def run_sized(tmp_path: Path, cache: ModelCache, name: str, **fields: Any) -> dict[str, Any]:
+    """Run a 2-frame tiny pix2pix job on a 160x90 (16:9) source without width/height unless
+    given; return the (width, height, fit) the source was read at and the job.json."""
+    source = tmp_path / "wide.png"
+    if not source.exists():
+        wide = np.full((90, 160, 3), 128, np.uint8)
+        wide[:, :16] = (255, 0, 0)
+        write_png(source, wide)
+    data = make_job(
+        tmp_path / name, frames=2, mode="pix2pix", model="builtin:tiny-pix2pix", video=str(source)
+    ).to_dict()
+    data.pop("width"), data.pop("height")
+    data.update(fields)
+    seen: dict[str, Any] = {}
+    real = runner.store_frames
+
+    def spy(spec, frame_ids, width, height, fit="crop"):
+        seen.update(size=(width, height), fit=fit)
+        return real(spec, frame_ids, width, height, fit)
+
+    runner.store_frames = spy
+    try:
+        run_job(validate_job(data), cache)
+    finally:
+        runner.store_frames = real
+    written = json.loads((tmp_path / name / "job.json").read_text())
+    assert (written["width"], written["height"], written["fit"]) == (*seen["size"], seen["fit"])
+    assert latents(tmp_path / name).shape[2:] == (seen["size"][1] // 8, seen["size"][0] // 8)
+    return written
+
+
+@pytest.mark.parametrize("fit", ["crop", "pad", "stretch"])
+def test_a_job_with_one_side_takes_the_other_from_the_input_aspect(
+    tmp_path: Path, cache: ModelCache, fit: str
+) -> None:
+    written = run_sized(tmp_path, cache, "out", width=128, fit=fit)
+    assert (written["width"], written["height"], written["fit"]) == (128, 72, fit)  # 16:9
+    frame = read_frames(VideoInput(str(tmp_path / "out" / "frame_00001.png")), [0], 128, 72)[0]
+    assert frame.shape == (72, 128, 3)
+    assert (validate_job(written).width, validate_job(written).height) == (128, 72)  # rerun
+
+
+def test_a_job_without_size_is_native_pixel_count_at_the_input_aspect(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """tiny-pix2pix is trained at 64x64 (sample_size 8 x VAE factor 8): 16:9 at 64*64 pixels
+    is 88x48, and the schema's smallest side (64) lifts the height: 88x64."""
+    written = run_sized(tmp_path, cache, "auto")
+    assert (written["width"], written["height"], written["fit"]) == (88, 64, "crop")
+
+
+def test_text2video_without_size_is_the_native_square(tmp_path: Path, cache: ModelCache) -> None:
+    data = make_job(tmp_path / "t2v", frames=1).to_dict()
+    data.pop("width"), data.pop("height")
+    run_job(validate_job(data), cache)
+    written = json.loads((tmp_path / "t2v" / "job.json").read_text())
+    assert (written["width"], written["height"]) == (64, 64)

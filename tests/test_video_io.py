@@ -244,6 +244,54 @@ def test_fit_frame_downscales_and_keeps_exact_sizes() -> None:
     assert fit_frame(same, 64, 32) is same
 
 
+def marked_wide_frame() -> np.ndarray:
+    """A 160x90 (16:9) grey frame with a red band on its left 16 columns and a green band on
+    its right 16 columns: what survives of the sides tells crop, pad and stretch apart."""
+    image = np.full((90, 160, 3), 128, np.uint8)
+    image[:, :16] = (255, 0, 0)
+    image[:, -16:] = (0, 255, 0)
+    return image
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 64)])
+def test_crop_fit_loses_the_sides_of_a_wide_input(size: tuple[int, int]) -> None:
+    out = fit_frame(marked_wide_frame(), *size, fit="crop")
+    assert out.shape == (size[1], size[0], 3)
+    assert (out == 128).all()  # covered and centre-cropped: only the grey middle is left
+
+
+def test_pad_fit_keeps_the_whole_input_on_black_bars() -> None:
+    out = fit_frame(marked_wide_frame(), 64, 64, fit="pad")
+    assert out.shape == (64, 64, 3)
+    # 160x90 scaled by 0.4 -> 64x36, centred: 14 black rows above and below.
+    assert (out[:14] == 0).all() and (out[50:] == 0).all()
+    band = out[14:50]
+    assert (band[:, 0] == (255, 0, 0)).all() and (band[:, -1] == (0, 255, 0)).all()
+    assert (band[:, 32] == 128).all()
+
+
+def test_stretch_fit_keeps_the_sides_and_fills_the_frame() -> None:
+    out = fit_frame(marked_wide_frame(), 64, 64, fit="stretch")
+    assert out.shape == (64, 64, 3)
+    assert (out[:, 0] == (255, 0, 0)).all() and (out[:, -1] == (0, 255, 0)).all()
+    assert not (out == 0).all(axis=2).any()  # no black bars
+    # The red band keeps its share of the width: 16/160 of 64 columns, about 6.
+    red_columns = int((out[32] == (255, 0, 0)).all(axis=1).sum())
+    assert 5 <= red_columns <= 7
+
+
+def test_fit_reaches_reading_and_unknown_fits_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "wide.png"
+    write_png(path, marked_wide_frame())
+    spec = VideoInput(str(path))
+    assert video_io.frame_size(spec) == (160, 90)
+    for fit in ("crop", "pad", "stretch"):
+        frames = video_io.read_frames(spec, [0, 1], 64, 64, fit)
+        assert np.array_equal(frames[0], fit_frame(marked_wide_frame(), 64, 64, fit))
+    with pytest.raises(ValueError, match="fit must be one of crop, pad, stretch, got 'zoom'"):
+        fit_frame(marked_wide_frame(), 64, 64, fit="zoom")
+
+
 def test_masks_are_float_foreground_fractions(tmp_path: Path) -> None:
     folder = tmp_path / "masks"
     folder.mkdir()

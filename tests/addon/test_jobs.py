@@ -76,12 +76,13 @@ def test_pix2pix_job_from_image_strip_honours_offsets(scene, image_folder: Path)
     settings.seed = 11
     settings.size_mode = "SCENE"  # the scene's 100x60, rounded to multiples of 8
     settings.smooth_bg = True  # left on from a text2video job: pix2pix has no smoothing
+    settings.fit = "pad"
 
     plan = operators.plan_from_panel(bpy.context)
     job = plan.job
     assert PROTOCOL.validate_job(json.loads(json.dumps(job))).to_dict() == job
     assert job["mode"] == "pix2pix" and job["prompt"] == "make it snowy" and job["seed"] == 11
-    assert job["smooth_bg"] is False
+    assert job["smooth_bg"] is False and job["fit"] == "pad"
     assert job["frames"] == 3
     assert job["video"] == {"path": str(image_folder.resolve()), "start": 2, "stride": 1.0}
     assert (job["width"], job["height"]) == (96, 64)
