@@ -49,6 +49,9 @@ MASK_THRESHOLD = 0.4
 # When background smoothing blends (Sect. 3.3.3): "once" at x_t1 (the paper) or after
 # "every_step" of the joint phase (an older variant, kept to measure against).
 SMOOTH_SCHEDULES = ("once", "every_step")
+# x_T of the frames without motion dynamics: frame 1's for all ("shared", Sect. 3.4) or
+# each frame's own ("per_frame", the official pix2pix code's choice).
+INITIAL_NOISES = ("shared", "per_frame")
 
 
 class Cancelled(Exception):
@@ -290,6 +293,7 @@ class TextToVideoZero:
         callbacks: Callbacks | None = None,
         cross_frame_attention: bool = True,
         smooth_schedule: str = "once",
+        initial_noise: str = "shared",
     ) -> torch.Tensor:
         """Generate and return the final latents of ``frame_ids``: (frames, 4, H/8, W/8) fp32.
 
@@ -299,7 +303,9 @@ class TextToVideoZero:
         paper's ablation); everything else, background smoothing's maps included, still runs.
         ``smooth_schedule`` (with ``smooth_bg``): "once", the paper's blend at x_t1 after a
         first pass for the masks; "every_step", the older blend after every joint step from
-        the masks on (kept to measure against).
+        the masks on (kept to measure against). ``initial_noise`` without motion dynamics
+        (ControlNet, pix2pix): "shared", every frame starts from frame 1's x_T (Sect. 3.4);
+        "per_frame", each from its own (seed, frame) noise.
         """
         frame_ids = list(range(num_frames)) if frame_ids is None else list(frame_ids)
         self.check_inputs(prompt, height, width, num_frames, frame_ids, controls, image)
@@ -307,6 +313,10 @@ class TextToVideoZero:
             raise ValueError(
                 f"smooth_schedule must be one of {', '.join(SMOOTH_SCHEDULES)}, "
                 f"got {smooth_schedule!r}"
+            )
+        if initial_noise not in INITIAL_NOISES:
+            raise ValueError(
+                f"initial_noise must be one of {', '.join(INITIAL_NOISES)}, got {initial_noise!r}"
             )
         if smooth_bg and image is not None:
             raise ValueError(
@@ -409,6 +419,11 @@ class TextToVideoZero:
                     eps = torch.stack([frame_noise(seed, f, "t0_to_t1", shape) for f in others])
                     warped = translate_latents(latents[1:], others_shift)
                     latents[1:] = ddpm_jump(warped, a_t0, a_t1, eps)
+            elif initial_noise == "per_frame":
+                # Every frame its own x_T (the official pix2pix's choice, measured against).
+                latents = torch.stack([frame_noise(seed, f, "x_T", shape) for f in plan.processed])
+                latents = latents.to(self.device, self.dtype) * scheduler.init_noise_sigma
+                # (frames, 4, h, w); frame 1's is x_first
             else:
                 latents = x_first.expand(len(plan.processed), *shape).clone()
                 # (frames, 4, h, w): every frame starts from the anchor's x_T

@@ -541,6 +541,22 @@ def test_pix2pix_follows_its_source_frames(tiny_pix2pix: Any) -> None:
         run(p2p, motion_dynamics=False)
 
 
+def test_per_frame_initial_noise_is_each_frames_own_and_chunk_invariant(
+    tiny_pix2pix: Any,
+) -> None:
+    p2p = TextToVideoZero(tiny_pix2pix)
+    still = {f: random_image(30) for f in range(FRAMES)}
+    kwargs = dict(motion_dynamics=False, image=still, prompt="make it snow")
+    shared = run(p2p, **kwargs)
+    own = run(p2p, initial_noise="per_frame", **kwargs)
+    close(own[0], shared[0])  # frame 1 starts from the same x_T either way
+    # A still source no longer gives identical frames: each frame has its own x_T.
+    assert all(differ(own[k], own[0]) for k in range(1, FRAMES))
+    close(run(p2p, initial_noise="per_frame", chunk_size=1, frame_ids=[2, 3], **kwargs), own[2:])
+    with pytest.raises(ValueError, match="initial_noise must be one of shared, per_frame"):
+        run(p2p, initial_noise="fresh", **kwargs)
+
+
 # --------------------------------------------------------------------------- processors
 
 
