@@ -1,16 +1,12 @@
-"""Fixtures of the scene-control tests (one module per pass of blender_t2vz.scene_control)."""
+"""Fixtures of the scene-control tests (one module per pass of blender_t2vz.scene_control).
 
-import os
-import tempfile
+No module-level skips here: a skip raised while a package's conftest loads stops pytest.
+Tests that read images need OpenCV and skip one by one without it (``rig_scene.read``).
+"""
 
 import pytest
 
-os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="t2vz_bpy_user_"))
-pytest.importorskip("bpy")
-pytest.importorskip("numpy")
-pytest.importorskip("cv2")
-
-from .rig_scene import build_scene3d, remove_scene3d  # noqa: E402
+from .rig_scene import build_scene3d, remove_scene3d
 
 
 @pytest.fixture(scope="module")

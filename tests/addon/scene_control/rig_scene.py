@@ -7,7 +7,7 @@ the human meta-rig, animated; helpers that project points by hand to check the p
 import math
 
 import bpy
-import cv2
+import pytest
 from mathutils import Vector
 
 W, H = 96, 64
@@ -250,6 +250,7 @@ def world_point(scn, frame, rig_name, bone, t=0.0):
 
 
 def read(path):
+    cv2 = pytest.importorskip("cv2")
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     assert image is not None, path
     return image

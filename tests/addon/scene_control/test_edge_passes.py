@@ -1,10 +1,12 @@
 """The edge passes (blender_t2vz/scene_control/edges.py): flat shading for canny, Freestyle."""
 
-import cv2
+import pytest
 
 from blender_t2vz import scene_control as sc
 
 from .rig_scene import H, W, project_cube, read, settings_snapshot
+
+cv2 = pytest.importorskip("cv2")
 
 
 def test_edge_passes(scene3d, tmp_path):

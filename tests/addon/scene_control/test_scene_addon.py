@@ -70,4 +70,6 @@ def test_addon_entries_render_scene_passes(addon, scene, scene3d, tmp_path):
             bpy.ops.t2vz.generate()
     finally:
         settings.controlnets.clear()
+        for name in ("mode", "prompt", "frames", "smooth_bg"):  # as later tests expect them
+            settings.property_unset(name)
         bpy.data.collections.remove(foreground)

@@ -15,6 +15,9 @@ from blender_t2vz import scene_control as sc
 from .rig_scene import H, W, read
 
 REPO = Path(__file__).resolve().parents[3]
+# The backend's python: this one, or the one given when these tests run under another
+# Blender version's bpy (as tests/addon/conftest.py does).
+BACKEND_PYTHON = os.environ.get("T2VZ_TEST_BACKEND_PYTHON") or sys.executable
 
 
 def test_errors_name_the_bad_value(scene3d):
@@ -75,7 +78,7 @@ def test_scene_controlnet_job_runs_through_the_backend(scene3d, tmp_path):
     job_file.write_text(json.dumps(job))
     env = {**os.environ, "T2VZ_CACHE_DIR": os.environ.get("T2VZ_CACHE_DIR", str(tmp_path / "m"))}
     result = subprocess.run(
-        [sys.executable, "-m", "backend", "generate", "--job", str(job_file)],
+        [BACKEND_PYTHON, "-m", "backend", "generate", "--job", str(job_file)],
         cwd=REPO,
         env=env,
         capture_output=True,
