@@ -258,3 +258,54 @@ def test_offline_uses_the_cache_and_never_asks_the_hub(
     finally:
         offline.close()
     assert len(hub.requests) == asked  # offline means offline
+
+
+# --------------------------------------------------------------------------- in this process
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub allowed online in this process (the suite runs it offline)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (connections are refused at once)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_hub_fails_fast_naming_the_model(online: None, tmp_path: Path) -> None:
+    from backend.hub import HubError, fetch_model
+
+    started = time.monotonic()
+    with pytest.raises(HubError, match=r"'owner/sd'.*out of reach"):
+        fetch_model("owner/sd", cache_dir=tmp_path, endpoint=f"http://127.0.0.1:{closed_port()}")
+    assert time.monotonic() - started < 15.0
+
+
+def test_an_unreachable_hub_falls_back_to_the_cached_model(
+    online: None, hub: FakeHub, tmp_path: Path
+) -> None:
+    from backend.hub import fetch_model
+
+    first = fetch_model("test/tiny", cache_dir=tmp_path, endpoint=hub.url)
+    asked = len(hub.requests)
+    again = fetch_model("test/tiny", cache_dir=tmp_path, endpoint=hub.url)
+    assert again == first and len(hub.requests) == asked + 1  # the listing only: all cached
+    gone = fetch_model(
+        "test/tiny", cache_dir=tmp_path, endpoint=f"http://127.0.0.1:{closed_port()}"
+    )
+    assert gone == first
+
+
+def test_a_missing_repo_says_so(online: None, hub: FakeHub, tmp_path: Path) -> None:
+    from backend.hub import HubError, fetch_model
+
+    with pytest.raises(HubError, match=r"'owner/missing' is not on the Hugging Face Hub"):
+        fetch_model("owner/missing", cache_dir=tmp_path, endpoint=hub.url)
