@@ -172,10 +172,16 @@ def _iter_movie(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
         if rate and stream.time_base is not None:
             try:
                 yield from _iter_by_time(container, stream, path, wanted, rate)
+                return
+            except _RotatedMovie:
+                pass  # OpenCV applies the rotation (as Blender does); PyAV does not
             except av.error.FFmpegError as exc:
                 raise VideoInputError(f"cannot decode movie {path}: {exc}") from None
-            return
     yield from _iter_movie_in_order(path, wanted)
+
+
+class _RotatedMovie(Exception):
+    """The movie's frames carry a rotation (phone videos): read it with OpenCV instead."""
 
 
 def _iter_by_time(
@@ -190,6 +196,8 @@ def _iter_by_time(
     pending = count = 0
     for frame in container.decode(stream):
         count += 1
+        if count == 1 and getattr(frame, "rotation", 0):
+            raise _RotatedMovie  # before anything is yielded
         if frame.pts is None:
             continue
         while pending < len(targets) and targets[pending][0] < frame.pts:
