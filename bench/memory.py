@@ -4,9 +4,14 @@ A process's resident-set high-water mark never goes down and the allocator keeps
 memory, so every (variant, frame count) runs in its own child: it builds the models, notes
 its RSS (CPU) or allocated bytes (CUDA), runs the job once and reports the peak above that
 baseline, sampled every few milliseconds (bench/measure.py). The target: our engine's
-growth for 64 frames within 1.2x of 8 frames at the same chunk size.
+growth for the longest video within 1.2x of the shortest at the same chunk size.
+
+ControlNet and Pix2Pix read their control / source frames from PNG files inside the
+measured run, as the runner does: "ours" spools them and reads each chunk back while
+denoising; "ours held" reads them all up front (the runner before) for contrast.
 
     python -m bench.memory --model sd15 --size 64 --frames 8 64 --chunk-size 4 --steps 2
+    python -m bench.memory --model tiny --mode controlnet --size 512 --frames 8 256
 """
 
 from __future__ import annotations
@@ -25,10 +30,17 @@ from backend.models import resolve_device, resolve_dtype
 
 from .measure import MIB, Measurement, measure_once, peak_rss
 from .models import MODEL_KINDS, build_models
-from .workloads import MODES, Workload, diffusers_t2vz_variant, ours_variant
+from .workloads import (
+    MODES,
+    Workload,
+    diffusers_t2vz_variant,
+    file_inputs,
+    ours_variant,
+    write_input_video,
+)
 
 TARGET = 1.2
-VARIANTS = ("ours", "diffusers")
+VARIANTS = ("ours", "ours held", "diffusers")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="skip diffusers' TextToVideoZeroPipeline (unchunked, for contrast)",
     )
+    parser.add_argument(
+        "--no-held",
+        action="store_true",
+        help="controlnet / pix2pix: skip 'ours held' (all input frames read up front)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # JSON spec of one measurement
     return parser.parse_args(argv)
 
@@ -62,8 +79,14 @@ def child(spec: dict) -> dict:
     workload = Workload(**spec["workload"])
     with tempfile.TemporaryDirectory(prefix="t2vz-mem-") as tmp:
         models = build_models(spec["model"], [workload.mode], device, dtype, Path(tmp))
-        make = ours_variant if spec["variant"] == "ours" else diffusers_t2vz_variant
-        run = make(models, workload)
+        if spec["variant"] == "diffusers":
+            run = diffusers_t2vz_variant(models, workload)
+        elif workload.mode == "text2video":
+            run = ours_variant(models, workload)
+        else:
+            video = write_input_video(workload, Path(tmp) / "input")
+            streamed = spec["variant"] == "ours"
+            run = ours_variant(models, workload, file_inputs(workload, video, streamed))
         result = Measurement()
         measure_once(run, device, result)
     return {
@@ -98,11 +121,18 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     print("command: python -m bench.memory " + " ".join(sys.argv[1:] if argv is None else argv))
-    variants = ["ours"] + ([] if args.no_diffusers or args.mode != "text2video" else ["diffusers"])
+    from .run import _cpu_name
+
+    print(f"machine: {_cpu_name()}; torch {torch.__version__}; each line a fresh child process")
+    variants = ["ours"]
+    if args.mode == "text2video" and not args.no_diffusers:
+        variants.append("diffusers")
+    if args.mode != "text2video" and not args.no_held:
+        variants.append("ours held")
     rows: dict[tuple[str, int], dict] = {}
     for variant in variants:
         for frames in args.frames:
-            chunk = args.chunk_size if variant == "ours" else frames
+            chunk = frames if variant == "diffusers" else args.chunk_size
             workload = Workload(args.mode, frames, args.size, args.steps, chunk)
             rows[variant, frames] = spawn(args, variant, workload)
             r = rows[variant, frames]
@@ -126,6 +156,7 @@ def report(rows: dict[tuple[str, int], dict], variants: list[str], frames: list[
             verdict = f" ({verdict} the {TARGET}x target)"
             status = 0 if ratio <= TARGET else 1
         print(f"  {variant}: growth {long} frames / {short} frames = {ratio:.2f}{verdict}")
+    print("  (process peaks in the lines above include the models)")
     return status
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from backend.models import ModelCache, resolve_device, resolve_dtype
+from backend.models import TORCH_DTYPES, ModelCache, choose_dtype, resolve_device
 
 from .measure import Measurement, interleaved, warm_up
 from .models import MODEL_KINDS, BenchModels, build_models
@@ -64,6 +64,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"]
     )
+    parser.add_argument(
+        "--reference-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="dtype of diffusers' pipeline (its default: float32) and of the 'floor fp32' rows, "
+        "made when ours runs in another dtype",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--no-diffusers", action="store_true", help="skip TextToVideoZeroPipeline")
     parser.add_argument("--no-plain", action="store_true", help="skip plain Stable Diffusion")
@@ -101,14 +108,24 @@ def chunk_sizes(frames: int, chunk_size: int) -> list[int]:
 
 
 def variants_for(
-    models: BenchModels, workload: Workload, args: argparse.Namespace
+    models: BenchModels,
+    workload: Workload,
+    args: argparse.Namespace,
+    reference: BenchModels | None = None,
 ) -> dict[str, Callable[[], object]]:
-    """Every variant of one mode and frame count, keyed by a short label."""
+    """Every variant of one mode and frame count, keyed by a short label.
+
+    ``reference``: the same models in the reference dtype (float32) when ours runs in
+    another (bf16 on CPUs with native bf16): diffusers' pipeline runs on them, in its
+    default fp32, and a "floor fp32" row is added.
+    """
     out: dict[str, Callable[[], object]] = {}
     for c in chunk_sizes(workload.frames, args.chunk_size):
         w = replace(workload, chunk_size=c)
         out[f"ours c{c}"] = ours_variant(models, w)
         out[f"floor c{c}"] = floor_variant(models, w)
+        if reference is not None:
+            out[f"floor fp32 c{c}"] = floor_variant(reference, w)
     out["text encoding"] = text_encoding_variant(models, workload)
     if not args.no_plain:
         out["plain SD"] = plain_sd_variant(models, workload)
@@ -116,7 +133,7 @@ def variants_for(
         for c in chunk_sizes(workload.frames, args.chunk_size):
             if c >= 2:
                 out[f"diffusers c{c}"] = diffusers_t2vz_variant(
-                    models, replace(workload, chunk_size=c)
+                    reference or models, replace(workload, chunk_size=c)
                 )
     return out
 
@@ -142,6 +159,9 @@ def ratio_lines(results: dict[str, Measurement], frames: int, chunk: int) -> lis
     add(f"ours / plain SD (chunk {frames})", f"ours c{frames}", "plain SD")
     for c in chunk_sizes(frames, chunk):
         add(f"diffusers / ours (chunk {c})", f"diffusers c{c}", f"ours c{c}")
+    for c in chunk_sizes(frames, chunk):
+        add(f"ours / diffusers (chunk {c})", f"ours c{c}", f"diffusers c{c}")
+        add(f"ours / floor fp32 (chunk {c})", f"ours c{c}", f"floor fp32 c{c}")
     return lines
 
 
@@ -172,10 +192,15 @@ def cache_check(models: BenchModels, device: torch.device, dtype: torch.dtype) -
 
 
 def run_mode(
-    models: BenchModels, workload: Workload, args: argparse.Namespace, device: torch.device
+    models: BenchModels,
+    workload: Workload,
+    args: argparse.Namespace,
+    device: torch.device,
+    reference: BenchModels | None = None,
 ) -> dict[str, Measurement]:
-    variants = variants_for(models, workload, args)
-    warm = variants_for(models, replace(workload, steps=min(WARM_UP_STEPS, workload.steps)), args)
+    variants = variants_for(models, workload, args, reference)
+    short = replace(workload, steps=min(WARM_UP_STEPS, workload.steps))
+    warm = variants_for(models, short, args, reference)
     warm_up(warm, device)
     return interleaved(variants, args.repeats, device, log=lambda s: print(s, file=sys.stderr))
 
@@ -185,13 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    choice = choose_dtype(args.dtype, device)
+    dtype = choice.dtype
+    reference_dtype = TORCH_DTYPES[args.reference_dtype]
     print("command: python -m bench.run " + " ".join(sys.argv[1:] if argv is None else argv))
     print("machine:", machine(device, dtype))
+    print(f"ours' dtype: {choice.name} ({choice.reason})")
     report: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="t2vz-bench-") as tmp:
         started = time.perf_counter()
         models = build_models(args.model, args.modes, device, dtype, Path(tmp))
+        reference = None
+        if reference_dtype != dtype:  # diffusers and the fp32 floor run on their own copy
+            reference = build_models(
+                args.model, args.modes, device, reference_dtype, Path(tmp) / "reference"
+            )
+            print(f"reference models for diffusers and the floor: {args.reference_dtype}")
         print(f"models: {args.model}, built in {time.perf_counter() - started:.1f} s")
         line = cache_check(models, device, dtype)
         if line:
@@ -199,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         for frames in args.frames:
             for mode in args.modes:
                 workload = Workload(mode, frames, args.size, args.steps, frames, args.seed)
-                results = run_mode(models, workload, args, device)
+                results = run_mode(models, workload, args, device, reference)
                 print(f"\n{mode}: {frames} frames, {args.size}x{args.size}, {args.steps} steps")
                 print(
                     "\n".join(

@@ -8,8 +8,9 @@ work that differs between the variants.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,8 @@ IMAGE_GUIDANCE = 1.5
 TEXT_TOKENS = 77
 
 Runner = Callable[[], object]
+# Makes the per-frame input tensors of a run (control frames or pix2pix source frames).
+FrameInputs = Callable[[], Mapping[int, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -77,16 +80,26 @@ def _decode_slices(base: BaseModel, latents: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- ours
 
 
-def ours_variant(models: BenchModels, workload: Workload) -> Runner:
-    """Our engine as the runner drives it: generate, then decode in slices to uint8 frames."""
+def ours_variant(
+    models: BenchModels, workload: Workload, inputs: FrameInputs | None = None
+) -> Runner:
+    """Our engine as the runner drives it: generate, then decode in slices to uint8 frames.
+
+    ``inputs`` makes the control (controlnet) or source (pix2pix) frames inside the run,
+    e.g. read from files (see ``file_inputs``); by default they are made beforehand and
+    held in memory.
+    """
     base = workload.base(models)
     controlnets = [models.controlnet] if workload.mode == "controlnet" else []
-    controls = [ControlInput(models.controlnet, _frames(workload, 1))] if controlnets else []
-    image = _frames(workload, 2) if workload.mode == "pix2pix" else None
+    if inputs is None and workload.mode != "text2video":
+        held = _frames(workload, 1 if controlnets else 2)
+        inputs = lambda: held  # noqa: E731
     t0, t1 = workload.t0_t1
 
     def run() -> None:
         engine = TextToVideoZero(base, controlnets)
+        frames = inputs() if inputs is not None else None
+        controls = [ControlInput(models.controlnet, frames)] if controlnets else []
         latents = engine(
             prompt=PROMPT,
             num_frames=workload.frames,
@@ -100,13 +113,41 @@ def ours_variant(models: BenchModels, workload: Workload) -> Runner:
             t0=t0,
             t1=t1,
             controls=controls,
-            image=image,
+            image=frames if workload.mode == "pix2pix" else None,
             image_guidance_scale=IMAGE_GUIDANCE,
         )
         for start in range(0, workload.frames, DECODE_SLICE):
             engine.decode(latents[start : start + DECODE_SLICE])
 
     return run
+
+
+def write_input_video(workload: Workload, folder: Path) -> Path:
+    """The workload's control / source video as PNG files (random pixels, seeded)."""
+    import numpy as np
+
+    from backend.video_io import write_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(workload.seed)
+    for f in range(workload.frames):
+        image = rng.integers(0, 256, (workload.size, workload.size, 3), dtype=np.uint8)
+        write_png(folder / f"frame_{f:05d}.png", image)
+    return folder
+
+
+def file_inputs(workload: Workload, folder: Path, streamed: bool) -> FrameInputs:
+    """Frames read from ``folder`` as the runner reads them: ``streamed`` spools them and
+    reads each chunk back while denoising (now); otherwise all are read up front (before)."""
+    from backend.protocol import VideoInput
+    from backend.runner import TensorFrames, _to_tensor  # imported here, not in the run
+    from backend.video_io import read_frames, store_frames
+
+    spec = VideoInput(str(folder))
+    frames, size = range(workload.frames), workload.size
+    if streamed:
+        return lambda: TensorFrames(store_frames(spec, frames, size, size))
+    return lambda: {f: _to_tensor(i) for f, i in read_frames(spec, frames, size, size).items()}
 
 
 def text_encoding_variant(models: BenchModels, workload: Workload) -> Runner:
