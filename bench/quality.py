@@ -42,7 +42,7 @@ import torch
 from backend import shapes
 from backend.controls import canny
 from backend.engine import ControlInput, TextToVideoZero
-from backend.models import load_base_model, load_controlnet
+from backend.models import choose_dtype, load_base_model, load_controlnet
 from backend.motion import latent_shift
 from backend.protocol import resolve_t0_t1
 
@@ -312,14 +312,16 @@ class Models:
     names: tuple[str, str, str]
 
 
-def load_models(names: Sequence[str], sections: Sequence[str]) -> Models:
+def load_models(
+    names: Sequence[str], sections: Sequence[str], dtype: torch.dtype = torch.float32
+) -> Models:
     """Engines for the sections asked for, through the same loading code as user models."""
-    base = load_base_model(names[0])
+    base = load_base_model(names[0], dtype=dtype)
     controlnet = pix2pix = None
     if "controlnet" in sections:
-        controlnet = TextToVideoZero(base, [load_controlnet(names[1])])
+        controlnet = TextToVideoZero(base, [load_controlnet(names[1], dtype=dtype)])
     if "pix2pix" in sections:
-        pix2pix = TextToVideoZero(load_base_model(names[2], pix2pix=True))
+        pix2pix = TextToVideoZero(load_base_model(names[2], pix2pix=True, dtype=dtype))
     return Models(TextToVideoZero(base), controlnet, pix2pix, tuple(names))
 
 
@@ -680,6 +682,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="torch CPU threads (default 1: on a shared machine more threads stall; 0: torch default)",
     )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="dtype of the models (auto: as a job's dtype auto picks it on this CPU)",
+    )
     parser.add_argument("--json", type=Path, help="write settings and figures here")
     parser.add_argument("--sheets", type=Path, help="write contact sheets (PNG) into this folder")
     return parser.parse_args(argv)
@@ -702,12 +710,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = tuple(args.models) if args.models else TINY_MODELS if args.tiny else SHAPES_MODELS
     started = time.perf_counter()
-    models = load_models(names, args.sections)
+    dtype = choose_dtype(args.dtype, torch.device("cpu"))
+    models = load_models(names, args.sections, dtype.dtype)
     command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
     header = (
         f"command: {command}\n"
         f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
-        f"python {platform.python_version()}\n"
+        f"python {platform.python_version()}, dtype {dtype.name} ({dtype.reason})\n"
         f"models: {', '.join(names)}; {settings.size}x{settings.size}, {settings.steps} steps, "
         f"guidance {settings.guidance}, {settings.seeds} seeds"
     )
