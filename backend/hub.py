@@ -283,14 +283,21 @@ def fetch_model(
             snapshot = _snapshot_of(cached, name)
             continue
         tracker.start_file(name)
-        path = hf_hub_download(
-            model,
-            name,
-            revision=info.sha,
-            cache_dir=cache_dir,
-            endpoint=endpoint,
-            tqdm_class=bar,
-        )
+        try:
+            path = hf_hub_download(
+                model,
+                name,
+                revision=info.sha,
+                cache_dir=cache_dir,
+                endpoint=endpoint,
+                tqdm_class=bar,
+            )
+        except DownloadCancelled:
+            raise
+        except Exception as exc:  # noqa: BLE001 (network errors differ between hub versions)
+            raise HubError(
+                f"download of model {model!r} failed at {name}: {type(exc).__name__}: {exc}"
+            ) from exc
         tracker.finish_file(name)
         snapshot = _snapshot_of(path, name)
     tracker.file = ""

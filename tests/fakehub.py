@@ -33,6 +33,7 @@ class FakeHub:
         # (method, path, Range header or None) in arrival order
         self.requests: list[tuple[str, str, str | None]] = []
         self.bytes_sent = 0
+        self.broken: set[str] = set()  # files whose resolve URL answers 500 (a failing CDN)
         self.lock = threading.Lock()
         hub = self
 
@@ -100,6 +101,9 @@ class FakeHub:
     def resolve(self, request: BaseHTTPRequestHandler, repo: str, name: str, body: bool) -> None:
         """A file: HEAD gives its metadata, GET its bytes (from a Range start if asked)."""
         data = self.repos.get(repo, {}).get(name)
+        if name in self.broken:
+            self.send(request, 500, b"", {})
+            return
         if data is None:
             self.send(request, 404, b"", {"X-Error-Code": "EntryNotFound"})
             return

@@ -309,3 +309,14 @@ def test_a_missing_repo_says_so(online: None, hub: FakeHub, tmp_path: Path) -> N
 
     with pytest.raises(HubError, match=r"'owner/missing' is not on the Hugging Face Hub"):
         fetch_model("owner/missing", cache_dir=tmp_path, endpoint=hub.url)
+
+
+def test_a_failing_file_names_the_model_and_the_file(
+    online: None, hub: FakeHub, tmp_path: Path
+) -> None:
+    from backend.hub import HubError, fetch_model
+
+    hub.broken.add("unet/diffusion_pytorch_model.safetensors")
+    with pytest.raises(HubError, match=r"'test/tiny' failed at unet/diffusion_pytorch_model"):
+        fetch_model("test/tiny", cache_dir=tmp_path, endpoint=hub.url)
+    assert not list(tmp_path.glob("*/snapshots/*/unet/diffusion_pytorch_model.safetensors"))
