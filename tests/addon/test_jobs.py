@@ -115,6 +115,7 @@ def test_controlnet_job_from_movie_strip(scene, movie: Path) -> None:
         "weight": pytest.approx(0.7),
         "detector": "canny",
         "control": {"path": str(movie.resolve()), "start": 3, "stride": 1.0},
+        "config": None,  # a single-file ControlNet's configs: the shipped SD 1.5 ones
     }
 
     settings.match_source = False
