@@ -75,8 +75,15 @@ class TrainConfig:
     ema: float = 0.995
     controlnet_steps: int = 1200
     controlnet_lr: float = 5e-4
+    controlnet_resume_steps: int = 1500
+    # The first run barely moved the zero convolutions (the control had no visible effect):
+    # the second drops half the prompts, as ControlNet's training does (Zhang et al. 2023,
+    # Sect. 3.3), so the control alone must explain the image, and uses a higher rate.
+    controlnet_resume_empty_prompt: float = 0.5
+    controlnet_resume_lr: float = 1e-3
     pix2pix_steps: int = 2000
     pix2pix_lr: float = 4e-4
+    pix2pix_resume_steps: int = 2000
     drop_text: float = 0.05  # InstructPix2Pix conditioning dropout (Brooks et al. 2023, 3.2)
     drop_image: float = 0.05
     warmup: int = 100
@@ -544,7 +551,7 @@ class Trainer:
         return unet.requires_grad_(False).eval(), text.requires_grad_(False).eval()
 
     # ---------------------------------------------------------------- controlnet
-    def train_controlnet(self) -> None:
+    def train_controlnet(self, resume: bool = False) -> None:
         """ControlNet on the frozen base; control = canny edges of the rendered frame."""
         from diffusers import ControlNetModel
 
@@ -563,14 +570,21 @@ class Trainer:
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=(16, 32, 64, 128)
         )
+        if resume:  # continue a previous run's weights (see --resume)
+            saved = ControlNetModel.from_pretrained(
+                str(self.out / "shapes-controlnet"), torch_dtype=torch.float32
+            )
+            controlnet.load_state_dict(saved.state_dict())
         controlnet.train()
+
+        empty_share = cfg.controlnet_resume_empty_prompt if resume else cfg.empty_prompt
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
             latents = (
                 mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
             ) * scale
             text = texts[index].clone()
-            text[torch.rand(len(index), generator=gen) < cfg.empty_prompt] = empty
+            text[torch.rand(len(index), generator=gen) < empty_share] = empty
             cond = controls[index].float() / 255  # (batch, 3, H, W) in [0, 1], as the engine
             return self.controlnet_loss(unet, controlnet, latents, text, cond, gen)
 
@@ -581,8 +595,8 @@ class Trainer:
             list(controlnet.parameters()),
             step_fn,
             len(scenes),
-            cfg.controlnet_steps,
-            cfg.controlnet_lr,
+            cfg.controlnet_resume_steps if resume else cfg.controlnet_steps,
+            cfg.controlnet_resume_lr if resume else cfg.controlnet_lr,
             gen,
         )
         target = self.out / "shapes-controlnet"
@@ -612,7 +626,7 @@ class Trainer:
         return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
     # ---------------------------------------------------------------- pix2pix
-    def train_pix2pix(self) -> None:
+    def train_pix2pix(self, resume: bool = False) -> None:
         """InstructPix2Pix: 8-channel UNet from the base, edit pairs, conditioning dropout."""
         from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
@@ -641,6 +655,11 @@ class Trainer:
         weight = state["conv_in.weight"]
         state["conv_in.weight"] = torch.cat([weight, torch.zeros_like(weight)], dim=1)
         unet.load_state_dict(state)
+        if resume:  # continue a previous run's (EMA) weights (see --resume)
+            saved = UNet2DConditionModel.from_pretrained(
+                str(self.out / "shapes-pix2pix" / "unet"), torch_dtype=torch.float32
+            )
+            unet.load_state_dict(saved.state_dict())
         modules = torch.nn.ModuleList([unet])
         ema = EMA(modules, cfg.ema)
 
@@ -667,7 +686,7 @@ class Trainer:
             list(unet.parameters()),
             step_fn,
             len(edits),
-            cfg.pix2pix_steps,
+            cfg.pix2pix_resume_steps if resume else cfg.pix2pix_steps,
             cfg.pix2pix_lr,
             gen,
             ema,
@@ -697,7 +716,7 @@ class Trainer:
             shutil.copytree(self.base_dir / sub, target / sub)
 
 
-# What ``--stage all`` runs: the VAE and the base are each trained in two runs, the second
+# What ``--stage all`` runs: each stage is trained in two runs, the second
 # continuing the first's weights with a fresh optimiser and schedule (how the committed
 # weights were made: the first runs' budgets were set before the machine's speed was known).
 RECIPE = (
@@ -706,7 +725,9 @@ RECIPE = (
     ("base", False),
     ("base", True),
     ("controlnet", False),
+    ("controlnet", True),
     ("pix2pix", False),
+    ("pix2pix", True),
 )
 
 
@@ -725,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes rendering the data")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument(
-        "--resume", action="store_true", help="vae, base: continue from the saved weights"
+        "--resume", action="store_true", help="continue from the stage's saved weights"
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -734,10 +755,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = RECIPE if args.stage == "all" else ((args.stage, args.resume),)
     for stage, resume in runs:
         started = time.perf_counter()
-        if stage in ("vae", "base"):
-            getattr(trainer, f"train_{stage}")(resume=resume)
-        else:
-            getattr(trainer, f"train_{stage}")()
+        getattr(trainer, f"train_{stage}")(resume=resume)
         log(
             f"stage {stage}{' (resumed)' if resume else ''} done in {time.perf_counter() - started:.0f} s"
         )
