@@ -116,3 +116,77 @@ def test_base_model_generates_the_prompted_background() -> None:
         # Quick gate before landing: the background colour matched the prompt in 20 of 24
         # seeds (1000 steps); this asks for it in both frames of one fixed seed per prompt.
         assert [border_colour(f) for f in frames] == [background, background]
+
+
+def palette_mask(frame, colour: str):
+    """Pixels whose nearest palette tone (full or shaded) belongs to ``colour``."""
+    import numpy as np
+
+    from backend.shapes import PALETTE, SHADE
+
+    names = list(PALETTE)
+    tones = np.array([PALETTE[c] for c in names] + [[SHADE * v for v in PALETTE[c]] for c in names])
+    pixels = frame.reshape(-1, 3).astype(float)
+    nearest = ((pixels[:, None] - tones[None]) ** 2).sum(-1).argmin(-1) % len(names)
+    return (nearest == names.index(colour)).reshape(frame.shape[:2])
+
+
+@pytest.mark.skipif("shapes-controlnet" not in SHIPPED, reason="ControlNet not trained yet")
+def test_controlnet_video_on_a_moving_shape() -> None:
+    import torch
+
+    from backend import shapes
+    from backend.controls import canny
+    from backend.engine import ControlInput, TextToVideoZero
+    from backend.models import load_base_model, load_controlnet
+
+    controlnet = load_controlnet("builtin:shapes-controlnet")
+    assert controlnet.config.cross_attention_dim == 64
+    engine = TextToVideoZero(load_base_model("builtin:shapes"), [controlnet])
+    scene = shapes.Scene("blue", "checks", (shapes.Shape("square", "white", 0.3, 0.5, 0.2),))
+    video = shapes.render_video(scene, 2, velocity=(0.2, 0.0))
+    controls = {k: torch.from_numpy(canny(frame)).permute(2, 0, 1) for k, frame in enumerate(video)}
+    latents = engine(
+        prompt=scene.prompt(),
+        num_frames=2,
+        height=64,
+        width=64,
+        seed=0,
+        num_inference_steps=10,
+        guidance_scale=7.5,
+        motion_dynamics=False,
+        controls=[ControlInput(controlnet, controls, weight=1.0)],
+    )
+    frames = engine.decode(latents).numpy()
+    assert frames.shape == (2, 64, 64, 3)
+    assert torch.isfinite(latents).all()
+
+
+@pytest.mark.skipif("shapes-pix2pix" not in SHIPPED, reason="pix2pix not trained yet")
+def test_pix2pix_recolours_the_background() -> None:
+    import torch
+
+    from backend import shapes
+    from backend.engine import TextToVideoZero
+    from backend.models import load_base_model
+
+    engine = TextToVideoZero(load_base_model("builtin:shapes-pix2pix", pix2pix=True))
+    scene = shapes.Scene("blue", "stripes", (shapes.Shape("circle", "red", 0.5, 0.5, 0.2),))
+    source = torch.from_numpy(shapes.render(scene)).permute(2, 0, 1)
+    latents = engine(
+        prompt="make the background yellow",
+        num_frames=1,
+        height=64,
+        width=64,
+        seed=0,
+        num_inference_steps=20,
+        guidance_scale=7.5,
+        image_guidance_scale=1.5,
+        motion_dynamics=False,
+        image={0: source},
+    )
+    frame = engine.decode(latents)[0].numpy()
+    # MEASURED: background edits gave 0.59 to 0.94 palette agreement with the edited render
+    # over 7 random edits (the shape often loses its colour, so only the border is asked).
+    assert border_colour(source.permute(1, 2, 0).numpy()) == "blue"
+    assert border_colour(frame) == "yellow"
