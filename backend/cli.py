@@ -381,9 +381,16 @@ def _generate(args: argparse.Namespace) -> int:
             flush=True,
         )
 
+    def download(state: Any) -> None:
+        finished = not state.file and state.bytes_done == state.bytes_total
+        end = "\n" if finished else ""  # the step progress line starts on a line of its own
+        print(f"\r{state.describe()}\033[K", end=end, file=sys.stderr, flush=True)
+
     try:
         result = run_job(
-            job, events=JobEvents(progress=progress), allow_pickle=args.allow_pickle is True
+            job,
+            events=JobEvents(progress=progress, download=download),
+            allow_pickle=args.allow_pickle is True,
         )
     except Exception as exc:  # one clear line for the user; -v shows the traceback
         print(file=sys.stderr)

@@ -68,6 +68,17 @@ class DownloadProgress:
         """The message payload."""
         return asdict(self)
 
+    def describe(self) -> str:
+        """One line for people: model, file, megabytes done of total, rate."""
+        mb = 1e6
+        text = f"downloading {self.model}"
+        if self.file:
+            text += f" ({self.file})"
+        text += f": {self.bytes_done / mb:.1f} of {self.bytes_total / mb:.1f} MB"
+        if self.rate > 0 and self.bytes_done < self.bytes_total:
+            text += f" at {self.rate / mb:.1f} MB/s"
+        return text
+
 
 @dataclass
 class DownloadHooks:

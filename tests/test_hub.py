@@ -320,3 +320,35 @@ def test_a_failing_file_names_the_model_and_the_file(
     with pytest.raises(HubError, match=r"'test/tiny' failed at unet/diffusion_pytorch_model"):
         fetch_model("test/tiny", cache_dir=tmp_path, endpoint=hub.url)
     assert not list(tmp_path.glob("*/snapshots/*/unet/diffusion_pytorch_model.safetensors"))
+
+
+def test_the_cli_line_names_model_file_megabytes_and_rate() -> None:
+    from backend.hub import DownloadProgress
+
+    state = DownloadProgress("owner/sd", "unet/w.safetensors", 1_500_000, 24_000_000, 6e6, 3, 9)
+    assert state.describe() == (
+        "downloading owner/sd (unet/w.safetensors): 1.5 of 24.0 MB at 6.0 MB/s"
+    )
+    state.bytes_done, state.file = state.bytes_total, ""
+    assert state.describe() == "downloading owner/sd: 24.0 of 24.0 MB"
+
+
+def test_the_cli_shows_the_download_then_generates(
+    backend_env: dict[str, str], hub: FakeHub, tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    env = dict(backend_env, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_HUB_CACHE=str(tmp_path))
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "backend", "generate", "--model", "test/tiny", "--prompt", "a cat",
+         "--frames", "2", "--width", "64", "--height", "64", "--steps", "2", "--no-mp4",
+         "--device", "cpu", "--out", str(out)],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    total = sum(len(b) for b in hub.repos["test/tiny"].values()) / 1e6
+    assert f"downloading test/tiny: {total:.1f} of {total:.1f} MB\x1b[K\n" in result.stderr
+    assert (out / "frame_00002.png").is_file()
