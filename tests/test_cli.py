@@ -259,12 +259,12 @@ def test_ctrl_c_and_a_closed_terminal_leave_nothing_and_no_traceback(
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600  # imports and loading take minutes on a busy machine
     while not list(results.glob(".out.partial-*")):  # denoising has begun
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(getattr(signal, signame))
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and said in stderr
     assert list(results.iterdir()) == []
@@ -292,7 +292,9 @@ def test_a_full_disk_is_one_line_naming_the_cause_and_the_path(
 def test_the_default_hub_model_offline_is_one_clear_line(run_backend: Run, tmp_path: Path) -> None:
     """Leaving the model empty offline used to mean minutes of retries and a raw error."""
     out = tmp_path / "out"
-    proc = run_backend("generate", "--prompt", "x", "--out", str(out), "--device", "cpu")
+    proc = run_backend(
+        "generate", "--prompt", "x", "--out", str(out), "--device", "cpu", timeout=600
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ModelLoadError: model ")
