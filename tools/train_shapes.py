@@ -83,7 +83,7 @@ class TrainConfig:
     controlnet_resume_lr: float = 1e-3
     pix2pix_steps: int = 2000
     pix2pix_lr: float = 4e-4
-    pix2pix_resume_steps: int = 2000
+    pix2pix_resume_steps: int = 800
     drop_text: float = 0.05  # InstructPix2Pix conditioning dropout (Brooks et al. 2023, 3.2)
     drop_image: float = 0.05
     warmup: int = 100
@@ -716,7 +716,7 @@ class Trainer:
             shutil.copytree(self.base_dir / sub, target / sub)
 
 
-# What ``--stage all`` runs: each stage is trained in two runs, the second
+# What ``--stage all`` runs: a stage may be trained in two runs, the second
 # continuing the first's weights with a fresh optimiser and schedule (how the committed
 # weights were made: the first runs' budgets were set before the machine's speed was known).
 RECIPE = (
@@ -727,7 +727,6 @@ RECIPE = (
     ("controlnet", False),
     ("controlnet", True),
     ("pix2pix", False),
-    ("pix2pix", True),
 )
 
 
