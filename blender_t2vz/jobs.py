@@ -257,6 +257,8 @@ def rebuild_job(
             job[name] = settings[name]
     if not str(settings.get("prompt") or "").strip():
         job["prompt"] = stored.get("prompt", "")  # an empty panel prompt keeps the old one
+    if mode == "pix2pix":
+        job["smooth_bg"] = False  # pix2pix follows its moving source: the backend refuses it
     # An empty model field means "the default": keep the model the result was made with.
     if str(settings.get("model") or "").strip():
         job["model"] = str(settings["model"]).strip()

@@ -165,10 +165,10 @@ def test_rebuild_keeps_inputs_and_takes_panel_changes() -> None:
         source_frames=5,
         video={"path": "/clips/a.mp4", "start": 4, "stride": 2.0},
     )
-    changed = jobs.rebuild_job(
-        stored, {"prompt": "", "seed": 9, "steps": 4, "model": "", "frames": 99}, out="/tmp/new"
-    )
+    panel = {"prompt": "", "seed": 9, "steps": 4, "model": "", "frames": 99, "smooth_bg": True}
+    changed = jobs.rebuild_job(stored, panel, out="/tmp/new")
     assert changed["seed"] == 9 and changed["steps"] == 4
+    assert changed["smooth_bg"] is False  # the panel's smoothing is for text2video/controlnet
     assert changed["prompt"] == "snow" and changed["model"] == "builtin:tiny-pix2pix"
     assert changed["video"] == stored["video"] and changed["frames"] == 5
     assert changed["out"] == "/tmp/new"
