@@ -83,7 +83,7 @@ class TrainConfig:
     controlnet_resume_lr: float = 1e-3
     pix2pix_steps: int = 2000
     pix2pix_lr: float = 4e-4
-    pix2pix_resume_steps: int = 800
+    pix2pix_resume_steps: int = 800  # (an earlier 2000-step second run did not resume)
     drop_text: float = 0.05  # InstructPix2Pix conditioning dropout (Brooks et al. 2023, 3.2)
     drop_image: float = 0.05
     warmup: int = 100
@@ -727,6 +727,7 @@ RECIPE = (
     ("controlnet", False),
     ("controlnet", True),
     ("pix2pix", False),
+    ("pix2pix", True),
 )
 
 
