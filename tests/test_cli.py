@@ -103,6 +103,7 @@ def test_controlnet_end_to_end(run_backend: Run, tmp_path: Path) -> None:
             "weight": 0.8,
             "detector": "canny",
             "control": {"path": str(control), "start": 0, "stride": 1.0},
+            "config": None,  # no --controlnet-config: the shipped SD 1.5 ControlNet config
         }
     ]
     assert saved["motion"] == [0.0, 0.0] and saved["t0"] is None
