@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import backend.engine as engine_module
 from backend import shapes
 from backend.controls import canny
 from backend.engine import ControlInput, TextToVideoZero
@@ -47,6 +48,7 @@ from backend.motion import latent_shift
 from backend.protocol import resolve_t0_t1
 
 from . import shape_metrics as sm
+from .warp_check import legacy_translate
 
 SECTIONS = ("fidelity", "text2video", "controlnet", "pix2pix")
 SHAPES_MODELS = ("builtin:shapes", "builtin:shapes-controlnet", "builtin:shapes-pix2pix")
@@ -76,6 +78,7 @@ class Settings:
     # where a nearest warp that rounds ties duplicates rows.
     strong_motion: float = 32.0
     seeds: int = 32
+    rows: tuple[str, ...] = ()  # text2video rows whose name contains one of these (all if empty)
 
 
 @dataclass(frozen=True)
@@ -221,10 +224,6 @@ def legacy_warp(active: bool) -> Iterator[None]:
     if not active:
         yield
         return
-    import backend.engine as engine_module
-
-    from .warp_check import legacy_translate
-
     fixed = engine_module.translate_latents
     engine_module.translate_latents = legacy_translate
     try:
@@ -387,6 +386,8 @@ def run_text2video(models: Models, settings: Settings, out: Outputs) -> list[dic
     per_seed: dict[str, list] = out.per_seed.setdefault("text2video", {})
     sheet_rows = []
     for variant in text2video_variants(settings):
+        if settings.rows and not any(r in variant.name for r in settings.rows):
+            continue
         lengths = [n for n in (settings.short, settings.frames) if n <= variant.frames]
         per_length: dict[int, list] = {n: [] for n in lengths}
         started = time.perf_counter()
@@ -688,6 +689,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--guidance", type=float, default=Settings.guidance)
     parser.add_argument("--quick", action="store_true", help="4 seeds: a smoke run, not figures")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=[],
+        help="only the text2video rows whose name contains one of these words",
+    )
     parser.add_argument("--tiny", action="store_true", help="builtin:tiny* models (plumbing only)")
     parser.add_argument(
         "--models",
@@ -725,7 +732,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(
-        seeds=4 if args.quick else args.seeds, steps=args.steps, guidance=args.guidance
+        seeds=4 if args.quick else args.seeds,
+        steps=args.steps,
+        guidance=args.guidance,
+        rows=tuple(args.rows),
     )
     names = tuple(args.models) if args.models else TINY_MODELS if args.tiny else SHAPES_MODELS
     started = time.perf_counter()
