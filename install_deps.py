@@ -319,14 +319,28 @@ def read_constraints(path: Path = BACKEND_CONSTRAINTS) -> dict[str, str]:
     return pins
 
 
+# The offline demo: the built-in shapes model draws what the prompt names, and the camera
+# pan (24/512 of the frame per frame, 3 px at 64x64) moves its textured background. The
+# README's strip (docs/demo-shapes.png) is this command; tests/test_quality.py checks it.
+SHAPES_DEMO = [
+    *("--model", "builtin:shapes", "--prompt", "a red circle on a blue background"),
+    *("--width", "64", "--height", "64", "--steps", "20", "--motion", "24", "24"),
+]
+
+
 def run_demo(python: Path, which: str) -> None:
-    """Generate a short demo video with the tiny offline model or the real SD 1.5."""
+    """Generate a short demo video: the offline shapes model, the tiny one or the real SD 1.5."""
     out = HERE / "t2vz_out" / f"demo-{which}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [str(python), "-m", "backend", "generate", "--prompt", "a horse galloping on a street"]
-    if which == "tiny":
+    cmd = [str(python), "-m", "backend", "generate"]
+    if which == "shapes":
+        say("demo with builtin:shapes, trained here on coloured shapes: a red circle, panning")
+        cmd += SHAPES_DEMO
+    elif which == "tiny":
         say("demo with builtin:tiny, a random-weight smoke-test model: expect coloured noise")
-        cmd += ["--model", "builtin:tiny", "--width", "128", "--height", "128", "--steps", "10"]
+        cmd += ["--prompt", "a horse galloping on a street", "--model", "builtin:tiny"]
+        cmd += ["--width", "128", "--height", "128", "--steps", "10"]
     else:
+        cmd += ["--prompt", "a horse galloping on a street"]
         say("demo with Stable Diffusion 1.5 (downloads ~4 GB once; a GPU is much faster)")
     cmd += ["--frames", "8", "--out", str(out)]
     run(cmd, cwd=HERE)
@@ -375,9 +389,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--demo",
         nargs="?",
-        const="tiny",
-        choices=("tiny", "sd15"),
-        help="then generate a demo video: tiny (offline, default) or sd15",
+        const="shapes",
+        choices=("shapes", "tiny", "sd15"),
+        help="then generate a demo video: shapes (offline, default), tiny (offline noise, a "
+        "smoke test) or sd15",
     )
     parser.add_argument(
         "--run-tests", action="store_true", help="then run the whole test suite (implies --dev)"

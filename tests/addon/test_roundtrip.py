@@ -1,4 +1,7 @@
-"""Generate through a real ``backend serve`` process on tiny local models, headless.
+"""Generate through a real ``backend serve`` process on built-in local models, headless.
+
+The text2video round trip runs the trained ``builtin:shapes`` model and checks the picture
+(a red circle on a blue background shows red and blue); the others run ``builtin:tiny``.
 
 One worker process serves all tests of this module (models stay loaded); the kill test
 replaces it. Timers never fire in the bpy module, so ``Runner.wait`` steps the runner.
@@ -12,9 +15,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import bpy
+import numpy as np
 import pytest
-from conftest import color_strip
+from conftest import color_strip, write_png
 
+from backend import shapes
 from blender_t2vz import operators, runtime, strips
 
 pytestmark = pytest.mark.slow
@@ -41,22 +46,55 @@ def _wait_for(kind: str, timeout: float = TIMEOUT) -> None:
     raise AssertionError(f"no {kind} before the job ended: {runtime.RUNNER.outcome}")
 
 
+def _colour_shares(path: Path) -> dict[str, float]:
+    """Share of a frame's pixels nearest to each colour of the shapes world (either tone of
+    its textures), read through Blender's own image loader."""
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        width, height = image.size
+        pixels = np.empty(width * height * 4, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    rgb = pixels.reshape(-1, 4)[:, :3] * 255.0  # (pixels, 3), 8-bit values of the PNG
+    names = list(shapes.PALETTE)
+    tones = [np.asarray(shapes.PALETTE[n], dtype=np.float32) for n in names]
+    tones += [shapes.SHADE * t for t in tones]
+    distance = np.linalg.norm(rgb[:, None] - np.stack(tones)[None], axis=-1)  # (pixels, 14)
+    owner = np.argmin(distance, axis=1) % len(names)
+    return {name: float(np.mean(owner == i)) for i, name in enumerate(names)}
+
+
+def test_colour_shares_read_a_flat_png(tmp_path: Path) -> None:
+    """The reader of the round trip's pictures: a flat orange PNG is all orange."""
+    shares = _colour_shares(write_png(tmp_path / "flat.png", 8, 8, shapes.PALETTE["orange"]))
+    assert shares["orange"] == 1.0
+
+
 def test_text2video_round_trip_places_strip_at_current_frame(scene) -> None:
+    """The whole chain with the trained shapes model: the strip shows what the prompt says."""
     editor = scene.sequence_editor
     blocker = color_strip(editor, "user color", channel=1, start=1, length=30)
     before = _snapshot(blocker)
     scene.frame_current = 5
     bpy.ops.ed.undo_push(message="test: before generate")
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
     settings = scene.t2vz
-    settings.prompt = "a horse galloping on the beach"
+    settings.prompt = "a red circle on a blue background"
+    settings.steps = 10
 
-    assert bpy.ops.t2vz.generate() == {"FINISHED"}
-    assert runtime.RUNNER.busy and not bpy.ops.t2vz.generate.poll()
-    outcome = runtime.RUNNER.wait(TIMEOUT)
+    prefs.model = "builtin:shapes"
+    try:
+        assert bpy.ops.t2vz.generate() == {"FINISHED"}
+        assert runtime.RUNNER.busy and not bpy.ops.t2vz.generate.poll()
+        # The first job of the worker loads the shapes model: more time on a busy machine.
+        outcome = runtime.RUNNER.wait(2 * TIMEOUT)
+    finally:
+        prefs.model = "builtin:tiny"
     assert outcome is not None and outcome.level == "INFO", outcome
 
     (result,) = _result_strips(scene)
-    assert result.type == "IMAGE" and result.name == "a horse galloping on the beach"
+    assert result.type == "IMAGE" and result.name == "a red circle on a blue background"
     assert (result.channel, result.frame_final_start, result.frame_final_duration) == (2, 5, 3)
     job = json.loads(result["t2vz_job"])
     out = Path(job["out"])
@@ -64,7 +102,16 @@ def test_text2video_round_trip_places_strip_at_current_frame(scene) -> None:
     assert Path(bpy.path.abspath(result.directory)).resolve() == out.resolve()
     assert all((out / f"frame_0000{i}.png").stat().st_size > 0 for i in (1, 2, 3))
     assert job["prompt"] == settings.prompt and job["frames"] == 3 and job["seed"] == 3
-    assert (job["width"], job["height"], job["steps"]) == (64, 64, 2)
+    assert (job["width"], job["height"], job["steps"], job["model"]) == (
+        64,
+        64,
+        10,
+        "builtin:shapes",
+    )
+    # What a person would see: a blue textured background and a red shape on it.
+    for i in (1, 2, 3):
+        shares = _colour_shares(out / f"frame_0000{i}.png")
+        assert shares["blue"] > 0.3 and shares["red"] > 0.03, shares
     assert _snapshot(blocker) == before
     status = bpy.context.window_manager.t2vz_status
     assert status.state == "IDLE" and status.progress == 1.0 and not status.error
