@@ -29,6 +29,7 @@ import json
 import math
 import platform
 import random
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -741,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     dtype = choose_dtype(args.dtype, torch.device("cpu"))
     models = load_models(names, args.sections, dtype.dtype)
-    command = "python -m bench.quality " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = (
         f"command: {command}\n"
         f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
