@@ -1,6 +1,8 @@
 """The job's size: the model's native pixel count at the scene's aspect ratio, by default.
 
-No bpy here. A model makes its best pictures near the pixel count it was trained at (SD 1.x:
+No bpy here; the rounding and the native size at an aspect are the backend protocol's own
+(``round_to_8``, ``resolve_size``), so the panel shows the size a job without one gets. A
+model makes its best pictures near the pixel count it was trained at (SD 1.x:
 512x512); far above it subjects repeat and memory and time grow with the pixel count. The
 add-on cannot load a model to ask (no torch in Blender), so the native side comes from:
 
@@ -13,25 +15,24 @@ add-on cannot load a model to ask (no torch in Blender), so the native side come
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
+
+from . import backend_paths
 
 # Native square side in pixels of the built-in models, by name prefix.
 BUILTIN_SIDES = {"builtin:tiny": 64, "builtin:shapes": 64}
 DEFAULT_SIDE = 512
 # Above this many times the native pixel count the panel warns (the issue's threshold).
 OVERSIZE_FACTOR = 2.0
-# Smallest and largest job side (the backend's schema).
-MIN_SIDE, MAX_SIDE = 64, 4096
 # A result whose aspect differs from the scene's by less than this (rounding to multiples
 # of 8) fills the frame; a clearly different aspect is fitted whole (letterboxed).
 SAME_ASPECT_TOLERANCE = 0.02
 
 
-def round_to_8(value: float, lo: int = MIN_SIDE, hi: int = MAX_SIDE) -> int:
-    """``value`` rounded to the nearest multiple of 8 within [lo, hi]."""
-    return int(min(hi, max(lo, 8 * round(float(value) / 8))))
+def round_to_8(value: float) -> int:
+    """``value`` rounded to the nearest multiple of 8 within the job schema's side range."""
+    return backend_paths.load_protocol().round_to_8(value)
 
 
 def _folder_side(folder: Path) -> int | None:
@@ -71,8 +72,7 @@ def native_size(aspect_x: float, aspect_y: float, side: int) -> tuple[int, int]:
     """(width, height), multiples of 8, holding about side * side pixels at aspect x:y."""
     if aspect_x <= 0 or aspect_y <= 0:
         raise ValueError(f"aspect must be positive, got {aspect_x}x{aspect_y}")
-    ratio = aspect_x / aspect_y
-    return round_to_8(side * math.sqrt(ratio)), round_to_8(side / math.sqrt(ratio))
+    return backend_paths.load_protocol().resolve_size(None, None, aspect_x / aspect_y, side)
 
 
 def scene_size(resolution_x: int, resolution_y: int, percentage: int = 100) -> tuple[int, int]:
