@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from .protocol import ControlNetSpec
-from .video_io import FrameStore, iter_frames, source_indices
+from .video_io import FrameStore, iter_frames, source_indices, spool_frames
 
 # Canny thresholds of the reference ControlNet canny annotator.
 CANNY_LOW, CANNY_HIGH = 100, 200
@@ -100,11 +100,4 @@ def store_control_frames(
     spec: ControlNetSpec, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
 ) -> FrameStore:
     """The control images spooled into a FrameStore: read back per chunk while denoising."""
-    store = FrameStore(width, height)
-    try:
-        for fs, image in iter_control_frames(spec, frame_ids, width, height, fit):
-            store.add(fs, image)
-    except BaseException:
-        store.close()
-        raise
-    return store
+    return spool_frames(iter_control_frames(spec, frame_ids, width, height, fit), width, height)

@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
@@ -339,18 +339,25 @@ class FrameStore(Mapping[int, np.ndarray]):
         self.close()
 
 
-def store_frames(
-    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
+def spool_frames(
+    items: Iterable[tuple[Sequence[int], np.ndarray]], width: int, height: int
 ) -> FrameStore:
-    """``iter_frames`` of ``spec`` spooled into a FrameStore (each source frame once)."""
+    """A FrameStore holding each (frame indices, image) of ``items``; closed on failure."""
     store = FrameStore(width, height)
     try:
-        for fs, image in iter_frames(spec, frame_ids, width, height, fit):
+        for fs, image in items:
             store.add(fs, image)
     except BaseException:
         store.close()
         raise
     return store
+
+
+def store_frames(
+    spec: VideoInput, frame_ids: Sequence[int], width: int, height: int, fit: str = "crop"
+) -> FrameStore:
+    """``iter_frames`` of ``spec`` spooled into a FrameStore (each source frame once)."""
+    return spool_frames(iter_frames(spec, frame_ids, width, height, fit), width, height)
 
 
 def read_masks(
