@@ -12,7 +12,6 @@ the moving source, and colour drift across the video (consistency), same seeds, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -77,13 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds = (time.perf_counter() - started) / args.seeds
         rows[name] = {**q.summarise(figures), "s_per_video": seconds}
         q.progress(f"{name}: {seconds:.1f} s/video")
-    print(f"\n  {'variant':16s} " + " ".join(f"{f:>14s}" for f in (*FIGURES, "s/video")))
-    for name, row in rows.items():
-        values = [row[f] for f in FIGURES] + [row["s_per_video"]]
-        print(f"  {name:16s} " + " ".join(f"{v:14.4f}" for v in values))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+    q.report_variants(rows, FIGURES, header, args.json, widths=(16, 14))
     return 0
 
 

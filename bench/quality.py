@@ -287,6 +287,25 @@ def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def report_variants(
+    rows: dict[str, dict[str, float]],
+    figures: Sequence[str],
+    header: str,
+    json_path: Path | None,
+    widths: tuple[int, int] = (16, 14),
+) -> None:
+    """Print one line per variant (its figures and seconds per video); write the JSON too."""
+    name_width, value_width = widths
+    columns = " ".join(f"{f:>{value_width}s}" for f in (*figures, "s/video"))
+    print(f"\n  {'variant':{name_width}s} " + columns)
+    for name, row in rows.items():
+        values = [row[f] for f in figures] + [row["s_per_video"]]
+        print(f"  {name:{name_width}s} " + " ".join(f"{v:{value_width}.4f}" for v in values))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"header": header, "rows": rows}, indent=1) + "\n")
+
+
 def _nanmean(values: Sequence[float]) -> float:
     """Mean of the values that are not NaN (NaN if none is)."""
     kept = [v for v in values if not math.isnan(v)]
