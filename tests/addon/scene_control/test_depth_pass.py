@@ -3,6 +3,7 @@
 import bpy
 import numpy as np
 import pytest
+from mathutils import Vector
 
 from blender_t2vz import scene_control as sc
 
@@ -28,6 +29,52 @@ def test_depth_orders_with_distance_and_leaves_the_scene_untouched(scene3d, tmp_
     for path in paths[1:]:
         other = read(path)[:, :, 0].astype(float) / 65535
         assert other[project_cube(scene3d, "Near")] == pytest.approx(near, abs=1e-3)
+
+
+def _view_depth(scene, point) -> float:
+    """Planar depth of a world point: its distance along the camera's view axis (-Z)."""
+    cam = scene.camera.matrix_world
+    view_axis = -cam.to_3x3().col[2].normalized()
+    return float((Vector(point) - cam.translation).dot(view_axis))
+
+
+def test_depth_of_a_surface_between_the_extremes_is_inverse_depth_with_the_floor(scene3d, tmp_path):
+    """A third cube between the two: its value is the documented mapping computed by hand.
+
+    The extremes are forced by the per-shot normalisation (near 1, far DEPTH_FLOOR) however
+    the mapping goes; only a surface in between tells inverse from linear depth, and shows
+    the floor. Cubes are size 1 facing the camera (looking along +Y), so a front face is the
+    centre less 0.5 along the view axis.
+    """
+    mid = add_cube(scene3d, "Mid", (0.0, 1.0, 1.0))  # between the two, seen between them
+    try:
+        front = {
+            name: _view_depth(scene3d, scene3d.objects[name].location - Vector((0, 0.5, 0)))
+            for name in ("Near", "Mid", "Far")
+        }
+        assert front == pytest.approx({"Near": 3.5, "Mid": 8.5, "Far": 13.5})
+        # The farthest surface of the shot: the Far cube's left face (x = 1.0, seen edge-on
+        # from the camera at x = 0) runs from its front face (13.5) to its back edge (14.5);
+        # which depth of it the pixels sample is up to the renderer, so the hand value is
+        # an interval over that range.
+        near, farthest = front["Near"], (front["Far"], front["Far"] + 1.0)
+
+        def by_hand(z: float, far: float, floor: float = sc.DEPTH_FLOOR) -> float:
+            scaled = (1 / z - 1 / far) / (1 / near - 1 / far)
+            return floor + (1 - floor) * scaled
+
+        expected = sorted(by_hand(front["Mid"], far) for far in farthest)  # 0.285 .. 0.302
+        paths = sc.render_depth_frames(scene3d, tmp_path, FRAMES, W, H)
+        step = 1 / 65535  # one step of the 16-bit PNG
+        for path in paths:
+            depth = read(path)[:, :, 0].astype(float) / 65535
+            value = depth[project_cube(scene3d, "Mid")]
+            assert expected[0] - step <= value <= expected[1] + step
+            assert depth[project_cube(scene3d, "Near")] == pytest.approx(1.0, abs=step)
+        # Linear depth would give 0.55 .. 0.59 here and no floor 0.206 .. 0.225 (both
+        # checked against planted bugs in depth.py).
+    finally:
+        bpy.data.objects.remove(mid)
 
 
 def test_normalize_depth_is_per_shot():
