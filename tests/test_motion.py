@@ -82,6 +82,26 @@ def test_translate_moves_content_by_whole_pixels(sx: int, sy: int) -> None:
     assert set(out.unique().tolist()) <= set(x.unique().tolist())
 
 
+def _reflect(i: int, n: int) -> int:
+    """Index i folded back into 0..n-1 by reflection about -0.5 and n - 0.5 (one fold)."""
+    return -1 - i if i < 0 else 2 * n - 1 - i if i >= n else i
+
+
+@pytest.mark.parametrize(("h", "w"), [(6, 10), (10, 6)])
+@pytest.mark.parametrize(("sx", "sy"), [(1, 0), (0, 2), (3, -1)])
+def test_translate_non_square_moves_x_by_sx_and_y_by_sy(h: int, w: int, sx: int, sy: int) -> None:
+    """On h != w latents every output pixel, border included, is read by hand: a swapped
+    axis (shift or size) reads other pixels or fails to gather. Whole-pixel shifts: the
+    sample offset (-size/1024) never changes the rounding here."""
+    x = ramp(h=h, w=w)  # values 100 c + 10 y + x, distinct for h, w <= 10
+    out = translate_latents(x, torch.tensor([[float(sx), float(sy)]]))
+    assert out.shape == x.shape
+    for yy in range(h):
+        for xx in range(w):
+            source = x[0, :, _reflect(yy + sy, h), _reflect(xx + sx, w)]
+            assert torch.equal(out[0, :, yy, xx], source), (yy, xx)
+
+
 def test_each_frame_gets_its_own_shift() -> None:
     """Frame k warped by k pixels (64/512 motion at latent width 8) for 4 frames at once."""
     frames = 4
@@ -211,3 +231,23 @@ def test_smooth_background_blends_only_the_background() -> None:
     torch.testing.assert_close(out[..., 4:], 0.6 * anchor[..., 4:] + 0.4 * x[..., 4:])
     assert torch.equal(smooth_background(x, anchor, torch.ones(2, 1, 8, 8), 0.6), x)
     torch.testing.assert_close(smooth_background(x, anchor, torch.zeros(2, 1, 8, 8), 1.0), anchor)
+
+
+def test_smooth_background_non_square_uses_the_mask_as_laid_out() -> None:
+    """A 6x10 latent with the top two rows foreground: those rows kept, the rest blended.
+
+    A transposed mask would not broadcast against 6x10 latents; one laid out by columns
+    would keep other pixels.
+    """
+    x, anchor = torch.randn(2, 4, 6, 10), torch.randn(2, 4, 6, 10)
+    fg = torch.zeros(2, 1, 6, 10)
+    fg[:, :, :2, :] = 1  # top two rows foreground
+    fg[1, :, 5, 9] = 1  # and frame 2's bottom-right corner
+    out = smooth_background(x, anchor, fg, alpha=0.25)
+    for k in range(2):
+        for yy in range(6):
+            for xx in range(10):
+                own, warped = x[k, :, yy, xx], anchor[k, :, yy, xx]
+                kept = yy < 2 or (k, yy, xx) == (1, 5, 9)
+                expected = own if kept else 0.25 * warped + 0.75 * own
+                torch.testing.assert_close(out[k, :, yy, xx], expected)
