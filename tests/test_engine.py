@@ -697,6 +697,44 @@ def test_smoothing_blends_once_at_x_t1_keeping_frame_one_foreground_out(
         assert torch.equal(warped[k - 1][:, :, : LATENT - k], warped[0][:, :, k - 1 : LATENT - 1])
 
 
+def _reflect(i: int, n: int) -> int:
+    """Index i folded back into 0..n-1 by reflection about -0.5 and n - 0.5 (one fold)."""
+    return -1 - i if i < 0 else 2 * n - 1 - i if i >= n else i
+
+
+@pytest.mark.parametrize(("lat_h", "lat_w"), [(6, 10), (10, 6)])
+def test_smoothing_on_non_square_latents_warps_frame_one_mask_along_x(
+    engine: TextToVideoZero, monkeypatch: pytest.MonkeyPatch, lat_h: int, lat_w: int
+) -> None:
+    """h != w: frame 1's foreground (the top half of the first 4 columns) reaches frame k
+    moved k latent pixels along x only, rows untouched; a swapped axis in the motion shift,
+    the mask resize or the warp moves it otherwise or fails to broadcast. The region covers
+    unequal fractions of height and width (1/2, 4/w): a transposed mask resized back to
+    h x w would not map onto itself, as a quarter of the frame does.
+
+    Motion 512 / lat_w (in 1/512 of the frame per frame) is one latent pixel per frame
+    along x, so the expectation is whole-pixel indexing by hand.
+    """
+    blends = spy_on(monkeypatch, "smooth_background")
+    height, width = 8 * lat_h, 8 * lat_w
+    fg = {f: torch.zeros(1, height, width) for f in range(FRAMES)}
+    fg[0][:, : 8 * (lat_h // 2), : 8 * 4] = 1.0  # frame 1, in pixels
+    params = dict(height=height, width=width, motion=(512.0 / lat_w, 0.0), num_inference_steps=6)
+    run(engine, smooth_bg=True, masks=fg, smooth_alpha=0.6, **params)
+    assert len(blends) == 1
+    latents, warped, used_fg, _alpha, _ = blends[0]
+    assert latents.shape == (FRAMES - 1, 4, lat_h, lat_w)
+    for k in range(1, FRAMES):
+        expected = torch.zeros(1, lat_h, lat_w)
+        for y in range(lat_h // 2):
+            for x in range(lat_w):
+                expected[0, y, x] = float(_reflect(x + k, lat_w) < 4)
+        assert torch.equal(used_fg[k - 1], expected), f"frame {k + 1}"
+        # Frame 1's latents, warped: frame k is frame 2's warp moved k - 1 further along x.
+        inside = lat_w - k
+        assert torch.equal(warped[k - 1][..., :inside], warped[0][..., k - 1 : k - 1 + inside])
+
+
 def test_smoothing_with_attention_masks_runs_a_mask_pass_then_starts_again_from_x_t1(
     engine: TextToVideoZero, unsmoothed: torch.Tensor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
