@@ -55,35 +55,33 @@ WORLD_WORDS = ("a", "and", "on", "background", "make", "the", *shapes.COLOURS, *
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Sizes and schedules; defaults fit all stages in about 40 minutes on 2 CPU cores."""
+    """Sizes and schedules; defaults train all stages in about 45 minutes on 2 CPU cores."""
 
     seed: int = 20261122
     image_size: int = 64  # the world is rendered at 64x64; latents are 8x8 (factor 8)
     scenes: int = 6000  # rendered once and shared by vae/base/controlnet (13 ms each)
     edits: int = 4000  # edit pairs for pix2pix (two renders each)
-    vae_steps: int = 400
+    vae_steps: int = 1800
     vae_batch: int = 8
     vae_lr: float = 2e-3
-    vae_resume_steps: int = 1400  # a second run continuing the first (--resume)
     vae_kl: float = 1e-6  # tiny KL: a near-deterministic autoencoder, as in SD's VAE
-    base_steps: int = 1000
+    # The UNet learns colours within ~1000 steps but shape kinds only after several
+    # thousand: at 3500 steps squares and triangles came out as blobs (shape match 0.47),
+    # 3000 more steps raised it to 0.78 (bench/quality.py --sections fidelity --seeds 64).
+    base_steps: int = 10000
     base_batch: int = 32
     base_lr: float = 1e-3
-    base_resume_steps: int = 2500  # a second run continuing the first (--resume)
     empty_prompt: float = 0.1  # classifier-free guidance needs the unconditional branch
     snr_gamma: float = 5.0  # min-SNR loss weighting (Hang et al. 2023): faster convergence
     ema: float = 0.995
-    controlnet_steps: int = 1200
-    controlnet_lr: float = 5e-4
-    controlnet_resume_steps: int = 1500
-    # The first run barely moved the zero convolutions (the control had no visible effect):
-    # the second drops half the prompts, as ControlNet's training does (Zhang et al. 2023,
-    # Sect. 3.3), so the control alone must explain the image, and uses a higher rate.
-    controlnet_resume_empty_prompt: float = 0.5
-    controlnet_resume_lr: float = 1e-3
-    pix2pix_steps: int = 2000
+    controlnet_steps: int = 2700
+    controlnet_lr: float = 1e-3
+    # Half the prompts dropped, as ControlNet's training does (Zhang et al. 2023, Sect. 3.3),
+    # so the control alone must explain the image: with 10 % the zero convolutions barely
+    # moved and the control had no visible effect.
+    controlnet_empty_prompt: float = 0.5
+    pix2pix_steps: int = 2800
     pix2pix_lr: float = 4e-4
-    pix2pix_resume_steps: int = 800  # (an earlier 2000-step second run did not resume)
     drop_text: float = 0.05  # InstructPix2Pix conditioning dropout (Brooks et al. 2023, 3.2)
     drop_image: float = 0.05
     warmup: int = 100
@@ -318,10 +316,11 @@ def save_fp16(module: torch.nn.Module, folder: Path) -> None:
 class Trainer:
     """Runs the stages; holds the rendered data shared between them."""
 
-    def __init__(self, config: TrainConfig, out: Path, workers: int):
+    def __init__(self, config: TrainConfig, out: Path, workers: int, steps: int = 0):
         self.config = config
         self.out = out
         self.workers = workers
+        self.steps = steps  # overrides the stage's step count when > 0 (--steps)
         self._images: np.ndarray | None = None
         self._scenes: list[shapes.Scene] | None = None
 
@@ -359,7 +358,7 @@ class Trainer:
         if resume:  # continue a previous run's weights (see --resume)
             vae.load_state_dict(self.load_vae().state_dict())
             vae.requires_grad_(True).train()
-        steps = cfg.vae_resume_steps if resume else cfg.vae_steps
+        steps = self.steps or cfg.vae_steps
         optim = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(optim, lr_lambda(50, steps))
         index = batches(len(pixels), cfg.vae_batch, gen)
@@ -455,7 +454,7 @@ class Trainer:
             text = text_encoder(tokens)[0]
             return self.diffusion_loss(unet, latents, text, gen)
 
-        steps = cfg.base_resume_steps if resume else cfg.base_steps
+        steps = self.steps or cfg.base_steps
         self.fit("base", modules, params, step_fn, len(scenes), steps, cfg.base_lr, gen, ema)
         unet, text_encoder = ema.shadow[0], ema.shadow[1]
         sched = scheduler()
@@ -577,7 +576,7 @@ class Trainer:
             controlnet.load_state_dict(saved.state_dict())
         controlnet.train()
 
-        empty_share = cfg.controlnet_resume_empty_prompt if resume else cfg.empty_prompt
+        empty_share = cfg.controlnet_empty_prompt
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
             latents = (
@@ -595,8 +594,8 @@ class Trainer:
             list(controlnet.parameters()),
             step_fn,
             len(scenes),
-            cfg.controlnet_resume_steps if resume else cfg.controlnet_steps,
-            cfg.controlnet_resume_lr if resume else cfg.controlnet_lr,
+            self.steps or cfg.controlnet_steps,
+            cfg.controlnet_lr,
             gen,
         )
         target = self.out / "shapes-controlnet"
@@ -686,7 +685,7 @@ class Trainer:
             list(unet.parameters()),
             step_fn,
             len(edits),
-            cfg.pix2pix_resume_steps if resume else cfg.pix2pix_steps,
+            self.steps or cfg.pix2pix_steps,
             cfg.pix2pix_lr,
             gen,
             ema,
@@ -716,21 +715,6 @@ class Trainer:
             shutil.copytree(self.base_dir / sub, target / sub)
 
 
-# What ``--stage all`` runs: a stage may be trained in two runs, the second
-# continuing the first's weights with a fresh optimiser and schedule (how the committed
-# weights were made: the first runs' budgets were set before the machine's speed was known).
-RECIPE = (
-    ("vae", False),
-    ("vae", True),
-    ("base", False),
-    ("base", True),
-    ("controlnet", False),
-    ("controlnet", True),
-    ("pix2pix", False),
-    ("pix2pix", True),
-)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the chosen stages into ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -739,26 +723,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (1: on a busy 2-core machine two OpenMP threads that wait "
-        "for each other made each step ~10x slower)",
+        default=2,
+        help="torch CPU threads (use 1 on a busy machine: two OpenMP threads that wait for "
+        "each other there made each step ~10x slower)",
     )
     parser.add_argument("--workers", type=int, default=2, help="processes rendering the data")
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the stage's saved weights"
+        "--resume",
+        action="store_true",
+        help="continue from the stage's saved weights (a fresh optimiser and schedule)",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=0, help="steps of a single stage (default: its config's)"
     )
     args = parser.parse_args(argv)
+    if args.stage == "all" and (args.resume or args.steps):
+        parser.error("--resume and --steps are for a single --stage")
+    if args.steps < 0:
+        parser.error(f"--steps must be positive, got {args.steps}")
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(TrainConfig(seed=args.seed), args.out, args.workers)
-    runs = RECIPE if args.stage == "all" else ((args.stage, args.resume),)
-    for stage, resume in runs:
+    trainer = Trainer(TrainConfig(seed=args.seed), args.out, args.workers, args.steps)
+    started_all = time.perf_counter()
+    for stage in STAGES if args.stage == "all" else (args.stage,):
         started = time.perf_counter()
-        getattr(trainer, f"train_{stage}")(resume=resume)
-        log(
-            f"stage {stage}{' (resumed)' if resume else ''} done in {time.perf_counter() - started:.0f} s"
-        )
+        getattr(trainer, f"train_{stage}")(resume=args.resume)
+        log(f"stage {stage} done in {time.perf_counter() - started:.0f} s")
+    log(f"all done in {time.perf_counter() - started_all:.0f} s")
 
 
 if __name__ == "__main__":
