@@ -2,7 +2,10 @@
 
     .venv/bin/python -m tools.train_shapes --stage all [--out backend/builtin] [--threads 2]
 
-Stages run in order and each reads what the previous one saved, so one can be re-run alone:
+Each stage reads what the one before saved, so one can be re-run alone (``--stage base``,
+``--resume`` to continue its saved weights, ``--steps`` to change its length). ``all`` runs
+``vae`` and ``base`` in turn, then ``controlnet`` and ``pix2pix`` side by side, one process
+each (both only read the base):
 
 * ``vae``: the word-level CLIP tokenizer and an AutoencoderKL (4 latent channels, factor 8),
   written into ``OUT/shapes/{tokenizer,vae}``; the VAE config's ``scaling_factor`` is set so
