@@ -758,7 +758,7 @@ def main(argv: list[str] | None = None) -> None:
         log(f"stage {stage} done in {time.perf_counter() - started:.0f} s")
     if args.stage == "all":
         train_side_by_side(STAGES[2:], args)
-    log(f"all done in {time.perf_counter() - started_all:.0f} s")
+        log(f"all stages done in {time.perf_counter() - started_all:.0f} s")
 
 
 def train_side_by_side(stages: tuple[str, ...], args: argparse.Namespace) -> None:
