@@ -41,7 +41,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    """Unregister, then end the process hard: bpy may hang at interpreter exit."""
+    """Unregister, then end the process hard: bpy may hang at interpreter exit (not under
+    mutmut, whose process runs pytest several times)."""
     try:
         if ADDON in bpy.context.preferences.addons:
             addon_utils.disable(ADDON, default_set=True)
@@ -49,7 +50,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(_RESOURCES, ignore_errors=True)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(_exit_status.get("status", 0))
+        # Under mutation testing pytest runs inside mutmut's process, which must live on
+        # (tools/mutation.py); mutmut sets this variable before any test runs.
+        if "MUTANT_UNDER_TEST" not in os.environ:
+            os._exit(_exit_status.get("status", 0))
 
 
 def enable_addon() -> object:
