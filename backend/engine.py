@@ -187,31 +187,31 @@ class TextToVideoZero:
 
     # ------------------------------------------------------------------ text
 
-    @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompts, 77, dim) text embeddings in one encoder call, and (prompts, 77) masks of
         each prompt's own tokens (no start, end or padding)."""
-        tokenizer = self.base.tokenizer
-        limit = tokenizer.model_max_length
-        ids = tokenizer(
-            list(prompts),
-            padding="max_length",
-            max_length=limit,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids  # (prompts, 77)
-        lengths = [len(full) for full in tokenizer(list(prompts), truncation=False).input_ids]
-        if max(lengths) > limit:
-            log.warning("a prompt is longer than %d tokens; the rest is cut off", limit)
-        embeds = self.base.text_encoder(ids.to(self.device))[0].to(self.dtype)
-        special = torch.tensor(
-            [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
-        )
-        own = ~torch.isin(ids, special)  # (prompts, 77)
-        for row, length in zip(own, lengths, strict=True):
-            if not row.any():  # an empty prompt: fall back to the end token's map
-                row[min(length, limit) - 1] = True
-        return embeds, own
+        with torch.no_grad():
+            tokenizer = self.base.tokenizer
+            limit = tokenizer.model_max_length
+            ids = tokenizer(
+                list(prompts),
+                padding="max_length",
+                max_length=limit,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids  # (prompts, 77)
+            lengths = [len(full) for full in tokenizer(list(prompts), truncation=False).input_ids]
+            if max(lengths) > limit:
+                log.warning("a prompt is longer than %d tokens; the rest is cut off", limit)
+            embeds = self.base.text_encoder(ids.to(self.device))[0].to(self.dtype)
+            special = torch.tensor(
+                [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+            )
+            own = ~torch.isin(ids, special)  # (prompts, 77)
+            for row, length in zip(own, lengths, strict=True):
+                if not row.any():  # an empty prompt: fall back to the end token's map
+                    row[min(length, limit) - 1] = True
+            return embeds, own
 
     # ------------------------------------------------------------------ model calls
 
@@ -267,7 +267,6 @@ class TextToVideoZero:
 
     # ------------------------------------------------------------------ the loop
 
-    @torch.no_grad()
     def __call__(
         self,
         prompt: str,
@@ -387,8 +386,13 @@ class TextToVideoZero:
             if callbacks.progress is not None:
                 callbacks.progress(step, num_inference_steps, done / plan.evaluations)
 
-        with installed_processors(
-            models, state, recorder, lat_h * lat_w, cross_frame=cross_frame_attention
+        # torch.no_grad() as a block here and in the methods below, not as a decorator:
+        # mutmut leaves decorated functions unmutated (docs/mutation.md).
+        with (
+            torch.no_grad(),
+            installed_processors(
+                models, state, recorder, lat_h * lat_w, cross_frame=cross_frame_attention
+            ),
         ):
             # x_T: frame 1's noise; ControlNet and Pix2Pix start every frame from it (Sect. 3.4).
             x_first = frame_noise(seed, 0, "x_T", shape).to(self.device, self.dtype)
@@ -498,42 +502,42 @@ class TextToVideoZero:
 
     # ------------------------------------------------------------------ VAE
 
-    @torch.no_grad()
     def _encode_images(
         self, image: Mapping[int, torch.Tensor], frames: list[int], batch: int = 4
     ) -> dict[int, torch.Tensor]:
         """InstructPix2Pix image latents (the VAE posterior's mode, unscaled) per frame."""
-        # Encoded once, ``batch`` frames a VAE call, and kept for every frame: as small as
-        # the latents the loop keeps anyway (1/12 of a uint8 frame); encoding per chunk
-        # would run the VAE encoder again at every step.
-        out = {}
-        for i in range(0, len(frames), batch):
-            part = frames[i : i + batch]
-            pixels = _unit_range(torch.stack([image[f] for f in part]))
-            pixels = pixels.to(self.device, self.dtype) * 2 - 1
-            encoded = self.base.vae.encode(pixels).latent_dist.mode()  # (part, 4, h, w)
-            out.update(zip(part, encoded, strict=True))
-        return out
+        with torch.no_grad():
+            # Encoded once, ``batch`` frames a VAE call, and kept for every frame: as small as
+            # the latents the loop keeps anyway (1/12 of a uint8 frame); encoding per chunk
+            # would run the VAE encoder again at every step.
+            out = {}
+            for i in range(0, len(frames), batch):
+                part = frames[i : i + batch]
+                pixels = _unit_range(torch.stack([image[f] for f in part]))
+                pixels = pixels.to(self.device, self.dtype) * 2 - 1
+                encoded = self.base.vae.encode(pixels).latent_dist.mode()  # (part, 4, h, w)
+                out.update(zip(part, encoded, strict=True))
+            return out
 
-    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode (frames, 4, h, w) latents to (frames, H, W, 3) uint8 RGB on the CPU.
 
         A float16 VAE decodes in float32 when its config asks for it (``force_upcast``) or
         when its float16 output holds a NaN or inf (SD 1.5's VAE can overflow: black frames).
         """
-        vae = self.base.vae
-        x = latents.to(self.device) / vae.config.scaling_factor
-        half = vae.dtype == torch.float16
-        if half and getattr(vae.config, "force_upcast", False):
-            images = _decode_in_float32(vae, x)
-        else:
-            images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
-            if half and not torch.isfinite(images).all():
-                log.warning("the VAE overflowed in float16 (NaN/inf); decoding in float32")
+        with torch.no_grad():
+            vae = self.base.vae
+            x = latents.to(self.device) / vae.config.scaling_factor
+            half = vae.dtype == torch.float16
+            if half and getattr(vae.config, "force_upcast", False):
                 images = _decode_in_float32(vae, x)
-        images = ((images.float() + 1) * 127.5).round().clamp(0, 255)  # from [-1, 1]
-        return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+            else:
+                images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
+                if half and not torch.isfinite(images).all():
+                    log.warning("the VAE overflowed in float16 (NaN/inf); decoding in float32")
+                    images = _decode_in_float32(vae, x)
+            images = ((images.float() + 1) * 127.5).round().clamp(0, 255)  # from [-1, 1]
+            return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
 def _decode_in_float32(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
