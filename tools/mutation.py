@@ -175,11 +175,16 @@ def prepare(name: str) -> Path:
         if path.is_file() and not rel.startswith("mutants/") and rel not in wanted:
             path.unlink()
     for rel in wanted:
-        src, dst = ROOT / rel, work / rel
-        if dst.is_file() and dst.read_bytes() == src.read_bytes():
-            continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, dst)
+        src = ROOT / rel
+        # mutmut refreshes its copies of Python files in mutants/ but not of other files
+        # (model weights, configs): those are mirrored here too.
+        targets = [work / rel]
+        if not rel.endswith(".py") and (work / "mutants" / rel).parent.is_dir():
+            targets.append(work / "mutants" / rel)
+        for dst in targets:
+            if not (dst.is_file() and dst.read_bytes() == src.read_bytes()):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
     pyproject = work / "pyproject.toml"
     pyproject.write_text(with_config(pyproject.read_text(), mutmut_config(scope)))
     return work
