@@ -669,3 +669,86 @@ def test_text2video_without_size_is_the_native_square(tmp_path: Path, cache: Mod
     run_job(validate_job(data), cache)
     written = json.loads((tmp_path / "t2v" / "job.json").read_text())
     assert (written["width"], written["height"]) == (64, 64)
+
+
+# --------------------------------------------------------------------------- mutation survivors
+# Behaviour the mutation run (docs/mutation.md) found unchecked.
+
+
+def test_denoising_previews_keep_the_last_two_files(tmp_path: Path) -> None:
+    """The add-on may still be reading the previous preview: the newest two stay on disk,
+    older ones go, and remove_files leaves none."""
+
+    class Engine:
+        def decode(self, latent: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+
+    announced: list[str] = []
+    preview = runner.DenoisingPreview(
+        Engine(), tmp_path, JobEvents(preview=lambda f, p: announced.append(p))
+    )
+    for step in range(1, 6):
+        preview.due = 0.0  # due now (the real pacing waits 20x the decode time)
+        preview(step, torch.zeros(1, 4, 1, 1))
+        on_disk = sorted(p.name for p in tmp_path.glob(".preview-*"))
+        newest = [f".preview-{s:04d}.png" for s in range(max(1, step - 1), step + 1)]
+        assert on_disk == newest, step
+        assert Path(announced[-1]).name == newest[-1]
+    preview.remove_files()
+    assert not list(tmp_path.glob(".preview-*"))
+
+
+def test_a_controlnet_job_without_size_takes_the_control_videos_aspect(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """No source video: the size comes from the first ControlNet's control (16:9 here), at
+    the tiny model's native 64x64 pixel count: 88x48, lifted to the schema's smallest side
+    64 (as for the pix2pix source above)."""
+    wide = np.zeros((90, 160, 3), np.uint8)
+    wide[20:70, 40:120] = 255
+    write_png(tmp_path / "wide.png", wide)
+    data = make_job(
+        tmp_path / "out",
+        mode="controlnet",
+        frames=2,
+        controlnets=[{"model": "builtin:tiny-controlnet", "control": str(tmp_path / "wide.png")}],
+    ).to_dict()
+    data.pop("width"), data.pop("height")
+    run_job(validate_job(data), cache)
+    written = json.loads((tmp_path / "out" / "job.json").read_text())
+    assert (written["width"], written["height"]) == (88, 64)
+
+
+def test_a_partial_controlnet_job_reads_frame_1_and_equals_the_full_run(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """Frames 3-4 of a ControlNet video still need frame 1's control (the anchor every frame
+    attends to), and come out as the full run's frames 3-4."""
+    folder = tmp_path / "control"
+    for i in range(4):
+        bar(folder / f"c{i}.png", 8 + 8 * i)
+    spec = [{"model": "builtin:tiny-controlnet", "control": str(folder)}]
+    run_job(make_job(tmp_path / "full", mode="controlnet", frames=4, controlnets=spec), cache)
+    part = make_job(
+        tmp_path / "part", mode="controlnet", frames=4, frame_range=[3, 4], controlnets=spec
+    )
+    run_job(part, cache)
+    np.testing.assert_allclose(
+        latents(tmp_path / "part"), latents(tmp_path / "full")[2:4], rtol=1e-5, atol=1e-4
+    )
+
+
+def test_a_bfloat16_controlnet_job_loads_its_controlnet_in_bfloat16(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """The ControlNet takes the job's dtype like the base (bf16 residuals added to a bf16
+    UNet); the result is the fp32 run's within bf16's precision."""
+    control = bar(tmp_path / "control.png", 20)
+    spec = [{"model": "builtin:tiny-controlnet", "control": str(control)}]
+    for dtype in ("float32", "bfloat16"):
+        job = make_job(tmp_path / dtype, mode="controlnet", frames=2, controlnets=spec, dtype=dtype)
+        run_job(job, cache)
+    loaded = [m for key, m in cache._controlnets.items() if "bfloat16" in str(key)]
+    assert loaded and all(p.dtype == torch.bfloat16 for m in loaded for p in m.parameters())
+    a, b = latents(tmp_path / "float32"), latents(tmp_path / "bfloat16")
+    assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
