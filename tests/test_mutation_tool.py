@@ -63,9 +63,11 @@ def test_report_counts_verdicts_and_a_sample_only(
     row = mutation.report(["engine"]).splitlines()[2]
     # 5 tested (m5 not run); killed 3 (m1, m2, m6): 60 %; untested mutants count as survivors.
     assert row == "| `backend/engine.py` | 6 | 5 | 3 | 1 | 1 | 60% |"
+    assert mutation.surviving("engine") == ["m3", "m4"]  # what --survivors retests
     chosen = mutation.draw_sample("engine", 3, seed=7)
     assert chosen == mutation.draw_sample("engine", 3, seed=7)  # seeded
     assert len(set(chosen)) == 3 and set(chosen) <= set(codes)
+    assert set(mutation.surviving("engine")) == {"m3", "m4"} & set(chosen)
     counts = mutation.verdicts("engine", chosen)
     row = mutation.report(["engine"]).splitlines()[2]
     tested = sum(counts.values()) - counts["not run"]

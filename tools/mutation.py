@@ -220,13 +220,34 @@ def draw_sample(name: str, size: int, seed: int) -> list[str]:
     return chosen
 
 
-def run(names: list[str], max_children: int, sample: int = 0, seed: int = 0) -> int:
-    """mutmut run for each module, one after the other; the last non-zero exit status."""
+def surviving(name: str) -> list[str]:
+    """The module's mutants that survived or had no tests (of its sample, if sampled)."""
+    chosen = sampled(name)
+    return sorted(
+        key
+        for key, code in mutant_codes(name).items()
+        if (code in SURVIVED or code in NO_TESTS) and (chosen is None or key in chosen)
+    )
+
+
+def run(
+    names: list[str], max_children: int, sample: int = 0, seed: int = 0, retest: bool = False
+) -> int:
+    """mutmut run for each module, one after the other; the last non-zero exit status.
+
+    ``retest``: only the mutants that survived before (after new tests: mutmut keeps a
+    verdict until a mutant is named again)."""
     status = 0
     for name in names:
         work = prepare(name)
         command = [mutmut(), "run", "--max-children", str(max_children)]
-        if sample:
+        if retest:
+            again = surviving(name)
+            if not again:
+                print(f"== {name}: no survivors to retest", flush=True)
+                continue
+            command += again
+        elif sample:
             if not mutant_codes(name):
                 # mutmut generates every mutant before it filters by name: a name that
                 # matches nothing generates them (and stops there, with an error we expect).
@@ -347,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         "--sample", type=int, default=0, help="test a seeded random sample of this many mutants"
     )
     p_run.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p_run.add_argument(
+        "--survivors", action="store_true", help="retest only the mutants that survived"
+    )
     p_report = sub.add_parser("report", help="score table of the runs so far")
     p_report.add_argument("modules", nargs="*", metavar="MODULE", default=["all"])
     p_surv = sub.add_parser("survivors", help="diffs of one module's surviving mutants")
@@ -358,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--max-children must be at least 1, got {args.max_children}")
             if args.sample < 0:
                 parser.error(f"--sample must be positive, got {args.sample}")
-            return run(expand(args.modules), args.max_children, args.sample, args.seed)
+            return run(
+                expand(args.modules), args.max_children, args.sample, args.seed, args.survivors
+            )
         if args.command == "report":
             print(report(expand(args.modules)))
             return 0
