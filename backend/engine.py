@@ -173,6 +173,11 @@ class TextToVideoZero:
             )
         needed = sorted(set(frame_ids) | {0})
         for i, control in enumerate(controls):
+            if control.model is not self.controlnets[i]:
+                raise ValueError(
+                    f"controls[{i}] is for another ControlNet than the engine's ControlNet {i}: "
+                    "give the control videos in the order of the engine's ControlNets"
+                )
             missing = [f for f in needed if f not in control.frames]
             if missing:
                 raise ValueError(f"control video {i} has no frame for frames {missing[:5]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import pytest
@@ -386,6 +387,11 @@ def test_bad_inputs_are_refused_before_any_model_runs(
     partial = ControlInput(tiny_controlnet, {0: random_image(0), 1: random_image(1)})
     with pytest.raises(ValueError, match=r"frames \[2, 3\]"):
         run(cn_engine, motion_dynamics=False, controls=[partial])
+    # A control paired with another ControlNet object than the engine's (a mix-up of
+    # order with several ControlNets) is named, not run with the wrong model.
+    stranger = ControlInput(copy.deepcopy(tiny_controlnet), partial.frames)
+    with pytest.raises(ValueError, match=r"controls\[0\] is for another ControlNet"):
+        run(cn_engine, motion_dynamics=False, controls=[stranger])
     with pytest.raises(ValueError, match="InstructPix2Pix"):
         run(engine, image={f: random_image(f) for f in range(FRAMES)})
 
@@ -918,3 +924,22 @@ def test_float16_vae_decodes_in_float32_on_overflow_or_when_asked(
     caplog.clear()
     assert torch.equal(engine16.decode(latents), frames)
     assert dtypes == [torch.float32] and not caplog.records  # asked: no float16 attempt
+
+
+def test_a_bfloat16_model_runs_in_bfloat16(tiny_models: dict, engine: TextToVideoZero) -> None:
+    """The engine follows its model's dtype: every UNet call gets bf16 latents (a float32
+    latent into bf16 weights is an error), and the result is the float32 run's within
+    bf16's precision."""
+    from backend.models import load_base_model
+
+    base16 = load_base_model(str(tiny_models["tiny"]), dtype=torch.bfloat16)
+    seen: list[torch.dtype] = []
+    hook = base16.unet.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    try:
+        got = run(TextToVideoZero(base16), num_frames=2)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    want = run(engine, num_frames=2)
+    assert got.dtype == torch.float32  # returned as float32 whatever the model's dtype
+    assert (got - want).abs().max() < 0.1 * want.abs().max()

@@ -281,6 +281,13 @@ def test_smoothing_with_mask_video(tmp_path: Path, cache: ModelCache) -> None:
     np.testing.assert_allclose(
         latents(tmp_path / "masked"), latents(tmp_path / "plain"), rtol=1e-5, atol=1e-4
     )
+    # All background: frame 2 is blended toward frame 1; frame 1, the anchor, never is.
+    write_png(masks / "bg.png", np.zeros((64, 64, 3), np.uint8))
+    blended = make_job(tmp_path / "blended", frames=2, smooth_bg=True, masks=str(masks / "bg.png"))
+    run_job(blended, cache)
+    plain, smoothed = latents(tmp_path / "plain"), latents(tmp_path / "blended")
+    np.testing.assert_allclose(smoothed[0], plain[0], rtol=1e-5, atol=1e-4)
+    assert np.abs(smoothed[1] - plain[1]).max() > 1e-2
 
 
 def test_bad_inputs_fail_before_any_output(tmp_path: Path, cache: ModelCache) -> None:
