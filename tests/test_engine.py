@@ -943,3 +943,27 @@ def test_a_bfloat16_model_runs_in_bfloat16(tiny_models: dict, engine: TextToVide
     want = run(engine, num_frames=2)
     assert got.dtype == torch.float32  # returned as float32 whatever the model's dtype
     assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_decode_maps_the_vae_range_to_8_bit_by_hand(tiny_base: Any) -> None:
+    """VAE output v in [-1, 1] -> round((v + 1) * 127.5), clamped to [0, 255]; latents are
+    divided by the VAE's scaling factor first. A stand-in VAE returns chosen values."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    values = torch.tensor([-1.3, -1.0, -0.5, 0.0, 0.5, 0.999, 1.0, 1.2])
+    received: list[torch.Tensor] = []
+
+    class VAE:
+        config = SimpleNamespace(scaling_factor=0.5, force_upcast=False)
+        dtype = torch.float32
+
+        def decode(self, x: torch.Tensor, return_dict: bool = True) -> tuple[torch.Tensor]:
+            received.append(x)
+            return (values.view(1, 1, 1, -1).expand(1, 3, 1, -1),)  # (1, 3, 1, 8)
+
+    out = TextToVideoZero(replace(tiny_base, vae=VAE())).decode(torch.ones(1, 4, 1, 1))
+    assert torch.equal(received[0], torch.full((1, 4, 1, 1), 2.0))  # 1 / 0.5
+    assert out.dtype == torch.uint8 and out.shape == (1, 1, 8, 3)
+    # (v + 1) * 127.5: -38.25, 0, 63.75, 127.5, 191.25, 254.87, 255, 280.5 -> round, clamp
+    assert out[0, 0, :, 0].tolist() == [0, 0, 64, 128, 191, 255, 255, 255]

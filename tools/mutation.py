@@ -68,7 +68,10 @@ SCOPES: dict[str, Scope] = {
     ),
     "motion": Scope("backend/motion.py", ("tests/test_motion.py", "tests/test_engine.py")),
     "attention": Scope("backend/attention.py", ("tests/test_attention.py", "tests/test_engine.py")),
-    "runner": Scope("backend/runner.py", ("tests/test_runner.py", "tests/test_worker.py")),
+    "runner": Scope(
+        "backend/runner.py",
+        ("tests/test_runner.py", "tests/test_worker.py", "tests/test_adapters.py"),
+    ),
     "worker": Scope("backend/worker.py", ("tests/test_worker.py",)),
     "protocol": Scope(
         "backend/protocol.py",
