@@ -325,8 +325,9 @@ def run_job(
         if movie is not None:
             movie.close()
         if job.save_latents:
-            with writing(staging / "latents.npy"):
-                np.save(staging / "latents.npy", latents.numpy().astype(np.float32))
+            latents_file = staging / "latents.npy"
+            with writing(latents_file):
+                np.save(latents_file, latents.numpy().astype(np.float32))
         resolved = job.to_dict()
         resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
         resolved["out"] = str(out)
