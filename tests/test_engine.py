@@ -251,7 +251,12 @@ def test_several_controlnets_sum_their_weighted_residuals(
     assert differ(ours, swapped)  # each weight belongs to its own ControlNet
 
 
-def test_one_frame_is_plain_instruct_pix2pix(tiny_pix2pix: Any) -> None:
+# Guidance scales around diffusers' switch: three guidance branches only when the text scale
+# is above 1 and the image scale at least 1, one branch otherwise.
+@pytest.mark.parametrize(("text", "image_scale"), [(6.0, 1.7), (1.0, 1.7), (6.0, 1.0)])
+def test_one_frame_is_plain_instruct_pix2pix(
+    tiny_pix2pix: Any, text: float, image_scale: float
+) -> None:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
     image = random_image(6)
@@ -262,15 +267,15 @@ def test_one_frame_is_plain_instruct_pix2pix(tiny_pix2pix: Any) -> None:
         motion_dynamics=False,
         seed=3,
         image={0: image},
-        guidance_scale=6.0,
-        image_guidance_scale=1.7,
+        guidance_scale=text,
+        image_guidance_scale=image_scale,
     )
     theirs = pipeline(StableDiffusionInstructPix2PixPipeline, tiny_pix2pix)(
         "make it snow",
         image=image[None],
         num_inference_steps=STEPS,
-        guidance_scale=6.0,
-        image_guidance_scale=1.7,
+        guidance_scale=text,
+        image_guidance_scale=image_scale,
         latents=x_t(3),
         output_type="latent",
     ).images
@@ -774,6 +779,34 @@ def test_every_step_smoothing_stays_selectable(
     assert differ(every, once)
     # every_step pulls the finished frames harder toward frame 1 than one blend at x_t1.
     assert distance_to_warped_anchor(every) < distance_to_warped_anchor(once)
+
+
+def test_every_step_smoothing_with_attention_masks_blends_from_the_recorded_steps_on(
+    engine: TextToVideoZero, unsmoothed: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without user masks the every-step variant records the prompt's cross-attention over
+    the first 20 % of the joint steps, then blends after each later step but the last: at
+    steps record_until .. steps - 1, frames 2..m only, frame 1 untouched."""
+    blends = spy_on(monkeypatch, "smooth_background")
+    steps = SMOOTH["num_inference_steps"]
+    joint_start = steps - resolve_t0_t1(steps)[1] - 1
+    record_until = joint_start + max(1, round((steps - joint_start) * 0.2))
+    every = run(engine, smooth_bg=True, smooth_schedule="every_step", **SMOOTH)
+    assert len(blends) == steps - record_until
+    assert all(call[0].shape[0] == FRAMES - 1 for call in blends)  # frames 2..m
+    assert all(call[2].shape == (FRAMES - 1, 1, 8, 8) for call in blends)  # their masks
+    close(every[0], unsmoothed[0])
+    assert differ(every, unsmoothed)
+
+
+def test_anchor_previews_get_frame_1_after_every_joint_step(engine: TextToVideoZero) -> None:
+    """callbacks.anchor_preview: (step, frame 1's predicted clean latent (1, 4, h, w)) after
+    each joint step."""
+    seen: list[tuple[int, tuple]] = []
+    callbacks = Callbacks(anchor_preview=lambda step, x0: seen.append((step, tuple(x0.shape))))
+    run(engine, callbacks=callbacks, chunk_size=2)
+    joint_start = STEPS - resolve_t0_t1(STEPS)[1] - 1
+    assert seen == [(i + 1, (1, 4, 8, 8)) for i in range(joint_start, STEPS)]
 
 
 def test_smoothing_refuses_pix2pix_and_unknown_schedules(
