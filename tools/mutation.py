@@ -80,14 +80,13 @@ SCOPES: dict[str, Scope] = {
     "controls": Scope("backend/controls.py", ("tests/test_controls.py", "tests/test_runner.py")),
     "video_io": Scope("backend/video_io.py", ("tests/test_video_io.py", "tests/test_runner.py")),
     "jobs": Scope("blender_t2vz/jobs.py", ("tests/addon/test_jobs.py",)),
+    # Not test_roundtrip.py (a real backend: minutes per mutant) nor test_movie_frames.py
+    # (renders movies); test_strips.py and test_runtime.py check the same rules on their own.
     "strips": Scope(
-        "blender_t2vz/strips.py", ("tests/addon/test_jobs.py", "tests/addon/test_roundtrip.py")
+        "blender_t2vz/strips.py", ("tests/addon/test_strips.py", "tests/addon/test_jobs.py")
     ),
     "worker_client": Scope("blender_t2vz/worker_client.py", ("tests/addon/test_worker_client.py",)),
-    "runtime": Scope(
-        "blender_t2vz/runtime.py",
-        ("tests/addon/test_runtime.py", "tests/addon/test_roundtrip.py"),
-    ),
+    "runtime": Scope("blender_t2vz/runtime.py", ("tests/addon/test_runtime.py",)),
 }
 GROUPS = {
     "core": ("engine", "motion", "attention", "runner"),

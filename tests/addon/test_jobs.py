@@ -1,5 +1,7 @@
 """Jobs built from panel settings and sequencer strips match the backend's schema."""
 
+import dataclasses
+import functools
 import json
 import subprocess
 import time
@@ -293,3 +295,233 @@ def test_broken_environment_is_reported_not_raised(scene, tmp_path: Path) -> Non
     assert "Install Backend" in message
     assert not runtime.RUNNER.worker_alive and not runtime.RUNNER.busy
     assert not Path(scene.t2vz.output_dir).exists()
+
+
+# ---------------------------------------------------------------- plain-value rules of jobs.py
+
+BASE = {"mode": "text2video", "prompt": "a cat", "width": 64, "height": 64, "steps": 2}
+MODELS = {"model": "base", "pix2pix_model": "p2p"}
+CLIP = {"path": "/clips/a.mp4", "start": 0, "stride": 1.0}
+
+
+def test_output_root_defaults_trims_and_expands_home(tmp_path: Path, monkeypatch) -> None:
+    blend = str(tmp_path / "shots" / "a.blend")
+    shots = tmp_path / "shots"
+    # An empty field means the default, a t2vz folder beside the .blend.
+    assert jobs.resolve_output_root("", blend) == (shots / "t2vz").resolve()
+    assert jobs.resolve_output_root("  //renders  ", blend) == (shots / "renders").resolve()
+    # Unsaved: "//" alone (or with only separators) names a t2vz folder in the temp folder.
+    assert jobs.resolve_output_root("//\\", "", str(tmp_path)) == (tmp_path / "t2vz").resolve()
+    monkeypatch.setattr(jobs.tempfile, "gettempdir", lambda: str(tmp_path / "sys_tmp"))
+    assert jobs.resolve_output_root("//", "") == (tmp_path / "sys_tmp" / "t2vz").resolve()
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert jobs.resolve_output_root("~/clips", blend) == (tmp_path / "home" / "clips").resolve()
+
+
+def test_slug_is_short_lowercase_and_never_empty() -> None:
+    assert jobs.slug("Xenon  LAMP!") == "xenon_lamp"
+    assert jobs.slug("!!!") == "t2vz"
+    assert jobs.slug("a" * 50) == "a" * 40
+    # Cut at 40 characters, a separator left at the end is dropped.
+    assert jobs.slug("b" * 39 + " c") == "b" * 39
+    assert jobs.slug("abcdef", limit=3) == "abc"
+
+
+def test_strip_name_collapses_spaces_and_cuts_whole_characters() -> None:
+    assert jobs.strip_name("  a   red\tfox \n") == "a red fox"
+    assert jobs.strip_name(" \t ") == "T2VZ"
+    # 60 bytes at most (Blender names hold 63): a 2-byte character cut in half is dropped.
+    name = jobs.strip_name("a" + "é" * 40)
+    assert name == "a" + "é" * 29 and len(name.encode("utf-8")) == 59
+    assert jobs.strip_name("x" * 70) == "x" * 60
+
+
+def test_a_job_from_only_a_prompt_takes_the_backend_defaults() -> None:
+    """Settings the panel leaves out get the backend schema's defaults (512 px: SD 1.5)."""
+    job = jobs.build_job({"prompt": "a cat"}, out="/tmp/o", fps=12.5, defaults=MODELS)
+    defaults = {f.name: f.default for f in dataclasses.fields(PROTOCOL.Job)}
+    same = (
+        "mode", "negative_prompt", "frames", "fit", "steps", "guidance", "seed", "chunk_size",
+        "smooth_bg", "smooth_alpha", "device", "dtype",
+    )  # fmt: skip
+    assert {k: job[k] for k in same} == {k: defaults[k] for k in same}
+    assert (job["width"], job["height"]) == (512, 512)
+    assert job["write_mp4"] is False  # as the panel's "Also Write MP4", off by default
+    assert job["motion"] == list(PROTOCOL.DEFAULT_MOTION)
+    assert job["model"] == "base" and job["fps"] == 12.5 and job["out"] == "/tmp/o"
+    assert job["loras"] == [] and job["embeddings"] == []
+
+
+def test_job_values_come_from_the_settings() -> None:
+    settings = {
+        **BASE, "negative_prompt": "blurry", "frames": 5, "fit": "pad", "seed": 9,
+        "guidance": 3.0, "chunk_size": 2, "smooth_bg": True, "smooth_alpha": 0.3,
+        "device": "cpu", "dtype": "float32", "write_mp4": True, "motion": (3, -2),
+        "model": "  owner/model  ", "adapters": [{"path": "style.safetensors", "weight": 0.5}],
+    }  # fmt: skip
+    job = jobs.build_job(settings, out="/tmp/o", fps=24, defaults=MODELS)
+    assert {k: job[k] for k in settings if k not in ("motion", "model", "adapters")} == {
+        k: v for k, v in settings.items() if k not in ("motion", "model", "adapters")
+    }
+    assert job["motion"] == [3.0, -2.0] and job["model"] == "owner/model"
+    assert job["loras"] == [{"path": "style.safetensors", "weight": 0.5}]
+
+
+def test_base_model_falls_back_to_the_preferences_by_mode() -> None:
+    video = {"video": CLIP, "source_frames": 2}
+    assert jobs.build_job(BASE, out="/o", fps=24, defaults=MODELS)["model"] == "base"
+    pix = jobs.build_job({**BASE, "mode": "pix2pix"}, out="/o", fps=24, defaults=MODELS, **video)
+    assert pix["model"] == "p2p"
+    with pytest.raises(jobs.JobBuildError, match="no base model set for mode 'pix2pix'"):
+        jobs.build_job({**BASE, "mode": "pix2pix"}, out="/o", fps=24, defaults=None, **video)
+    with pytest.raises(jobs.JobBuildError, match="no base model set for mode 'text2video'"):
+        jobs.build_job(BASE, out="/o", fps=24, defaults={"model": "  "})
+
+
+def test_mode_and_prompt_are_checked_first() -> None:
+    with pytest.raises(jobs.JobBuildError, match=r"mode: must be one of text2video, controlnet, "):
+        jobs.build_job({**BASE, "mode": "img2img"}, out="/o", fps=24, defaults=MODELS)
+    with pytest.raises(jobs.JobBuildError, match="prompt: type a prompt first"):
+        jobs.build_job({**BASE, "prompt": ""}, out="/o", fps=24, defaults=MODELS)
+    with pytest.raises(jobs.JobBuildError, match="prompt: type an editing instruction first"):
+        jobs.build_job(
+            {**BASE, "mode": "pix2pix", "prompt": " "},
+            out="/o",
+            fps=24,
+            defaults=MODELS,
+            source_frames=3,
+            video=CLIP,
+        )
+
+
+def test_strip_driven_frames_match_or_fit_the_source() -> None:
+    pix = {**BASE, "mode": "pix2pix", "frames": 99}
+    build = functools.partial(jobs.build_job, out="/o", fps=24, defaults=MODELS, video=CLIP)
+    assert build(pix, source_frames=1)["frames"] == 1  # Match Source Strip is on by default
+    assert build({**pix, "match_source": False, "frames": 5}, source_frames=5)["frames"] == 5
+    assert build({**pix, "match_source": False, "frames": 2}, source_frames=5)["frames"] == 2
+    with pytest.raises(jobs.JobBuildError, match="frames: 6 is longer than the source strip"):
+        build({**pix, "match_source": False, "frames": 6}, source_frames=5)
+    for frames in (None, 0):
+        with pytest.raises(jobs.JobBuildError, match=f"pix2pix needs a source strip .* {frames}$"):
+            build(pix, source_frames=frames)
+    with pytest.raises(jobs.JobBuildError, match="video: Video Instruct-Pix2Pix needs a source"):
+        jobs.build_job(pix, out="/o", fps=24, defaults=MODELS, source_frames=3)
+    job = build({**pix, "image_guidance": 2.5}, source_frames=3)
+    assert job["image_guidance"] == 2.5 and job["video"] == CLIP and job["motion"] is None
+    assert build(pix, source_frames=3)["image_guidance"] == 1.5  # the backend's default
+    with pytest.raises(jobs.JobBuildError, match="height: must be a multiple of 8, got 60"):
+        build({**pix, "height": 60}, source_frames=3)
+
+
+def test_controlnet_models_by_detector_and_scene_pass() -> None:
+    defaults = {**MODELS, "controlnet_models": {"canny": "cn-canny", "openpose": "cn-pose"}}
+    defaults["controlnet_models"]["depth"] = "cn-depth"
+    entries = [
+        {"detector": "openpose", "weight": 0.5},
+        {"detector": "none", "model_kind": "depth"},  # a rendered depth pass
+        {"detector": "none"},  # no model listed for it: the canny one
+        {"model": "  own/cn  ", "detector": "canny"},
+    ]
+    controls = [{**CLIP, "start": i} for i in range(4)]
+    job = jobs.build_job(
+        {**BASE, "mode": "controlnet", "controlnets": entries},
+        out="/o",
+        fps=24,
+        defaults=defaults,
+        source_frames=3,
+        controls=controls,
+    )
+    assert [c["model"] for c in job["controlnets"]] == ["cn-pose", "cn-depth", "cn-canny", "own/cn"]
+    assert [c["weight"] for c in job["controlnets"]] == [0.5, 1.0, 1.0, 1.0]
+    assert [c["control"]["start"] for c in job["controlnets"]] == [0, 1, 2, 3]
+    assert job["controlnets"][1]["detector"] == "none"
+
+
+def test_controlnet_problems_name_the_entry() -> None:
+    build = functools.partial(
+        jobs.build_job, out="/o", fps=24, source_frames=3, controls=[CLIP, CLIP]
+    )
+    two = {**BASE, "mode": "controlnet", "controlnets": [{"model": "a"}, {}]}
+    with pytest.raises(jobs.JobBuildError, match=r"ControlNet 2: no model set \(detector 'none'\)"):
+        build(two, defaults=MODELS)
+    with pytest.raises(jobs.JobBuildError, match="controlnets: 2 ControlNets but 1 control videos"):
+        jobs.build_job(two, out="/o", fps=24, defaults=MODELS, source_frames=3, controls=[CLIP])
+    with pytest.raises(jobs.JobBuildError, match="controlnet needs a source strip"):
+        jobs.build_job(two, out="/o", fps=24, defaults=MODELS, controls=[CLIP, CLIP])
+
+
+def test_adapter_fields_split_loras_and_embeddings() -> None:
+    entries = [
+        {"path": " a.safetensors "},  # a LoRA unless it says otherwise, at full weight
+        {"kind": "embedding", "path": "owner/emb", "token": " <tok> "},
+        {"kind": "lora", "path": "b", "weight": 0.25},
+    ]
+    assert jobs.adapter_fields(entries) == {
+        "loras": [{"path": "a.safetensors", "weight": 1.0}, {"path": "b", "weight": 0.25}],
+        "embeddings": [{"path": "owner/emb", "token": "<tok>"}],
+    }
+    with pytest.raises(jobs.JobBuildError, match="LoRA 1: choose a .safetensors file"):
+        jobs.adapter_fields([{"kind": "lora", "path": "  "}])
+    with pytest.raises(jobs.JobBuildError, match="Embedding 2: choose a .safetensors file"):
+        jobs.adapter_fields([{"path": "a"}, {"kind": "embedding"}])
+    with pytest.raises(jobs.JobBuildError, match="Embedding 1: type the token that calls it"):
+        jobs.adapter_fields([{"kind": "embedding", "path": "e", "token": " "}])
+
+
+def test_rebuild_takes_every_regenerate_field_from_the_panel() -> None:
+    stored = jobs.build_job(
+        {**BASE, "frames": 3, "steps": 10, "adapters": [{"path": "old.safetensors"}]},
+        out="/tmp/old",
+        fps=24,
+        defaults=MODELS,
+    )
+    stored = jobs.validate({**stored, "frame_range": [1, 2], "t0": 2, "t1": 5})
+    panel = {
+        "prompt": "a dog", "negative_prompt": "blurry", "seed": 5, "steps": 3, "guidance": 2.0,
+        "image_guidance": 1.25, "width": 72, "height": 80, "fit": "stretch", "chunk_size": 2,
+        "smooth_bg": True, "smooth_alpha": 0.3, "device": "cpu", "dtype": "float32",
+        "write_mp4": True,
+    }  # fmt: skip
+    assert set(panel) == set(jobs.REGENERATE_FIELDS)
+    changed = jobs.rebuild_job(
+        stored,
+        {**panel, "model": " other ", "motion": (1, 2), "frames": 4, "adapters": []},
+        out="/tmp/new",
+    )
+    assert {k: changed[k] for k in panel} == panel
+    assert changed["model"] == "other" and changed["motion"] == [1.0, 2.0]
+    assert changed["frames"] == 4 and changed["loras"] == [] and changed["out"] == "/tmp/new"
+    # The stored job's own sharding and t0/t1 are not carried over: t0/t1 follow the steps.
+    assert changed["frame_range"] is None
+    assert (changed["t0"], changed["t1"]) == PROTOCOL.resolve_t0_t1(3)
+    # Settings the panel does not send keep the stored values.
+    kept = jobs.rebuild_job(stored, {"prompt": "  ", "seed": 6}, out="/tmp/new")
+    assert kept["prompt"] == "a cat" and kept["seed"] == 6 and kept["frames"] == 3
+    assert kept["model"] == "base" and kept["loras"] == stored["loras"]
+    assert kept["motion"] == stored["motion"]
+    assert (kept["t0"], kept["t1"]) == PROTOCOL.resolve_t0_t1(10) != (2, 5)
+
+
+def test_rebuild_updates_controlnets_only_when_the_panel_lists_as_many() -> None:
+    defaults = {**MODELS, "controlnet_models": {"canny": "cn-canny", "openpose": "cn-pose"}}
+    entries = [{"model": "cn-a", "weight": 0.7, "detector": "canny"}, {"detector": "openpose"}]
+    stored = jobs.build_job(
+        {**BASE, "mode": "controlnet", "controlnets": entries},
+        out="/tmp/old",
+        fps=24,
+        defaults=defaults,
+        source_frames=4,
+        controls=[CLIP, {**CLIP, "start": 2}],
+    )
+    panel = [{"weight": 0.3, "detector": "depth"}, {"model": "cn-b"}]
+    changed = jobs.rebuild_job(stored, {"controlnets": panel}, out="/o", defaults=defaults)
+    old, new = stored["controlnets"], changed["controlnets"]
+    # An empty model keeps the stored one; weight and detector not given keep theirs too.
+    assert [c["model"] for c in new] == ["cn-a", "cn-b"]
+    assert [c["weight"] for c in new] == [0.3, 1.0] and new[0]["detector"] == "depth"
+    assert new[1]["detector"] == "openpose"
+    assert [c["control"] for c in new] == [c["control"] for c in old]
+    assert changed["frames"] == 4  # a strip-driven job keeps its frame count
+    one = jobs.rebuild_job(stored, {"controlnets": panel[:1]}, out="/o", defaults=defaults)
+    assert one["controlnets"] == old

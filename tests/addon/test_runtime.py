@@ -9,11 +9,13 @@ import functools
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import bpy
 import pytest
+from conftest import color_strip, write_png
 
-from blender_t2vz import runtime, worker_client
+from blender_t2vz import runtime, strips, worker_client
 
 FAKE = str(Path(__file__).with_name("fake_worker.py"))
 
@@ -142,3 +144,421 @@ def test_a_crashed_worker_leaves_no_partial_folder(
     step_until(fake_runner, lambda: not fake_runner.busy)
     assert fake_runner.outcome.level == "ERROR"
     assert not left.exists()
+
+
+# ------------------------------------------------ the step's rules, against a stand-in client
+
+
+class StubClient:
+    """A worker client stand-in: records requests, serves queued messages, never runs."""
+
+    def __init__(self, alive: bool = True, pid: int = 4321, fail: bool = False) -> None:
+        self.alive, self.pid, self.fail = alive, pid, fail
+        self.returncode = None if alive else -9
+        self.sent: list[tuple[str, dict]] = []
+        self.queued: list[dict] = []
+        self.stderr = ["loading", "Killed"]
+        self.closed = False
+
+    def send(self, kind: str, **payload) -> None:
+        if self.fail:
+            raise worker_client.WorkerError("gone")
+        self.sent.append((kind, payload))
+
+    def generate(self, job_id: str, job: dict, allow_pickle: bool = False) -> None:
+        self.send("generate", id=job_id, job=job, allow_pickle=allow_pickle)
+
+    def cancel(self, job_id: str) -> None:
+        self.send("cancel", id=job_id)
+
+    def poll(self) -> list[dict]:
+        out, self.queued = self.queued, []
+        return out
+
+    def stderr_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.stderr[-lines:])
+
+    def kill(self) -> None:
+        self.alive = False
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+
+@pytest.fixture
+def runner(scene) -> runtime.Runner:
+    """A runner of its own (not the add-on's) with a ready stand-in worker and a job."""
+    status = bpy.context.window_manager.t2vz_status
+    status.state, status.preview_path, status.worker_pid = "STARTING", "", 0
+    status.cached_models.clear()
+    runner = runtime.Runner()
+    runner.client = StubClient()
+    runner.job = runtime.ActiveJob("j1", {"out": "/nowhere/out"}, scene.name, 1, 5, "a cat")
+    yield runner
+    runner.client = None
+    runner.shutdown()
+
+
+def apply(runner: runtime.Runner, message_type: str, /, **fields) -> None:
+    runner._apply(runner.client, {"type": message_type, "id": "j1", **fields})
+
+
+def test_byte_counts_read_as_people_read_them() -> None:
+    assert [runtime.format_bytes(n) for n in (0, 999, 1000, 1500, 999_999)] == [
+        "0 B",
+        "999 B",
+        "1.0 KB",
+        "1.5 KB",
+        "1000.0 KB",
+    ]
+    assert runtime.format_bytes(3_400_000) == "3.4 MB"
+    assert runtime.format_bytes(1e9) == "1.00 GB"
+    assert runtime.format_bytes(12_345_678_900) == "12.35 GB"
+
+
+def test_download_line_shows_rate_and_time_left_only_while_downloading() -> None:
+    text = runtime.download_text({"model": "o/m", "bytes_done": 1000, "bytes_total": 3000})
+    assert text == "Downloading o/m: 1.0 KB of 3.0 KB"  # no rate known yet
+    going = {"model": "o/m", "bytes_done": 1000, "bytes_total": 3000, "rate": 500.0}
+    assert runtime.download_text(going) == (
+        "Downloading o/m: 1.0 KB of 3.0 KB at 500 B/s, 4 s left"
+    )
+    almost = {**going, "bytes_done": 2990, "file": "unet.bin"}
+    assert runtime.download_text(almost).endswith(
+        "(unet.bin): 3.0 KB of 3.0 KB at 500 B/s, 1 s left"
+    )
+    assert runtime.download_text({"model": "o/m", "bytes_done": None, "bytes_total": None}) == (
+        "Downloading o/m: 0 B of 0 B"
+    )
+
+
+def test_ready_and_progress_update_the_status(runner: runtime.Runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    runner._apply(runner.client, {"type": "ready", "pid": 777})
+    assert runner.ready and status.worker_pid == 777
+    assert (status.state, status.message) == ("RUNNING", "Running")
+    apply(runner, "progress", fraction=0.25, step=3, total=10, frames_done=2, frames_total=8)
+    assert status.progress == pytest.approx(0.25)
+    assert status.message == "denoising: step 3/10, frames 2/8"
+    apply(runner, "progress", fraction=0.5, stage="decoding", step=1, total=1)
+    assert status.message == "decoding: step 1/1, frames None/None"
+    apply(runner, "progress", fraction=None)
+    assert status.progress == 0.0
+    apply(runner, "progress", fraction=0.9, id="an earlier job")
+    assert status.progress == 0.0  # a late message of another job changes nothing
+    before = status.message
+    runner.job.cancel_at = time.monotonic()  # cancelling: the bar moves, the line stays
+    apply(runner, "progress", fraction=0.75, step=9, total=10)
+    assert status.progress == pytest.approx(0.75) and status.message == before
+
+
+def test_ready_after_a_cancel_keeps_cancelling(runner: runtime.Runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    runner.client.pid = 55
+    runner.job.cancel_at = time.monotonic()
+    runner._apply(runner.client, {"type": "ready"})  # no pid in the message: the client's
+    assert status.worker_pid == 55 and status.state == "CANCELLING"
+    apply(runner, "accepted")
+    assert runner.ready and status.state == "CANCELLING"
+
+
+def test_accepted_marks_a_starting_job_running(runner: runtime.Runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    status.message = "Starting the backend..."
+    apply(runner, "accepted")
+    assert runner.ready and (status.state, status.message) == ("RUNNING", "Running")
+
+
+def test_download_progress_and_fetched(runner: runtime.Runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    runner.job.kind, runner.job.name = "fetch", "o/m"
+    apply(runner, "download", model="o/m", bytes_done=500, bytes_total=2000)
+    assert status.progress == pytest.approx(0.25)
+    assert status.message == "Downloading o/m: 500 B of 2.0 KB"
+    apply(runner, "download", model="o/m", bytes_done=10, bytes_total=0)
+    assert status.progress == pytest.approx(0.25)  # no total: the bar stays
+    apply(runner, "fetched")
+    assert not runner.busy and runner.outcome.level == "INFO"
+    assert runner.outcome.message == "Downloaded o/m" and status.progress == 1.0
+    ((kind, payload),) = runner.client.sent  # the preferences' model list is refreshed
+    assert kind == "list_models" and runner.cache_requests == {payload["id"]: ""}
+
+
+def test_failed_download_and_generation_say_which(runner: runtime.Runner, tmp_path) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    staging = tmp_path / "staged"
+    staging.mkdir()
+    runner.job.staging = staging
+    apply(runner, "error", kind="OSError", message="disk full", traceback="Traceback ...")
+    assert runner.outcome.level == "ERROR" and not staging.exists()
+    assert runner.outcome.message == "Generation failed: OSError: disk full"
+    assert status.error == runner.outcome.message and status.message == ""
+    assert status.state == "IDLE"
+    runner.job = runtime.ActiveJob("j1", {}, "", 0, 0, "o/m", kind="fetch")
+    apply(runner, "error")
+    assert runner.outcome.message == "Download failed: Error: "
+    runner.job = runtime.ActiveJob("j1", {}, "", 0, 0, "x", cancel_at=time.monotonic())
+    apply(runner, "error", kind="Boom", message="while cancelling")
+    assert (runner.outcome.level, runner.outcome.message) == ("INFO", "Cancelled")
+    assert status.error == "" and status.message == "Cancelled"
+
+
+def test_cancelled_removes_the_staged_inputs(runner: runtime.Runner, tmp_path) -> None:
+    runner.job.staging = tmp_path / "staged"
+    runner.job.staging.mkdir()
+    apply(runner, "cancelled")
+    assert (runner.outcome.level, runner.outcome.message) == ("INFO", "Cancelled")
+    assert not (tmp_path / "staged").exists() and not runner.busy
+
+
+def test_done_adds_the_strip_above_the_source_and_shows_the_last_frame(
+    runner: runtime.Runner, tmp_path
+) -> None:
+    scene = bpy.context.scene
+    color_strip(scene.sequence_editor, "user title", channel=2, start=1, length=10)
+    frames = [str(write_png(tmp_path / f"frame_{i:05d}.png", 64, 64, (i, 0, 0))) for i in (1, 2)]
+    apply(runner, "preview", path=str(tmp_path / "not_yet.png"))
+    status = bpy.context.window_manager.t2vz_status
+    assert status.preview_path == ""  # a frame that is not there is not shown
+    apply(runner, "preview", path=frames[0])
+    assert status.preview_path == frames[0] and runner.preview_key == frames[0]
+    apply(runner, "done", frames=frames)
+    assert runner.outcome.level == "INFO" and runner.outcome.frames == frames
+    # Channel 2 is taken at frames 5-6, so the first free one above channel 1 is 3.
+    assert runner.outcome.message == "Added 'a cat': 2 frames on channel 3 at frame 5"
+    strip = strips.every_strip(scene.sequence_editor)[runner.outcome.strip_name]
+    assert (strip.channel, strip.frame_final_start, strip.frame_final_duration) == (3, 5, 2)
+    assert strips.stored_job(strip) == {"out": "/nowhere/out"}
+    assert status.preview_path == frames[-1] and status.progress == 1.0
+    assert status.message == runner.outcome.message and status.error == ""
+
+
+def test_done_for_a_deleted_scene_says_where_the_frames_are(runner: runtime.Runner) -> None:
+    runner.job.scene = "no such scene"
+    apply(runner, "done", frames=[])
+    assert runner.outcome.level == "WARNING"
+    assert runner.outcome.message == "Scene 'no such scene' is gone; the frames are in /nowhere/out"
+
+
+def test_done_without_frames_is_an_error_naming_the_folder(runner: runtime.Runner) -> None:
+    apply(runner, "done", frames=[])
+    assert runner.outcome.level == "ERROR"
+    assert runner.outcome.message == (
+        "Could not add the result strip: the result has no frames; frames in /nowhere/out"
+    )
+
+
+def test_model_cache_replies_fill_the_preferences_list(runner: runtime.Runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    runner.cache_requests = {"l1": "", "r1": "o/a", "e1": ""}
+    models = [{"model": "o/a", "size": 1500.0, "complete": True}, {"model": "o/b"}]
+    runner._apply(
+        runner.client, {"type": "models", "id": "l1", "models": models, "cache_dir": "/c"}
+    )
+    assert [(m.model, m.size, m.complete) for m in status.cached_models] == [
+        ("o/a", 1500.0, True),
+        ("o/b", 0.0, False),
+    ]
+    assert status.cache_dir == "/c" and status.cache_listed and status.cache_message == ""
+    runner._apply(runner.client, {"type": "removed", "id": "r1", "freed": 2_500_000})
+    assert status.cache_message == "Removed o/a (2.5 MB freed)"
+    assert [m.model for m in status.cached_models] == ["o/b"]
+    runner._apply(runner.client, {"type": "error", "id": "e1", "kind": "OSError", "message": "no"})
+    assert status.cache_message == "OSError: no"
+    assert runner.cache_requests == {} and runner.busy  # the job in flight is not touched
+
+
+def test_worker_exit_ends_the_job_with_its_last_words(runner: runtime.Runner, tmp_path) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    client = runner.client
+    runner._apply(client, {"type": "_exit", "returncode": 1})  # before "ready": never started
+    assert runner.outcome.level == "ERROR" and runner.client is None and status.worker_pid == 0
+    assert runner.outcome.message == (
+        "The backend failed to start (exit code 1): Killed. Check 'Backend Python' in the "
+        "add-on's preferences, or click 'Install Backend'"
+    )
+    runner.client, runner.ready = client, True
+    runner._worker_exited(StubClient(), 9)  # another (older) client's exit is not ours
+    assert runner.client is client
+    runner._worker_exited(client, -9)  # no job: the status line says it
+    assert status.message == (
+        "The backend worker stopped (exit code -9): Killed. A new one starts with the next job"
+    )
+    runner.client, runner.ready = client, True
+    runner.job = runtime.ActiveJob("j2", {"out": str(tmp_path / "o")}, "", 0, 0, "x")
+    runner.job.cancel_at = time.monotonic()
+    runner._worker_exited(client, -9)
+    assert (runner.outcome.level, runner.outcome.message) == ("INFO", "Cancelled")
+
+
+def test_a_worker_gone_silent_is_declared_dead_after_the_grace(
+    runner: runtime.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    runner.client.alive, runner.client.returncode = False, -9
+    runner.client.stderr = []
+    assert runner.step() == runtime.INTERVAL_BUSY and runner.busy
+    clock[0] += runtime.DEAD_GRACE
+    assert runner.step() == runtime.INTERVAL_BUSY and runner.busy  # not before the grace
+    clock[0] += 0.01
+    assert runner.step() is None and not runner.busy
+    assert runner.outcome.message.startswith("The backend failed to start (exit code -9). Check")
+
+
+def test_step_applies_every_queued_message_and_says_when_to_come_back(
+    runner: runtime.Runner,
+) -> None:
+    runner.client.queued = [
+        {"type": "_noise", "text": "a library's print"},
+        {"type": "accepted", "id": "j1"},
+        {"type": "cancelled", "id": "j1"},
+    ]
+    assert runner.step() == runtime.INTERVAL_IDLE  # idle, worker kept: look again later
+    assert runner.outcome.message == "Cancelled" and runner.ready
+    runner.client = None
+    assert runner.step() is None  # nothing to watch: the timer stops
+
+
+def test_cancel_asks_once_and_a_stopped_worker_ends_the_job(runner: runtime.Runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    assert runner.cancel() and runner.cancel()
+    assert runner.client.sent == [("cancel", {"id": "j1"})]
+    assert (status.state, status.message) == ("CANCELLING", "Cancelling...")
+    runner.job.cancel_at = None
+    runner.client.fail = True
+    assert runner.cancel()
+    assert (runner.outcome.level, runner.outcome.message) == (
+        "WARNING",
+        "Cancelled (the worker had stopped)",
+    )
+    assert runner.client is None and not runner.cancel()
+
+
+def test_submit_reuses_the_worker_and_retries_once_on_a_fresh_one(
+    runner: runtime.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[StubClient] = []
+
+    def start(python, env=None):
+        client = StubClient(pid=len(made) + 1)
+        client.start = lambda: None
+        made.append(client)
+        return client
+
+    monkeypatch.setattr(runtime, "WorkerClient", start)
+    status = bpy.context.window_manager.t2vz_status
+    runner.client, runner.job = None, None
+    kwargs = {"scene": "S", "above": 2, "start": 3, "name": "n", "python": "/py"}
+    first = runner.submit({"out": ""}, **kwargs, allow_pickle=True)
+    assert made[0].sent == [("generate", {"id": first, "job": {"out": ""}, "allow_pickle": True})]
+    assert (status.state, status.message, status.worker_pid) == (
+        "STARTING",
+        "Starting the backend...",
+        1,
+    )
+    with pytest.raises(runtime.RunnerBusyError):
+        runner.submit({"out": ""}, **kwargs)
+    runner.job, runner.ready = None, True
+    runner.submit({"out": ""}, **kwargs)
+    assert len(made) == 1 and (status.state, status.message) == ("RUNNING", "Running")
+    runner.job = None
+    runner.submit({"out": ""}, **kwargs, env={"HF_HUB_OFFLINE": "1"})  # another environment
+    assert len(made) == 2 and made[0].closed and runner.client is made[1]
+    runner.job = None
+    made[1].fail = True  # died since the last job: one fresh worker gets the job
+    runner.submit({"out": ""}, **kwargs, env={"HF_HUB_OFFLINE": "1"})
+    assert len(made) == 3 and runner.client is made[2] and len(made[2].sent) == 1
+    runner.job = None
+    made[2].fail = True
+    monkeypatch.setattr(runtime, "WorkerClient", lambda python, env=None: made[2])
+    made[2].returncode = 1
+    with pytest.raises(worker_client.WorkerError, match=r"failed to start \(exit code 1\)"):
+        runner.submit({"out": ""}, **kwargs, env={"HF_HUB_OFFLINE": "1"})
+    assert runner.client is None and not runner.busy
+
+
+def test_cache_requests_and_fetch_go_to_the_worker(
+    runner: runtime.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    stub = runner.client
+    runner.client_key = ("/py", ())
+    first = runner.list_models(python="/py")
+    second = runner.remove_model("o/a", python="/py")
+    assert stub.sent == [
+        ("list_models", {"id": first}),
+        ("remove_model", {"id": second, "model": "o/a"}),
+    ]
+    assert runner.cache_requests == {first: "", second: "o/a"}
+    assert status.cache_message == "Removing o/a..."
+    with pytest.raises(runtime.RunnerBusyError):
+        runner.fetch("o/m", python="/py")
+    runner.job = None
+    stub.fail = True  # a dead worker: the request goes to a new one
+    fresh = StubClient()
+    fresh.start = lambda: None
+    monkeypatch.setattr(runtime, "WorkerClient", lambda python, env=None: fresh)
+    job_id = runner.fetch("o/m", python="/py")
+    assert fresh.sent == [("fetch_model", {"id": job_id, "model": "o/m"})]
+    assert (runner.job.kind, runner.job.name, runner.job.job) == ("fetch", "o/m", {"model": "o/m"})
+    assert (status.state, status.message) == ("RUNNING", "Downloading o/m...")
+
+
+def test_installer_lines_and_exit(scene, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    started: list = []
+
+    class Proc(StubClient):
+        def __init__(self, argv, cwd=None):
+            super().__init__()
+            self.argv, self.cwd, self.stderr = argv, cwd, []
+            started.append(self)
+
+        def start(self):
+            pass
+
+    monkeypatch.setattr(runtime, "LineProcess", Proc)
+    installer = runtime.Installer()
+    with pytest.raises(FileNotFoundError, match="install script not found"):
+        installer.start(tmp_path / "venv", script=tmp_path / "missing.py")
+    script = tmp_path / "install_deps.py"
+    script.write_text("")
+    installer.start(tmp_path / "venv", "cpu", script=script, detectors=True)
+    (proc,) = started
+    assert proc.argv[1:] == [
+        str(script),
+        "--venv",
+        str(tmp_path / "venv"),
+        "--torch",
+        "cpu",
+        "--detectors",
+    ]
+    assert Path(proc.cwd) == tmp_path and installer.running and status.install_running
+    assert status.install_message == f"Installing into {tmp_path / 'venv'}..."
+    with pytest.raises(runtime.RunnerBusyError):
+        installer.start(tmp_path / "venv", script=script)
+    proc.queued = [
+        {"type": "_line", "text": "[t2vz]  step 1/3: torch  "},
+        {"type": "_line", "text": "Collecting torch"},
+    ]
+    assert installer.step() and status.install_message == "step 1/3: torch"
+    proc.queued = [{"type": "_exit", "returncode": 2}]
+    assert not installer.step() and not installer.running and not status.install_running
+    assert status.install_error == "Install failed (exit code 2): Collecting torch"
+    assert not installer.step()
+    for stderr, last in ((["pip: error", "No space left"], "No space left"), ([], "no output")):
+        installer.start(tmp_path / "venv", script=script)
+        installer.last_line = ""
+        started[-1].stderr = stderr
+        started[-1].queued = [{"type": "_exit", "returncode": 1}]
+        installer.step()
+        assert status.install_error == f"Install failed (exit code 1): {last}"
+    installer.start(tmp_path / "venv", script=script)
+    assert started[-1].argv[-1] == "auto"
+    started[-1].queued = [{"type": "_exit", "returncode": 0}, {"type": "_line", "text": "[t2vz] x"}]
+    assert not installer.step()
+    assert status.install_message == "Backend installed" and status.install_error == ""
