@@ -312,6 +312,7 @@ def test_output_root_defaults_trims_and_expands_home(tmp_path: Path, monkeypatch
     assert jobs.resolve_output_root("  //renders  ", blend) == (shots / "renders").resolve()
     # Unsaved: "//" alone (or with only separators) names a t2vz folder in the temp folder.
     assert jobs.resolve_output_root("//\\", "", str(tmp_path)) == (tmp_path / "t2vz").resolve()
+    assert jobs.resolve_output_root("//X", "", str(tmp_path)) == (tmp_path / "X").resolve()
     monkeypatch.setattr(jobs.tempfile, "gettempdir", lambda: str(tmp_path / "sys_tmp"))
     assert jobs.resolve_output_root("//", "") == (tmp_path / "sys_tmp" / "t2vz").resolve()
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -321,6 +322,7 @@ def test_output_root_defaults_trims_and_expands_home(tmp_path: Path, monkeypatch
 def test_slug_is_short_lowercase_and_never_empty() -> None:
     assert jobs.slug("Xenon  LAMP!") == "xenon_lamp"
     assert jobs.slug("!!!") == "t2vz"
+    assert jobs.slug("(a) dog.") == "a_dog"  # no separator at either end
     assert jobs.slug("a" * 50) == "a" * 40
     # Cut at 40 characters, a separator left at the end is dropped.
     assert jobs.slug("b" * 39 + " c") == "b" * 39
@@ -381,9 +383,16 @@ def test_base_model_falls_back_to_the_preferences_by_mode() -> None:
 def test_mode_and_prompt_are_checked_first() -> None:
     with pytest.raises(jobs.JobBuildError, match=r"mode: must be one of text2video, controlnet, "):
         jobs.build_job({**BASE, "mode": "img2img"}, out="/o", fps=24, defaults=MODELS)
-    with pytest.raises(jobs.JobBuildError, match="prompt: type a prompt first"):
+    with pytest.raises(
+        jobs.JobBuildError, match=r"^prompt: type a prompt first \(got an empty one\)$"
+    ):
         jobs.build_job({**BASE, "prompt": ""}, out="/o", fps=24, defaults=MODELS)
-    with pytest.raises(jobs.JobBuildError, match="prompt: type an editing instruction first"):
+    with pytest.raises(jobs.JobBuildError, match="^prompt: type a prompt first"):
+        jobs.build_job({"width": 64, "height": 64}, out="/o", fps=24, defaults=MODELS)
+    with pytest.raises(
+        jobs.JobBuildError,
+        match=r"^prompt: type an editing instruction first \(got an empty one\)$",
+    ):
         jobs.build_job(
             {**BASE, "mode": "pix2pix", "prompt": " "},
             out="/o",
@@ -400,12 +409,18 @@ def test_strip_driven_frames_match_or_fit_the_source() -> None:
     assert build(pix, source_frames=1)["frames"] == 1  # Match Source Strip is on by default
     assert build({**pix, "match_source": False, "frames": 5}, source_frames=5)["frames"] == 5
     assert build({**pix, "match_source": False, "frames": 2}, source_frames=5)["frames"] == 2
-    with pytest.raises(jobs.JobBuildError, match="frames: 6 is longer than the source strip"):
+    too_long = (
+        r"^frames: 6 is longer than the source strip \(5 frames\); "
+        "lower it or use 'Match Source Strip'$"
+    )
+    with pytest.raises(jobs.JobBuildError, match=too_long):
         build({**pix, "match_source": False, "frames": 6}, source_frames=5)
     for frames in (None, 0):
         with pytest.raises(jobs.JobBuildError, match=f"pix2pix needs a source strip .* {frames}$"):
             build(pix, source_frames=frames)
-    with pytest.raises(jobs.JobBuildError, match="video: Video Instruct-Pix2Pix needs a source"):
+    with pytest.raises(
+        jobs.JobBuildError, match="^video: Video Instruct-Pix2Pix needs a source strip$"
+    ):
         jobs.build_job(pix, out="/o", fps=24, defaults=MODELS, source_frames=3)
     job = build({**pix, "image_guidance": 2.5}, source_frames=3)
     assert job["image_guidance"] == 2.5 and job["video"] == CLIP and job["motion"] is None
@@ -443,10 +458,17 @@ def test_controlnet_problems_name_the_entry() -> None:
         jobs.build_job, out="/o", fps=24, source_frames=3, controls=[CLIP, CLIP]
     )
     two = {**BASE, "mode": "controlnet", "controlnets": [{"model": "a"}, {}]}
-    with pytest.raises(jobs.JobBuildError, match=r"ControlNet 2: no model set \(detector 'none'\)"):
+    unset = (
+        r"^ControlNet 2: no model set \(detector 'none'\); "
+        "set one in the panel or preferences$"
+    )
+    with pytest.raises(jobs.JobBuildError, match=unset):
         build(two, defaults=MODELS)
     with pytest.raises(jobs.JobBuildError, match="controlnets: 2 ControlNets but 1 control videos"):
         jobs.build_job(two, out="/o", fps=24, defaults=MODELS, source_frames=3, controls=[CLIP])
+    none = "^controlnets: add at least one ControlNet for ControlNet mode$"
+    with pytest.raises(jobs.JobBuildError, match=none):
+        build({**BASE, "mode": "controlnet"}, defaults=MODELS)
     with pytest.raises(jobs.JobBuildError, match="controlnet needs a source strip"):
         jobs.build_job(two, out="/o", fps=24, defaults=MODELS, controls=[CLIP, CLIP])
 
