@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".mutation"
 BACKEND_ARGS = ("--ignore=tests/addon", "-p", "no:cacheprovider")
 ADDON_ARGS = ("-p", "no:cacheprovider")
-ADDON_TIMEOUT_CONSTANT = 5.0  # seconds; see mutmut_config
+ADDON_TIMEOUT_CONSTANT = 20.0  # seconds; see mutmut_config
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,14 @@ def mutmut_config(scope: Scope) -> str:
     # mutant's pytest run also collects its test modules in headless Blender, which the test
     # times leave out: with mutmut's 1 s constant, mutants of functions covered by fast tests
     # were stopped as "timeouts" on a busy machine though their tests would have passed.
-    timeout = f"timeout_constant = {ADDON_TIMEOUT_CONSTANT}\n" if scope.addon else ""
+    # Add-on mutants fork from a fork server that only collected the tests, not from mutmut's
+    # main process: that one ran the tests, and a movie decoded there left FFmpeg's scaler
+    # threads behind, which a forked child waits for forever (survivors read as timeouts).
+    addon = (
+        f'timeout_constant = {ADDON_TIMEOUT_CONSTANT}\nprocess_isolation = "forkserver"\n'
+        if scope.addon
+        else ""
+    )
     return (
         "[tool.mutmut]\n"
         f"source_paths = {json.dumps([source_dir])}\n"
@@ -152,7 +159,7 @@ def mutmut_config(scope: Scope) -> str:
         f"pytest_add_cli_args_test_selection = {json.dumps(list(scope.tests))}\n"
         f"pytest_add_cli_args = {json.dumps(list(extra))}\n"
         f"also_copy = {json.dumps(also_copy)}\n"
-        f"{timeout}"
+        f"{addon}"
     )
 
 

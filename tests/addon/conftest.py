@@ -43,10 +43,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Unregister, then end the process hard: bpy may hang at interpreter exit (not under
     mutmut, whose process runs pytest several times)."""
+    # Under mutation testing the teardown runs the add-on's own code, not a mutant: in
+    # mutmut's forced-fail run every add-on function raises, and a half-done unregister left
+    # its classes registered, so enabling it failed in every later run of that process.
+    mutant = os.environ.get("MUTANT_UNDER_TEST")
+    if mutant is not None:
+        os.environ["MUTANT_UNDER_TEST"] = ""  # no module of that name: original functions
     try:
         if ADDON in bpy.context.preferences.addons:
             addon_utils.disable(ADDON, default_set=True)
     finally:
+        if mutant is not None:
+            os.environ["MUTANT_UNDER_TEST"] = mutant
         shutil.rmtree(_RESOURCES, ignore_errors=True)
         sys.stdout.flush()
         sys.stderr.flush()

@@ -2,6 +2,7 @@
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,6 +108,8 @@ def test_child_environment_drops_blenders_python_settings(monkeypatch) -> None:
     for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE"):
         monkeypatch.setenv(name, "/blender/python")
     monkeypatch.setenv("T2VZ_KEPT", "yes")
+    monkeypatch.setenv("PYTHONUNBUFFERED", "0")
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
     env = worker_client._clean_env({"HF_HUB_OFFLINE": "1", "T2VZ_KEPT": None})
     assert not {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONEXECUTABLE"} & set(env)
     assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONIOENCODING"] == "utf-8"
@@ -117,11 +120,11 @@ def test_child_environment_drops_blenders_python_settings(monkeypatch) -> None:
 def test_lines_exit_and_stderr_tail_of_a_plain_process(tmp_path: Path) -> None:
     code = (
         "import os, sys\n"
-        "print('first X\\r')\n"  # only the line end is cut, not a final X
+        "print('first X \\r')\n"  # only the line end is cut, not a final X or space
         "print('   ')\n"  # blank: no message
         "print(os.getcwd(), os.environ['T2VZ_X'])\n"
         "for i in range(5):\n"
-        "    print(f'err {i} X\\r', file=sys.stderr)\n"
+        "    print(f'err {i} X \\r', file=sys.stderr)\n"
         "sys.exit(4)\n"
     )
     process = worker_client.LineProcess(
@@ -131,15 +134,15 @@ def test_lines_exit_and_stderr_tail_of_a_plain_process(tmp_path: Path) -> None:
     process.start()
     seen = _until(process, worker_client.EXITED)
     assert seen == [
-        {"type": worker_client.LINE, "text": "first X"},
+        {"type": worker_client.LINE, "text": "first X "},
         {"type": worker_client.LINE, "text": f"{tmp_path.resolve()} x1"},
         {"type": worker_client.EXITED, "returncode": 4},
     ]
     assert process.returncode == 4 and not process.alive and process.pid > 0
-    assert _tail(process, "err 4") == "err 2 X\nerr 3 X\nerr 4 X"  # the last 3 lines are kept
-    assert process.stderr_tail(2) == "err 3 X\nerr 4 X"
+    assert _tail(process, "err 4") == "err 2 X \nerr 3 X \nerr 4 X "  # the last 3 lines are kept
+    assert process.stderr_tail(2) == "err 3 X \nerr 4 X "
     assert process.wait_message(0.05) is None
-    with pytest.raises(worker_client.WorkerError, match="process has no stdin"):
+    with pytest.raises(worker_client.WorkerError, match="^process has no stdin$"):
         process.write_line("hello")
 
 
@@ -201,6 +204,24 @@ def test_close_terminates_then_kills_a_process_that_will_not_end() -> None:
     assert sleeper.returncode == -9 and not sleeper.alive
 
 
+def test_bytes_that_are_not_utf8_do_not_stop_the_reader() -> None:
+    process = _script("import sys\nsys.stdout.buffer.write(b'bad \\xff byte\\n')\nprint('next')\n")
+    seen = _until(process, worker_client.EXITED)
+    assert [m.get("text") for m in seen] == ["bad \ufffd byte", "next", None]
+
+
+def test_reader_threads_never_keep_blender_from_quitting() -> None:
+    process = _script("import time\ntime.sleep(60)\n", stdin=True)
+    try:
+        readers = {t.name: t.daemon for t in threading.enumerate() if t.name.startswith("t2vz-")}
+        assert readers == {"t2vz-stdout": True, "t2vz-stderr": True}
+        process.proc.stdin.close()  # still running, but its stdin is gone
+        with pytest.raises(worker_client.WorkerError, match="^cannot write to the process: I/O"):
+            process.write_line("late")
+    finally:
+        process.kill()
+
+
 def test_a_file_that_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
     text = tmp_path / "python"
     text.write_text("not a program")
@@ -211,19 +232,30 @@ def test_a_file_that_cannot_run_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_requests_are_protocol_lines(tmp_path: Path) -> None:
     echo = (
-        "import sys\nfor line in sys.stdin:\n    print(line.strip(), file=sys.stderr, flush=True)\n"
+        "import os, sys\n"
+        "print(os.environ['T2VZ_X'], file=sys.stderr, flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    print(line.strip(), file=sys.stderr, flush=True)\n"
     )
-    client = worker_client.WorkerClient(sys.executable, cwd=tmp_path, args=("-c", echo))
+    client = worker_client.WorkerClient(
+        sys.executable, cwd=tmp_path, env={"T2VZ_X": "x2"}, args=("-c", echo)
+    )
     client.start()
     client.generate("g1", {"prompt": "a cat"})
     client.cancel("g1")
     client.shutdown(timeout=20)
     assert client.returncode == 0
     assert client.cwd == str(tmp_path)
-    lines = [json.loads(line) for line in _tail(client, "shutdown").splitlines()]
-    assert lines == [
+    first, *lines = _tail(client, "shutdown").splitlines()
+    assert first == "x2"  # the environment given to the client
+    assert [json.loads(line) for line in lines] == [
         {"type": "generate", "id": "g1", "job": {"prompt": "a cat"}},
         {"type": "cancel", "id": "g1"},
         {"type": "shutdown"},
     ]
     client.shutdown(timeout=1)  # already gone: nothing to send, no error
+    deaf = worker_client.WorkerClient(sys.executable, args=("-c", "import time; time.sleep(60)"))
+    deaf.start()
+    started = time.monotonic()
+    deaf.shutdown(timeout=0.2)  # a worker that does not listen is ended after the timeout
+    assert deaf.returncode == -15 and time.monotonic() - started < 10
