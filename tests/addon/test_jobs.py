@@ -436,7 +436,7 @@ def test_controlnet_models_by_detector_and_scene_pass() -> None:
         {"detector": "openpose", "weight": 0.5},
         {"detector": "none", "model_kind": "depth"},  # a rendered depth pass
         {"detector": "none"},  # no model listed for it: the canny one
-        {"model": "  own/cn  ", "detector": "canny"},
+        {"model": "  own/cn  "},  # no detector given: none
     ]
     controls = [{**CLIP, "start": i} for i in range(4)]
     job = jobs.build_job(
@@ -450,7 +450,7 @@ def test_controlnet_models_by_detector_and_scene_pass() -> None:
     assert [c["model"] for c in job["controlnets"]] == ["cn-pose", "cn-depth", "cn-canny", "own/cn"]
     assert [c["weight"] for c in job["controlnets"]] == [0.5, 1.0, 1.0, 1.0]
     assert [c["control"]["start"] for c in job["controlnets"]] == [0, 1, 2, 3]
-    assert job["controlnets"][1]["detector"] == "none"
+    assert [c["detector"] for c in job["controlnets"]] == ["openpose", "none", "none", "none"]
 
 
 def test_controlnet_problems_name_the_entry() -> None:
@@ -489,6 +489,8 @@ def test_adapter_fields_split_loras_and_embeddings() -> None:
         jobs.adapter_fields([{"path": "a"}, {"kind": "embedding"}])
     with pytest.raises(jobs.JobBuildError, match="Embedding 1: type the token that calls it"):
         jobs.adapter_fields([{"kind": "embedding", "path": "e", "token": " "}])
+    with pytest.raises(jobs.JobBuildError, match="Embedding 1: type the token that calls it"):
+        jobs.adapter_fields([{"kind": "embedding", "path": "e"}])
 
 
 def test_rebuild_takes_every_regenerate_field_from_the_panel() -> None:

@@ -445,6 +445,7 @@ def test_submit_reuses_the_worker_and_retries_once_on_a_fresh_one(
 
     def start(python, env=None):
         client = StubClient(pid=len(made) + 1)
+        client.python, client.env = python, env
         client.start = lambda: None
         made.append(client)
         return client
@@ -468,10 +469,12 @@ def test_submit_reuses_the_worker_and_retries_once_on_a_fresh_one(
     runner.job = None
     runner.submit({"out": ""}, **kwargs, env={"HF_HUB_OFFLINE": "1"})  # another environment
     assert len(made) == 2 and made[0].closed and runner.client is made[1]
+    assert [(c.python, c.env) for c in made] == [("/py", None), ("/py", {"HF_HUB_OFFLINE": "1"})]
     runner.job = None
     made[1].fail = True  # died since the last job: one fresh worker gets the job
     runner.submit({"out": ""}, **kwargs, env={"HF_HUB_OFFLINE": "1"})
     assert len(made) == 3 and runner.client is made[2] and len(made[2].sent) == 1
+    assert (made[2].python, made[2].env) == ("/py", {"HF_HUB_OFFLINE": "1"})
     runner.job = None
     made[2].fail = True
     monkeypatch.setattr(runtime, "WorkerClient", lambda python, env=None: made[2])
@@ -501,8 +504,12 @@ def test_cache_requests_and_fetch_go_to_the_worker(
     stub.fail = True  # a dead worker: the request goes to a new one
     fresh = StubClient()
     fresh.start = lambda: None
-    monkeypatch.setattr(runtime, "WorkerClient", lambda python, env=None: fresh)
-    job_id = runner.fetch("o/m", python="/py")
+    asked: list = []
+    monkeypatch.setattr(
+        runtime, "WorkerClient", lambda python, env=None: asked.append((python, env)) or fresh
+    )
+    job_id = runner.fetch("o/m", python="/py", env={"A": "1"})
+    assert asked == [("/py", {"A": "1"})] and isinstance(job_id, str) and job_id
     assert fresh.sent == [("fetch_model", {"id": job_id, "model": "o/m"})]
     assert (runner.job.kind, runner.job.name, runner.job.job) == ("fetch", "o/m", {"model": "o/m"})
     assert (status.state, status.message) == ("RUNNING", "Downloading o/m...")
@@ -562,3 +569,16 @@ def test_installer_lines_and_exit(scene, monkeypatch: pytest.MonkeyPatch, tmp_pa
     started[-1].queued = [{"type": "_exit", "returncode": 0}, {"type": "_line", "text": "[t2vz] x"}]
     assert not installer.step()
     assert status.install_message == "Backend installed" and status.install_error == ""
+
+
+def test_wait_steps_until_the_job_ends_or_the_time_is_up(runner: runtime.Runner) -> None:
+    runner.client.queued = [{"type": "cancelled", "id": "j1"}]
+    started = time.monotonic()
+    outcome = runner.wait(5)
+    assert outcome is runner.outcome and outcome.message == "Cancelled"
+    assert time.monotonic() - started < 0.5  # back as soon as the job has ended
+    runner.job = runtime.ActiveJob("j2", {}, "", 0, 0, "x")
+    runner.outcome = runtime.Outcome("j1", "INFO", "an earlier job")
+    started = time.monotonic()
+    assert runner.wait(0.2) is None and runner.busy  # still running: no outcome yet
+    assert 0.2 <= time.monotonic() - started < 2
