@@ -368,6 +368,13 @@ def test_model_cache_replies_fill_the_preferences_list(runner: runtime.Runner) -
     assert [m.model for m in status.cached_models] == ["o/b"]
     runner._apply(runner.client, {"type": "error", "id": "e1", "kind": "OSError", "message": "no"})
     assert status.cache_message == "OSError: no"
+    runner.cache_requests = {"e2": "", "l2": "", "r2": "o/b"}
+    runner._apply(runner.client, {"type": "error", "id": "e2"})
+    assert status.cache_message == "Error: "
+    runner._apply(runner.client, {"type": "models", "id": "l2", "models": [{"size": 1}]})
+    assert [m.model for m in status.cached_models] == [""] and status.cache_dir == ""
+    runner._apply(runner.client, {"type": "removed", "id": "r2"})
+    assert status.cache_message == "Removed o/b (0 B freed)"
     assert runner.cache_requests == {} and runner.busy  # the job in flight is not touched
 
 
@@ -464,8 +471,18 @@ def test_submit_reuses_the_worker_and_retries_once_on_a_fresh_one(
     with pytest.raises(runtime.RunnerBusyError):
         runner.submit({"out": ""}, **kwargs)
     runner.job, runner.ready = None, True
-    runner.submit({"out": ""}, **kwargs)
+    runner.outcome = runtime.Outcome("old", "INFO", "an earlier job")
+    status.progress, status.error, status.preview_path = 1.0, "an old error", "/old.png"
+    second = runner.submit({"out": "/o"}, **kwargs, staging=Path("/staged"))
     assert len(made) == 1 and (status.state, status.message) == ("RUNNING", "Running")
+    assert made[0].sent[-1] == (
+        "generate",
+        {"id": second, "job": {"out": "/o"}, "allow_pickle": False},
+    )
+    job = runner.job
+    assert (job.id, job.scene, job.above, job.start, job.name) == (second, "S", 2, 3, "n")
+    assert job.staging == Path("/staged") and runner.outcome is None
+    assert (status.progress, status.error, status.preview_path) == (0.0, "", "")
     runner.job = None
     runner.submit({"out": ""}, **kwargs, env={"HF_HUB_OFFLINE": "1"})  # another environment
     assert len(made) == 2 and made[0].closed and runner.client is made[1]
@@ -491,6 +508,7 @@ def test_cache_requests_and_fetch_go_to_the_worker(
     stub = runner.client
     runner.client_key = ("/py", ())
     first = runner.list_models(python="/py")
+    assert status.cache_message == "Listing downloaded models..."
     second = runner.remove_model("o/a", python="/py")
     assert stub.sent == [
         ("list_models", {"id": first}),
@@ -513,6 +531,7 @@ def test_cache_requests_and_fetch_go_to_the_worker(
     assert fresh.sent == [("fetch_model", {"id": job_id, "model": "o/m"})]
     assert (runner.job.kind, runner.job.name, runner.job.job) == ("fetch", "o/m", {"model": "o/m"})
     assert (status.state, status.message) == ("RUNNING", "Downloading o/m...")
+    assert status.progress == 0.0 and status.error == "" and runner.outcome is None
 
 
 def test_installer_lines_and_exit(scene, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -582,3 +601,11 @@ def test_wait_steps_until_the_job_ends_or_the_time_is_up(runner: runtime.Runner)
     started = time.monotonic()
     assert runner.wait(0.2) is None and runner.busy  # still running: no outcome yet
     assert 0.2 <= time.monotonic() - started < 2
+
+
+def test_a_new_runner_has_no_worker_job_or_preview() -> None:
+    fresh = runtime.Runner()
+    assert (fresh.client, fresh.client_key, fresh.job, fresh.outcome) == (None, None, None, None)
+    assert not fresh.busy and not fresh.worker_alive and fresh.ready is False
+    assert fresh.preview_key == "" and fresh.preview_icon_id() == 0 and fresh.cache_requests == {}
+    assert fresh.step() is None and fresh.wait(0.01) is None
