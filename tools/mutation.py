@@ -268,7 +268,14 @@ def run(
                 # mutmut generates every mutant before it filters by name: a name that
                 # matches nothing generates them (and stops there, with an error we expect).
                 subprocess.call([*command, "no.such.mutant"], cwd=work)
-            command += draw_sample(name, sample, seed)
+            codes = mutant_codes(name)
+            # mutmut reruns every mutant it is given by name: give only those without a
+            # verdict (a rerun of the same sample resumes it; new tests: --survivors).
+            pending = [m for m in draw_sample(name, sample, seed) if codes.get(m) is None]
+            if not pending:
+                print(f"== {name}: every mutant of the sample has a verdict", flush=True)
+                continue
+            command += pending
         print(f"== {name}: mutmut run in {work}", flush=True)
         status = subprocess.call(command, cwd=work) or status
     return status
