@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -759,3 +760,13 @@ def test_a_bfloat16_controlnet_job_loads_its_controlnet_in_bfloat16(
     assert loaded and all(p.dtype == torch.bfloat16 for m in loaded for p in m.parameters())
     a, b = latents(tmp_path / "float32"), latents(tmp_path / "bfloat16")
     assert np.abs(a - b).max() < 0.1 * np.abs(a).max()
+
+
+def test_run_json_records_the_jobs_own_run_time(tmp_path: Path, cache: ModelCache) -> None:
+    """run.json's seconds: the job's wall time, within the time the call took (not a clock
+    reading)."""
+    started = time.perf_counter()
+    run_job(make_job(tmp_path / "out", frames=1), cache)
+    wall = time.perf_counter() - started
+    info = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert 0 < info["seconds"] <= wall + 0.001
