@@ -56,7 +56,9 @@ def apply_detector(name: str, image: np.ndarray) -> np.ndarray:
         return canny(image)
     result = _aux_detector(name)(image)
     if result.shape[:2] != image.shape[:2]:
-        result = cv2.resize(result, (image.shape[1], image.shape[0]), cv2.INTER_LINEAR)
+        result = cv2.resize(
+            result, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR
+        )
     return result
 
 

@@ -108,3 +108,16 @@ def test_pose_files_are_drawn_by_backend_pose(tmp_path: Path) -> None:
     assert not np.array_equal(frames[0], frames[2])
     with pytest.raises(ValueError, match="4 frames; frame 4"):
         load_control_frames(spec, [3], 96, 64)
+
+
+def test_control_frames_follow_the_jobs_fit(tmp_path: Path) -> None:
+    """A 2:1 control read into a square: "pad" keeps all of it between black bars, "crop"
+    fills the square with its middle (the job's fit reaches the control video)."""
+    wide = np.full((32, 64, 3), 200, np.uint8)
+    write_png(tmp_path / "wide.png", wide)
+    spec = ControlNetSpec("m", VideoInput(str(tmp_path / "wide.png")))
+    padded = load_control_frames(spec, [0], 64, 64, fit="pad")[0]
+    cropped = load_control_frames(spec, [0], 64, 64, fit="crop")[0]
+    assert padded[:16].max() == 0 and padded[48:].max() == 0  # bars above and below
+    assert (padded[16:48] == 200).all()
+    assert (cropped == 200).all()
