@@ -460,3 +460,45 @@ def test_resolve_size_keeps_native_pixel_count_at_the_input_aspect() -> None:
     assert resolve_size(640, 480, 16 / 9, 512) == (640, 480)  # both given: kept
     with pytest.raises(ValueError, match="aspect must be a positive number"):
         resolve_size(None, None, 0.0, 512)
+
+
+# --------------------------------------------------------------------------- mutation survivors
+# Field names, defaults and messages the mutation run (docs/mutation.md) found unchecked.
+
+
+def error_of(data: dict[str, Any]) -> JobError:
+    with pytest.raises(JobError) as caught:
+        validate_job(data)
+    return caught.value
+
+
+def test_defaults_of_the_switches_a_job_may_leave_out() -> None:
+    plain = validate_job(job())
+    assert plain.save_latents is False and plain.allow_pickle is False
+    asked = validate_job(job(save_latents=True, allow_pickle=True))
+    assert asked.save_latents is True and asked.allow_pickle is True
+
+
+def test_errors_name_the_exact_field_and_say_what_is_wrong() -> None:
+    assert str(error_of(job(colour="red"))) == "colour: unknown field (value 'red')"
+    assert error_of(job(save_latents="yes")).field == "save_latents"
+    assert str(error_of(job(steps="ten"))) == "steps: expected int, got str 'ten'"
+    assert str(error_of(job(mode="pix2pix", video="/v", t0=3))) == (
+        "t0: t0/t1 apply only to motion dynamics, not pix2pix"
+    )
+    cn = [{"model": "m", "control": "/c"}]
+    assert str(error_of(job(mode="controlnet", video="/v", controlnets=cn))) == (
+        "video: controlnet mode takes its videos as controlnets[].control"
+    )
+
+
+def test_adapters_need_a_path_a_bounded_weight_and_distinct_tokens() -> None:
+    assert error_of(job(loras=[{"weight": 0.5}])).field == "loras[0].path"
+    assert validate_job(job(loras=[{"path": "/l", "weight": -10.0}])).loras[0].weight == -10.0
+    assert error_of(job(loras=[{"path": "/l", "weight": -10.5}])).field == "loras[0].weight"
+    twice = [{"path": "/a", "token": "<t>"}, {"path": "/b", "token": "<t>"}]
+    assert str(error_of(job(embeddings=twice))) == "embeddings[1].token: '<t>' is used twice"
+
+
+def test_pid_0_is_never_a_live_process() -> None:
+    assert pid_alive(0) is False and pid_alive(-1) is False and pid_alive(os.getpid()) is True
