@@ -259,6 +259,9 @@ def test_ctrl_c_and_a_closed_terminal_leave_nothing_and_no_traceback(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell without job control starts background commands with SIGINT ignored, and
+        # Python keeps an inherited SIG_IGN: give the child the default, as a terminal does.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 600  # imports and loading take minutes on a busy machine
     while not list(results.glob(".out.partial-*")):  # denoising has begun
