@@ -59,23 +59,31 @@ def mean_figure(engine: TextToVideoZero, variant: Variant, seeds: range, name: s
     return float(np.nanmean(values))
 
 
+def read_one_image(
+    engine: TextToVideoZero, prompt: str, seed: int, classify: bool = True
+) -> sm.ImageReading:
+    """One 64x64 image of ``prompt`` (bench.quality's fidelity settings), read."""
+    latents = engine(
+        prompt=prompt,
+        num_frames=1,
+        height=64,
+        width=64,
+        num_inference_steps=SETTINGS.steps,
+        seed=seed,
+        motion_dynamics=False,
+    )
+    return sm.read_image(engine.decode(latents)[0].numpy(), classify=classify)
+
+
 def test_the_prompt_colour_is_drawn(shapes_engine: TextToVideoZero) -> None:
     """One seed, one shape, one background, four colours. QUALITY.md fidelity: colour right
-    for 0.906 of 32 prompts, background for 1.000. If the engine dropped the colour word the
+    for 1.000 of 32 prompts, background for 1.000. If the engine dropped the colour word the
     four runs would be one picture: at most one of four could match; we ask for three."""
     colours = ["red", "green", "yellow", "white"]
-    readings = []
-    for colour in colours:
-        latents = shapes_engine(
-            prompt=f"a {colour} square on a blue background",
-            num_frames=1,
-            height=64,
-            width=64,
-            num_inference_steps=SETTINGS.steps,
-            seed=0,
-            motion_dynamics=False,
-        )
-        readings.append(sm.read_image(shapes_engine.decode(latents)[0].numpy(), classify=False))
+    readings = [
+        read_one_image(shapes_engine, f"a {colour} square on a blue background", 0, classify=False)
+        for colour in colours
+    ]
     drawn = [r.foreground for r in readings]
     assert sum(d == c for d, c in zip(drawn, colours, strict=True)) >= 3, drawn
     assert all(r.background == "blue" for r in readings), [r.background for r in readings]
@@ -86,20 +94,11 @@ def test_the_prompt_shape_is_drawn(shapes_engine: TextToVideoZero) -> None:
     for 0.969 of 32 prompts (and of 64); these six read 6 of 6 (template IoU 0.86 to 0.97).
     If the engine dropped the shape word, the three runs of a seed would be one picture,
     which reads as at most one of the three kinds: at most 2 of 6 right; we ask for 5."""
-    readings = []
-    for seed in (0, 1):
-        for kind in ("circle", "square", "triangle"):
-            latents = shapes_engine(
-                prompt=f"a yellow {kind} on a purple background",
-                num_frames=1,
-                height=64,
-                width=64,
-                num_inference_steps=SETTINGS.steps,
-                seed=seed,
-                motion_dynamics=False,
-            )
-            reading = sm.read_image(shapes_engine.decode(latents)[0].numpy())
-            readings.append((kind, reading.kind))
+    readings = [
+        (kind, read_one_image(shapes_engine, f"a yellow {kind} on a purple background", seed).kind)
+        for seed in (0, 1)
+        for kind in ("circle", "square", "triangle")
+    ]
     assert sum(want == got for want, got in readings) >= 5, readings
 
 
