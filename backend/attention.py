@@ -9,6 +9,12 @@ the prompt's attention maps for background-smoothing masks (Sect. 3.3.3).
 
 Processors are installed for one run by ``installed_processors`` and restored afterwards,
 also when the run fails.
+
+The processors implement the attention layers of Stable Diffusion 1.x-shaped UNets and
+ControlNets (diffusers' ``BasicTransformerBlock``: (batch, tokens, channels) inputs, no
+normalisation inside the layer, no residual), as diffusers' ``AttnProcessor2_0`` computes
+them. The installation refuses a layer that uses one of the other features of diffusers'
+``Attention`` (``UnsupportedAttentionError``) rather than computing it untested.
 """
 
 from __future__ import annotations
@@ -20,7 +26,11 @@ from weakref import WeakKeyDictionary
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+class UnsupportedAttentionError(ValueError):
+    """An attention layer or call uses a feature the processors here do not implement."""
 
 
 class AnchorState:
@@ -55,17 +65,17 @@ class CrossFrameAttnProcessor:
         *args,
         **kwargs,
     ) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        spatial_shape = None
-        if hidden_states.ndim == 4:
-            spatial_shape = hidden_states.shape
-            b, c, h, w = spatial_shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (batch, tokens, c)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
+        if hidden_states.ndim != 3:
+            raise UnsupportedAttentionError(
+                f"{self.name}: cross-frame attention takes (batch, tokens, channels) hidden "
+                f"states, got shape {tuple(hidden_states.shape)}"
+            )
+        if encoder_hidden_states is not None:
+            raise UnsupportedAttentionError(
+                f"{self.name}: cross-frame attention is self-attention, got encoder_hidden_states"
+            )
+        if attention_mask is not None:
+            raise UnsupportedAttentionError(f"{self.name}: cross-frame attention takes no mask")
         batch, tokens, _ = hidden_states.shape
         branches = self.state.branches
         frames = batch // branches
@@ -86,27 +96,16 @@ class CrossFrameAttnProcessor:
         key = key.view(branches, -1, heads, head_dim).transpose(1, 2)
         value = value.view(branches, -1, heads, head_dim).transpose(1, 2)
         # (branches, heads, anchor tokens, head_dim)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        # SDPA's defaults are AttnProcessor2_0's arguments: no dropout, not causal.
+        out = F.scaled_dot_product_attention(query, key, value)
         out = out.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
         # (branches * frames, tokens, inner)
-        return _project_out(attn, out.to(query.dtype), residual, spatial_shape)
+        return _project_out(attn, out)
 
 
-def _project_out(
-    attn, out: torch.Tensor, residual: torch.Tensor, spatial_shape: torch.Size | None = None
-) -> torch.Tensor:
-    """The attention layer's output projection, residual and rescale, as diffusers does."""
-    out = attn.to_out[1](attn.to_out[0](out))
-    if spatial_shape is not None:
-        out = out.transpose(-1, -2).reshape(spatial_shape)
-    if attn.residual_connection:
-        out = out + residual
-    return out / attn.rescale_output_factor
+def _project_out(attn, out: torch.Tensor) -> torch.Tensor:
+    """The attention layer's output projection and dropout (``to_out``), as diffusers does."""
+    return attn.to_out[1](attn.to_out[0](out))
 
 
 class CrossAttnMapRecorder:
@@ -163,13 +162,11 @@ class RecordingCrossAttnProcessor:
         record = self.recorder.active and tokens * 4 <= self.latent_tokens
         if encoder_hidden_states is None or not record:
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask)
-        residual = hidden_states
-        context = encoder_hidden_states
-        if attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
+        if attention_mask is not None:
+            raise UnsupportedAttentionError("recording cross-attention maps takes no mask")
         heads = attn.heads
         query = attn.to_q(hidden_states)
-        key, value = attn.to_k(context), attn.to_v(context)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         head_dim = query.shape[-1] // heads
         query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (b, heads, tokens, d)
         key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (b, heads, text, d)
@@ -177,7 +174,45 @@ class RecordingCrossAttnProcessor:
         probs = (query @ key.transpose(-1, -2) * attn.scale).softmax(-1)  # (b, heads, tokens, text)
         self.recorder.add(probs, self.state.branches)
         out = (probs @ value).transpose(1, 2).reshape(batch, tokens, heads * head_dim)
-        return _project_out(attn, out, residual)
+        return _project_out(attn, out)
+
+
+def unsupported_features(attn: Attention, self_attention: bool) -> list[str]:
+    """The features of diffusers' ``Attention`` layer ``attn`` the processors do not implement.
+
+    Stable Diffusion 1.x (and 2.x) transformer blocks use none of them; diffusers' generic
+    processor also serves other layouts (VAE-style blocks, qk-normalised transformers).
+    """
+    found = []
+    if attn.spatial_norm is not None:
+        found.append("spatial_norm")
+    if attn.group_norm is not None:
+        found.append("group_norm")
+    if attn.norm_q is not None or attn.norm_k is not None:
+        found.append("norm_q/norm_k (qk_norm)")
+    if attn.norm_cross is not None:
+        found.append("norm_cross (cross_attention_norm)")
+    if attn.added_kv_proj_dim is not None:
+        found.append("added_kv_proj_dim")
+    if attn.residual_connection:
+        found.append("residual_connection")
+    if attn.rescale_output_factor != 1.0:
+        found.append(f"rescale_output_factor={attn.rescale_output_factor}")
+    if self_attention and attn.is_cross_attention:
+        found.append("keys/values from the text (only_cross_attention)")
+    return found
+
+
+def _check_layer(tag: str, name: str, attn: Attention, self_attention: bool) -> None:
+    """Refuse a layer the processors would compute wrongly (see ``unsupported_features``)."""
+    found = unsupported_features(attn, self_attention)
+    if found:
+        layer = name.removesuffix(".processor")
+        kind = "cross-frame attention" if self_attention else "attention-map recording"
+        raise UnsupportedAttentionError(
+            f"{tag} attention layer {layer} uses {', '.join(found)}, which {kind} does not "
+            "support (Stable Diffusion 1.x-shaped UNets and ControlNets use none of them)"
+        )
 
 
 def _is_self_attention(name: str) -> bool:
@@ -217,6 +252,8 @@ def installed_processors(
 
     With ``cross_frame=False`` self-attention keeps the model's own per-frame processors (the
     ablation "without cross-frame attention"); the cross-attention recorder still installs.
+    Raises ``UnsupportedAttentionError`` for a layer that uses what the processors do not
+    implement (the models are left as they were).
     """
     saved: list[tuple[torch.nn.Module, object]] = []
     try:
@@ -226,8 +263,10 @@ def installed_processors(
                 saved.append((layer, original))
                 if _is_self_attention(name):
                     if cross_frame:
+                        _check_layer(tag, name, layer, self_attention=True)
                         layer.set_processor(CrossFrameAttnProcessor(state, f"{tag}/{name}"))
                 elif recorder is not None and tag == "unet":
+                    _check_layer(tag, name, layer, self_attention=False)
                     layer.set_processor(RecordingCrossAttnProcessor(recorder, state, latent_tokens))
         yield
     finally:

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from backend.attention import (
     AnchorState,
     CrossAttnMapRecorder,
     CrossFrameAttnProcessor,
     RecordingCrossAttnProcessor,
+    UnsupportedAttentionError,
     installed_processors,
+    unsupported_features,
 )
 
 ATOL = 1e-5
@@ -177,3 +181,236 @@ def test_recording_cross_attention_changes_nothing_and_records_per_frame(tiny_ba
         assert m.shape == (8, 8)
         assert (m >= 0).all() and m.sum() > 0
     assert not torch.allclose(recorder.maps[0], recorder.maps[7])
+
+
+# --------------------------------------------------------------------------- what is refused
+
+# SD 1.5's UNet (runwayml/stable-diffusion-v1-5, unet/config.json) and, with the text size and
+# head widths of SD 2.1, upcast attention and linear projections, SD 2.1's.
+SD15_UNET = dict(
+    in_channels=4,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+SD21_UNET = dict(
+    SD15_UNET,
+    cross_attention_dim=1024,
+    attention_head_dim=[5, 10, 20, 20],
+    use_linear_projection=True,
+    upcast_attention=True,
+)
+
+
+SD_UNETS = {"sd15": SD15_UNET, "sd21": SD21_UNET, "sd15-pix2pix": dict(SD15_UNET, in_channels=8)}
+
+
+def sd_layout(kind: str) -> torch.nn.Module:
+    """A full-size SD model built on the meta device (no weights, no memory)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from backend.models import SD15_CONTROLNET_CONFIG
+
+    with torch.device("meta"):
+        if kind == "sd15-controlnet":
+            return ControlNetModel.from_config(ControlNetModel.load_config(SD15_CONTROLNET_CONFIG))
+        return UNet2DConditionModel(**SD_UNETS[kind])
+
+
+@pytest.mark.parametrize("kind", [*SD_UNETS, "sd15-controlnet"])
+def test_stable_diffusion_layouts_use_no_refused_feature(kind: str) -> None:
+    model = sd_layout(kind)
+    layers = [(n, m) for n, m in model.named_modules() if type(m).__name__ == "Attention"]
+    assert len(layers) == (14 if kind == "sd15-controlnet" else 32)
+    for name, layer in layers:
+        assert unsupported_features(layer, self_attention=name.endswith("attn1")) == [], name
+    with installed_processors([("unet", model)], AnchorState(), recorder_for(8), 64):
+        assert isinstance(
+            model.mid_block.attentions[0].transformer_blocks[0].attn2.processor,
+            RecordingCrossAttnProcessor,
+        )
+
+
+def recorder_for(size: int) -> CrossAttnMapRecorder:
+    return CrossAttnMapRecorder((size, size), torch.ones(77, dtype=torch.bool), branch=0)
+
+
+class Block(torch.nn.Module):
+    """A transformer block's two attention layers, named as diffusers names them."""
+
+    def __init__(self, attn1: dict, attn2: dict) -> None:
+        from diffusers.models.attention_processor import Attention
+
+        super().__init__()
+        self.attn1 = Attention(query_dim=32, heads=2, dim_head=8, **attn1)
+        self.attn2 = Attention(query_dim=32, heads=2, dim_head=8, cross_attention_dim=12, **attn2)
+
+    def processors(self) -> list[Any]:
+        return [self.attn1.processor, self.attn2.processor]
+
+
+# diffusers Attention arguments -> how the refusal names the feature they switch on.
+REFUSED = {
+    "spatial_norm": (dict(spatial_norm_dim=4), "spatial_norm"),
+    "group_norm": (dict(norm_num_groups=4), "group_norm"),
+    "qk_norm": (dict(qk_norm="layer_norm"), "norm_q/norm_k (qk_norm)"),
+    "norm_cross": (dict(cross_attention_norm="layer_norm"), "norm_cross (cross_attention_norm)"),
+    "added_kv": (dict(added_kv_proj_dim=12), "added_kv_proj_dim"),
+    "residual": (dict(residual_connection=True), "residual_connection"),
+    "rescale": (dict(rescale_output_factor=2.0), "rescale_output_factor=2.0"),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(REFUSED))
+def test_a_self_attention_layer_using_a_refused_feature_is_named_and_nothing_installs(
+    feature: str,
+) -> None:
+    kwargs, named = REFUSED[feature]
+    block = Block(attn1=kwargs, attn2={})
+    before = block.processors()
+    message = (
+        f"controlnet0 attention layer attn1 uses {named}, which cross-frame attention does not "
+        "support (Stable Diffusion 1.x-shaped UNets and ControlNets use none of them)"
+    )
+    with (
+        pytest.raises(UnsupportedAttentionError, match=f"^{re.escape(message)}$"),
+        installed_processors([("controlnet0", block)], AnchorState()),
+    ):
+        pass
+    assert all(now is old for now, old in zip(block.processors(), before, strict=True))
+    # Without cross-frame attention the layer keeps diffusers' processor: nothing to refuse.
+    with installed_processors([("controlnet0", block)], AnchorState(), cross_frame=False):
+        assert all(now is old for now, old in zip(block.processors(), before, strict=True))
+
+
+@pytest.mark.parametrize("feature", sorted(REFUSED))
+def test_a_cross_attention_layer_using_a_refused_feature_is_refused_only_for_recording(
+    feature: str,
+) -> None:
+    kwargs, named = REFUSED[feature]
+    block = Block(attn1={}, attn2=kwargs)
+    message = (
+        f"unet attention layer attn2 uses {named}, which attention-map recording does not "
+        "support (Stable Diffusion 1.x-shaped UNets and ControlNets use none of them)"
+    )
+    with (
+        pytest.raises(UnsupportedAttentionError, match=f"^{re.escape(message)}$"),
+        installed_processors([("unet", block)], AnchorState(), recorder_for(4), 16),
+    ):
+        pass
+    with installed_processors([("unet", block)], AnchorState()):  # no recorder: attn2 untouched
+        assert isinstance(block.attn1.processor, CrossFrameAttnProcessor)
+
+
+def test_every_refused_feature_of_a_layer_is_named() -> None:
+    block = Block(
+        attn1=dict(norm_num_groups=4, residual_connection=True, cross_attention_dim=12), attn2={}
+    )
+    assert unsupported_features(block.attn1, self_attention=True) == [
+        "group_norm",
+        "residual_connection",
+        "keys/values from the text (only_cross_attention)",
+    ]
+    # A cross-attention layer takes its keys and values from the text by definition.
+    assert unsupported_features(block.attn2, self_attention=False) == []
+    with (
+        pytest.raises(
+            UnsupportedAttentionError,
+            match="^unet attention layer attn1 uses group_norm, residual_connection, keys/values "
+            r"from the text \(only_cross_attention\), which cross-frame",
+        ),
+        installed_processors([("unet", block)], AnchorState()),
+    ):
+        pass
+
+
+def test_self_attention_with_keys_from_the_text_is_refused() -> None:
+    # UNet2DConditionModel(only_cross_attention=True) builds attn1 like this.
+    block = Block(attn1=dict(cross_attention_dim=12), attn2={})
+    with (
+        pytest.raises(UnsupportedAttentionError, match=r"attn1 uses keys/values from the text"),
+        installed_processors([("unet", block)], AnchorState()),
+    ):
+        pass
+
+
+@torch.no_grad()
+def test_calls_outside_sd_self_attention_are_refused(attn: Any) -> None:
+    x = torch.randn(2, 6, 16)
+    with pytest.raises(UnsupportedAttentionError, match=r"^layer: .*got shape \(2, 16, 2, 3\)$"):
+        cross_frame(attn, x.transpose(1, 2).reshape(2, 16, 2, 3))  # (batch, channels, h, w)
+    processor = CrossFrameAttnProcessor(AnchorState(), "layer")
+    with pytest.raises(UnsupportedAttentionError, match=r"^layer: .*got encoder_hidden_states$"):
+        processor(attn, x, encoder_hidden_states=x)
+    with pytest.raises(
+        UnsupportedAttentionError, match=r"^layer: cross-frame attention takes no mask$"
+    ):
+        processor(attn, x, attention_mask=torch.zeros(2, 1, 6))
+    assert processor(attn, x).shape == x.shape
+
+
+@torch.no_grad()
+def test_recording_refuses_a_text_mask_only_while_it_records() -> None:
+    block = Block(attn1={}, attn2={})
+    recorder = recorder_for(4)
+    x, text = torch.randn(2, 4, 32), torch.randn(2, 77, 12)
+    mask = torch.zeros(2, 1, 77)
+    mask[..., 5:] = -10000.0  # diffusers' additive mask: only the first 5 text tokens count
+    processor = RecordingCrossAttnProcessor(recorder, AnchorState(), latent_tokens=16)
+    # Not recording: diffusers' processor computes the layer, mask and all.
+    out = processor(block.attn2, x, text, mask)
+    torch.testing.assert_close(out, AttnProcessor2_0()(block.attn2, x, text, mask))
+    torch.testing.assert_close(out, AttnProcessor2_0()(block.attn2, x, text[:, :5]))
+    assert not torch.allclose(out, AttnProcessor2_0()(block.attn2, x, text), atol=1e-3)
+    recorder.active = True
+    with pytest.raises(
+        UnsupportedAttentionError, match="^recording cross-attention maps takes no mask$"
+    ):
+        processor(block.attn2, x, text, mask)
+
+
+@torch.no_grad()
+def test_maps_are_recorded_only_at_half_the_latent_resolution_and_below() -> None:
+    """latent_tokens 64 (8x8): layers of 16 tokens (4x4) record, layers of 64 tokens do not."""
+    block = Block(attn1={}, attn2={})
+    recorder = recorder_for(8)
+    recorder.active, recorder.frame_ids = True, [0, 1]
+    processor = RecordingCrossAttnProcessor(recorder, AnchorState(), latent_tokens=64)
+    text = torch.randn(2, 77, 12)
+    full = torch.randn(2, 64, 32)
+    torch.testing.assert_close(
+        processor(block.attn2, full, text), AttnProcessor2_0()(block.attn2, full, text)
+    )
+    assert recorder.maps == {}
+    half = torch.randn(2, 16, 32)
+    torch.testing.assert_close(
+        processor(block.attn2, half, text), AttnProcessor2_0()(block.attn2, half, text)
+    )
+    assert sorted(recorder.maps) == [0, 1]
+
+
+def test_recorded_maps_follow_the_layer_layout_and_accumulate() -> None:
+    """A 1-row layer (tokens 1 x 8) of a 2 x 16 latent, 2 branches of 2 frames.
+
+    Per frame: the conditional branch's attention to the prompt's tokens, averaged over heads
+    and prompt tokens, one value per layer token; upsampled bilinearly (half-pixel centres)
+    to the latent and summed over calls. A left half at 1 and a right half at 0 give, per
+    latent row, seven 1s, 0.75, 0.25 and seven 0s (source x = (x + 0.5) / 2 - 0.5).
+    """
+    token_mask = torch.zeros(6, dtype=torch.bool)
+    token_mask[1:3] = True  # the prompt's own tokens
+    recorder = CrossAttnMapRecorder((2, 16), token_mask, branch=1)
+    recorder.frame_ids = [3, 5]
+    probs = torch.zeros(4, 2, 8, 6)  # (branches * frames, heads, tokens, text)
+    probs[2, :, :4, 1:3] = 1.0  # conditional branch, frame 3: left half attends to the prompt
+    probs[3, 0, 4:, 1] = 0.8  # frame 5: right half, one head and one prompt token
+    probs[:2] = 0.5  # the unconditional branch, never read
+    recorder.add(probs, branches=2)
+    row = torch.tensor([1.0] * 7 + [0.75, 0.25] + [0.0] * 7)
+    torch.testing.assert_close(recorder.maps[3], row.expand(2, 16))
+    torch.testing.assert_close(recorder.maps[5], 0.2 * row.flip(0).expand(2, 16))
+    recorder.add(probs, branches=2)  # a second layer or step adds to the same maps
+    torch.testing.assert_close(recorder.maps[3], 2 * row.expand(2, 16))
