@@ -9,6 +9,7 @@ import torch
 
 from backend.motion import (
     MOTION_UNIT,
+    background_mask,
     ddpm_jump,
     frame_noise,
     latent_shift,
@@ -45,6 +46,31 @@ def test_noise_seeds_are_63_bit_and_distinct() -> None:
     seeds = {noise_seed(s, f, p) for s in range(3) for f in range(50) for p in ("a", "b")}
     assert len(seeds) == 300
     assert all(0 <= s < 2**63 for s in seeds)
+
+
+def test_noise_seeds_stay_those_of_earlier_versions() -> None:
+    """A stored job regenerates the same frames only while these values hold.
+
+    The first 8 bytes of SHA-256("t2vz:SEED:FRAME:PURPOSE") as a little-endian integer with
+    its top bit cleared (values written down from the version that made the first results).
+    """
+    assert noise_seed(0, 0, "x_T") == 2901168464950973386
+    assert noise_seed(1234, 7, "t0_to_t1") == 565230636197511558
+    assert noise_seed(42, 1, "x_T") == 4970520861566336293  # odd: the lowest bit is kept
+    generator = torch.Generator().manual_seed(4970520861566336293)
+    assert torch.equal(frame_noise(42, 1, "x_T", (4, 8)), torch.randn(4, 8, generator=generator))
+
+
+def test_frame_noise_is_float32_whatever_torch_defaults_to() -> None:
+    expected = frame_noise(7, 3, "x_T", (4, 8, 8))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        noise = frame_noise(7, 3, "x_T", (4, 8, 8))
+    finally:
+        torch.set_default_dtype(default)
+    assert noise.dtype == torch.float32
+    assert torch.equal(noise, expected)
 
 
 # --------------------------------------------------------------------------- warps
@@ -214,6 +240,15 @@ def test_ddpm_jump_lands_on_the_forward_marginal_of_t1() -> None:
     assert abs(x_t1.var().item() - (1 - a1)) < 0.01
 
 
+def test_ddpm_jump_keeps_the_latents_dtype() -> None:
+    """bf16 latents (a bf16 model) with the fp32 per-frame noise: the jump stays in bf16."""
+    x, eps = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 4, 8, 8)
+    out = ddpm_jump(x, 0.7, 0.2, eps)
+    assert out.dtype == torch.bfloat16
+    expected = math.sqrt(0.2 / 0.7) * x + math.sqrt(1 - 0.2 / 0.7) * eps.bfloat16()
+    torch.testing.assert_close(out, expected)
+
+
 def test_ddpm_jump_between_equal_timesteps_is_identity() -> None:
     x = torch.randn(4, 8, 8)
     torch.testing.assert_close(ddpm_jump(x, 0.5, 0.5, torch.randn(4, 8, 8)), x)
@@ -251,3 +286,22 @@ def test_smooth_background_non_square_uses_the_mask_as_laid_out() -> None:
                 kept = yy < 2 or (k, yy, xx) == (1, 5, 9)
                 expected = own if kept else 0.25 * warped + 0.75 * own
                 torch.testing.assert_close(out[k, :, yy, xx], expected)
+
+
+def test_smooth_background_keeps_the_latents_dtype() -> None:
+    """fp32 masks (from attention maps) on bf16 latents: the blend stays in bf16."""
+    x, anchor = torch.randn(2, 4, 8, 8).bfloat16(), torch.randn(2, 4, 8, 8).bfloat16()
+    fg = torch.full((2, 1, 8, 8), 0.5)
+    out = smooth_background(x, anchor, fg, alpha=0.5)
+    assert out.dtype == torch.bfloat16
+    expected = 0.75 * x.float() + 0.25 * anchor.float()
+    torch.testing.assert_close(out.float(), expected, atol=1e-2, rtol=1e-2)  # bf16 rounding
+
+
+def test_background_mask_by_hand() -> None:
+    """(1 - M^k)(1 - W_k(M^1)) on soft masks: 0.75 * 0.5, 0.5 * 1, 0 * 0.25, 1 * 0."""
+    fg = torch.tensor([0.25, 0.5, 1.0, 0.0]).view(1, 1, 2, 2)
+    anchor_fg_warped = torch.tensor([0.5, 0.0, 0.75, 1.0], dtype=torch.float64).view(1, 1, 2, 2)
+    out = background_mask(fg, anchor_fg_warped)
+    assert out.dtype == torch.float32  # fg's: the warped anchor mask follows it
+    torch.testing.assert_close(out, torch.tensor([0.375, 0.5, 0.0, 0.0]).view(1, 1, 2, 2))
