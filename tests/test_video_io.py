@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -202,8 +203,59 @@ def test_movie_frames_are_read_by_timestamp_as_blender_shows_them(tmp_path: Path
 
 
 def test_movie_too_short(movie: Path) -> None:
-    with pytest.raises(VideoInputError, match="has 6 frames; frame index 7"):
+    with pytest.raises(
+        VideoInputError, match=f"^movie {re.escape(str(movie))} has 6 frames; frame index 7"
+    ):
         read_frames(VideoInput(str(movie), start=3, stride=2.0), [0, 1, 2], 32, 32)
+
+
+class FakeFrame:
+    """A decoded PyAV frame: its timestamp and a gray picture of level ``pts``."""
+
+    def __init__(self, pts: int) -> None:
+        self.pts, self.duration, self.rotation = pts, None, 0
+
+    def to_ndarray(self, format: str) -> np.ndarray:
+        assert format == "rgb24"
+        return solid(self.pts)
+
+
+def test_a_frame_wanted_before_the_first_decoded_picture_shows_that_picture() -> None:
+    """A stream whose first decodable picture comes after its start time (a recording cut
+    between keyframes): frames before it show it, as they show the latest picture later."""
+
+    class Stream:
+        start_time, time_base = 0, Fraction(1, 30)  # 30 fps: frame n at pts n
+
+    class Container:
+        def decode(self, stream: Stream) -> list[FakeFrame]:
+            return [FakeFrame(pts) for pts in (2, 3, 4)]
+
+    frames = video_io._iter_by_time(Container(), Stream(), Path("cut.mp4"), {0, 1, 3}, 30)
+    shown = {n: int(image[0, 0, 0]) for n, image in frames}
+    assert shown == {0: 2, 1: 2, 3: 3}  # pictures by their pts
+
+
+def test_frame_size_is_that_of_the_start_frame_unfitted(tmp_path: Path) -> None:
+    folder = tmp_path / "seq"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(32, 32), (48, 24), (40, 20)]):
+        write_png(folder / f"img_{i}.png", solid(10, w, h))
+    assert video_io.frame_size(VideoInput(str(folder), start=1)) == (48, 24)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VideoInputError, match=r"folder .*empty holds no images \(\.png, "):
+        video_io.frame_size(VideoInput(str(tmp_path / "empty")))
+    path = tmp_path / "wide.mp4"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 8.0, (48, 32))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build has no mp4v encoder")
+    writer.write(solid(40, 48, 32))
+    writer.release()
+    assert video_io.frame_size(VideoInput(str(path))) == (48, 32)
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"\x00" * 64)
+    with pytest.raises(VideoInputError, match=f"^cannot open movie {re.escape(str(fake))}$"):
+        video_io.frame_size(VideoInput(str(fake)))
 
 
 def test_unreadable_movie(tmp_path: Path) -> None:
@@ -278,6 +330,48 @@ def test_stretch_fit_keeps_the_sides_and_fills_the_frame() -> None:
     # The red band keeps its share of the width: 16/160 of 64 columns, about 6.
     red_columns = int((out[32] == (255, 0, 0)).all(axis=1).sum())
     assert 5 <= red_columns <= 7
+
+
+def textured(w: int, h: int) -> np.ndarray:
+    """Random RGB pixels: every resampling filter gives other values on it."""
+    return np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("source", "size", "interpolation"),
+    [
+        ((160, 90), (64, 48), cv2.INTER_AREA),  # fewer pixels: area averaging, no aliasing
+        ((40, 30), (64, 48), cv2.INTER_CUBIC),  # more pixels: cubic
+        ((100, 40), (64, 64), cv2.INTER_CUBIC),  # narrower but taller, 4000 -> 4096 pixels
+    ],
+)
+def test_stretch_resamples_with_area_only_when_the_frame_shrinks(
+    source: tuple[int, int], size: tuple[int, int], interpolation: int
+) -> None:
+    image = textured(*source)
+    out = fit_frame(image, *size, fit="stretch")
+    assert np.array_equal(out, cv2.resize(image, size, interpolation=interpolation))
+    other = cv2.INTER_CUBIC if interpolation == cv2.INTER_AREA else cv2.INTER_AREA
+    assert not np.array_equal(out, cv2.resize(image, size, interpolation=other))
+
+
+@pytest.mark.parametrize(
+    ("fit", "source", "scaled", "interpolation"),
+    [
+        ("crop", (300, 200), (64, 43), cv2.INTER_AREA),  # scale 64/300 < 1
+        ("pad", (30, 20), (64, 43), cv2.INTER_CUBIC),  # scale 64/30 > 1
+    ],
+)
+def test_crop_and_pad_resample_with_area_only_when_scaling_down(
+    fit: str, source: tuple[int, int], scaled: tuple[int, int], interpolation: int
+) -> None:
+    image = textured(*source)
+    resized = cv2.resize(image, scaled, interpolation=interpolation)  # 64 x 42.67 -> 64 x 43
+    out = fit_frame(image, 64, 32 if fit == "crop" else 64, fit=fit)
+    if fit == "crop":  # rows 5..37 of 43, centred
+        assert np.array_equal(out, resized[5:37])
+    else:  # rows 10..53 of 64, centred on black
+        assert np.array_equal(out[10:53], resized) and not out[:10].any() and not out[53:].any()
 
 
 def test_fit_reaches_reading_and_unknown_fits_are_refused(tmp_path: Path) -> None:
