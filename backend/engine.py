@@ -527,20 +527,18 @@ class TextToVideoZero:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode (frames, 4, h, w) latents to (frames, H, W, 3) uint8 RGB on the CPU.
 
-        A float16 VAE decodes in float32 when its config asks for it (``force_upcast``) or
-        when its float16 output holds a NaN or inf (SD 1.5's VAE can overflow: black frames).
+        The VAE decodes in its own dtype, as diffusers' SD 1.x pipelines do (its config's
+        ``force_upcast`` is an SDXL-pipeline setting, and a class default for SD 1.x VAEs);
+        a float16 decode whose output holds a NaN or inf (an overflow: black frames) is
+        redone in float32.
         """
         with torch.no_grad():
             vae = self.base.vae
             x = latents.to(self.device) / vae.config.scaling_factor
-            half = vae.dtype == torch.float16
-            if half and getattr(vae.config, "force_upcast", False):
+            images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
+            if vae.dtype == torch.float16 and not torch.isfinite(images).all():
+                log.warning("the VAE overflowed in float16 (NaN/inf); decoding in float32")
                 images = _decode_in_float32(vae, x)
-            else:
-                images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
-                if half and not torch.isfinite(images).all():
-                    log.warning("the VAE overflowed in float16 (NaN/inf); decoding in float32")
-                    images = _decode_in_float32(vae, x)
             images = ((images.float() + 1) * 127.5).round().clamp(0, 255)  # from [-1, 1]
             return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
 

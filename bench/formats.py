@@ -1,13 +1,13 @@
 """channels_last and torch.compile against the default UNet, side by side in ONE process.
 
-SD 1.5's UNet architecture with random weights (bench/configs/sd15) on the CPU, one
-guided chunk (2 branches x ``--frames`` frames) at ``--size`` pixels, with our
+SD 1.5's UNet architecture with random weights (bench/configs/sd15), one guided chunk (2 branches x ``--frames`` frames) at ``--size`` pixels, with our
 cross-frame attention processors installed as the engine runs them. Variants: the
 default (contiguous tensors), channels_last weights and inputs, torch.compile of the
 UNet, and both. Each is warmed up (compile time reported apart), then timed in
 ``--repeats`` rounds with the order rotating; medians and ratios to the default.
 
     python -m bench.formats --size 64 --frames 4 --repeats 5
+    python -m bench.formats --device cuda --dtype float16 --size 512 --frames 8 --repeats 10
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=4, help="frames in the chunk")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     return parser.parse_args(argv)
 
@@ -64,20 +66,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from backend.attention import AnchorState, installed_processors
+    from backend.models import TORCH_DTYPES, resolve_device
 
-    from .run import _cpu_name
+    from .run import machine
 
+    device, dtype = resolve_device(args.device), TORCH_DTYPES[args.dtype]
     print("command: python -m bench.formats " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(
-        f"machine: {_cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}"
-    )
-    unet = build_unet()
+    print(f"machine: {machine(device, dtype)}")
+    unet = build_unet().to(device, dtype)
     lat = args.size // 8
     gen = torch.Generator().manual_seed(0)
     batch = 2 * args.frames  # (uncond, cond) x frames
-    x = torch.randn(batch, 4, lat, lat, generator=gen)
+    x = torch.randn(batch, 4, lat, lat, generator=gen).to(device, dtype)
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
-    t = torch.tensor(500)
+    text = text.to(device, dtype)
+    t = torch.tensor(500, device=device)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     models = variants(unet, args.variants)
     inputs = {
         name: x.to(memory_format=torch.channels_last) if "channels_last" in name else x
@@ -103,12 +111,14 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             outputs[name] = call(name)
             call(name)  # a second warm-up: compiled code may specialise on the first
+            synchronize()
             print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s", flush=True)
         for r in range(args.repeats):
             shift = r % len(args.variants)
             for name in args.variants[shift:] + args.variants[:shift]:
                 started = time.perf_counter()
                 call(name)
+                synchronize()
                 seconds[name].append(time.perf_counter() - started)
     base = statistics.median(seconds[args.variants[0]])
     print(f"\nUNet, 2 x {args.frames} frames, {args.size}x{args.size}, {args.repeats} rounds")

@@ -44,7 +44,7 @@ import backend.engine as engine_module
 from backend import shapes
 from backend.controls import canny
 from backend.engine import ControlInput, TextToVideoZero
-from backend.models import choose_dtype, load_base_model, load_controlnet
+from backend.models import choose_dtype, load_base_model, load_controlnet, resolve_device
 from backend.motion import latent_shift
 from backend.protocol import resolve_t0_t1
 
@@ -342,15 +342,20 @@ class Models:
 
 
 def load_models(
-    names: Sequence[str], sections: Sequence[str], dtype: torch.dtype = torch.float32
+    names: Sequence[str],
+    sections: Sequence[str],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
 ) -> Models:
     """Engines for the sections asked for, through the same loading code as user models."""
-    base = load_base_model(names[0], dtype=dtype)
+    base = load_base_model(names[0], dtype=dtype, device=device)
     controlnet = pix2pix = None
     if "controlnet" in sections:
-        controlnet = TextToVideoZero(base, [load_controlnet(names[1], dtype=dtype)])
+        controlnet = TextToVideoZero(base, [load_controlnet(names[1], dtype=dtype, device=device)])
     if "pix2pix" in sections:
-        pix2pix = TextToVideoZero(load_base_model(names[2], pix2pix=True, dtype=dtype))
+        pix2pix = TextToVideoZero(
+            load_base_model(names[2], pix2pix=True, dtype=dtype, device=device)
+        )
     return Models(TextToVideoZero(base), controlnet, pix2pix, tuple(names))
 
 
@@ -700,6 +705,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA (with the CPU beside it), else the CPU model."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CPU {cpu_name()})"
+    return cpu_name()
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality", description=__doc__.split("\n\n")[0]
@@ -732,7 +744,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16", "auto"],
-        help="dtype of the models (auto: as a job's dtype auto picks it on this CPU)",
+        help="dtype of the models (auto: as a job's dtype auto picks it on the device)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, cuda, mps or auto (the noise is drawn on the CPU, so devices see the same)",
     )
     parser.add_argument("--json", type=Path, help="write settings and figures here")
     parser.add_argument("--sheets", type=Path, help="write contact sheets (PNG) into this folder")
@@ -759,12 +776,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = tuple(args.models) if args.models else TINY_MODELS if args.tiny else SHAPES_MODELS
     started = time.perf_counter()
-    dtype = choose_dtype(args.dtype, torch.device("cpu"))
-    models = load_models(names, args.sections, dtype.dtype)
+    device = resolve_device(args.device)
+    dtype = choose_dtype(args.dtype, device)
+    models = load_models(names, args.sections, dtype.dtype, device)
     command = "python -m bench.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = (
         f"command: {command}\n"
-        f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__}, "
+        f"machine: {device_name(device)}, {torch.get_num_threads()} torch threads; "
+        f"torch {torch.__version__}, "
         f"python {platform.python_version()}, dtype {dtype.name} ({dtype.reason})\n"
         f"models: {', '.join(names)}; {settings.size}x{settings.size}, {settings.steps} steps, "
         f"guidance {settings.guidance}, {settings.seeds} seeds"

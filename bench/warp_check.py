@@ -46,11 +46,12 @@ def lag1_autocorrelation(latent: torch.Tensor) -> float:
 def legacy_translate(latents: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """The warp before the fix: nearest sampling at exactly x + s (ties round half to even)."""
     frames, _, h, w = latents.shape
-    ys = torch.arange(h, dtype=torch.float32)
-    xs = torch.arange(w, dtype=torch.float32)
+    ys = torch.arange(h, dtype=torch.float32, device=latents.device)
+    xs = torch.arange(w, dtype=torch.float32, device=latents.device)
     grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
-    sample_x = grid_x[None] + shifts[:, 0, None, None].float()  # (frames, h, w)
-    sample_y = grid_y[None] + shifts[:, 1, None, None].float()
+    shifts = shifts.to(latents.device).float()
+    sample_x = grid_x[None] + shifts[:, 0, None, None]  # (frames, h, w)
+    sample_y = grid_y[None] + shifts[:, 1, None, None]
     grid = torch.stack(((sample_x + 0.5) / w * 2 - 1, (sample_y + 0.5) / h * 2 - 1), dim=-1)
     # (frames, h, w, 2)
     return F.grid_sample(

@@ -67,3 +67,49 @@ def test_controlnet_engine_makes_exactly_the_floor_calls(
         controls=[control],
     )
     assert sizes == [frames * workload.branches for frames in call_batches(workload)]
+
+
+def test_kernel_rows_sum_device_time_per_kernel_and_mark_attention() -> None:
+    """bench.kernels adds up the CUDA kernels of a profile by name (µs -> ms), largest
+    first, skips CPU events, and counts flash / memory-efficient / cuDNN SDPA kernels as
+    attention (the names seen on an H100) but not a plain GEMM or copy."""
+    from types import SimpleNamespace
+
+    from bench.kernels import attention_share, kernel_rows
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    flash = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64"
+    gemm = "nvjet_sm90_hsh_128x256_64x4_2x1_v_bz_coopA_bias_TNN"
+    copy = "void at::native::elementwise_kernel<128, 4, direct_copy_kernel_cuda>"
+    events = [
+        SimpleNamespace(name=flash, device_type=cuda, device_time=3000.0),
+        SimpleNamespace(name=gemm, device_type=cuda, device_time=4000.0),
+        SimpleNamespace(name=flash, device_type=cuda, device_time=1000.0),
+        SimpleNamespace(name=copy, device_type=cuda, device_time=2000.0),
+        SimpleNamespace(name="aten::mm", device_type=cpu, device_time=99000.0),
+    ]
+    rows = kernel_rows(events)
+    assert rows == [(flash, 4.0, 2), (gemm, 4.0, 1), (copy, 2.0, 1)]
+    assert attention_share(rows) == pytest.approx(0.4)  # 4 of 10 ms
+    assert attention_share([]) == 0.0
+    named = ["pytorch_flash::flash_fwd_kernel", "fmha_cutlassF_f16_aligned_64x64_rf_sm80"]
+    assert attention_share([(n, 1.0, 1) for n in named]) == 1.0
+
+
+def test_kernels_refuses_a_device_without_cuda_kernels() -> None:
+    from bench.kernels import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--device", "cpu"])
+    assert stop.value.code == 2  # argparse's usage error, naming the device (stderr)
+
+
+def test_quality_and_formats_take_a_device() -> None:
+    """bench.quality and bench.formats run on a named device (CUDA on a GPU machine)."""
+    from bench.formats import parse_args as formats_args
+    from bench.quality import parse_args as quality_args
+
+    assert quality_args([]).device == "cpu"
+    assert quality_args(["--device", "cuda"]).device == "cuda"
+    got = formats_args(["--device", "cuda", "--dtype", "float16"])
+    assert (got.device, got.dtype) == ("cuda", "float16")
