@@ -360,6 +360,13 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         ]
         for spec, config in zip(job["controlnets"], configs, strict=False):
             spec["config"] = config
+    elif args.controlnet_config or args.detector:
+        given = "--controlnet-config" if args.controlnet_config else "--detector"
+        raise JobError(
+            "controlnets",
+            f"{given} applies to the --controlnet/--control pairs of the command line, "
+            "and none was given",
+        )
     if args.preset:
         job = apply_preset(job, args.preset)
     return job

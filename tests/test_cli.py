@@ -399,3 +399,17 @@ def test_fit_and_one_side_parse() -> None:
     assert validate_job({**job, "prompt": "p", "out": "o"}).height is None  # from the input
     with pytest.raises(SystemExit):
         build_parser().parse_args(["generate", "--fit", "zoom"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--controlnet-config", "cfg"], "--controlnet-config"),
+        (["--detector", "canny"], "--detector"),
+    ],
+)
+def test_controlnet_options_without_controlnets_are_refused(flags: list[str], named: str) -> None:
+    """A ControlNet config or detector with no --controlnet/--control pair used to be dropped
+    without a word."""
+    with pytest.raises(JobError, match=f"{named} applies to the --controlnet/--control pairs"):
+        parse("--mode", "controlnet", "--prompt", "p", *flags)
