@@ -66,15 +66,19 @@ def _abspath(strip: Any, path: str) -> Path:
 
 
 def _source_frames(path: Path) -> int | None:
-    """How many frames Blender finds in a movie file, or None if it cannot read it."""
+    """How many frames Blender finds in a movie file, or None if it cannot read it.
+
+    Blender loads a file it cannot decode as a clip of no frames rather than failing.
+    """
     try:
         clip = bpy.data.movieclips.load(str(path), check_existing=False)
     except RuntimeError:
         return None
     try:
-        return int(clip.frame_duration)
+        frames = int(clip.frame_duration)
     finally:
         bpy.data.movieclips.remove(clip)
+    return frames if frames > 0 else None
 
 
 def _playback_rate(strip: Any, content: int) -> float:

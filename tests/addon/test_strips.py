@@ -196,6 +196,13 @@ def test_unusable_strips_are_refused_by_name(scene, tmp_path: Path) -> None:
     gone = movie(filepath=str(tmp_path / "gone.mp4"), retiming_keys=())
     with pytest.raises(strips.StripInputError, match="'clip': movie file not found: .*gone"):
         strips.video_input(gone, tmp_path)
+    garbage = tmp_path / "broken.mp4"
+    garbage.write_bytes(b"not a movie at all" * 64)
+    broken = movie(filepath=str(garbage), retiming_keys=())
+    with pytest.raises(
+        strips.StripInputError, match="'clip': Blender cannot read the movie .*broken"
+    ):
+        strips.video_input(broken, tmp_path)
 
 
 # ---------------------------------------------------------------------------- results
