@@ -234,6 +234,19 @@ def validate(job: Mapping[str, Any]) -> dict[str, Any]:
     return protocol.validate_job(dict(job)).to_dict()
 
 
+def _rebuilt_controlnet(
+    entry: Mapping[str, Any], old: Mapping[str, Any], defaults: Mapping[str, Any], index: int
+) -> dict[str, Any]:
+    """A stored ControlNet with the panel entry's model, weight and detector applied."""
+    detector = str(entry.get("detector", old.get("detector", "none")))
+    if str(entry.get("model") or "").strip() or detector != old.get("detector", "none"):
+        model = _controlnet_model({**entry, "detector": detector}, defaults, index)
+    else:
+        model = old["model"]
+    weight = float(entry.get("weight", old.get("weight", 1.0)))
+    return {**dict(old), "model": model, "weight": weight, "detector": detector}
+
+
 def rebuild_job(
     stored: Mapping[str, Any],
     settings: Mapping[str, Any],
@@ -247,7 +260,9 @@ def rebuild_job(
     count of strip-driven jobs); prompt, seed, steps, guidance, size, chunking, smoothing
     and the base model come from the panel, and so do the motion and frame count of a
     text-to-video job and the ControlNets' model, weight and detector when the panel lists
-    as many ControlNets as the job has.
+    as many ControlNets as the job has. A ControlNet whose panel model is empty keeps the
+    stored model, unless its detector changed: then it gets the preferences' model for the
+    new detector (a canny ControlNet would be fed depth maps otherwise).
     """
     defaults = defaults or {}
     job = dict(stored)
@@ -272,14 +287,7 @@ def rebuild_job(
     entries = list(settings.get("controlnets", ()))
     if mode == "controlnet" and len(entries) == len(job.get("controlnets", [])):
         job["controlnets"] = [
-            {
-                **dict(old),
-                "model": _controlnet_model(entry, defaults, i)
-                if entry.get("model")
-                else old["model"],
-                "weight": float(entry.get("weight", old.get("weight", 1.0))),
-                "detector": str(entry.get("detector", old.get("detector", "none"))),
-            }
+            _rebuilt_controlnet(entry, old, defaults, i)
             for i, (entry, old) in enumerate(zip(entries, job["controlnets"], strict=True))
         ]
     job["out"] = str(out)

@@ -528,7 +528,8 @@ def test_rebuild_takes_every_regenerate_field_from_the_panel() -> None:
 
 
 def test_rebuild_updates_controlnets_only_when_the_panel_lists_as_many() -> None:
-    defaults = {**MODELS, "controlnet_models": {"canny": "cn-canny", "openpose": "cn-pose"}}
+    by_detector = {"canny": "cn-canny", "openpose": "cn-pose", "depth": "cn-depth"}
+    defaults = {**MODELS, "controlnet_models": by_detector}
     entries = [{"model": "cn-a", "weight": 0.7, "detector": "canny"}, {"detector": "openpose"}]
     stored = jobs.build_job(
         {**BASE, "mode": "controlnet", "controlnets": entries},
@@ -541,10 +542,22 @@ def test_rebuild_updates_controlnets_only_when_the_panel_lists_as_many() -> None
     panel = [{"weight": 0.3, "detector": "depth"}, {"model": "cn-b"}]
     changed = jobs.rebuild_job(stored, {"controlnets": panel}, out="/o", defaults=defaults)
     old, new = stored["controlnets"], changed["controlnets"]
-    # An empty model keeps the stored one; weight and detector not given keep theirs too.
-    assert [c["model"] for c in new] == ["cn-a", "cn-b"]
+    # A new detector with an empty model takes the preferences' model for that detector
+    # (not the stored canny ControlNet); weight and detector not given keep theirs.
+    assert [c["model"] for c in new] == ["cn-depth", "cn-b"]
     assert [c["weight"] for c in new] == [0.3, 1.0] and new[0]["detector"] == "depth"
     assert new[1]["detector"] == "openpose"
+    # An empty model with the same detector keeps the stored model.
+    same = [{"weight": 0.5, "detector": "canny"}, {"detector": "openpose"}]
+    kept = jobs.rebuild_job(stored, {"controlnets": same}, out="/o", defaults=defaults)
+    assert [c["model"] for c in kept["controlnets"]] == ["cn-a", "cn-pose"]
+    assert kept["controlnets"][0]["weight"] == 0.5
+    # A new detector the preferences have no model for is named.
+    bare = {**MODELS, "controlnet_models": {}}
+    with pytest.raises(
+        jobs.JobBuildError, match="ControlNet 1: no model set \\(detector 'depth'\\)"
+    ):
+        jobs.rebuild_job(stored, {"controlnets": panel}, out="/o", defaults=bare)
     assert [c["control"] for c in new] == [c["control"] for c in old]
     assert changed["frames"] == 4  # a strip-driven job keeps its frame count
     one = jobs.rebuild_job(stored, {"controlnets": panel[:1]}, out="/o", defaults=defaults)
