@@ -45,6 +45,18 @@ def test_committed_weights_stay_small() -> None:
     assert sum(len(b) for b in blobs) < 30 * 2**20
 
 
+def test_shipped_configs_carry_no_loading_history() -> None:
+    """Configs hold model settings only: no ``_name_or_path`` (the training machine's
+    folder) or other machine path, which from_config would carry into users' saved copies."""
+    import json
+
+    for path in sorted(SHIPPED_DIR.rglob("config.json")):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        assert "_name_or_path" not in config, path
+        paths = [v for v in config.values() if isinstance(v, str) and v.startswith("/")]
+        assert not paths, (path, paths)
+
+
 # The kinds trained and committed so far (ControlNet and pix2pix land after the base).
 SHIPPED = tuple(k for k in SHAPES_KINDS if (SHIPPED_DIR / k).is_dir())
 

@@ -652,7 +652,8 @@ class Trainer:
         with torch.no_grad():
             texts = text_encoder(tokenize(tokenizer, [e.instruction for e in edits]))[0]
             empty = text_encoder(tokenize(tokenizer, [""]))[0][0]
-        config = dict(base_unet.config)
+        # The base UNet's settings, not its loading history (_name_or_path: a training folder).
+        config = {k: v for k, v in base_unet.config.items() if not k.startswith("_")}
         config["in_channels"] = 8
         unet = UNet2DConditionModel.from_config(config)
         state = base_unet.state_dict()
