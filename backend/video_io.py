@@ -308,7 +308,15 @@ class FrameStore(Mapping[int, np.ndarray]):
         if image.shape != self.shape or image.dtype != np.uint8:
             raise ValueError(f"frame must be uint8 {self.shape}, got {image.dtype} {image.shape}")
         self._file.seek(self._count * self._bytes)
-        self._file.write(np.ascontiguousarray(image).tobytes())
+        try:
+            self._file.write(np.ascontiguousarray(image).tobytes())
+        except OSError as exc:  # a full disk names no file: the spool file has no name
+            folder = tempfile.gettempdir()
+            raise OSError(
+                exc.errno,
+                f"could not spool input frames into the temporary folder {folder} "
+                f"({exc.strerror or exc}); free space there or point TMPDIR elsewhere",
+            ) from exc
         self._slots.update(dict.fromkeys(frame_ids, self._count))
         self._count += 1
 

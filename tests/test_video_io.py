@@ -530,3 +530,33 @@ def test_frame_store_reads_back_what_read_frames_gives(tmp_path: Path) -> None:
         assert size == 3 * 32 * 16 * 3  # source frames 1, 2 and 3, each written once
     with pytest.raises(ValueError, match="uint8"):
         FrameStore(8, 8).add([0], np.zeros((8, 8, 3), np.float32))
+
+
+def test_a_full_temporary_folder_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spool file is unlinked, so the OS error of a full disk names no path: the store
+    names the temporary folder (and TMPDIR) instead."""
+    import errno
+    import tempfile
+
+    store = FrameStore(4, 4)
+
+    def full(data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_file", _WriteFails(store._file, full))
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        store.add([0], np.zeros((4, 4, 3), np.uint8))
+    assert caught.value.errno == errno.ENOSPC
+    assert f"temporary folder {tempfile.gettempdir()}" in str(caught.value)
+    assert "TMPDIR" in str(caught.value) and len(store) == 0
+    store.close()
+
+
+class _WriteFails:
+    """A file whose writes go to ``write``; everything else to the real file."""
+
+    def __init__(self, file, write):
+        self._real, self.write = file, write
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
