@@ -5,6 +5,10 @@ Both go through diffusers' own loaders (``StableDiffusionLoraLoaderMixin`` with 
 both are removed when the job ends, whatever the outcome: the LoRA layers are unloaded
 (never fused into the weights) and the embeddings' tokens leave the tokenizer and the text
 encoder, so the next job on the cached model runs exactly as on a freshly loaded one.
+
+A hub id (owner/name) is downloaded first, like a base model (``hub.fetch_adapter``: its
+one weight file, with the job's download progress and cancel, the cache offline), and then
+loaded from that file like a local one: diffusers' loaders never reach the network.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .hub import DownloadHooks, HubError, fetch_adapter
 from .models import BaseModel, ModelLoadError, _check_pickle_file, _looks_like_path
 from .protocol import EmbeddingSpec, LoraSpec
 
@@ -24,20 +29,27 @@ log = logging.getLogger(__name__)
 ADAPTER_PREFIX = "t2vz_lora_"
 
 
-def _source(path: str, what: str, allow_pickle: bool) -> tuple[str, dict[str, Any]]:
-    """(location, loader kwargs) for a file, a folder or a hub id; never a pickle unless allowed."""
+def _source(
+    path: str, kind: str, allow_pickle: bool, download: DownloadHooks | None
+) -> tuple[str, dict[str, Any]]:
+    """(location, loader kwargs) for a file, a folder or a hub id (``kind`` "lora" or
+    "embedding"); a hub id is downloaded here. Never a pickle unless allowed."""
+    what = "LoRA" if kind == "lora" else kind
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
-    if local.is_file():
-        _check_pickle_file(str(local), allow_pickle)
-        return str(local.parent), {**kwargs, "weight_name": local.name, "local_files_only": True}
     if local.is_dir():
         return str(local), {**kwargs, "local_files_only": True}
-    if _looks_like_path(path) or path.count("/") != 1:
-        raise ModelLoadError(
-            f"{what} {path!r} is neither an existing file or folder nor a hub id (owner/name)"
-        )
-    return path, kwargs
+    if not local.is_file():
+        if _looks_like_path(path) or path.count("/") != 1:
+            raise ModelLoadError(
+                f"{what} {path!r} is neither an existing file or folder nor a hub id (owner/name)"
+            )
+        try:
+            local = fetch_adapter(path, kind, allow_pickle=allow_pickle, hooks=download)
+        except HubError as exc:
+            raise ModelLoadError(str(exc)) from exc
+    _check_pickle_file(str(local), allow_pickle)
+    return str(local.parent), {**kwargs, "weight_name": local.name, "local_files_only": True}
 
 
 def _pipeline(base: BaseModel) -> Any:
@@ -59,21 +71,29 @@ def applied_adapters(
     embeddings: Sequence[EmbeddingSpec] = (),
     *,
     allow_pickle: bool = False,
+    download: DownloadHooks | None = None,
 ) -> Iterator[Any]:
     """Load ``loras`` (with their weights) and ``embeddings`` into ``base`` until exit.
 
-    Yields the pipeline (``maybe_convert_prompt`` expands multi-vector tokens) or None when
-    there is nothing to apply. On exit the model is clean again, even after an error.
+    Hub ids are downloaded first (progress and cancel through ``download``; a cancel raises
+    ``hub.DownloadCancelled`` before anything is applied). Yields the pipeline
+    (``maybe_convert_prompt`` expands multi-vector tokens) or None when there is nothing to
+    apply. On exit the model is clean again, even after an error.
     """
     if not loras and not embeddings:
         yield None
         return
+    # Every source first (downloads included): a missing file or a cancelled download
+    # stops the job before the model is touched.
+    lora_sources = [_source(lora.path, "lora", allow_pickle, download) for lora in loras]
+    embedding_sources = [
+        _source(embedding.path, "embedding", allow_pickle, download) for embedding in embeddings
+    ]
     pipe = _pipeline(base)
     names: list[str] = []
     tokens: list[str] = []
     try:
-        for i, lora in enumerate(loras):
-            location, kwargs = _source(lora.path, "LoRA", allow_pickle)
+        for i, (lora, (location, kwargs)) in enumerate(zip(loras, lora_sources, strict=True)):
             name = f"{ADAPTER_PREFIX}{i}"
             try:
                 pipe.load_lora_weights(location, adapter_name=name, **kwargs)
@@ -82,8 +102,7 @@ def applied_adapters(
             names.append(name)
         if names:
             pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
-        for embedding in embeddings:
-            location, kwargs = _source(embedding.path, "embedding", allow_pickle)
+        for embedding, (location, kwargs) in zip(embeddings, embedding_sources, strict=True):
             before = len(base.tokenizer)
             try:
                 pipe.load_textual_inversion(location, token=embedding.token, **kwargs)

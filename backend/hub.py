@@ -8,6 +8,11 @@ cancel flag with every chunk. A cancelled download leaves only huggingface_hub's
 file. Offline (``HF_HUB_OFFLINE=1``, Blender's "Allow Online Access" off) nothing is
 requested: a cached snapshot is used or the error says how to get the model.
 
+``fetch_adapter`` does the same for a LoRA or textual inversion embedding given as a hub
+id: it picks the one weight file the way diffusers' loaders would and downloads just that.
+``fetch_model(configs_only=True)`` fetches only the configs and tokenizer a single-file
+checkpoint takes from a hub id.
+
 ``list_cached`` and ``remove_cached`` are what the add-on's preferences show and do. No
 torch here: the worker answers cache requests without loading the ML stack.
 """
@@ -236,62 +241,101 @@ def _snapshot_of(path: str, name: str) -> Path:
     return folder
 
 
-def fetch_model(
-    model: str,
-    *,
-    allow_pickle: bool = False,
-    hooks: DownloadHooks | None = None,
-    cache_dir: str | Path | None = None,
-    endpoint: str | None = None,
-) -> Path:
-    """Download what the loaders need of hub model ``model``; its local snapshot folder."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, try_to_load_from_cache
+@dataclass(frozen=True)
+class _Subject:
+    """What is downloaded, for messages: its label and the local alternatives to offer."""
+
+    label: str  # "model", "LoRA", ...
+    local: str  # what to give instead, "a local folder or .safetensors file"
+    switches: str  # where to give it
+
+
+MODEL = _Subject(
+    "model",
+    "a local folder or .safetensors file",
+    "--model / --controlnet, or the add-on's model preferences",
+)
+CONFIG = _Subject(
+    "model config",
+    "a local diffusers folder of the same architecture",
+    "--model-config / --controlnet-config, or the job's model_config / controlnets[].config",
+)
+ADAPTERS = {
+    "lora": _Subject(
+        "LoRA", "a local .safetensors file", "--lora, or the add-on's LoRAs & Embeddings list"
+    ),
+    "embedding": _Subject(
+        "embedding",
+        "a local .safetensors file",
+        "--embedding, or the add-on's LoRAs & Embeddings list",
+    ),
+}
+
+
+def _offline_error(subject: _Subject, model: str) -> HubError:
+    return HubError(
+        f"{subject.label} {model!r} is not downloaded and online access is off "
+        "(HF_HUB_OFFLINE): turn on Allow Online Access in Blender's Preferences > System > "
+        f"Network, or give {subject.local}"
+    )
+
+
+class _OutOfReach(Exception):
+    """The Hub did not answer the listing (the cause is chained)."""
+
+
+def _listing(subject: _Subject, model: str, endpoint: str | None) -> Any:
+    """The Hub's file listing of ``model`` with sizes; HubError when it is not there,
+    _OutOfReach when the Hub does not answer."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
-    hooks = hooks or DownloadHooks()
-    if is_offline():
-        snapshot = cached_snapshot(model, cache_dir)
-        if snapshot is None:
-            raise HubError(
-                f"model {model!r} is not downloaded and online access is off (HF_HUB_OFFLINE): "
-                "turn on Allow Online Access in Blender's Preferences > System > Network, "
-                "or give a local folder or .safetensors file"
-            )
-        return snapshot
     try:
-        info = HfApi(endpoint=endpoint).model_info(model, files_metadata=True, timeout=HUB_TIMEOUT)
+        return HfApi(endpoint=endpoint).model_info(model, files_metadata=True, timeout=HUB_TIMEOUT)
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as exc:
         raise HubError(
-            f"model {model!r} is not on the Hugging Face Hub (or is gated): {exc}"
+            f"{subject.label} {model!r} is not on the Hugging Face Hub (or is gated): {exc}"
         ) from exc
     except Exception as exc:  # noqa: BLE001 (connection errors differ between hub versions)
-        snapshot = cached_snapshot(model, cache_dir)
-        if snapshot is not None:
-            log.warning("the Hub is out of reach (%s); using the cached %s", exc, model)
-            return snapshot
-        raise HubError(
-            f"cannot download model {model!r}: the Hugging Face Hub is out of reach "
-            f"({type(exc).__name__}: {clip_text(str(exc), 200)}) and it is not in the local "
-            "cache: connect to the internet once so it downloads, or give a local folder or "
-            ".safetensors file (--model / --controlnet, or the add-on's model preferences)"
-        ) from exc
+        raise _OutOfReach(exc) from exc
+
+
+def _unreachable_error(subject: _Subject, model: str, exc: BaseException) -> HubError:
+    return HubError(
+        f"cannot download {subject.label} {model!r}: the Hugging Face Hub is out of reach "
+        f"({type(exc).__name__}: {clip_text(str(exc), 200)}) and it is not in the local "
+        f"cache: connect to the internet once so it downloads, or give {subject.local} "
+        f"({subject.switches})"
+    )
+
+
+def _download(
+    subject: _Subject,
+    model: str,
+    info: Any,
+    names: list[str],
+    hooks: DownloadHooks,
+    cache_dir: str | Path | None,
+    endpoint: str | None,
+) -> dict[str, Path]:
+    """Download ``names`` of ``model`` at the listed commit, reporting progress and checking
+    cancel with every chunk; the cached path of each file."""
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
     sizes = {s.rfilename: int(s.size or 0) for s in info.siblings or []}
-    names = needed_files(list(sizes), allow_pickle)
-    if not names:
-        raise HubError(f"model {model!r} has no diffusers weights (.safetensors) to load")
     constants.DOWNLOAD_CHUNK_SIZE = min(constants.DOWNLOAD_CHUNK_SIZE, PROGRESS_CHUNK)
-    tracker = _Tracker(model, {n: sizes[n] for n in names}, hooks)
+    tracker = _Tracker(model, {n: sizes.get(n, 0) for n in names}, hooks)
     bar = tracker.bar_class()
-    snapshot = None
+    paths: dict[str, Path] = {}
     for name in names:
         cached = try_to_load_from_cache(model, name, cache_dir=cache_dir, revision=info.sha)
         if isinstance(cached, str):
             tracker.finish_file(name)
-            snapshot = _snapshot_of(cached, name)
+            paths[name] = Path(cached)
             continue
         tracker.start_file(name)
         try:
@@ -307,15 +351,179 @@ def fetch_model(
             raise
         except Exception as exc:  # noqa: BLE001 (network errors differ between hub versions)
             raise HubError(
-                f"download of model {model!r} failed at {name}: {type(exc).__name__}: {exc}"
+                f"download of {subject.label} {model!r} failed at {name}: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         tracker.finish_file(name)
-        snapshot = _snapshot_of(path, name)
+        paths[name] = Path(path)
     tracker.file = ""
     tracker.report(force=True)
-    assert snapshot is not None  # names is not empty
-    _remember_main(snapshot, info.sha)
-    return snapshot
+    if paths:
+        name = names[0]
+        _remember_main(_snapshot_of(str(paths[name]), name), info.sha)
+    return paths
+
+
+def config_files(files: list[str]) -> list[str]:
+    """The files of a repo diffusers' single-file loaders read for configs: every .json,
+    .txt and .model (configs, tokenizer), as ``from_single_file(config=hub id)`` fetches."""
+    return sorted(n for n in files if n.endswith(CONFIG_SUFFIXES))
+
+
+def fetch_model(
+    model: str,
+    *,
+    allow_pickle: bool = False,
+    hooks: DownloadHooks | None = None,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+    configs_only: bool = False,
+) -> Path:
+    """Download what the loaders need of hub model ``model``; its local snapshot folder.
+
+    ``configs_only``: just the configs and tokenizer (``config_files``), for a single-file
+    checkpoint that takes its configs from ``model``.
+    """
+    subject = CONFIG if configs_only else MODEL
+    hooks = hooks or DownloadHooks()
+    if is_offline():
+        snapshot = cached_snapshot(model, cache_dir)
+        if snapshot is None:
+            raise _offline_error(subject, model)
+        return snapshot
+    try:
+        info = _listing(subject, model, endpoint)
+    except _OutOfReach as exc:
+        snapshot = cached_snapshot(model, cache_dir)
+        if snapshot is not None:
+            log.warning("the Hub is out of reach (%s); using the cached %s", exc.__cause__, model)
+            return snapshot
+        raise _unreachable_error(subject, model, exc.__cause__ or exc) from exc.__cause__
+    files = [s.rfilename for s in info.siblings or []]
+    names = config_files(files) if configs_only else needed_files(files, allow_pickle)
+    if not names:
+        what = "configs (.json)" if configs_only else "diffusers weights (.safetensors)"
+        raise HubError(f"{subject.label} {model!r} has no {what} to load")
+    paths = _download(subject, model, info, names, hooks, cache_dir, endpoint)
+    return _snapshot_of(str(paths[names[0]]), names[0])
+
+
+# --------------------------------------------------------------------------- adapters
+
+# diffusers' names for a LoRA and a textual inversion embedding (``weight_name`` defaults).
+ADAPTER_WEIGHT_NAMES = {"lora": "pytorch_lora_weights", "embedding": "learned_embeds"}
+ADAPTER_PICKLES = (".bin", ".pt", ".pth", ".ckpt")
+# Paths diffusers never takes for a LoRA (training state: checkpoint-500/, optimizer.bin).
+NOT_ADAPTER_WEIGHTS = ("scheduler", "optimizer", "checkpoint")
+
+
+def adapter_candidates(files: list[str], kind: str, allow_pickle: bool = False) -> list[str]:
+    """The files of a repo that could be its ``kind`` ("lora" or "embedding") weights.
+
+    As diffusers guesses a ``weight_name``: .safetensors (pickles only when allowed and
+    there is no .safetensors), no training state, and the conventional name
+    (``pytorch_lora_weights`` / ``learned_embeds``) wherever there is one. One file is the
+    answer; none or several is for the caller to report.
+    """
+    conventional = ADAPTER_WEIGHT_NAMES[kind]
+    for suffixes in (SAFE_WEIGHTS, ADAPTER_PICKLES if allow_pickle else ()):
+        found = sorted(
+            n
+            for n in files
+            if n.lower().endswith(suffixes) and not any(s in n for s in NOT_ADAPTER_WEIGHTS)
+        )
+        if not found:
+            continue
+        named = [n for n in found if n.rsplit("/", 1)[-1].rsplit(".", 1)[0] == conventional]
+        at_root = [n for n in named if "/" not in n]
+        return at_root or named or found
+    return []
+
+
+def adapter_weight(files: list[str], kind: str, repo: str, allow_pickle: bool = False) -> str:
+    """The one weight file of adapter repo ``repo``; HubError naming it for none or several."""
+    subject = ADAPTERS[kind]
+    found = adapter_candidates(files, kind, allow_pickle)
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise HubError(
+            f"{subject.label} {repo!r} has {len(found)} weight files ({shown}) and none is "
+            f"named {ADAPTER_WEIGHT_NAMES[kind]}.safetensors: cannot tell which to load; "
+            f"download the one you want and give its path ({subject.switches})"
+        )
+    pickled = adapter_candidates(files, kind, allow_pickle=True)
+    hint = (
+        f" (it has pickled weights, {pickled[0]}: see --allow-pickle, or Allow Pickled "
+        "Weights in the add-on's preferences)"
+        if pickled and not allow_pickle
+        else ""
+    )
+    raise HubError(f"{subject.label} {repo!r} has no .safetensors weights to load{hint}")
+
+
+def _cached_files(model: str, cache_dir: str | Path | None) -> tuple[Path, list[str]] | None:
+    """The cached snapshot of ``model``'s main revision and the files in it, or None."""
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+
+    folder = cache_location(cache_dir) / (
+        "models" + REPO_ID_SEPARATOR + model.replace("/", REPO_ID_SEPARATOR)
+    )
+    ref = folder / "refs" / "main"
+    if not ref.is_file():
+        return None
+    snapshot = folder / "snapshots" / ref.read_text(encoding="utf-8").strip()
+    if not snapshot.is_dir():
+        return None
+    files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
+    return snapshot, sorted(files)
+
+
+def _cached_adapter(
+    model: str, kind: str, allow_pickle: bool, cache_dir: str | Path | None
+) -> Path | None:
+    """The cached weight file of adapter ``model``, or None when none is cached."""
+    cached = _cached_files(model, cache_dir)
+    if cached is None or not adapter_candidates(cached[1], kind, allow_pickle):
+        return None
+    snapshot, files = cached
+    return snapshot / adapter_weight(files, kind, model, allow_pickle)
+
+
+def fetch_adapter(
+    model: str,
+    kind: str,
+    *,
+    allow_pickle: bool = False,
+    hooks: DownloadHooks | None = None,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Download the one weight file of LoRA or embedding (``kind``) repo ``model``; its path.
+
+    The file is chosen by ``adapter_weight``; offline, or with the Hub out of reach, the
+    cached one is used or the HubError says what to do.
+    """
+    if kind not in ADAPTERS:
+        raise ValueError(f"kind must be one of {', '.join(ADAPTERS)}, got {kind!r}")
+    subject = ADAPTERS[kind]
+    if is_offline():
+        found = _cached_adapter(model, kind, allow_pickle, cache_dir)
+        if found is None:
+            raise _offline_error(subject, model)
+        return found
+    try:
+        info = _listing(subject, model, endpoint)
+    except _OutOfReach as exc:
+        found = _cached_adapter(model, kind, allow_pickle, cache_dir)
+        if found is not None:
+            log.warning("the Hub is out of reach (%s); using the cached %s", exc.__cause__, model)
+            return found
+        raise _unreachable_error(subject, model, exc.__cause__ or exc) from exc.__cause__
+    name = adapter_weight([s.rfilename for s in info.siblings or []], kind, model, allow_pickle)
+    paths = _download(subject, model, info, [name], hooks or DownloadHooks(), cache_dir, endpoint)
+    return paths[name]
 
 
 def _remember_main(snapshot: Path, commit: str) -> None:

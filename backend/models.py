@@ -11,9 +11,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import threading
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,9 +41,6 @@ SD1X_SCHEDULER = {
 # UNet, 361 M parameters): the config a single-file ControlNet loads with unless given
 # another, so a local .safetensors never needs the network.
 SD15_CONTROLNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15-controlnet"
-# A single-file checkpoint whose configs come from a hub id first asks the hub whether it
-# answers, for at most this long; without an answer only the local cache is used.
-HUB_PROBE_SECONDS = 8.0
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -264,42 +258,28 @@ def low_cpu_mem_usage() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
-def _fetch(name: str, allow_pickle: bool, download: DownloadHooks | None) -> str:
-    """Download hub model ``name`` (with progress) and return its local snapshot folder."""
+def _fetch(
+    name: str, allow_pickle: bool, download: DownloadHooks | None, configs_only: bool = False
+) -> str:
+    """Download hub model ``name`` (with progress) and return its local snapshot folder;
+    ``configs_only``: just its configs and tokenizer (for a single-file checkpoint)."""
     try:
-        return str(fetch_model(name, allow_pickle=allow_pickle, hooks=download))
+        return str(
+            fetch_model(name, allow_pickle=allow_pickle, hooks=download, configs_only=configs_only)
+        )
     except HubError as exc:
         raise ModelLoadError(str(exc)) from exc
 
 
-def hub_unreachable(repo_id: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
-    """None when the Hugging Face hub answers (any HTTP status), else why it does not:
-    offline mode, a refused connection, or no answer within ``timeout`` seconds."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    endpoint = constants.ENDPOINT.rstrip("/")
-    outcome: list[str | None] = []
-
-    def probe() -> None:
-        request = urllib.request.Request(f"{endpoint}/api/models/{repo_id}", method="HEAD")
-        try:
-            urllib.request.urlopen(request, timeout=timeout).close()
-            outcome.append(None)
-        except urllib.error.HTTPError:
-            outcome.append(None)  # it answered (401/404 are for the loader to explain)
-        except Exception as exc:  # URLError, timeouts, SSL: no usable connection
-            reason = getattr(exc, "reason", None) or exc
-            outcome.append(f"the hub at {endpoint} cannot be reached ({reason})")
-
-    # A thread, so that a DNS lookup that hangs is bounded too (urlopen's timeout is not).
-    thread = threading.Thread(target=probe, daemon=True, name="t2vz-hub-probe")
-    thread.start()
-    thread.join(timeout)
-    if not outcome:
-        return f"the hub at {endpoint} did not answer within {timeout:g} s"
-    return outcome[0]
+def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
+    """The local diffusers folder of config source ``name`` (a folder, or a hub id whose
+    configs are downloaded with progress and cancel, or found in the cache offline)."""
+    kind, location = resolve_source(name)
+    if kind == "file":
+        raise ModelLoadError(f"{what} must be a diffusers folder or hub id, got {name}")
+    if kind == "hub":
+        location = _fetch(location, False, download, configs_only=True)
+    return location
 
 
 def _pretrained_kwargs(kind: str, allow_pickle: bool) -> dict[str, Any]:
@@ -359,7 +339,7 @@ def load_base_model(
         kind, location = "folder", _fetch(name, allow_pickle, download)
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
-        components = _load_single_file(location, pix2pix, config, dtype)
+        components = _load_single_file(location, pix2pix, config, dtype, download)
     else:
         root = Path(location)
         if kind == "folder":
@@ -430,34 +410,40 @@ def _scheduler_config(location: str, kind: str) -> dict:
     return dict(config)
 
 
-def _load_single_file(path: str, pix2pix: bool, config: str | None, dtype: torch.dtype) -> dict:
-    """Components of an original-format SD 1.x checkpoint through diffusers' single-file loader."""
+def _load_single_file(
+    path: str,
+    pix2pix: bool,
+    config: str | None,
+    dtype: torch.dtype,
+    download: DownloadHooks | None = None,
+) -> dict:
+    """Components of an original-format SD 1.x checkpoint through diffusers' single-file loader.
+
+    Its configs and tokenizer come from ``config`` (a folder, or a hub id fetched like a
+    model, configs only), and diffusers reads them from that folder: no network of its own.
+    """
     from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
 
     pipeline_cls = StableDiffusionInstructPix2PixPipeline if pix2pix else StableDiffusionPipeline
     config_name = config or (DEFAULT_PIX2PIX_MODEL if pix2pix else DEFAULT_MODEL)
-    config_kind, config_location = resolve_source(config_name)
-    if config_kind == "file":
-        raise ModelLoadError(
-            f"model_config must be a diffusers folder or hub id, got {config_name}"
-        )
-    offline = hub_unreachable(config_location) if config_kind == "hub" else None
-    if offline is not None:
-        log.warning("configs of %s: %s; looking in the local cache only", path, offline)
+    try:
+        config_location = _config_folder(config_name, "model_config", download)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"configs for single-file checkpoint {path}: {exc}") from exc
     try:
         pipeline = pipeline_cls.from_single_file(
             path,
             config=config_location,
             torch_dtype=dtype,
-            local_files_only=config_kind == "folder" or offline is not None,
+            local_files_only=True,
             safety_checker=None,
             requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"could not load single-file checkpoint {path} with configs from {config_name!r}: "
-            f"{exc} (offline, or another architecture? give --model-config / model_config a "
-            "local diffusers folder of the same architecture)"
+            f"{exc} (another architecture? give --model-config / model_config a diffusers "
+            "folder or hub id of the same architecture)"
         ) from exc
     return {
         "tokenizer": pipeline.tokenizer,
@@ -484,7 +470,8 @@ def load_controlnet(
     kind, location = resolve_source(name)
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
-        return _place(_load_single_file_controlnet(location, config, dtype), device, dtype)
+        controlnet = _load_single_file_controlnet(location, config, dtype, download)
+        return _place(controlnet, device, dtype)
     if kind == "hub":
         kind, location = "folder", _fetch(name, allow_pickle, download)
     if not (Path(location) / "config.json").is_file():
@@ -499,23 +486,24 @@ def load_controlnet(
     return _place(model, device, dtype)
 
 
-def _load_single_file_controlnet(path: str, config: str | None, dtype: torch.dtype) -> Any:
+def _load_single_file_controlnet(
+    path: str, config: str | None, dtype: torch.dtype, download: DownloadHooks | None = None
+) -> Any:
     """A ControlNet from one checkpoint file, its config from ``config`` (a diffusers
-    ControlNet folder or hub id) or the shipped SD 1.5 ControlNet config: no network."""
+    ControlNet folder, or a hub id fetched like a model, configs only) or the shipped SD 1.5
+    ControlNet config (no network)."""
     from diffusers import ControlNetModel
 
     config_name = config or str(SD15_CONTROLNET_CONFIG)
-    config_kind, config_location = resolve_source(config_name)
-    if config_kind == "file":
-        raise ModelLoadError(
-            f"a ControlNet config must be a diffusers ControlNet folder or hub id, got {config}"
-        )
-    offline = hub_unreachable(config_location) if config_kind == "hub" else None
+    try:
+        config_location = _config_folder(config_name, "a ControlNet config", download)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"configs for single-file ControlNet {path}: {exc}") from exc
     try:
         return ControlNetModel.from_single_file(
             path,
             config=config_location,
-            local_files_only=config_kind == "folder" or offline is not None,
+            local_files_only=True,
             torch_dtype=dtype,
             low_cpu_mem_usage=low_cpu_mem_usage(),
         )

@@ -6,6 +6,7 @@ decides whether they become log lines or protocol messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -266,8 +267,16 @@ def run_job(
     engine = TextToVideoZero(base, controlnets)
     motion = job.effective_motion
     # LoRAs and embeddings live on the cached model for this job only (see adapters.py).
-    adapters = applied_adapters(base, job.loras, job.embeddings, allow_pickle=allow_pickle)
-    with adapters as pipe, staged_output(out) as staging:
+    # LoRAs and embeddings given as hub ids download first, with the models' progress.
+    adapters = applied_adapters(
+        base, job.loras, job.embeddings, allow_pickle=allow_pickle, download=download
+    )
+    with contextlib.ExitStack() as stack:
+        try:
+            pipe = stack.enter_context(adapters)
+        except DownloadCancelled as exc:
+            raise Cancelled() from exc
+        staging = stack.enter_context(staged_output(out))
         previews = None
         if events.preview_every is not None:
             previews = DenoisingPreview(engine, staging, events)

@@ -6,7 +6,8 @@ Serves model repos built in a test (``{repo_id: {path: bytes}}``) through the en
 URLs (``/{repo}/resolve/{rev}/{path}``) answering HEAD with the commit, ETag and size
 headers and GET with the bytes (Range supported). ``rate`` throttles the bytes a second so
 that progress can be watched and a download cancelled midway. Set ``HF_ENDPOINT`` to
-``url`` (and ``HF_HUB_OFFLINE=0``) in the process that downloads. Stdlib only.
+``url`` (and ``HF_HUB_OFFLINE=0``) in the process that downloads, or call
+``use_in_process`` to download in the test's own process. The server is stdlib only.
 """
 
 from __future__ import annotations
@@ -152,3 +153,22 @@ class FakeHub:
                         time.sleep(ahead)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a cancelled download)
+
+
+def use_in_process(hub: FakeHub, setattr: Any, cache: Any) -> None:
+    """Point this process's huggingface_hub at ``hub``, online, with the hub cache ``cache``.
+
+    ``setattr`` is a monkeypatch's (undone after the test). huggingface_hub reads
+    ``HF_ENDPOINT`` once, at import, into ``ENDPOINT`` and the resolve URL template: both
+    are set here. Imports huggingface_hub (only this helper does).
+    """
+    from huggingface_hub import constants
+
+    setattr(constants, "HF_HUB_OFFLINE", False)
+    setattr(constants, "ENDPOINT", hub.url)
+    setattr(
+        constants,
+        "HUGGINGFACE_CO_URL_TEMPLATE",
+        hub.url + "/{repo_id}/resolve/{revision}/{filename}",
+    )
+    setattr(constants, "HF_HUB_CACHE", str(cache))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fakehub import COMMIT
 
 from backend.models import ModelCache, ModelLoadError, load_base_model
 from backend.protocol import JobError, validate_job
@@ -225,3 +226,206 @@ def test_a_multi_vector_embedding_is_expanded_and_removed(
     assert not any(TOKEN in t for t in base.tokenizer.get_vocab())
     change = np.abs(latents(tmp_path / "emb") - latents(tmp_path / "plain")).mean()
     assert change > 1e-3, change
+
+
+# --------------------------------------------------------------------------- from the hub
+
+LORA_REPO = "test/lora"
+MB = 1 << 20
+
+
+@pytest.fixture
+def adapter_hub(
+    lora_file: Path, embedding_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Any:
+    """A fake Hub (this process online, hub cache in tmp_path/hub-cache) with adapter repos:
+    test/lora (diffusers' LoRA name, plus a training checkpoint and a README that are never
+    fetched), test/embedding (one .safetensors of another name), test/big-lora (4 MB of
+    random bytes, for cancelling), test/two-loras and test/no-weights."""
+    import os
+
+    from fakehub import FakeHub, use_in_process
+
+    lora = lora_file.read_bytes()
+    repos = {
+        LORA_REPO: {
+            "README.md": b"# a LoRA",
+            "pytorch_lora_weights.safetensors": lora,
+            "checkpoint-500/pytorch_lora_weights.safetensors": os.urandom(1000),
+            "checkpoint-500/optimizer.bin": os.urandom(1000),
+        },
+        "test/embedding": {"shiny-v2.safetensors": embedding_file.read_bytes()},
+        "test/big-lora": {"pytorch_lora_weights.safetensors": os.urandom(4 * MB)},
+        "test/two-loras": {"style-a.safetensors": lora, "style-b.safetensors": lora},
+        "test/no-weights": {"README.md": b"# empty", "lora.ckpt": b"pickled"},
+    }
+    with FakeHub(repos) as hub:
+        use_in_process(hub, monkeypatch.setattr, tmp_path / "hub-cache")
+        yield hub
+
+
+def _gets(hub: Any) -> list[str]:
+    """The files the fake Hub sent (GET of resolve URLs), as repo:file."""
+    return [
+        path[1:].replace("/resolve/", ":", 1).replace(f"{COMMIT}/", "", 1)
+        for m, path, _ in hub.requests
+        if m == "GET" and "/resolve/" in path
+    ]
+
+
+def test_a_hub_lora_downloads_with_progress_then_applies_like_the_local_file(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any
+) -> None:
+    from backend.runner import JobEvents
+
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "plain"), cache)
+    run_job(make_job(tmp_path / "local", loras=[{"path": str(lora_file), "weight": 0.7}]), cache)
+    reports: list[Any] = []
+    events = JobEvents(download=reports.append)
+    run_job(make_job(tmp_path / "hub", loras=[{"path": LORA_REPO, "weight": 0.7}]), cache, events)
+
+    np.testing.assert_array_equal(latents(tmp_path / "hub"), latents(tmp_path / "local"))
+    assert np.abs(latents(tmp_path / "hub") - latents(tmp_path / "plain")).mean() > 1e-3
+    size = lora_file.stat().st_size
+    assert reports and {r.model for r in reports} == {LORA_REPO}
+    assert reports[0].file == "pytorch_lora_weights.safetensors" and reports[0].bytes_done == 0
+    assert (reports[-1].bytes_done, reports[-1].bytes_total, reports[-1].files_done) == (
+        size,
+        size,
+        1,
+    )
+    # Only the one weight file was fetched: not the training checkpoint, not the README.
+    assert _gets(adapter_hub) == [f"{LORA_REPO}:pytorch_lora_weights.safetensors"]
+
+    # Downloaded once: the next job finds it in the cache (only the listing is asked for).
+    asked = len(adapter_hub.requests)
+    reports.clear()
+    run_job(make_job(tmp_path / "again", loras=[{"path": LORA_REPO, "weight": 0.7}]), cache, events)
+    np.testing.assert_array_equal(latents(tmp_path / "again"), latents(tmp_path / "local"))
+    assert len(adapter_hub.requests) == asked + 1 and "/api/models/" in adapter_hub.requests[-1][1]
+    assert cache.loads == 1
+
+
+def test_a_hub_embedding_with_one_safetensors_file_applies_like_the_local_file(
+    tmp_path: Path, tiny_models: dict, embedding_file: Path, adapter_hub: Any
+) -> None:
+    from backend.runner import JobEvents
+
+    cache = ModelCache()
+    local = [{"path": str(embedding_file), "token": TOKEN}]
+    run_job(make_job(tmp_path / "local", embeddings=local), cache)
+    reports: list[Any] = []
+    hub = [{"path": "test/embedding", "token": TOKEN}]
+    run_job(make_job(tmp_path / "hub", embeddings=hub), cache, JobEvents(download=reports.append))
+    np.testing.assert_array_equal(latents(tmp_path / "hub"), latents(tmp_path / "local"))
+    assert reports[-1].file == "" and reports[-1].bytes_done == embedding_file.stat().st_size
+    assert [r.file for r in reports[:1]] == ["shiny-v2.safetensors"]
+
+
+def test_cancelling_a_hub_lora_download_stops_it_and_applies_nothing(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any
+) -> None:
+    from backend.adapters import applied_adapters
+    from backend.engine import Cancelled
+    from backend.hub import DownloadCancelled, DownloadHooks
+    from backend.protocol import LoraSpec
+    from backend.runner import JobEvents
+
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "plain"), cache)
+    clean = _unet_state(cache)
+    (base,) = cache._bases.values()
+    vocab = len(base.tokenizer)
+    adapter_hub.rate = 2 * MB  # 4 MB in about 2 s
+
+    reports: list[Any] = []
+    cancel_after_bytes = lambda: any(r.bytes_done > 0 for r in reports)  # noqa: E731
+    loras = [{"path": str(lora_file), "weight": 1.0}, {"path": "test/big-lora", "weight": 1.0}]
+    events = JobEvents(download=reports.append, should_cancel=cancel_after_bytes)
+    with pytest.raises(Cancelled):
+        run_job(make_job(tmp_path / "cancelled", loras=loras), cache, events)
+    assert not (tmp_path / "cancelled").exists()
+    assert 0 < reports[-1].bytes_done < 4 * MB
+    assert adapter_hub.bytes_sent < 4 * MB  # the transfer stopped
+
+    # Directly: the loader's own exception, and the model as it was (no LoRA layers).
+    reports.clear()
+    hooks = DownloadHooks(progress=reports.append, should_cancel=cancel_after_bytes)
+    specs = [LoraSpec(str(lora_file), 1.0), LoraSpec("test/big-lora", 1.0)]
+    with (
+        pytest.raises(DownloadCancelled, match="test/big-lora"),
+        applied_adapters(base, specs, download=hooks),
+    ):
+        pytest.fail("the adapters were applied")
+    (base,) = cache._bases.values()
+    state = _unet_state(cache)
+    assert state.keys() == clean.keys()
+    assert all(state[k].equal(v) for k, v in clean.items())
+    assert not getattr(base.unet, "peft_config", None)
+    assert len(base.tokenizer) == vocab
+    run_job(make_job(tmp_path / "after"), cache)
+    np.testing.assert_array_equal(latents(tmp_path / "after"), latents(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize(
+    ("repo", "message"),
+    [
+        ("test/two-loras", r"LoRA 'test/two-loras' has 2 weight files \(style-a.safetensors, "
+         r"style-b.safetensors\).*cannot tell which"),
+        ("test/no-weights", r"LoRA 'test/no-weights' has no .safetensors weights.*lora.ckpt"),
+        ("test/missing", r"LoRA 'test/missing' is not on the Hugging Face Hub"),
+    ],
+)  # fmt: skip
+def test_a_hub_lora_without_one_usable_weight_file_names_the_repo(
+    tmp_path: Path, tiny_models: dict, adapter_hub: Any, repo: str, message: str
+) -> None:
+    with pytest.raises(ModelLoadError, match=message):
+        run_job(make_job(tmp_path / "out", loras=[repo]), ModelCache())
+    assert not (tmp_path / "out").exists()
+    assert _gets(adapter_hub) == []  # nothing was downloaded
+
+
+def test_offline_a_hub_lora_comes_from_the_cache_or_the_error_says_what_to_do(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from huggingface_hub import constants
+
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "online", loras=[LORA_REPO]), cache)
+    asked = len(adapter_hub.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run_job(make_job(tmp_path / "offline", loras=[LORA_REPO]), cache)
+    np.testing.assert_array_equal(latents(tmp_path / "offline"), latents(tmp_path / "online"))
+    with pytest.raises(ModelLoadError) as info:
+        run_job(
+            make_job(tmp_path / "out", embeddings=[{"path": "test/embedding", "token": TOKEN}]),
+            cache,
+        )
+    text = str(info.value)
+    assert "embedding 'test/embedding' is not downloaded and online access is off" in text
+    assert "HF_HUB_OFFLINE" in text and "a local .safetensors file" in text
+    assert len(adapter_hub.requests) == asked  # offline means offline
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unreachable_hub_uses_the_cached_lora_or_says_it_is_out_of_reach(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    import socket
+
+    from fakehub import use_in_process
+
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "online", loras=[LORA_REPO]), cache)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    adapter_hub.url = closed  # (only for use_in_process: the server still listens)
+    use_in_process(adapter_hub, monkeypatch.setattr, tmp_path / "hub-cache")
+    run_job(make_job(tmp_path / "cached", loras=[LORA_REPO]), cache)
+    np.testing.assert_array_equal(latents(tmp_path / "cached"), latents(tmp_path / "online"))
+    with pytest.raises(ModelLoadError, match=r"cannot download LoRA 'test/big-lora'.*out of reach"):
+        run_job(make_job(tmp_path / "out", loras=["test/big-lora"]), cache)

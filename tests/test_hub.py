@@ -352,3 +352,181 @@ def test_the_cli_shows_the_download_then_generates(
     total = sum(len(b) for b in hub.repos["test/tiny"].values()) / 1e6
     assert f"downloading test/tiny: {total:.1f} of {total:.1f} MB\x1b[K\n" in result.stderr
     assert (out / "frame_00002.png").is_file()
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+@pytest.mark.parametrize(
+    ("files", "kind", "allow_pickle", "chosen"),
+    [
+        # diffusers' name wins over other files; training state is never a candidate
+        (["README.md", "style.safetensors", "pytorch_lora_weights.safetensors",
+          "checkpoint-500/pytorch_lora_weights.safetensors"], "lora", False,
+         "pytorch_lora_weights.safetensors"),
+        (["checkpoint-500/model.safetensors", "scheduler.safetensors", "optimizer.safetensors",
+          "my-style.safetensors"], "lora", False, "my-style.safetensors"),
+        (["sub/pytorch_lora_weights.safetensors", "other.safetensors"], "lora", False,
+         "sub/pytorch_lora_weights.safetensors"),
+        (["learned_embeds.safetensors", "pytorch_lora_weights.safetensors"], "embedding",
+         False, "learned_embeds.safetensors"),
+        (["token.safetensors", "image.png"], "embedding", False, "token.safetensors"),
+        # pickles only when allowed, and only without a .safetensors
+        (["learned_embeds.bin", "other.pt"], "embedding", True, "learned_embeds.bin"),
+        (["lora.bin", "lora.safetensors"], "lora", True, "lora.safetensors"),
+    ],
+)  # fmt: skip
+def test_an_adapter_repo_gives_its_one_weight_file_as_diffusers_would_guess(
+    files: list[str], kind: str, allow_pickle: bool, chosen: str
+) -> None:
+    from backend.hub import adapter_weight
+
+    assert adapter_weight(files, kind, "owner/x", allow_pickle) == chosen
+
+
+@pytest.mark.parametrize(
+    ("files", "allow_pickle", "message"),
+    [
+        (["a.safetensors", "b.safetensors"], False,
+         r"LoRA 'owner/x' has 2 weight files \(a.safetensors, b.safetensors\) and none is "
+         r"named pytorch_lora_weights.safetensors: cannot tell which"),
+        (["a.bin", "b.bin"], True, r"LoRA 'owner/x' has 2 weight files \(a.bin, b.bin\)"),
+        (["README.md", "config.json"], False,
+         r"^LoRA 'owner/x' has no .safetensors weights to load$"),
+        (["lora.ckpt"], False, r"'owner/x' has no .safetensors weights.*lora.ckpt.*allow-pickle"),
+        (["checkpoint-10/pytorch_lora_weights.safetensors"], False, r"'owner/x' has no"),
+    ],
+)  # fmt: skip
+def test_an_adapter_repo_without_exactly_one_weight_file_names_the_repo(
+    files: list[str], allow_pickle: bool, message: str
+) -> None:
+    from backend.hub import HubError, adapter_weight
+
+    with pytest.raises(HubError, match=message):
+        adapter_weight(files, "lora", "owner/x", allow_pickle)
+
+
+def test_fetch_adapter_downloads_only_the_weight_file_and_finds_it_offline(
+    online: None, hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from backend.hub import DownloadHooks, HubError, fetch_adapter
+
+    weights = os.urandom(3 * MB)
+    hub.repos["test/emb"] = {"learned_embeds.safetensors": weights, "README.md": b"# hi"}
+    hub.repos["test/other"] = {"learned_embeds.safetensors": weights}
+    reports: list[Any] = []
+    path = fetch_adapter(
+        "test/emb", "embedding", hooks=DownloadHooks(reports.append), cache_dir=tmp_path,
+        endpoint=hub.url,
+    )  # fmt: skip
+    assert path.name == "learned_embeds.safetensors" and path.read_bytes() == weights
+    assert [r.file for r in reports] == ["learned_embeds.safetensors", ""]
+    assert (reports[-1].bytes_done, reports[-1].bytes_total) == (len(weights), len(weights))
+    assert not any("README" in path for _, path, _ in hub.requests)
+
+    asked = len(hub.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert fetch_adapter("test/emb", "embedding", cache_dir=tmp_path, endpoint=hub.url) == path
+    with pytest.raises(
+        HubError, match=r"embedding 'test/other' is not downloaded.*online access is off"
+    ):
+        fetch_adapter("test/other", "embedding", cache_dir=tmp_path, endpoint=hub.url)
+    assert len(hub.requests) == asked
+
+
+def test_fetch_adapter_cancel_leaves_no_file_and_an_unreachable_hub_says_so(
+    online: None, hub: FakeHub, tmp_path: Path
+) -> None:
+    from backend.hub import DownloadCancelled, DownloadHooks, HubError, fetch_adapter
+
+    hub.repos["test/lora"] = {"pytorch_lora_weights.safetensors": os.urandom(4 * MB)}
+    hub.rate = 4 * MB
+    reports: list[Any] = []
+    hooks = DownloadHooks(reports.append, lambda: any(r.bytes_done > 0 for r in reports))
+    with pytest.raises(DownloadCancelled, match="test/lora"):
+        fetch_adapter("test/lora", "lora", hooks=hooks, cache_dir=tmp_path, endpoint=hub.url)
+    assert hub.bytes_sent < 4 * MB
+    assert not list(tmp_path.glob("*/snapshots/*/pytorch_lora_weights.safetensors"))
+    with pytest.raises(HubError, match=r"cannot download LoRA 'test/lora'.*out of reach"):
+        fetch_adapter(
+            "test/lora", "lora", cache_dir=tmp_path, endpoint=f"http://127.0.0.1:{closed_port()}"
+        )
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.fixture(scope="module")
+def ldm_checkpoint(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pipeline as one original-format .safetensors file."""
+    from ldm_export import export_ldm_checkpoint
+
+    return export_ldm_checkpoint(
+        tiny_models["tiny"], tmp_path_factory.mktemp("ldm") / "tiny-sd.safetensors"
+    )
+
+
+@pytest.fixture
+def in_process(hub: FakeHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeHub:
+    """``hub`` as this process's Hub, online, with the hub cache in tmp_path/cache."""
+    from fakehub import use_in_process
+
+    use_in_process(hub, monkeypatch.setattr, tmp_path / "cache")
+    return hub
+
+
+def test_a_single_file_checkpoint_fetches_only_the_configs_of_its_hub_config(
+    in_process: FakeHub, ldm_checkpoint: Path, tiny_base: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from backend.hub import DownloadCancelled, DownloadHooks
+    from backend.models import ModelLoadError, load_base_model
+
+    with pytest.raises(DownloadCancelled, match="test/tiny"):
+        load_base_model(str(ldm_checkpoint), config="test/tiny",
+                        download=DownloadHooks(should_cancel=lambda: True))  # fmt: skip
+    reports: list[Any] = []
+    loaded = load_base_model(
+        str(ldm_checkpoint), config="test/tiny", download=DownloadHooks(reports.append)
+    )
+    for module in ("unet", "vae", "text_encoder"):
+        want, got = getattr(tiny_base, module).state_dict(), getattr(loaded, module).state_dict()
+        assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
+    assert loaded.tokenizer("a cat").input_ids == tiny_base.tokenizer("a cat").input_ids
+    fetched = {r.file for r in reports} - {""}
+    configs = {n for n in in_process.repos["test/tiny"] if n.endswith((".json", ".txt"))}
+    assert fetched == configs and {r.model for r in reports} == {"test/tiny"}
+    assert not any(p.endswith(".safetensors") for _, p, _ in in_process.requests)
+
+    # Offline: the cached configs, or an error naming the config and the checkpoint.
+    asked = len(in_process.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    load_base_model(str(ldm_checkpoint), config="test/tiny")
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(str(ldm_checkpoint), config="test/other")
+    text = str(info.value)
+    assert str(ldm_checkpoint) in text and "model config 'test/other' is not downloaded" in text
+    assert len(in_process.requests) == asked
+
+
+def test_a_single_file_controlnet_fetches_its_hub_config_with_progress(
+    in_process: FakeHub, tiny_models: dict[str, Path], tiny_controlnet: Any, tmp_path: Path
+) -> None:
+    import shutil
+
+    from backend.hub import DownloadHooks
+    from backend.models import load_controlnet
+
+    folder = tiny_models["tiny-controlnet"]
+    in_process.repos["test/cn"] = repo_from_folder(folder)
+    single = tmp_path / "my-controlnet.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", single)
+    reports: list[Any] = []
+    loaded = load_controlnet(str(single), config="test/cn", download=DownloadHooks(reports.append))
+    want, got = tiny_controlnet.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
+    assert {r.file for r in reports} == {"config.json", ""}
+    assert not any(p.endswith(".safetensors") for _, p, _ in in_process.requests)
