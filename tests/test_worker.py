@@ -628,12 +628,14 @@ def test_in_process_job_replies(tiny_models: dict, tmp_path: Path) -> None:
         assert set(m) == fields and m["id"] == "j1", m
         assert m["total"] == 2 and m["frames_total"] == 3, m
         assert m["fraction"] == round(m["fraction"], 4), m  # rounded for the add-on
+        assert type(m["step"]) is int and 1 <= m["step"] <= m["total"], m
     fractions = [m["fraction"] for m in progress]
     assert fractions == sorted(fractions) and 0 < fractions[0] < 0.9 < fractions[-1] == 1.0
     assert any(len(str(f)) == 6 for f in fractions)  # one has 4 decimals (cut from more)
     denoising = [m for m in progress if m["stage"] == "denoising"]
     assert denoising and all(m["frames_done"] == 0 for m in denoising)
     assert progress[-1]["stage"] == "decoding" and progress[-1]["frames_done"] == 3
+    assert denoising[-1]["step"] == 2 and progress[-1]["step"] == 2
 
     previews = [m for m in of_type(replies, "preview") if "frame_" in m["path"]]
     assert [(m["id"], m["frame"], Path(m["path"]).name) for m in previews] == [
@@ -740,7 +742,9 @@ def test_in_process_cancel_reaches_the_running_job_only(tiny_models: dict, tmp_p
         w.send("cancel", id="a")  # finished jobs: nothing to stop
         w.send("cancel", id="unknown")
         assert w.until_terminal("c")[-1]["type"] == "done"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["c"]
+        w.send("generate", id="a", job=job(tmp_path / "a"))  # the cancel of old "a" is gone
+        assert w.until_terminal("a")[-1]["type"] == "done"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["a", "c"]
 
 
 def test_in_process_cancel_of_queued_requests(tiny_models: dict, tmp_path: Path) -> None:
@@ -891,6 +895,9 @@ def test_in_process_model_cache_requests(
         assert error["type"] == "error" and error["id"] == "f2" and error["kind"] == "HubError"
         assert "'test/absent'" in error["message"] and "HF_HUB_OFFLINE" in error["message"]
         assert error["traceback"].startswith("Traceback (most recent call last)")
+        w.send("cancel", id="f1")  # f1 has finished (f2 ran since): nothing to cancel or keep
+        w.send("fetch_model", id="f1", model="test/small")
+        assert w.next()["type"] == "fetched"
         for bad in ("small", "a/b/c", 7):
             w.send("fetch_model", id="f3", model=bad)
             error = w.next()
@@ -1016,3 +1023,54 @@ def test_in_process_max_models_keeps_that_many_models_loaded(
             w.send("generate", id=str(i), job=job(tmp_path / str(i), model=model, frames=1))
             assert w.until_terminal(str(i))[-1]["type"] == "done"
     assert len(loads) == (3 if kept is None else 2), loads
+
+
+def test_in_process_frame_1_previews_while_denoising(
+    tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs preview frame 1 as it forms (every DENOISING_PREVIEW_SECONDS; made short here)."""
+    import backend.worker
+
+    monkeypatch.setattr(backend.worker, "DENOISING_PREVIEW_SECONDS", 0.001)
+    with in_process(tmp_path) as w:
+        w.send("generate", id="f", job=job(tmp_path / "out", frames=2, steps=20))
+        replies = w.until_terminal("f")
+    forming = [m for m in of_type(replies, "preview") if ".preview-" in m["path"]]
+    assert forming and all(m["frame"] == 1 and m["id"] == "f" for m in forming)
+    assert replies[-1]["type"] == "done"
+
+
+def test_read_requests_takes_a_binary_stream_too() -> None:
+    """The reader reads bytes: a text stream's buffer, or a binary stream as it is."""
+    from backend.worker import ProtocolWriter, Worker
+
+    worker = Worker(ProtocolWriter(io.StringIO()))
+    worker.read_requests(io.BytesIO(b'{"type":"generate","id":"q"}\n'))
+    assert worker.requests.get_nowait() == {"type": "generate", "id": "q"}
+    assert worker.requests.get_nowait() is None and worker.cancel.is_set()  # end of input
+    assert worker.queued_ids == {"q"}
+
+
+def test_in_process_long_tracebacks_are_kept_up_to_their_own_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed cache request's traceback is cut at MAX_TRACEBACK_CHARS, not at the
+    (shorter) message limit."""
+    import backend.hub
+
+    def list_cached(depth: int = 60) -> list:
+        if depth:
+            return deeper(depth - 1)  # alternating frames: Python folds repeated ones
+        raise OSError("the cache cannot be read")
+
+    def deeper(depth: int) -> list:
+        return list_cached(depth)
+
+    monkeypatch.setattr(backend.hub, "list_cached", list_cached)
+    with in_process(tmp_path) as w:
+        w.send("list_models", id="l")
+        error = w.next()
+    assert error["kind"] == "OSError" and error["message"] == "the cache cannot be read"
+    trace = error["traceback"]
+    assert MAX_MESSAGE_CHARS < len(trace) < MAX_TRACEBACK_CHARS  # whole
+    assert trace.endswith("OSError: the cache cannot be read\n")
