@@ -6,6 +6,7 @@ import io
 import json
 import os
 import queue
+import re
 import select
 import subprocess
 import sys
@@ -1058,7 +1059,7 @@ def test_in_process_long_tracebacks_are_kept_up_to_their_own_limit(
     (shorter) message limit."""
     import backend.hub
 
-    def list_cached(depth: int = 60) -> list:
+    def list_cached(depth: int = 40) -> list:
         if depth:
             return deeper(depth - 1)  # alternating frames: Python folds repeated ones
         raise OSError("the cache cannot be read")
@@ -1072,5 +1073,10 @@ def test_in_process_long_tracebacks_are_kept_up_to_their_own_limit(
         error = w.next()
     assert error["kind"] == "OSError" and error["message"] == "the cache cannot be read"
     trace = error["traceback"]
-    assert MAX_MESSAGE_CHARS < len(trace) < MAX_TRACEBACK_CHARS  # whole
-    assert trace.endswith("OSError: the cache cannot be read\n")
+    assert len(trace) > MAX_MESSAGE_CHARS + 1000
+    if len(trace) > MAX_TRACEBACK_CHARS:  # frames are longer under coverage tools
+        assert re.fullmatch(
+            rf"(?s).{{{MAX_TRACEBACK_CHARS}}} \.\.\. \[\d+ more characters\]", trace
+        )
+    else:
+        assert trace.endswith("OSError: the cache cannot be read\n")
