@@ -93,6 +93,8 @@ class Worker:
         self.writer = writer
         self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancel = threading.Event()
+        # Set by shutdown or the end of input: the running job stops, queued ones never start.
+        self.stopping = threading.Event()
         self.current_id: str | None = None
         # Jobs waiting in the queue, and those of them cancelled before they started.
         self.queued_ids: set[str] = set()
@@ -114,7 +116,7 @@ class Worker:
             except Exception as exc:  # never let one line end the reader: report it
                 log.exception("request line could not be handled")
                 self.send_protocol_error(f"{type(exc).__name__}: {exc}")
-        self.cancel.set()  # stdin closed: the add-on is gone
+        self.stop()  # stdin closed: the add-on is gone
         self.requests.put(None)
 
     def send_protocol_error(self, text: str) -> None:
@@ -144,11 +146,18 @@ class Worker:
         if message["type"] in QUEUED_REQUESTS:
             with self.lock:
                 self.queued_ids.add(str(message.get("id", "")))
-        self.requests.put(message)
         if message["type"] == "shutdown":
-            self.cancel.set()
+            self.stop()
+            self.requests.put(message)
             return True
+        self.requests.put(message)
         return False
+
+    def stop(self) -> None:
+        """Shutdown or end of input: cancel the running job; queued requests never start."""
+        with self.lock:
+            self.stopping.set()
+            self.cancel.set()
 
     def request_cancel(self, job_id: Any) -> None:
         """Cancel the running job now, or a queued one as soon as it comes up."""
@@ -180,7 +189,7 @@ class Worker:
         with self.lock:
             # Leaving the queue and becoming current is one step, so no cancel falls between.
             self.queued_ids.discard(job_id)
-            if job_id in self.cancelled_ids:
+            if job_id in self.cancelled_ids or self.stopping.is_set():
                 self.cancelled_ids.discard(job_id)
                 self.writer.send("cancelled", id=job_id)
                 return
@@ -306,8 +315,8 @@ class Worker:
         """Main thread: run requests until shutdown or end of input."""
         while True:
             message = self.requests.get()
-            if message is None or message["type"] == "shutdown":
-                return
+            if message is None or message["type"] == "shutdown" or self.stopping.is_set():
+                return  # requests still queued behind a shutdown are dropped
             if message["type"] == "generate":
                 self.run_one(message)
             elif message["type"] in QUEUED_REQUESTS:

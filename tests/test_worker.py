@@ -858,6 +858,25 @@ def test_in_process_shutdown_and_end_of_input_stop_the_running_job(
     assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no output of either job
 
 
+def test_in_process_shutdown_drops_the_requests_queued_before_it(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    """Shutdown (Blender closing) cancels the running job and the queued ones never start:
+    they used to run in full, one after another, before the worker exited."""
+    with in_process(tmp_path) as w:
+        w.send("generate", id="running", job=long_job(tmp_path / "running"))
+        started(w, "running")
+        w.send("generate", id="queued", job=job(tmp_path / "queued"))
+        w.send("fetch_model", id="fq", model="test/absent")
+        w.send("shutdown")
+        replies = w.until_terminal("running")
+        assert replies[-1] == {"type": "cancelled", "id": "running"}
+        assert w.wait() == 0
+    later = [m for m in w.rest if m.get("id") in ("queued", "fq")]
+    assert all(m["type"] == "cancelled" for m in later), later  # never accepted, never run
+    assert [p for p in tmp_path.iterdir() if p.is_dir()] == []  # no output of any job
+
+
 def test_in_process_model_cache_requests(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
