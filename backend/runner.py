@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -142,9 +143,11 @@ class TensorFrames(Mapping[int, torch.Tensor]):
 
 
 def native_side(base: Any) -> int:
-    """The side of the square the base model was trained at: sample_size x VAE factor."""
+    """The side of the square of the base model's training pixel count: sample_size x VAE
+    factor (a (height, width) sample size gives the side of the same area)."""
     sample = base.unet.config.sample_size
-    sample = sample[0] if isinstance(sample, (list, tuple)) else sample
+    if isinstance(sample, (list, tuple)):
+        sample = round(math.sqrt(int(sample[0]) * int(sample[-1])))
     return int(sample) * base.vae_scale_factor
 
 

@@ -18,7 +18,14 @@ from backend.engine import Cancelled, ControlInput, TextToVideoZero
 from backend.models import ModelCache, choose_dtype
 from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, VideoInput, validate_job
 from backend.runner import JobEvents, run_job
-from backend.video_io import OutputExistsError, h264_available, read_frames, read_masks, write_png
+from backend.video_io import (
+    OutputExistsError,
+    VideoInputError,
+    h264_available,
+    read_frames,
+    read_masks,
+    write_png,
+)
 
 
 def make_job(out: Path, **fields: Any):
@@ -770,3 +777,201 @@ def test_run_json_records_the_jobs_own_run_time(tmp_path: Path, cache: ModelCach
     wall = time.perf_counter() - started
     info = json.loads((tmp_path / "out" / "run.json").read_text())
     assert 0 < info["seconds"] <= wall + 0.001
+
+
+# --------------------------------------------------------------------------- from mutants
+
+
+class Clock:
+    """A stand-in for time.perf_counter that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_denoising_previews_wait_for_preview_every_and_their_own_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first preview comes once ``preview_every`` seconds have passed; after one, the
+    next waits ``max(preview_every, 20 x what the preview cost)``, so previews never take
+    more than 1/20 of the time (JobEvents' contract)."""
+    clock = Clock()
+    monkeypatch.setattr(runner.time, "perf_counter", clock)
+    decodes: list[float] = []
+
+    class Engine:
+        cost = 1.0  # seconds one preview decode takes
+
+        def decode(self, latent: torch.Tensor) -> torch.Tensor:
+            decodes.append(clock.now)
+            clock.now += self.cost
+            return torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+
+    shown: list[int] = []
+    events = JobEvents(preview=lambda f, p: shown.append(f), preview_every=10.0)
+    preview = runner.DenoisingPreview(Engine(), tmp_path, events)  # at 1000: due 1010
+    latent = torch.zeros(1, 4, 1, 1)
+    for at, step in ((1005.0, 1), (1010.0, 2), (1030.0, 3), (1031.0, 4)):
+        clock.now = at
+        preview(step, latent)
+    # Not at 1005 (before due); at 1010 exactly (due); the decode ended at 1011 and cost
+    # 1 s, so the next is due at 1011 + max(10, 20 x 1) = 1031: not at 1030, at 1031.
+    assert decodes == [1010.0, 1031.0] and shown == [0, 0]
+
+    # Without preview_every: the first at once, then only the cost rule (20 x 0.01 s).
+    Engine.cost = 0.01
+    decodes.clear()
+    clock.now = 2000.0
+    preview = runner.DenoisingPreview(Engine(), tmp_path, JobEvents(preview=lambda f, p: None))
+    for at in (2000.0, 2000.1, 2000.21, 2000.3):
+        clock.now = at
+        preview(1, latent)
+    assert decodes == [2000.0, 2000.21]
+    # No preview hook: nothing is decoded whatever the time.
+    decodes.clear()
+    runner.DenoisingPreview(Engine(), tmp_path, JobEvents(preview_every=0.0))(1, latent)
+    assert decodes == []
+
+
+def test_masks_are_white_foreground_scaled_to_one() -> None:
+    image = np.zeros((2, 3, 3), np.uint8)
+    image[0, 0] = 255
+    image[1, 2] = (64, 128, 192)  # a soft edge: the channels' mean, 128 / 255
+    mask = runner._mask_tensor(image)
+    assert mask.shape == (1, 2, 3) and mask.dtype == torch.float32
+    assert mask[0, 0, 0] == 1.0 and mask[0, 0, 1] == 0.0
+    assert mask[0, 1, 2].item() == pytest.approx(128 / 255, abs=1e-7)
+
+
+def test_native_side_is_the_trained_pixel_count_as_a_square() -> None:
+    from types import SimpleNamespace
+
+    def base(sample: Any) -> Any:
+        return SimpleNamespace(
+            unet=SimpleNamespace(config=SimpleNamespace(sample_size=sample)), vae_scale_factor=8
+        )
+
+    assert runner.native_side(base(64)) == 512  # SD 1.x
+    assert runner.native_side(base([64, 64])) == 512
+    assert runner.native_side(base((48, 75))) == 480  # 384 x 600 pixels: the area of 480^2
+
+
+def test_keypoint_controls_have_no_aspect_whatever_their_extension_case(tmp_path: Path) -> None:
+    """OpenPose keypoint files (.json, any case) are square unless sized: never opened as a
+    picture (none of these exists)."""
+    from types import SimpleNamespace
+
+    for name in ("pose.json", "POSE.JSON", "Pose.Json"):
+        control = VideoInput(str(tmp_path / name))
+        job = SimpleNamespace(video=None, controlnets=[SimpleNamespace(control=control)])
+        assert runner.input_aspect(job) == 1.0
+    missing = SimpleNamespace(video=VideoInput(str(tmp_path / "gone.png")), controlnets=[])
+    with pytest.raises(VideoInputError, match="gone.png does not exist"):
+        runner.input_aspect(missing)
+
+
+def test_job_size_keeps_a_given_size_and_logs_the_one_it_chooses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("INFO", logger="backend.runner"):
+        assert runner.job_size(make_job(tmp_path / "a", width=96, height=64), 64, 2.0) == (96, 64)
+        assert caplog.records == []  # a sized job: nothing chosen, nothing said
+        one_side = make_job(tmp_path / "b", width=None, height=64, fit="pad")
+        assert runner.job_size(one_side, 64, 1.5) == (96, 64)  # the other side from the aspect
+        unsized = make_job(tmp_path / "c", width=None, height=None)
+        assert runner.job_size(unsized, 64, 1.0) == (64, 64)
+    assert [r.getMessage() for r in caplog.records] == [
+        "size 96x64 (pad fit of the input; native side 64)",
+        "size 64x64 (crop fit of the input; native side 64)",
+    ]
+
+
+def test_warnings_for_tiny_models_and_an_ignored_allow_pickle(
+    tmp_path: Path, cache: ModelCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The smoke-test warning is for builtin:tiny* only (not the trained shapes models, not
+    a folder); the allow_pickle warning only when the job asks and the caller does not."""
+
+    def warnings(**fields: Any) -> list[str]:
+        caplog.clear()
+        allowed = fields.pop("allowed", False)
+        with caplog.at_level("WARNING", logger="backend.runner"):
+            name = f"w{len(list(tmp_path.iterdir()))}"
+            run_job(
+                make_job(tmp_path / name, frames=1, steps=2, **fields), cache, allow_pickle=allowed
+            )
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings() == ["builtin:tiny is a tiny random-weight smoke-test model: expect noise"]
+    assert warnings(model="builtin:shapes") == []
+    asked = warnings(model="builtin:shapes", allow_pickle=True)
+    assert asked == [
+        "the job asks for allow_pickle; ignored: only --allow-pickle (or the add-on "
+        "preference) lets pickled weights load"
+    ]
+    assert warnings(model="builtin:shapes", allow_pickle=True, allowed=True) == []
+    assert warnings(model="builtin:shapes", allowed=True) == []
+
+
+def _wide(path: Path, left_columns: int) -> Path:
+    """A 96x64 picture, white in its ``left_columns`` leftmost columns: a crop to a square
+    cuts them off, a pad keeps them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.zeros((64, 96, 3), np.uint8)
+    image[:, :left_columns] = 255
+    write_png(path, image)
+    return path
+
+
+def test_control_videos_and_masks_follow_the_jobs_fit(tmp_path: Path, cache: ModelCache) -> None:
+    """The job's fit reaches the control frames and the masks (not only the source video):
+    with an input of another aspect, pad and crop give different results."""
+    control = str(_wide(tmp_path / "control.png", 12))
+    controlnet = {"mode": "controlnet", "frames": 2, "steps": 2}
+    spec = {"controlnets": [{"model": "builtin:tiny-controlnet", "control": control}]}
+    for fit in ("crop", "pad"):
+        run_job(make_job(tmp_path / f"cn-{fit}", fit=fit, **controlnet, **spec), cache)
+    assert np.abs(latents(tmp_path / "cn-pad") - latents(tmp_path / "cn-crop")).max() > 1e-3
+
+    mask = str(_wide(tmp_path / "mask.png", 12))
+    for fit in ("crop", "pad"):
+        job = make_job(tmp_path / f"m-{fit}", frames=2, fit=fit, smooth_bg=True, masks=mask)
+        run_job(job, cache)
+    assert np.abs(latents(tmp_path / "m-pad") - latents(tmp_path / "m-crop")).max() > 1e-3
+
+
+def test_a_hub_base_model_downloads_with_the_jobs_hooks(
+    tmp_path: Path, tiny_models: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """run_job hands the job's download and cancel hooks to model loading: a hub model
+    reports its download, then runs as the same model from its folder; a cancel during the
+    download ends the job as cancelled, with no output."""
+    from fakehub import FakeHub, use_in_process
+
+    folder = tiny_models["tiny"]
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    with FakeHub({"test/tiny": files}) as hub:
+        use_in_process(hub, monkeypatch.setattr, tmp_path / "hub-cache")
+        stop = [False]
+
+        def cancel_at_first_report(report: Any) -> None:
+            stop[0] = True
+
+        events = JobEvents(download=cancel_at_first_report, should_cancel=lambda: stop[0])
+        with pytest.raises(Cancelled):
+            run_job(make_job(tmp_path / "cancelled", model="test/tiny"), ModelCache(), events)
+        assert not (tmp_path / "cancelled").exists()
+
+        reports: list[Any] = []
+        run_job(
+            make_job(tmp_path / "hub", model="test/tiny"),
+            ModelCache(),
+            JobEvents(download=reports.append),
+        )
+    assert reports and {r.model for r in reports} == {"test/tiny"}
+    assert reports[-1].bytes_done == reports[-1].bytes_total > 0
+    run_job(make_job(tmp_path / "folder", model=str(folder)), ModelCache())
+    np.testing.assert_array_equal(latents(tmp_path / "hub"), latents(tmp_path / "folder"))
