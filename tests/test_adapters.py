@@ -181,6 +181,23 @@ def test_pickled_lora_is_refused_unless_allowed(tmp_path: Path, tiny_models: dic
     assert not (tmp_path / "out").exists()
 
 
+def test_a_pickled_lora_loads_when_the_caller_allows_it(
+    tmp_path: Path, tiny_models: dict, lora_file: Path
+) -> None:
+    """The runner's allow_pickle reaches the adapters: the same LoRA pickled (.bin) applies
+    like its .safetensors file once the caller allows pickles."""
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "lora.bin"
+    torch.save(load_file(str(lora_file)), str(pickled))
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "safe", loras=[{"path": str(lora_file)}]), cache)
+    pickled_job = make_job(tmp_path / "pickled", loras=[{"path": str(pickled)}])
+    run_job(pickled_job, cache, allow_pickle=True)
+    np.testing.assert_array_equal(latents(tmp_path / "pickled"), latents(tmp_path / "safe"))
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -975,3 +975,83 @@ def test_a_hub_base_model_downloads_with_the_jobs_hooks(
     assert reports[-1].bytes_done == reports[-1].bytes_total > 0
     run_job(make_job(tmp_path / "folder", model=str(folder)), ModelCache())
     np.testing.assert_array_equal(latents(tmp_path / "hub"), latents(tmp_path / "folder"))
+
+
+@pytest.mark.parametrize(
+    ("base_fields", "changed"),
+    [
+        ({}, {"guidance": 3.0}),
+        ({}, {"seed": 7}),
+        ({"smooth_bg": True, "masks": "MASK"}, {"smooth_alpha": 0.2}),
+        (
+            {"mode": "pix2pix", "model": "builtin:tiny-pix2pix", "video": "SOURCE"},
+            {"image_guidance": 1.0},
+        ),
+        ({"mode": "controlnet", "controlnets": "CN"}, {"controlnets": "CN_HALF"}),
+        ({}, {"negative_prompt": "blurry"}),
+    ],
+    ids=["guidance", "seed", "smooth_alpha", "image_guidance", "controlnet_weight", "negative"],
+)
+def test_every_generation_setting_reaches_the_engine(
+    tmp_path: Path, cache: ModelCache, base_fields: dict, changed: dict
+) -> None:
+    """Each of the job's generation settings changes the result (none is dropped between the
+    job and the engine, where the engine's own default would silently stand in)."""
+    mask = tmp_path / "mask.png"
+    write_png(mask, np.zeros((64, 64, 3), np.uint8))  # all background: smoothing acts
+    control = str(bar(tmp_path / "control.png", 20))
+    values = {
+        "MASK": str(mask),
+        "SOURCE": control,
+        "CN": [{"model": "builtin:tiny-controlnet", "control": control, "weight": 1.0}],
+        "CN_HALF": [{"model": "builtin:tiny-controlnet", "control": control, "weight": 0.5}],
+    }
+
+    def resolved(fields: dict) -> dict:
+        return {k: values.get(v, v) if isinstance(v, str) else v for k, v in fields.items()}
+
+    common = {"frames": 2, "steps": 2, **resolved(base_fields)}
+    run_job(make_job(tmp_path / "base", **common), cache)
+    run_job(make_job(tmp_path / "changed", **{**common, **resolved(changed)}), cache)
+    assert np.abs(latents(tmp_path / "changed") - latents(tmp_path / "base")).max() > 1e-4
+
+
+def test_progress_reports_steps_then_frames(tmp_path: Path, cache: ModelCache) -> None:
+    """Denoising reports (step, steps, 0 frames, frames) with steps counting up; decoding
+    reports (steps, steps, frames written, frames), one report per decoded slice."""
+    events: list[tuple] = []
+    frames = runner.DECODE_SLICE + 1
+    job = make_job(tmp_path / "run", frames=frames, steps=4)
+    run_job(job, cache, JobEvents(progress=lambda *a: events.append(a)))
+    denoising = [e for e in events if e[5] == "denoising"]
+    decoding = [e for e in events if e[5] == "decoding"]
+    assert events == denoising + decoding
+    assert {e[1:4] for e in denoising} == {(4, 0, frames)}
+    assert [e[0] for e in denoising] == sorted(e[0] for e in denoising)
+    assert denoising[-1][0] == 4 and all(0 < e[4] <= 0.9 for e in denoising)
+    assert [e[:4] for e in decoding] == [
+        (4, 4, runner.DECODE_SLICE, frames),
+        (4, 4, frames, frames),
+    ]
+    assert decoding[-1][4] == pytest.approx(1.0)
+
+
+def test_no_movie_unless_asked_and_run_json_names_the_versions(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    import platform
+
+    from backend import __version__
+
+    result = run_job(make_job(tmp_path / "run", frames=2, steps=2, write_mp4=False), cache)
+    assert not (tmp_path / "run" / "video.mp4").exists()
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["backend"] == __version__ and info["torch"] == torch.__version__
+    assert info["python"] == platform.python_version()
+    assert result.extras == info and result.seconds == pytest.approx(info["seconds"], abs=1e-3)
+    # job.json is for people too: indented, keys sorted (and run.json alike).
+    text = (tmp_path / "run" / "job.json").read_text()
+    saved = json.loads(text)
+    assert text.startswith('{\n  "') and list(saved) == sorted(saved)
+    run_text = (tmp_path / "run" / "run.json").read_text()
+    assert run_text.startswith('{\n  "') and list(info) == sorted(info)
