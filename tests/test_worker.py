@@ -35,6 +35,19 @@ REPO = Path(__file__).resolve().parent.parent
 TERMINAL = {"done", "error", "cancelled"}
 
 
+def sort_protocol_line(line: bytes | str, replies: queue.Queue, stray: list) -> None:
+    """One line of the protocol stream: a message goes to ``replies``; a line that is no
+    message, or not a reply, is also kept in ``stray`` (the stream must hold replies only)."""
+    try:
+        message = decode_message(line)
+    except ValueError:
+        stray.append(line)
+        return
+    if message["type"] not in REPLIES:
+        stray.append(line)
+    replies.put(message)
+
+
 class WorkerProcess:
     """A ``python -m backend serve`` subprocess with its replies collected on a thread."""
 
@@ -58,14 +71,7 @@ class WorkerProcess:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            try:
-                message = decode_message(line)
-            except ValueError:
-                self.stray_lines.append(line)
-                continue
-            if message["type"] not in REPLIES:
-                self.stray_lines.append(line)
-            self.replies.put(message)
+            sort_protocol_line(line, self.replies, self.stray_lines)
         self.replies.put(None)
 
     def send(self, kind: str, /, **payload: Any) -> None:
@@ -457,14 +463,7 @@ class InProcessWorker:
                 break
             *lines, pending = (pending + chunk).split(b"\n")
             for line in lines:
-                try:
-                    message = decode_message(line)
-                except ValueError:
-                    self.stray_lines.append(line)
-                    continue
-                if message["type"] not in REPLIES:
-                    self.stray_lines.append(line)
-                self.replies.put(message)
+                sort_protocol_line(line, self.replies, self.stray_lines)
         if pending:
             self.stray_lines.append(pending)
         os.close(fd)
