@@ -446,3 +446,27 @@ def test_an_unreachable_hub_uses_the_cached_lora_or_says_it_is_out_of_reach(
     np.testing.assert_array_equal(latents(tmp_path / "cached"), latents(tmp_path / "online"))
     with pytest.raises(ModelLoadError, match=r"cannot download LoRA 'test/big-lora'.*out of reach"):
         run_job(make_job(tmp_path / "out", loras=["test/big-lora"]), cache)
+
+
+def test_every_vector_of_a_multi_vector_embedding_is_used_in_both_prompts(
+    tmp_path: Path, tiny_models: dict
+) -> None:
+    """A two-vector embedding's token stands for two tokens ("<t> <t>_1"), in the prompt and
+    in the negative prompt: its result differs from the embedding of its first vector alone."""
+    import torch
+    from safetensors.torch import save_file
+
+    from backend.tiny import CROSS_DIM
+
+    vectors = torch.randn(2, CROSS_DIM, generator=torch.Generator().manual_seed(9)) * 3.0
+    two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"
+    save_file({TOKEN: vectors}, str(two))
+    save_file({TOKEN: vectors[:1].clone()}, str(one))
+    cache = ModelCache()
+    for field in ("prompt", "negative_prompt"):
+        text = {"prompt": "a cat", field: f"a {TOKEN} cat"}
+        for name, path in (("two", two), ("one", one)):
+            embedding = [{"path": str(path), "token": TOKEN}]
+            run_job(make_job(tmp_path / f"{field}-{name}", embeddings=embedding, **text), cache)
+        difference = latents(tmp_path / f"{field}-two") - latents(tmp_path / f"{field}-one")
+        assert np.abs(difference).max() > 1e-3, field
