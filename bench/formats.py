@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from backend.attention import AnchorState, installed_processors
     from backend.models import TORCH_DTYPES, resolve_device
 
+    from .measure import synchronize
     from .run import machine
 
     device, dtype = resolve_device(args.device), TORCH_DTYPES[args.dtype]
@@ -81,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     text = torch.randn(batch, 77, unet.config.cross_attention_dim, generator=gen)
     text = text.to(device, dtype)
     t = torch.tensor(500, device=device)
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     models = variants(unet, args.variants)
     inputs = {
@@ -111,14 +108,14 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             outputs[name] = call(name)
             call(name)  # a second warm-up: compiled code may specialise on the first
-            synchronize()
+            synchronize(device)
             print(f"  warm-up {name}: {time.perf_counter() - started:.1f} s", flush=True)
         for r in range(args.repeats):
             shift = r % len(args.variants)
             for name in args.variants[shift:] + args.variants[:shift]:
                 started = time.perf_counter()
                 call(name)
-                synchronize()
+                synchronize(device)
                 seconds[name].append(time.perf_counter() - started)
     base = statistics.median(seconds[args.variants[0]])
     print(f"\nUNet, 2 x {args.frames} frames, {args.size}x{args.size}, {args.repeats} rounds")

@@ -106,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    from bench.run import _cpu_name
+    from bench.measure import cpu_name
 
     print("command: python -m bench.load " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"machine: {_cpu_name()}, python {platform.python_version()}")
+    print(f"machine: {cpu_name()}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory(prefix="t2vz-load-") as tmp:
         folder = args.folder
         if folder is None:

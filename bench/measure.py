@@ -11,6 +11,7 @@ figures come from fresh child processes (bench/memory.py).
 from __future__ import annotations
 
 import os
+import platform
 import statistics
 import threading
 import time
@@ -21,6 +22,25 @@ import torch
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after
+    it includes that work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def current_rss() -> int:
@@ -102,8 +122,7 @@ def measure_once(fn: Callable[[], object], device: torch.device, into: Measureme
     with torch.inference_mode(), PeakMemory(device) as memory:
         started = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         into.seconds.append(time.perf_counter() - started)
     into.growth.append(memory.growth)
     into.peak.append(memory.peak)
@@ -131,5 +150,4 @@ def warm_up(variants: dict[str, Callable[[], object]], device: torch.device) -> 
     for fn in variants.values():
         with torch.inference_mode():
             fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)

@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(json.loads(args.child))))
         return 0
     print("command: python -m bench.memory " + " ".join(sys.argv[1:] if argv is None else argv))
-    from .run import _cpu_name
+    from .measure import cpu_name
 
-    print(f"machine: {_cpu_name()}; torch {torch.__version__}; each line a fresh child process")
+    print(f"machine: {cpu_name()}; torch {torch.__version__}; each line a fresh child process")
     variants = ["ours"]
     if args.mode == "text2video" and not args.no_diffusers:
         variants.append("diffusers")

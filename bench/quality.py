@@ -49,6 +49,7 @@ from backend.motion import latent_shift
 from backend.protocol import resolve_t0_t1
 
 from . import shape_metrics as sm
+from .measure import cpu_name
 from .warp_check import legacy_translate
 
 SECTIONS = ("fidelity", "text2video", "controlnet", "pix2pix")
@@ -691,18 +692,6 @@ def table(section: str, rows: list[dict]) -> str:
     for row in rows:
         lines.append(" ".join(fmt.format(row[key]) for key, fmt in columns))
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform's processor string)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name(device: torch.device) -> str:

@@ -27,7 +27,7 @@ import torch
 
 from backend.models import TORCH_DTYPES, ModelCache, choose_dtype, resolve_device
 
-from .measure import Measurement, interleaved, warm_up
+from .measure import Measurement, cpu_name, interleaved, warm_up
 from .models import MODEL_KINDS, BenchModels, build_models
 from .workloads import (
     MODES,
@@ -83,23 +83,11 @@ def machine(device: torch.device, dtype: torch.dtype) -> str:
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{_cpu_name()}, {torch.get_num_threads()} torch threads"
+        where = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
     return (
         f"{where}; torch {torch.__version__}, dtype {str(dtype).replace('torch.', '')}, "
         f"python {platform.python_version()}"
     )
-
-
-def _cpu_name() -> str:
-    try:
-        for line in (
-            Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines()
-        ):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def chunk_sizes(frames: int, chunk_size: int) -> list[int]:
