@@ -313,6 +313,26 @@ def _unreachable_error(subject: _Subject, model: str, exc: BaseException) -> Hub
     )
 
 
+def _listing_or_cached(
+    subject: _Subject, model: str, endpoint: str | None, cached: Callable[[], Path | None]
+) -> tuple[Any, Path | None]:
+    """(the Hub's listing, None), or (None, the cached copy ``cached`` finds) when offline or
+    when the Hub is out of reach; the HubError that says what to do when there is none."""
+    if is_offline():
+        found = cached()
+        if found is None:
+            raise _offline_error(subject, model)
+        return None, found
+    try:
+        return _listing(subject, model, endpoint), None
+    except _OutOfReach as exc:
+        found = cached()
+        if found is not None:
+            log.warning("the Hub is out of reach (%s); using the cached %s", exc.__cause__, model)
+            return None, found
+        raise _unreachable_error(subject, model, exc.__cause__ or exc) from exc.__cause__
+
+
 def _download(
     subject: _Subject,
     model: str,
@@ -386,19 +406,11 @@ def fetch_model(
     """
     subject = CONFIG if configs_only else MODEL
     hooks = hooks or DownloadHooks()
-    if is_offline():
-        snapshot = cached_snapshot(model, cache_dir)
-        if snapshot is None:
-            raise _offline_error(subject, model)
+    info, snapshot = _listing_or_cached(
+        subject, model, endpoint, lambda: cached_snapshot(model, cache_dir)
+    )
+    if snapshot is not None:
         return snapshot
-    try:
-        info = _listing(subject, model, endpoint)
-    except _OutOfReach as exc:
-        snapshot = cached_snapshot(model, cache_dir)
-        if snapshot is not None:
-            log.warning("the Hub is out of reach (%s); using the cached %s", exc.__cause__, model)
-            return snapshot
-        raise _unreachable_error(subject, model, exc.__cause__ or exc) from exc.__cause__
     files = [s.rfilename for s in info.siblings or []]
     names = config_files(files) if configs_only else needed_files(files, allow_pickle)
     if not names:
@@ -508,19 +520,11 @@ def fetch_adapter(
     if kind not in ADAPTERS:
         raise ValueError(f"kind must be one of {', '.join(ADAPTERS)}, got {kind!r}")
     subject = ADAPTERS[kind]
-    if is_offline():
-        found = _cached_adapter(model, kind, allow_pickle, cache_dir)
-        if found is None:
-            raise _offline_error(subject, model)
+    info, found = _listing_or_cached(
+        subject, model, endpoint, lambda: _cached_adapter(model, kind, allow_pickle, cache_dir)
+    )
+    if found is not None:
         return found
-    try:
-        info = _listing(subject, model, endpoint)
-    except _OutOfReach as exc:
-        found = _cached_adapter(model, kind, allow_pickle, cache_dir)
-        if found is not None:
-            log.warning("the Hub is out of reach (%s); using the cached %s", exc.__cause__, model)
-            return found
-        raise _unreachable_error(subject, model, exc.__cause__ or exc) from exc.__cause__
     name = adapter_weight([s.rfilename for s in info.siblings or []], kind, model, allow_pickle)
     paths = _download(subject, model, info, [name], hooks or DownloadHooks(), cache_dir, endpoint)
     return paths[name]
