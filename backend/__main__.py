@@ -1,7 +1,5 @@
 """``python -m backend``: see ``backend.cli``."""
 
-import sys
+from .cli import exit_as_program, main
 
-from .cli import main
-
-sys.exit(main())
+exit_as_program(main())

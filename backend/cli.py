@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -414,13 +415,34 @@ def _exit_on_signal(signum: int, frame: Any) -> None:
     sys.exit(128 + signum)
 
 
+INTERRUPTED = 128 + signal.SIGINT
+"""What ``main`` returns after Ctrl-C (a shell's ``$?`` for a program killed by SIGINT)."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m backend``: Ctrl-C ends it with status 130, no traceback."""
+    """Run the command line; Ctrl-C returns ``INTERRUPTED`` with one line, no traceback."""
     try:
         return _main(argv)
     except KeyboardInterrupt:  # the job's staging folder is gone already (staged_output)
         print("\ninterrupted: no result written", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return INTERRUPTED
+
+
+def exit_as_program(status: int) -> None:
+    """Leave the process with ``status``; after Ctrl-C, die by SIGINT once cleaned up.
+
+    A program that caught Ctrl-C should end killed by SIGINT, so that the shell or script
+    that ran it stops too (a ``for`` loop over shots, ``make``) and ``$?`` reads 130.
+    CPython does the same for an uncaught KeyboardInterrupt. An exit status of 130 instead
+    would let the loop carry on, and CPython's own re-kill made the status depend on
+    where the interrupt landed (CI saw both).
+    """
+    if status == INTERRUPTED and os.name == "posix":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)  # fatal on delivery, before kill returns
+    sys.exit(status)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -430,11 +452,11 @@ def _main(argv: list[str] | None) -> int:
     for name in ("SIGTERM", "SIGHUP"):  # no SIGHUP on Windows
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), _exit_on_signal)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    # Our own INFO lines (the size chosen, adapters applied); the libraries' only with -v
+    # (torch logs cache statistics at exit, for one).
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
+    logging.getLogger(__package__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command == "serve":
         from .worker import serve
 

@@ -7,6 +7,7 @@ per mode, one regeneration from job.json with --frame-range, and the refusals.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -239,12 +240,16 @@ def test_only_the_flag_allows_pickle_never_the_job_file(
 
 
 @pytest.mark.parametrize(
-    ("signame", "code", "said"), [("SIGINT", 130, "interrupted"), ("SIGHUP", 129, "")]
+    ("signame", "code", "said"), [("SIGINT", -2, "interrupted"), ("SIGHUP", 129, "")]
 )
 def test_ctrl_c_and_a_closed_terminal_leave_nothing_and_no_traceback(
     backend_env: dict, tiny_models: dict, tmp_path: Path, signame: str, code: int, said: str
 ) -> None:
-    """Ctrl-C printed a traceback; SIGHUP (closing the terminal) left a partial folder."""
+    """Ctrl-C printed a traceback; SIGHUP (closing the terminal) left a partial folder.
+
+    Ctrl-C ends the process killed by SIGINT (-2 here, 130 in a shell), every time: it
+    used to exit with 130 or, depending on where the interrupt landed, be killed.
+    """
     import signal
     import sys
     import time
@@ -272,6 +277,45 @@ def test_ctrl_c_and_a_closed_terminal_leave_nothing_and_no_traceback(
     assert proc.returncode == code, stderr
     assert "Traceback" not in stderr and said in stderr
     assert list(results.iterdir()) == []
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize(("status", "code"), [(130, -2), (1, 1), (0, 0), (143, 143)])
+def test_only_an_interrupted_run_ends_killed_by_sigint(
+    backend_env: dict, status: int, code: int
+) -> None:
+    """A shell loop over shots stops on Ctrl-C only if the program dies by SIGINT."""
+    import sys
+
+    script = f"from backend.cli import exit_as_program; print('flushed'); exit_as_program({status})"
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=backend_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (proc.returncode, proc.stdout) == (code, "flushed\n"), proc.stderr
+
+
+def test_library_info_logs_stay_quiet_without_verbose(tiny_models: dict, tmp_path: Path) -> None:
+    """Our INFO lines show; a library's that leaves its level to the root only with -v."""
+    import logging
+
+    root = logging.getLogger()
+    before = (root.level, logging.getLogger("backend").level)
+    argv = ["generate", *SMALL, "--model", "builtin:tiny", "--frames", "1", "--no-mp4"]
+    try:
+        for verbose, shown in (([], False), (["-v"], True)):
+            out = tmp_path / f"out{len(verbose)}"
+            assert main([*verbose, *argv, "--prompt", "x", "--out", str(out)]) == 0
+            assert logging.getLogger("backend").isEnabledFor(logging.DEBUG) is shown
+            assert logging.getLogger("some_library").isEnabledFor(logging.INFO) is shown
+            assert logging.getLogger("backend.runner").isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(before[0])
+        logging.getLogger("backend").setLevel(before[1])
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
