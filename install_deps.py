@@ -320,11 +320,15 @@ def read_constraints(path: Path = BACKEND_CONSTRAINTS) -> dict[str, str]:
 
 
 # The offline demo: the built-in shapes model draws what the prompt names, and the camera
-# pan (24/512 of the frame per frame, 3 px at 64x64) moves its textured background. The
-# README's strip (docs/demo-shapes.png) is this command; tests/test_quality.py checks it.
+# pan (24/512 of the frame per frame, 3 px at 64x64) carries the circle and its textured
+# background. The warp comes after half the steps (t0 8, t1 10 of 20), not the paper's
+# default (18, 19 here): this small model places its shape late, and an earlier warp acts
+# on noise, so every frame drew the circle somewhere new (QUALITY.md, text-to-video 2).
+# The README's strip (docs/demo-shapes.png) is this command; tests/test_quality.py checks it.
 SHAPES_DEMO = [
     *("--model", "builtin:shapes", "--prompt", "a red circle on a blue background"),
     *("--width", "64", "--height", "64", "--steps", "20", "--motion", "24", "24"),
+    *("--t0", "8", "--t1", "10", "--seed", "1"),
 ]
 
 

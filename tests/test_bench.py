@@ -113,3 +113,13 @@ def test_quality_and_formats_take_a_device() -> None:
     assert quality_args(["--device", "cuda"]).device == "cuda"
     got = formats_args(["--device", "cuda", "--dtype", "float16"])
     assert (got.device, got.dtype) == ("cuda", "float16")
+
+
+def test_demo_pan_varies_only_the_flags_it_removes() -> None:
+    """bench.demo_pan compares the demo with and without its t0/t1: the rest must stay."""
+    from bench.demo_pan import demo_flag, without
+
+    args = ["--model", "m", "--t0", "8", "--steps", "20", "--t1", "10", "--seed", "1"]
+    assert without(args, "--t0", "--t1") == ["--model", "m", "--steps", "20", "--seed", "1"]
+    assert without(args) == args
+    assert demo_flag(args, "--steps") == "20"
