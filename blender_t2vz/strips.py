@@ -100,13 +100,24 @@ def _playback_rate(strip: Any, content: int) -> float:
     return 1.0
 
 
-def movie_indices(strip: Any, source_frames: int) -> list[int]:
+# How the sequencer picks the frame of a slowed-down movie at a fractional index. Blender
+# 5.0 decodes round(index) but caches it under floor(index), so playing forward shows the
+# first frame decoded for each key; 4.5 decodes round(index) at every frame. Measured by
+# rendering (tests/addon/test_movie_frames.py) on 5.0.1 and 4.5.15. 4.2 is taken to behave
+# as 4.5: headless, its playback-rate flag cannot be set to check.
+FRAME_CACHE_KEYED_BY_FLOOR = bpy.app.version >= (5, 0, 0)
+
+
+def movie_indices(
+    strip: Any, source_frames: int, cache_by_floor: bool = FRAME_CACHE_KEYED_BY_FLOOR
+) -> list[int]:
     """The movie frame index the sequencer shows at each visible frame of a movie strip.
 
     Blender's own mapping, as the strip plays (or renders) from its first visible frame:
     frames since the strip's start (or before its end, reversed), times the playback rate,
     held within the strip's content, stepped by its strobe, then rounded (not floored),
-    plus the animation offset at the start; see the comment below for slowed strips.
+    plus the animation offset at the start. ``cache_by_floor``: Blender 5.0's frame cache
+    (``FRAME_CACHE_KEYED_BY_FLOOR``), which slowed strips show; see the comment below.
     """
     first = int(strip.animation_offset_start)
     content = source_frames - first - int(strip.animation_offset_end)
@@ -123,9 +134,9 @@ def movie_indices(strip: Any, source_frames: int) -> list[int]:
         index = min(max(since, 0.0) * rate, content - 1.0)
         if strobe > 1.0:
             index -= math.fmod(index, strobe)
-        # The sequencer decodes frame round(index) and caches it under floor(index): a
-        # slowed-down strip playing forward shows the first frame decoded for each key.
-        shown = decoded.setdefault(math.floor(index), math.floor(index + 0.5))
+        shown = math.floor(index + 0.5)  # rounded, halves up
+        if cache_by_floor:  # 5.0 caches it under floor(index): the first decoded is shown
+            shown = decoded.setdefault(math.floor(index), shown)
         out.append(first + shown)
     return out
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import bpy
 import pytest
 from conftest import color_strip, write_png
 
@@ -102,11 +103,20 @@ def test_movies_at_their_own_rate_show_the_sequencers_frames() -> None:
     assert strips.movie_indices(fast, 12) == [0, 1, 3, 4, 5, 6, 8, 9, 10]
     slow = movie(duration=24, handles=(3, 0), fps=12.0)
     expected = [2, 2, 2, *(k for k in range(3, 12) for _ in (0, 1))]
-    assert strips.movie_indices(slow, 12) == expected
+    assert strips.movie_indices(slow, 12, cache_by_floor=True) == expected
+    # Blender 4.5 (no floor-keyed cache) rounds 1.5, 2.0, 2.5, ... to 2, 2, 3, ...
+    rounded = [*(k for k in range(2, 12) for _ in (0, 1)), 11]
+    assert strips.movie_indices(slow, 12, cache_by_floor=False) == rounded
+    running = expected if bpy.app.version >= (5, 0, 0) else rounded
+    assert strips.movie_indices(slow, 12) == running
     # Reversed, a slowed strip meets each index's upper half first: 11.5 and 11 (held at
     # the last frame) show 11, then 10.5 and 10 show 11, 9.5 and 9 show 10, and so on.
     back = movie(duration=24, fps=12.0, use_reverse_frames=True)
-    assert strips.movie_indices(back, 12) == [11, 11, *(k for k in range(11, 0, -1) for _ in "ab")]
+    shown = [11, 11, *(k for k in range(11, 0, -1) for _ in "ab")]
+    assert strips.movie_indices(back, 12, cache_by_floor=True) == shown
+    # Without the cache: 11.5 and 11 show 11, 10.5 rounds up to 11, 10 shows 10, ..., 0.
+    rounded_back = [11, *(k for k in range(11, 0, -1) for _ in "ab"), 0]
+    assert strips.movie_indices(back, 12, cache_by_floor=False) == rounded_back
     # 59.94 fps on a 29.97 fps timeline (fps_base 1.001) reads every other frame.
     ntsc = movie(duration=6, fps=60000 / 1001, scene_fps=(30, 1.001))
     assert strips.movie_indices(ntsc, 12) == [0, 2, 4, 6, 8, 10]
