@@ -8,7 +8,9 @@ encoder, so the next job on the cached model runs exactly as on a freshly loaded
 
 A hub id (owner/name) is downloaded first, like a base model (``hub.fetch_adapter``: its
 one weight file, with the job's download progress and cancel, the cache offline), and then
-loaded from that file like a local one: diffusers' loaders never reach the network.
+loaded from that file like a local one: diffusers' loaders never reach the network. A repo
+holding several LoRAs is named with the one to load: owner/name/path/file.safetensors. A
+local file or folder that exists always wins over a hub id.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .hub import DownloadHooks, HubError, fetch_adapter
-from .models import BaseModel, ModelLoadError, _check_pickle_file, _looks_like_path
-from .protocol import EmbeddingSpec, LoraSpec
+from .models import BaseModel, ModelLoadError, _check_pickle_file
+from .protocol import EmbeddingSpec, LoraSpec, hub_id_problem
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +35,18 @@ def _source(
     path: str, kind: str, allow_pickle: bool, download: DownloadHooks | None
 ) -> tuple[str, dict[str, Any]]:
     """(location, loader kwargs) for a file, a folder or a hub id (``kind`` "lora" or
-    "embedding"); a hub id is downloaded here. Never a pickle unless allowed."""
+    "embedding"; a repo or one file of it); a hub id is downloaded here. Never a pickle
+    unless allowed."""
     what = "LoRA" if kind == "lora" else kind
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     if local.is_dir():
         return str(local), {**kwargs, "local_files_only": True}
     if not local.is_file():
-        if _looks_like_path(path) or path.count("/") != 1:
+        problem = hub_id_problem(path)
+        if problem:
             raise ModelLoadError(
-                f"{what} {path!r} is neither an existing file or folder nor a hub id (owner/name)"
+                f"{what} {path!r} is neither an existing file or folder nor a hub id: {problem}"
             )
         try:
             local = fetch_adapter(path, kind, allow_pickle=allow_pickle, hooks=download)

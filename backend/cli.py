@@ -53,7 +53,8 @@ def _controlnet(text: str) -> dict[str, Any]:
 
 
 def _lora(text: str) -> dict[str, Any]:
-    """PATH[:WEIGHT]: a LoRA file, folder or hub id with an optional weight (default 1)."""
+    """PATH[:WEIGHT]: a LoRA file, folder, hub id or file of a hub repo with an optional
+    weight (default 1)."""
     spec = _controlnet(text)
     return {"path": spec["model"], "weight": spec["weight"]}
 
@@ -95,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument(
         "--model",
-        help="base model: hub id, diffusers folder, single-file "
+        help="base model: hub id (owner/name, or owner/name/file.safetensors for one "
+        "checkpoint file of a repo), diffusers folder, single-file "
         f".safetensors, or builtin:tiny (smoke test) [default: {DEFAULT_MODEL}; "
         "timbrooks/instruct-pix2pix for pix2pix]",
     )
@@ -189,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="M[:WEIGHT]",
-        help="a ControlNet (hub id, folder, .safetensors, builtin:tiny-controlnet) "
+        help="a ControlNet (hub id, one file of a hub repo, folder, .safetensors, "
+        "builtin:tiny-controlnet) "
         "with optional weight; repeat for several, each paired with a --control",
     )
     gen.add_argument(
@@ -221,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATH[:WEIGHT]",
-        help="a LoRA (.safetensors file, folder or hub id) with optional weight "
+        help="a LoRA (.safetensors file, folder, hub id, or one file of a hub repo: "
+        "owner/name/file.safetensors) with optional weight "
         "[default weight: 1]; repeat for several",
     )
     gen.add_argument(

@@ -13,6 +13,11 @@ id: it picks the one weight file the way diffusers' loaders would and downloads 
 ``fetch_model(configs_only=True)`` fetches only the configs and tokenizer a single-file
 checkpoint takes from a hub id.
 
+A hub id may also name one file of a repo, ``owner/name/path/file.safetensors`` (a
+community fine-tune shipped as one checkpoint, one LoRA of a repo holding several): both
+``fetch_model`` and ``fetch_adapter`` then download exactly that file (``fetch_file``) and
+return its path, with the same progress, cancel, offline and cache rules.
+
 ``list_cached`` and ``remove_cached`` are what the add-on's preferences show and do. No
 torch here: the worker answers cache requests without loading the ML stack.
 """
@@ -29,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import clip_text
+from .protocol import PICKLE_SUFFIXES, clip_text, hub_id_problem, split_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ RATE_WINDOW = 3.0
 # huggingface_hub reads a download in 10 MB chunks: progress and the cancel check come
 # once a chunk, which is 10 s on a 1 MB/s line. 1 MB chunks keep ESC within a second.
 PROGRESS_CHUNK = 1 << 20
+# Where pickled weights are allowed: never by a job file's own allow_pickle field.
+PICKLE_SWITCHES = "(or turn on Allow Pickled Weights in the add-on's preferences)"
 
 
 class HubError(RuntimeError):
@@ -93,6 +100,22 @@ class DownloadHooks:
     should_cancel: Callable[[], bool] | None = None
     # At most one progress report this often (a 4 GB file arrives in ~40000 chunks).
     every: float = 0.25
+
+
+def pickle_refusal(what: str, suffix: str) -> str:
+    """Why the pickled weights ``what`` (a path, or "LoRA 'owner/x/y.bin'") do not load, and
+    how to allow them."""
+    return (
+        f"{what} is a pickled checkpoint ({suffix}): loading it can run arbitrary code. "
+        "Convert it to .safetensors, or, if you trust its source, pass --allow-pickle "
+        f"{PICKLE_SWITCHES}."
+    )
+
+
+def _listed(names: list[str], limit: int = 6) -> str:
+    """``names`` joined with commas, the first ``limit`` of them and how many more."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def _is_variant(name: str, suffix: str) -> bool:
@@ -285,7 +308,7 @@ class _OutOfReach(Exception):
 
 
 def _listing(subject: _Subject, model: str, endpoint: str | None) -> Any:
-    """The Hub's file listing of ``model`` with sizes; HubError when it is not there,
+    """The Hub's file listing of repo ``model`` with sizes; HubError when it is not there,
     _OutOfReach when the Hub does not answer."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
@@ -314,17 +337,22 @@ def _unreachable_error(subject: _Subject, model: str, exc: BaseException) -> Hub
 
 
 def _listing_or_cached(
-    subject: _Subject, model: str, endpoint: str | None, cached: Callable[[], Path | None]
+    subject: _Subject,
+    model: str,
+    endpoint: str | None,
+    cached: Callable[[], Path | None],
+    repo: str | None = None,
 ) -> tuple[Any, Path | None]:
-    """(the Hub's listing, None), or (None, the cached copy ``cached`` finds) when offline or
-    when the Hub is out of reach; the HubError that says what to do when there is none."""
+    """(the Hub's listing of ``repo``, default ``model``, None), or (None, the cached copy
+    ``cached`` finds) when offline or when the Hub is out of reach; the HubError that says
+    what to do (naming ``model``) when there is none."""
     if is_offline():
         found = cached()
         if found is None:
             raise _offline_error(subject, model)
         return None, found
     try:
-        return _listing(subject, model, endpoint), None
+        return _listing(subject, repo or model, endpoint), None
     except _OutOfReach as exc:
         found = cached()
         if found is not None:
@@ -390,6 +418,80 @@ def config_files(files: list[str]) -> list[str]:
     return sorted(n for n in files if n.endswith(CONFIG_SUFFIXES))
 
 
+def _split(subject: _Subject, hub_id: str) -> tuple[str, str]:
+    """(repo, file) of ``hub_id`` (file "" for a whole repo); HubError naming it otherwise."""
+    problem = hub_id_problem(hub_id)
+    if problem:
+        raise HubError(f"{subject.label} {hub_id!r} is not a hub id: {problem}")
+    return split_hub_id(hub_id)
+
+
+def _cached_file(repo: str, filename: str, cache_dir: str | Path | None) -> Path | None:
+    """The cached copy of file ``filename`` of ``repo``'s main revision, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _weight_files(files: list[str]) -> list[str]:
+    """The files of a listing with a weight suffix: .safetensors first, then pickled ones."""
+    found = [n for n in files if n.lower().endswith(SAFE_WEIGHTS + PICKLE_SUFFIXES)]
+    return sorted(found, key=lambda n: (not n.lower().endswith(SAFE_WEIGHTS), n))
+
+
+def _no_such_file(subject: _Subject, repo: str, filename: str, files: list[str]) -> HubError:
+    """The error for a file id whose file the repo does not hold, listing what it holds."""
+    weights = _weight_files(files)
+    held = f"its weight files: {_listed(weights)}" if weights else "it holds no weight files"
+    return HubError(f"{subject.label} repo {repo!r} has no file {filename!r} ({held})")
+
+
+def fetch_file(
+    hub_id: str,
+    subject: _Subject = MODEL,
+    *,
+    allow_pickle: bool = False,
+    hooks: DownloadHooks | None = None,
+    cache_dir: str | Path | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Download the one file that ``hub_id`` (owner/name/path/file) names; its cached path.
+
+    Nothing else of the repo is fetched. A pickled file is refused before any request unless
+    ``allow_pickle``; offline, or with the Hub out of reach, the cached copy is used or the
+    HubError says what to do.
+    """
+    repo, filename = _split(subject, hub_id)
+    if not filename:
+        raise HubError(f"{subject.label} {hub_id!r} names a whole repo, not one file in it")
+    suffix = "." + filename.rsplit(".", 1)[-1].lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise HubError(pickle_refusal(f"{subject.label} {hub_id!r}", suffix))
+    info, found = _listing_or_cached(
+        subject, hub_id, endpoint, lambda: _cached_file(repo, filename, cache_dir), repo
+    )
+    if found is not None:
+        return found
+    files = [s.rfilename for s in info.siblings or []]
+    if filename not in files:
+        raise _no_such_file(subject, repo, filename, files)
+    hooks = hooks or DownloadHooks()
+    return _download(subject, repo, info, [filename], hooks, cache_dir, endpoint)[filename]
+
+
+def _not_diffusers(subject: _Subject, model: str, files: list[str]) -> HubError:
+    """The error for a repo with no diffusers layout: name one of its files instead."""
+    weights = _weight_files(files)
+    text = f"{subject.label} {model!r} is not a diffusers repo (no model_index.json or config.json)"
+    if weights:
+        text += (
+            f"; to load one checkpoint of it give {model}/<file>, e.g. "
+            f"'{model}/{weights[0]}' (its weight files: {_listed(weights)})"
+        )
+    return HubError(text)
+
+
 def fetch_model(
     model: str,
     *,
@@ -399,12 +501,27 @@ def fetch_model(
     endpoint: str | None = None,
     configs_only: bool = False,
 ) -> Path:
-    """Download what the loaders need of hub model ``model``; its local snapshot folder.
+    """Download what the loaders need of hub model ``model``; its local snapshot folder, or,
+    for one file of a repo (owner/name/path/file.safetensors), that file's path.
 
     ``configs_only``: just the configs and tokenizer (``config_files``), for a single-file
     checkpoint that takes its configs from ``model``.
     """
     subject = CONFIG if configs_only else MODEL
+    if _split(subject, model)[1]:
+        if configs_only:
+            raise HubError(
+                f"{subject.label} {model!r} names one file: configs come from a whole repo "
+                "(owner/name) or a local diffusers folder"
+            )
+        return fetch_file(
+            model,
+            subject,
+            allow_pickle=allow_pickle,
+            hooks=hooks,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+        )
     hooks = hooks or DownloadHooks()
     info, snapshot = _listing_or_cached(
         subject, model, endpoint, lambda: cached_snapshot(model, cache_dir)
@@ -412,6 +529,8 @@ def fetch_model(
     if snapshot is not None:
         return snapshot
     files = [s.rfilename for s in info.siblings or []]
+    if not configs_only and not {"model_index.json", "config.json"} & set(files):
+        raise _not_diffusers(subject, model, files)  # before downloading what cannot load
     names = config_files(files) if configs_only else needed_files(files, allow_pickle)
     if not names:
         what = "configs (.json)" if configs_only else "diffusers weights (.safetensors)"
@@ -459,11 +578,11 @@ def adapter_weight(files: list[str], kind: str, repo: str, allow_pickle: bool = 
     if len(found) == 1:
         return found[0]
     if len(found) > 1:
-        shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
         raise HubError(
-            f"{subject.label} {repo!r} has {len(found)} weight files ({shown}) and none is "
-            f"named {ADAPTER_WEIGHT_NAMES[kind]}.safetensors: cannot tell which to load; "
-            f"download the one you want and give its path ({subject.switches})"
+            f"{subject.label} {repo!r} has {len(found)} weight files ({_listed(found)}) and "
+            f"none is named {ADAPTER_WEIGHT_NAMES[kind]}.safetensors: cannot tell which to "
+            f"load; name the one you want as {repo}/<file>, e.g. '{repo}/{found[0]}' "
+            f"({subject.switches})"
         )
     pickled = adapter_candidates(files, kind, allow_pickle=True)
     hint = (
@@ -514,12 +633,22 @@ def fetch_adapter(
 ) -> Path:
     """Download the one weight file of LoRA or embedding (``kind``) repo ``model``; its path.
 
-    The file is chosen by ``adapter_weight``; offline, or with the Hub out of reach, the
-    cached one is used or the HubError says what to do.
+    The file is chosen by ``adapter_weight``, or named in ``model``
+    (owner/name/path/file.safetensors: ``fetch_file``); offline, or with the Hub out of
+    reach, the cached one is used or the HubError says what to do.
     """
     if kind not in ADAPTERS:
         raise ValueError(f"kind must be one of {', '.join(ADAPTERS)}, got {kind!r}")
     subject = ADAPTERS[kind]
+    if _split(subject, model)[1]:
+        return fetch_file(
+            model,
+            subject,
+            allow_pickle=allow_pickle,
+            hooks=hooks,
+            cache_dir=cache_dir,
+            endpoint=endpoint,
+        )
     info, found = _listing_or_cached(
         subject, model, endpoint, lambda: _cached_adapter(model, kind, allow_pickle, cache_dir)
     )

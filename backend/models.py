@@ -1,8 +1,12 @@
 """Loading models as users have them: hub ids, local diffusers folders, single-file checkpoints.
 
+A hub id names a whole diffusers repo (owner/name) or one checkpoint file in a repo
+(owner/name/path/file.safetensors): that file is downloaded alone and then loads exactly like
+a local single-file checkpoint. A local path that exists always wins over a hub id.
+
 Weights load from safetensors; pickled ``.ckpt``/``.bin``/``.pt`` weights are refused
-unless the user allows them (``--allow-pickle`` or the add-on preference), because unpickling runs arbitrary code.
-A local path never touches the network. Loaded models are cached by ``ModelCache`` so a
+unless the user allows them (``--allow-pickle`` or the add-on preference), because
+unpickling runs arbitrary code. A local path never touches the network. Loaded models are cached by ``ModelCache`` so a
 worker serving several jobs loads each model once.
 """
 
@@ -18,8 +22,15 @@ from typing import Any
 
 import torch
 
-from .hub import DownloadHooks, HubError, fetch_model
-from .protocol import DEFAULT_MODEL, DEFAULT_PIX2PIX_MODEL
+from .hub import PICKLE_SWITCHES, DownloadHooks, HubError, fetch_model, pickle_refusal
+from .protocol import (
+    DEFAULT_MODEL,
+    DEFAULT_PIX2PIX_MODEL,
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
+    hub_id_problem,
+    split_hub_id,
+)
 from .tiny import BUILTIN_PREFIX, ensure_builtin
 
 log = logging.getLogger(__name__)
@@ -41,11 +52,6 @@ SD1X_SCHEDULER = {
 # UNet, 361 M parameters): the config a single-file ControlNet loads with unless given
 # another, so a local .safetensors never needs the network.
 SD15_CONTROLNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15-controlnet"
-
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
-# Where pickled weights are allowed: never by a job file's own allow_pickle field.
-PICKLE_SWITCHES = "(or turn on Allow Pickled Weights in the add-on's preferences)"
 
 
 class ModelLoadError(RuntimeError):
@@ -192,18 +198,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------- sources
 
 
-def _looks_like_path(name: str) -> bool:
-    """True for names only a file system path would have (hub ids are plain owner/name)."""
-    return (
-        name.startswith((".", "/", "~", "\\"))
-        or "\\" in name
-        or name.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)
-        or (len(name) > 1 and name[1] == ":")  # a Windows drive letter
-    )
-
-
 def resolve_source(name: str) -> tuple[str, str]:
-    """Classify a model name: ("folder"|"file"|"hub", location); builtins become folders."""
+    """Classify a model name: ("folder"|"file"|"hub", location); builtins become folders.
+
+    An existing local path wins; "hub" is a repo id or one file of a repo (see
+    ``protocol.hub_id_problem``), anything else a ModelLoadError naming it.
+    """
     if name.startswith(BUILTIN_PREFIX):
         try:
             return "folder", str(ensure_builtin(name))
@@ -214,9 +214,10 @@ def resolve_source(name: str) -> tuple[str, str]:
         return "folder", str(path)
     if path.is_file():
         return "file", str(path)
-    if _looks_like_path(name) or name.count("/") != 1:
+    problem = hub_id_problem(name)
+    if problem:
         raise ModelLoadError(
-            f"model {name!r} is neither an existing folder or file nor a hub id (owner/name)"
+            f"model {name!r} is neither an existing folder or file nor a hub id: {problem}"
         )
     return "hub", name
 
@@ -227,11 +228,7 @@ def _check_pickle_file(path: str, allow_pickle: bool) -> None:
         return
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
-            raise ModelLoadError(
-                f"{path} is a pickled checkpoint ({suffix}): loading it can run arbitrary code. "
-                "Convert it to .safetensors, or, if you trust its source, pass --allow-pickle "
-                f"{PICKLE_SWITCHES}."
-            )
+            raise ModelLoadError(pickle_refusal(path, suffix))
         return
     raise ModelLoadError(
         f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors "
@@ -261,8 +258,9 @@ def low_cpu_mem_usage() -> bool:
 def _fetch(
     name: str, allow_pickle: bool, download: DownloadHooks | None, configs_only: bool = False
 ) -> str:
-    """Download hub model ``name`` (with progress) and return its local snapshot folder;
-    ``configs_only``: just its configs and tokenizer (for a single-file checkpoint)."""
+    """Download hub model ``name`` (with progress) and return its local snapshot folder, or
+    the file's path for one file of a repo; ``configs_only``: just its configs and tokenizer
+    (for a single-file checkpoint)."""
     try:
         return str(
             fetch_model(name, allow_pickle=allow_pickle, hooks=download, configs_only=configs_only)
@@ -275,8 +273,10 @@ def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
     """The local diffusers folder of config source ``name`` (a folder, or a hub id whose
     configs are downloaded with progress and cancel, or found in the cache offline)."""
     kind, location = resolve_source(name)
-    if kind == "file":
-        raise ModelLoadError(f"{what} must be a diffusers folder or hub id, got {name}")
+    if kind == "file" or (kind == "hub" and split_hub_id(location)[1]):
+        raise ModelLoadError(
+            f"{what} must be a diffusers folder or hub id of a whole repo (owner/name), got {name}"
+        )
     if kind == "hub":
         location = _fetch(location, False, download, configs_only=True)
     return location
@@ -328,7 +328,8 @@ def load_base_model(
     """Load SD 1.x components from a hub id, a diffusers folder or a single-file checkpoint.
 
     A hub id is first downloaded into the hub cache (progress and cancel through
-    ``download``), then loaded from there like a local folder.
+    ``download``), then loaded from there like a local folder, or, for one checkpoint file of
+    a repo, like a local single-file checkpoint (configs from ``config``).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -336,7 +337,8 @@ def load_base_model(
     device = device or torch.device("cpu")
     kind, location = resolve_source(name)
     if kind == "hub":
-        kind, location = "folder", _fetch(name, allow_pickle, download)
+        location = _fetch(name, allow_pickle, download)
+        kind = "file" if Path(location).is_file() else "folder"
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
         components = _load_single_file(location, pix2pix, config, dtype, download)
@@ -463,17 +465,19 @@ def load_controlnet(
     dtype: torch.dtype = torch.float32,
     download: DownloadHooks | None = None,
 ) -> Any:
-    """Load a ControlNet from a hub id, a diffusers folder or a single-file checkpoint."""
+    """Load a ControlNet from a hub id (a repo, or one checkpoint file of a repo), a
+    diffusers folder or a single-file checkpoint."""
     from diffusers import ControlNetModel
 
     device = device or torch.device("cpu")
     kind, location = resolve_source(name)
+    if kind == "hub":
+        location = _fetch(name, allow_pickle, download)
+        kind = "file" if Path(location).is_file() else "folder"
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
         controlnet = _load_single_file_controlnet(location, config, dtype, download)
         return _place(controlnet, device, dtype)
-    if kind == "hub":
-        kind, location = "folder", _fetch(name, allow_pickle, download)
     if not (Path(location) / "config.json").is_file():
         raise ModelLoadError(f"{location} is not a diffusers ControlNet folder (no config.json)")
     _check_folder_weights(Path(location), allow_pickle)

@@ -44,6 +44,15 @@ DEFAULT_MOTION = (12.0, 12.0)
 # Official t0/t1 for 50 DDIM steps; ``resolve_t0_t1`` scales them to other step counts.
 DEFAULT_T0, DEFAULT_T1, DEFAULT_T_STEPS = 44, 47, 50
 
+# Hub ids: a whole repo (owner/name), or one file of it (owner/name/path/file.safetensors)
+# named by its weight suffix; pickled files load only where pickles are allowed.
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
+HUB_ID_FORMS = "owner/name, or owner/name/path/file.safetensors for one file of a repo"
+# An owner or repo name as huggingface_hub validates it: letters, digits, _ . - (no
+# leading or trailing . or -, no "--" or "..").
+_HUB_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+
 # OpenPose keypoint files (a control path ending in .json): {"format": POSE_FORMAT,
 # "frames": [[person, ...], ...]}, a person being 18 entries in KEYPOINT_NAMES order, each
 # null (left out) or [x, y] normalised to the frame (x right, y down, 0..1).
@@ -408,6 +417,36 @@ def _adapters(d: dict) -> tuple[list[LoraSpec], list[EmbeddingSpec]]:
             raise JobError(f"embeddings[{i}].token", f"{embedding.token!r} is used twice")
         seen.add(embedding.token)
     return loras, embeddings
+
+
+def hub_id_problem(name: str) -> str:
+    """Why ``name`` is not a hub id (owner/name or owner/name/path/file.safetensors); "" when
+    it is one. Says nothing of local paths: a path that exists wins over a hub id."""
+    parts = name.split("/")
+    if len(parts) < 2 or not all(
+        _HUB_NAME.fullmatch(p) and "--" not in p and ".." not in p for p in parts[:2]
+    ):
+        return f"a hub id is {HUB_ID_FORMS}"
+    if len(parts) == 2:
+        return ""
+    if any(p in ("", ".", "..") or "\\" in p for p in parts[2:]):
+        return f"{'/'.join(parts[2:])!r} is not a file path inside hub repo {'/'.join(parts[:2])!r}"
+    if not parts[-1].lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES):
+        return (
+            f"a file of a hub repo must be weights ending in {', '.join(SAFE_SUFFIXES)} (or, "
+            f"with pickled weights allowed, {', '.join(PICKLE_SUFFIXES)}), got {parts[-1]!r}"
+        )
+    return ""
+
+
+def split_hub_id(name: str) -> tuple[str, str]:
+    """(repo, file) of a hub id: ("owner/name", "") for a whole repo, ("owner/name",
+    "path/file.safetensors") for one file of it; ValueError naming ``name`` otherwise."""
+    problem = hub_id_problem(name)
+    if problem:
+        raise ValueError(f"{shown(name)} is not a hub id: {problem}")
+    owner, repo, *path = name.split("/")
+    return f"{owner}/{repo}", "/".join(path)
 
 
 def round_to_8(value: float, lo: int = 64, hi: int = MAX_SIDE) -> int:

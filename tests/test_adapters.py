@@ -389,7 +389,17 @@ def test_cancelling_a_hub_lora_download_stops_it_and_applies_nothing(
     ("repo", "message"),
     [
         ("test/two-loras", r"LoRA 'test/two-loras' has 2 weight files \(style-a.safetensors, "
-         r"style-b.safetensors\).*cannot tell which"),
+         r"style-b.safetensors\).*cannot tell which to load; name the one you want as "
+         r"test/two-loras/<file>, e.g. 'test/two-loras/style-a.safetensors'"),
+        ("test/two-loras/style-c.safetensors",
+         r"LoRA repo 'test/two-loras' has no file 'style-c.safetensors' \(its weight files: "
+         r"style-a.safetensors, style-b.safetensors\)"),
+        ("test/no-weights/lora.ckpt",
+         r"LoRA 'test/no-weights/lora.ckpt' is a pickled checkpoint \(.ckpt\).*--allow-pickle"),
+        ("test/missing/lora.safetensors", r"LoRA 'test/missing' is not on the Hugging Face Hub"),
+        ("test/two-loras/notes.txt",
+         r"LoRA 'test/two-loras/notes.txt' is neither an existing file or folder nor a hub id: "
+         r"a file of a hub repo must be weights ending in .safetensors"),
         ("test/no-weights", r"LoRA 'test/no-weights' has no .safetensors weights.*lora.ckpt"),
         ("test/missing", r"LoRA 'test/missing' is not on the Hugging Face Hub"),
     ],
@@ -401,6 +411,62 @@ def test_a_hub_lora_without_one_usable_weight_file_names_the_repo(
         run_job(make_job(tmp_path / "out", loras=[repo]), ModelCache())
     assert not (tmp_path / "out").exists()
     assert _gets(adapter_hub) == []  # nothing was downloaded
+
+
+def test_one_file_of_a_hub_repo_downloads_alone_and_applies_like_the_local_file(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, embedding_file: Path, adapter_hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from huggingface_hub import constants
+
+    from backend.runner import JobEvents
+
+    cache = ModelCache()
+    local = {
+        "loras": [{"path": str(lora_file), "weight": 0.7}],
+        "embeddings": [{"path": str(embedding_file), "token": TOKEN}],
+    }
+    hub = {
+        "loras": [{"path": "test/two-loras/style-b.safetensors", "weight": 0.7}],
+        "embeddings": [{"path": "test/embedding/shiny-v2.safetensors", "token": TOKEN}],
+    }
+    run_job(make_job(tmp_path / "local", **local), cache)
+    reports: list[Any] = []
+    run_job(make_job(tmp_path / "hub", **hub), cache, JobEvents(download=reports.append))
+    np.testing.assert_array_equal(latents(tmp_path / "hub"), latents(tmp_path / "local"))
+    assert _gets(adapter_hub) == [
+        "test/two-loras:style-b.safetensors",
+        "test/embedding:shiny-v2.safetensors",
+    ]
+    assert [(r.model, r.file) for r in reports if r.file] == [
+        ("test/two-loras", "style-b.safetensors"),
+        ("test/embedding", "shiny-v2.safetensors"),
+    ]
+
+    # Offline: both come from the cache, and the Hub hears nothing.
+    asked = len(adapter_hub.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    run_job(make_job(tmp_path / "offline", **hub), cache)
+    np.testing.assert_array_equal(latents(tmp_path / "offline"), latents(tmp_path / "local"))
+    with pytest.raises(ModelLoadError, match=r"LoRA 'test/two-loras/style-a.safetensors' is not "):
+        run_job(make_job(tmp_path / "out", loras=["test/two-loras/style-a.safetensors"]), cache)
+    assert len(adapter_hub.requests) == asked
+
+
+def test_an_existing_local_file_wins_over_the_hub_reading(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    cache = ModelCache()
+    run_job(make_job(tmp_path / "file", loras=[{"path": str(lora_file), "weight": 0.7}]), cache)
+    work = tmp_path / "work"
+    (work / "test" / "big-lora").mkdir(parents=True)
+    (work / "test" / "big-lora" / "style.safetensors").write_bytes(lora_file.read_bytes())
+    monkeypatch.chdir(work)
+    lora = {"path": "test/big-lora/style.safetensors", "weight": 0.7}
+    run_job(make_job(tmp_path / "relative", loras=[lora]), cache)
+    np.testing.assert_array_equal(latents(tmp_path / "relative"), latents(tmp_path / "file"))
+    assert adapter_hub.requests == []  # the Hub was never asked
 
 
 def test_offline_a_hub_lora_comes_from_the_cache_or_the_error_says_what_to_do(

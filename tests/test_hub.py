@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakehub import FakeHub
+from fakehub import COMMIT, FakeHub
 from test_worker import WorkerProcess
 
 from backend.hub import model_kind, needed_files
@@ -389,7 +390,8 @@ def test_an_adapter_repo_gives_its_one_weight_file_as_diffusers_would_guess(
     [
         (["a.safetensors", "b.safetensors"], False,
          r"LoRA 'owner/x' has 2 weight files \(a.safetensors, b.safetensors\) and none is "
-         r"named pytorch_lora_weights.safetensors: cannot tell which"),
+         r"named pytorch_lora_weights.safetensors: cannot tell which to load; name the one "
+         r"you want as owner/x/<file>, e.g. 'owner/x/a.safetensors' \(--lora, "),
         (["a.bin", "b.bin"], True, r"LoRA 'owner/x' has 2 weight files \(a.bin, b.bin\)"),
         (["README.md", "config.json"], False,
          r"^LoRA 'owner/x' has no .safetensors weights to load$"),
@@ -453,6 +455,185 @@ def test_fetch_adapter_cancel_leaves_no_file_and_an_unreachable_hub_says_so(
         fetch_adapter(
             "test/lora", "lora", cache_dir=tmp_path, endpoint=f"http://127.0.0.1:{closed_port()}"
         )
+
+
+# --------------------------------------------------------------------------- one file of a repo
+
+
+def gets(hub: FakeHub) -> list[str]:
+    """The files the fake Hub sent (GET of resolve URLs), as repo:file."""
+    return [
+        path[1:].replace("/resolve/", ":", 1).replace(f"{COMMIT}/", "", 1)
+        for method, path, _ in hub.requests
+        if method == "GET" and "/resolve/" in path
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "repo", "file"),
+    [
+        ("owner/name", "owner/name", ""),
+        ("owner/name/model.safetensors", "owner/name", "model.safetensors"),
+        ("Own_er/na.me-2/sub dir/v1.SAFETENSORS", "Own_er/na.me-2", "sub dir/v1.SAFETENSORS"),
+        ("owner/name/old.ckpt", "owner/name", "old.ckpt"),  # refused when fetched, unless allowed
+    ],
+)
+def test_a_hub_id_names_a_repo_or_one_weight_file_of_it(name: str, repo: str, file: str) -> None:
+    from backend.protocol import hub_id_problem, split_hub_id
+
+    assert hub_id_problem(name) == ""
+    assert split_hub_id(name) == (repo, file)
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("owner/name/README.md", r"must be weights ending in \.safetensors .*got 'README\.md'$"),
+        ("owner/name/unet", r"\.ckpt, \.bin, \.pt, \.pth\), got 'unet'$"),
+        ("owner/name/../x.safetensors",
+         r"'\.\./x\.safetensors' is not a file path inside hub repo 'owner/name'$"),
+        ("owner/name/", r"'' is not a file path inside hub repo 'owner/name'$"),
+        ("./x/y.safetensors", r"a hub id is owner/name, or owner/name/path/file\.safetensors "),
+        ("/abs/x.safetensors", r"a hub id is owner/name"),
+        ("C:/models/x.safetensors", r"a hub id is owner/name"),
+        ("builtin:tiny", r"a hub id is owner/name"),
+        ("x.safetensors", r"a hub id is owner/name"),
+        ("owner--x/name", r"a hub id is owner/name"),
+    ],
+)  # fmt: skip
+def test_anything_else_is_no_hub_id_and_the_error_names_it(name: str, reason: str) -> None:
+    from backend.protocol import hub_id_problem, split_hub_id
+
+    assert re.search(reason, hub_id_problem(name))
+    with pytest.raises(ValueError, match=reason) as info:
+        split_hub_id(name)
+    assert str(info.value).startswith(f"{name!r} is not a hub id: ")
+
+
+@pytest.fixture
+def community(hub: FakeHub) -> FakeHub:
+    """``hub`` with test/community: a fine-tune shipped as checkpoint files, no diffusers
+    layout (two .safetensors, one pickle, a README)."""
+    hub.repos["test/community"] = {
+        "README.md": b"# a fine-tune",
+        "v1.safetensors": os.urandom(1000),
+        "sub/v2.safetensors": os.urandom(2 * MB),
+        "v2.ckpt": b"pickled",
+    }
+    return hub
+
+
+def test_one_file_of_a_repo_downloads_alone_then_comes_from_the_cache(
+    online: None, community: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    from backend.hub import DownloadHooks, HubError, fetch_model
+
+    name = "test/community/sub/v2.safetensors"
+    weights = community.repos["test/community"]["sub/v2.safetensors"]
+    reports: list[Any] = []
+    path = fetch_model(
+        name, hooks=DownloadHooks(reports.append), cache_dir=tmp_path, endpoint=community.url
+    )
+    assert path.read_bytes() == weights and path.name == "v2.safetensors"
+    assert gets(community) == ["test/community:sub/v2.safetensors"]  # that file, nothing else
+    assert {r.model for r in reports} == {"test/community"}
+    assert [r.file for r in reports] == ["sub/v2.safetensors", ""]
+    last = reports[-1]
+    assert (last.bytes_done, last.bytes_total, last.files_done, last.files_total) == (
+        len(weights), len(weights), 1, 1,
+    )  # fmt: skip
+
+    # Downloaded once: the next fetch asks for the listing only.
+    asked = len(community.requests)
+    assert fetch_model(name, cache_dir=tmp_path, endpoint=community.url) == path
+    assert len(community.requests) == asked + 1
+
+    # The Hub out of reach: the cached file, or an error naming the file id.
+    closed = f"http://127.0.0.1:{closed_port()}"
+    assert fetch_model(name, cache_dir=tmp_path, endpoint=closed) == path
+    with pytest.raises(
+        HubError, match=r"cannot download model 'test/community/v1.safetensors'.*out of reach"
+    ):
+        fetch_model("test/community/v1.safetensors", cache_dir=tmp_path, endpoint=closed)
+
+    # Offline: the cached file without a request; another file of the repo is not there.
+    asked = len(community.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert fetch_model(name, cache_dir=tmp_path, endpoint=community.url) == path
+    with pytest.raises(
+        HubError,
+        match=r"model 'test/community/v1.safetensors' is not downloaded and online access is off",
+    ):
+        fetch_model("test/community/v1.safetensors", cache_dir=tmp_path, endpoint=community.url)
+    assert len(community.requests) == asked
+
+
+def test_one_file_cancelled_midway_leaves_no_file_and_downloads_again(
+    online: None, community: FakeHub, tmp_path: Path
+) -> None:
+    from backend.hub import DownloadCancelled, DownloadHooks, fetch_model
+
+    big = os.urandom(8 * MB)
+    community.repos["test/community"]["big.safetensors"] = big
+    community.rate = 4 * MB  # 2 s for the file
+    reports: list[Any] = []
+    hooks = DownloadHooks(reports.append, lambda: any(r.bytes_done > 0 for r in reports))
+    with pytest.raises(DownloadCancelled, match="test/community"):
+        fetch_model(
+            "test/community/big.safetensors", hooks=hooks, cache_dir=tmp_path,
+            endpoint=community.url,
+        )  # fmt: skip
+    assert community.bytes_sent < len(big)  # the transfer stopped
+    assert not list(tmp_path.glob("*/snapshots/*/big.safetensors"))
+    community.rate = None
+    path = fetch_model("test/community/big.safetensors", cache_dir=tmp_path, endpoint=community.url)
+    assert path.read_bytes() == big
+
+
+def test_a_file_the_repo_lacks_or_a_pickle_is_refused_before_any_download(
+    online: None, community: FakeHub, tmp_path: Path
+) -> None:
+    from backend.hub import HubError, fetch_adapter, fetch_model
+
+    where = {"cache_dir": tmp_path, "endpoint": community.url}
+    with pytest.raises(HubError) as info:
+        fetch_model("test/community/v3.safetensors", **where)
+    assert str(info.value) == (
+        "model repo 'test/community' has no file 'v3.safetensors' (its weight files: "
+        "sub/v2.safetensors, v1.safetensors, v2.ckpt)"
+    )
+    with pytest.raises(
+        HubError, match=r"^LoRA repo 'test/community' has no file 'x/a.safetensors'"
+    ):
+        fetch_adapter("test/community/x/a.safetensors", "lora", **where)
+    with pytest.raises(HubError, match=r"model 'test/gone' is not on the Hugging Face Hub"):
+        fetch_model("test/gone/model.safetensors", **where)
+    # A whole repo without a diffusers layout: nothing to load as a model, so nothing is
+    # downloaded, and the error says how to name one of its checkpoints.
+    with pytest.raises(HubError) as info:
+        fetch_model("test/community", **where)
+    assert str(info.value) == (
+        "model 'test/community' is not a diffusers repo (no model_index.json or config.json); "
+        "to load one checkpoint of it give test/community/<file>, e.g. "
+        "'test/community/sub/v2.safetensors' (its weight files: sub/v2.safetensors, "
+        "v1.safetensors, v2.ckpt)"
+    )
+    with pytest.raises(HubError, match=r"model config 'test/community/v1.safetensors' names one"):
+        fetch_model("test/community/v1.safetensors", configs_only=True, **where)
+    assert gets(community) == []
+
+    # A pickle: refused without asking the Hub anything, saying how to allow it.
+    asked = len(community.requests)
+    for fetch in (fetch_model, lambda name, **kw: fetch_adapter(name, "embedding", **kw)):
+        with pytest.raises(HubError) as info:
+            fetch("test/community/v2.ckpt", **where)
+        assert "'test/community/v2.ckpt' is a pickled checkpoint (.ckpt)" in str(info.value)
+        assert "--allow-pickle (or turn on Allow Pickled Weights" in str(info.value)
+    assert len(community.requests) == asked
+    path = fetch_model("test/community/v2.ckpt", allow_pickle=True, **where)
+    assert path.read_bytes() == b"pickled" and gets(community) == ["test/community:v2.ckpt"]
 
 
 # --------------------------------------------------------------------------- configs
@@ -530,3 +711,53 @@ def test_a_single_file_controlnet_fetches_its_hub_config_with_progress(
     assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
     assert {r.file for r in reports} == {"config.json", ""}
     assert not any(p.endswith(".safetensors") for _, p, _ in in_process.requests)
+
+
+def test_a_base_model_named_as_one_file_of_a_repo_loads_like_the_local_checkpoint(
+    in_process: FakeHub, ldm_checkpoint: Path, tiny_base: Any, tiny_models: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    from huggingface_hub import constants
+
+    from backend.hub import DownloadHooks
+    from backend.models import ModelLoadError, load_base_model
+
+    in_process.repos["test/fine-tune"] = {
+        "README.md": b"# one checkpoint",
+        "tiny-sd.safetensors": ldm_checkpoint.read_bytes(),
+        "tiny-sd.ckpt": b"pickled",
+    }
+    name, config = "test/fine-tune/tiny-sd.safetensors", str(tiny_models["tiny"])
+    reports: list[Any] = []
+    loaded = load_base_model(name, config=config, download=DownloadHooks(reports.append))
+    for module in ("unet", "vae", "text_encoder"):
+        want, got = getattr(tiny_base, module).state_dict(), getattr(loaded, module).state_dict()
+        assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
+    assert loaded.source == name
+    assert gets(in_process) == ["test/fine-tune:tiny-sd.safetensors"]
+    assert [r.file for r in reports] == ["tiny-sd.safetensors", ""]
+
+    asked = len(in_process.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    load_base_model(name, config=config)  # from the cache
+    with pytest.raises(ModelLoadError, match=r"'test/fine-tune/tiny-sd.ckpt' is a pickled"):
+        load_base_model("test/fine-tune/tiny-sd.ckpt", config=config)
+    with pytest.raises(ModelLoadError, match=r"model_config must be a diffusers folder or hub id"):
+        load_base_model(str(ldm_checkpoint), config=name)
+    assert len(in_process.requests) == asked
+
+
+def test_a_controlnet_named_as_one_file_of_a_repo_loads_like_the_local_file(
+    in_process: FakeHub, tiny_models: dict[str, Path], tiny_controlnet: Any
+) -> None:
+    from backend.models import load_controlnet
+
+    folder = tiny_models["tiny-controlnet"]
+    in_process.repos["test/cn-files"] = {
+        "canny.safetensors": (folder / "diffusion_pytorch_model.safetensors").read_bytes(),
+        "depth.safetensors": os.urandom(1000),
+    }
+    loaded = load_controlnet("test/cn-files/canny.safetensors", config=str(folder))
+    want, got = tiny_controlnet.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
+    assert gets(in_process) == ["test/cn-files:canny.safetensors"]

@@ -42,14 +42,40 @@ def test_resolve_source(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
     assert resolve_source(str(tmp_path)) == ("folder", str(tmp_path))
     assert resolve_source(str(checkpoint)) == ("file", str(checkpoint))
     assert resolve_source("owner/model") == ("hub", "owner/model")
+    assert resolve_source("owner/model/sub/v1.safetensors") == (
+        "hub",
+        "owner/model/sub/v1.safetensors",
+    )
+
+
+def test_an_existing_local_path_wins_over_the_hub_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "owner" / "model").mkdir(parents=True)
+    (tmp_path / "owner" / "model" / "v1.safetensors").write_bytes(b"")
+    assert resolve_source("owner/model") == ("folder", "owner/model")
+    assert resolve_source("owner/model/v1.safetensors") == ("file", "owner/model/v1.safetensors")
+    assert resolve_source("owner/model/v2.safetensors") == ("hub", "owner/model/v2.safetensors")
 
 
 @pytest.mark.parametrize(
     "name", ["./missing", "/no/such/model", "a/b/c", "plainname", "C:\\models\\x", "x.safetensors"]
 )
 def test_unknown_sources_are_refused_without_the_hub(name: str) -> None:
-    with pytest.raises(ModelLoadError, match="neither an existing folder"):
+    with pytest.raises(ModelLoadError, match="neither an existing folder") as info:
         resolve_source(name)
+    assert f"model {name!r} is neither an existing folder or file nor a hub id: " in str(info.value)
+
+
+def test_a_file_of_a_hub_repo_must_be_weights() -> None:
+    with pytest.raises(ModelLoadError) as info:
+        resolve_source("owner/model/unet/config.json")
+    assert str(info.value) == (
+        "model 'owner/model/unet/config.json' is neither an existing folder or file nor a hub "
+        "id: a file of a hub repo must be weights ending in .safetensors (or, with pickled "
+        "weights allowed, .ckpt, .bin, .pt, .pth), got 'config.json'"
+    )
 
 
 def test_unknown_builtin_is_a_load_error() -> None:
