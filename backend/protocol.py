@@ -719,11 +719,19 @@ def apply_preset(job: dict[str, Any], name: str) -> dict[str, Any]:
 # "allow_pickle": true, which the add-on sets from its preference: it sits outside the job
 # because a job's own allow_pickle field (a job file anyone could write) enables nothing.
 # For the hub model cache:
-#   fetch_model   {"id", "model", "allow_pickle"?}   download a hub model ahead of the first
-#                                   job (queued like a job; ``cancel`` with its id stops it)
+#   fetch_model   {"id", "model", "kind"?, "allow_pickle"?}   download a hub id ahead of the
+#                                   first job (queued like a job; ``cancel`` with its id stops
+#                                   it). kind (FETCH_KINDS): "model" (default) or "controlnet"
+#                                   fetch what the model loaders read, "lora" or "embedding"
+#                                   the adapter's one weight file; "model" may be a repo
+#                                   (owner/name) or one file of it
+#                                   (owner/name/path/file.safetensors; a pickled suffix
+#                                   only with allow_pickle)
 #   list_models   {"id"}            the models in the worker's hub cache (answered at once)
 #   remove_model  {"id", "model"}   delete a model from that cache (queued)
 REQUESTS = ("generate", "cancel", "shutdown", "fetch_model", "list_models", "remove_model")
+# What a fetch_model request downloads ("kind"): the model loaders' files or an adapter's.
+FETCH_KINDS = ("model", "controlnet", "lora", "embedding")
 # Replies (worker -> add-on), one JSON object per stdout line:
 #   ready      {"version", "pid"}                       once, when the worker starts
 #   accepted   {"id"}                                   the job passed validation
@@ -737,6 +745,7 @@ REQUESTS = ("generate", "cancel", "shutdown", "fetch_model", "list_models", "rem
 #                                                     forming while denoising (valid until done)
 #   done       {"id", "out", "frames": [paths]}
 #   fetched    {"id", "model", "path"}                  fetch_model finished: its local folder
+#                                                     (a file's or an adapter's: the file)
 #   models     {"id", "cache_dir", "models": [{"model", "size", "files", "last_accessed",
 #               "complete", "path"}]}                  list_models: size in bytes, largest first
 #   removed    {"id", "model", "freed"}                 remove_model: bytes freed

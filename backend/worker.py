@@ -20,6 +20,8 @@ from typing import IO, Any, TextIO
 
 from . import __version__
 from .protocol import (
+    FETCH_KINDS,
+    HUB_ID_FORMS,
     MAX_LINE_BYTES,
     MAX_TRACEBACK_CHARS,
     QUEUED_REQUESTS,
@@ -27,6 +29,7 @@ from .protocol import (
     clip_text,
     decode_message,
     encode_message,
+    hub_id_problem,
     shown,
     validate_job,
 )
@@ -280,7 +283,7 @@ class Worker:
 
     def run_cache_request(self, message: dict[str, Any]) -> None:
         """Run a queued fetch_model or remove_model request."""
-        from .hub import DownloadCancelled, DownloadHooks, fetch_model, remove_cached
+        from .hub import DownloadCancelled, DownloadHooks, fetch_adapter, fetch_model, remove_cached
 
         request_id = str(message.get("id", ""))
         model = message.get("model")
@@ -293,14 +296,19 @@ class Worker:
             self.current_id = request_id
             self.cancel.clear()
         try:
-            if not isinstance(model, str) or model.count("/") != 1:
-                raise ValueError(f"model: expected a hub id (owner/name), got {model!r}")
             if message["type"] == "remove_model":
+                if not isinstance(model, str) or model.count("/") != 1:
+                    raise ValueError(f"model: expected a hub id (owner/name), got {model!r}")
                 freed = remove_cached(model)
                 self.writer.send("removed", id=request_id, model=model, freed=freed)
                 return
+            model, kind = fetch_request(message)
             hooks = DownloadHooks(self.download_reporter(request_id), self.cancel.is_set)
-            path = fetch_model(model, allow_pickle=bool(message.get("allow_pickle")), hooks=hooks)
+            allow_pickle = bool(message.get("allow_pickle"))
+            if kind in ("lora", "embedding"):
+                path = fetch_adapter(model, kind, allow_pickle=allow_pickle, hooks=hooks)
+            else:
+                path = fetch_model(model, allow_pickle=allow_pickle, hooks=hooks)
             self.writer.send("fetched", id=request_id, model=model, path=str(path))
         except DownloadCancelled:
             self.writer.send("cancelled", id=request_id)
@@ -329,6 +337,18 @@ class Worker:
                     message=f"unexpected request {message['type']!r}",
                     traceback="",
                 )
+
+
+def fetch_request(message: dict[str, Any]) -> tuple[str, str]:
+    """(hub id, kind) of a fetch_model request, kind "model" by default; ValueError naming
+    the field and the value when either is wrong."""
+    model, kind = message.get("model"), message.get("kind", "model")
+    problem = hub_id_problem(model) if isinstance(model, str) else f"a hub id is {HUB_ID_FORMS}"
+    if problem:
+        raise ValueError(f"model: expected a hub id, got {shown(model)}: {problem}")
+    if not isinstance(kind, str) or kind not in FETCH_KINDS:
+        raise ValueError(f"kind: must be one of {', '.join(FETCH_KINDS)}, got {shown(kind)}")
+    return model, kind
 
 
 def serve(max_models: int = 1, stdin: TextIO | None = None) -> int:

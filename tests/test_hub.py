@@ -636,6 +636,55 @@ def test_a_file_the_repo_lacks_or_a_pickle_is_refused_before_any_download(
     assert path.read_bytes() == b"pickled" and gets(community) == ["test/community:v2.ckpt"]
 
 
+def test_the_worker_fetches_loras_and_embeddings_by_kind(
+    backend_env: dict[str, str], hub: FakeHub, tmp_path: Path
+) -> None:
+    lora = os.urandom(MB)
+    hub.repos["test/loras"] = {
+        "README.md": b"# two styles",
+        "style-a.safetensors": lora,
+        "style-b.safetensors": os.urandom(1000),
+    }
+    hub.repos["test/emb"] = {"learned_embeds.safetensors": b"e" * 1000, "other.safetensors": b""}
+    worker = hub_worker(
+        backend_env, tmp_path, tmp_path / "hub", HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0"
+    )
+    try:
+        worker.send("fetch_model", id="a", model="test/loras", kind="lora")
+        error = until(worker, "a", ENDS)[-1]
+        assert error["type"] == "error" and error["kind"] == "HubError"
+        assert "name the one you want as test/loras/<file>, e.g. " in error["message"]
+
+        worker.send("fetch_model", id="b", model="test/loras/style-a.safetensors", kind="lora")
+        replies = until(worker, "b", ENDS)
+        fetched = replies[-1]
+        assert fetched["type"] == "fetched", fetched
+        assert fetched["model"] == "test/loras/style-a.safetensors"
+        assert Path(fetched["path"]).read_bytes() == lora
+        downloads = [m for m in replies if m["type"] == "download"]
+        assert {(m["model"], m["files_total"]) for m in downloads} == {("test/loras", 1)}
+        assert downloads[-1]["bytes_done"] == downloads[-1]["bytes_total"] == len(lora)
+
+        worker.send("fetch_model", id="c", model="test/emb", kind="embedding")
+        fetched = until(worker, "c", ENDS)[-1]
+        assert fetched["type"] == "fetched" and fetched["path"].endswith(
+            "/learned_embeds.safetensors"
+        )
+        # The same repo as a model (the default kind) is no diffusers repo.
+        worker.send("fetch_model", id="d", model="test/emb")
+        error = until(worker, "d", ENDS)[-1]
+        assert error["type"] == "error" and "is not a diffusers repo" in error["message"]
+        worker.send("fetch_model", id="e", model="test/emb", kind="vae")
+        error = until(worker, "e", ENDS)[-1]
+        assert (error["kind"], error["message"]) == (
+            "ValueError",
+            "kind: must be one of model, controlnet, lora, embedding, got 'vae'",
+        )
+    finally:
+        worker.close()
+    assert gets(hub) == ["test/loras:style-a.safetensors", "test/emb:learned_embeds.safetensors"]
+
+
 # --------------------------------------------------------------------------- configs
 
 

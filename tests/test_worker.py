@@ -917,11 +917,18 @@ def test_in_process_model_cache_requests(
         w.send("cancel", id="f1")  # f1 has finished (f2 ran since): nothing to cancel or keep
         w.send("fetch_model", id="f1", model="test/small")
         assert w.next()["type"] == "fetched"
-        for bad in ("small", "a/b/c", 7):
+        for bad, reason in (
+            ("small", "a hub id is owner/name, or owner/name/path/file.safetensors for one "
+             "file of a repo"),
+            (7, "a hub id is owner/name, or owner/name/path/file.safetensors for one file of "
+             "a repo"),
+            ("a/b/c", "a file of a hub repo must be weights ending in .safetensors (or, with "
+             "pickled weights allowed, .ckpt, .bin, .pt, .pth), got 'c'"),
+        ):  # fmt: skip
             w.send("fetch_model", id="f3", model=bad)
             error = w.next()
             assert error["id"] == "f3" and error["kind"] == "ValueError", bad
-            assert error["message"] == f"model: expected a hub id (owner/name), got {bad!r}"
+            assert error["message"] == f"model: expected a hub id, got {bad!r}: {reason}"
         w.send("remove_model", id="r1", model="a/b/c")
         assert w.next()["message"] == "model: expected a hub id (owner/name), got 'a/b/c'"
 
@@ -943,6 +950,43 @@ def test_in_process_model_cache_requests(
         assert "not-a-folder" in error["message"] and "Traceback" in error["traceback"]
         w.send("list_models", id="l4")
         assert w.next()["id"] == "l4"
+
+
+def test_in_process_fetch_kinds_pick_what_is_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fetch_model's kind: a LoRA or an embedding is its one weight file (by repo or by file
+    id), a model what the model loaders read; offline, from a hub cache on disk."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    files = {"pytorch_lora_weights.safetensors": b"l" * 10, "README.md": b"# a LoRA"}
+    weights = cached_model(cache, "test/lora", files) / "pytorch_lora_weights.safetensors"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    with in_process(tmp_path) as w:
+        for request_id, model, kind in (
+            ("a", "test/lora", "lora"),
+            ("b", "test/lora/pytorch_lora_weights.safetensors", "embedding"),
+            ("c", "test/lora/pytorch_lora_weights.safetensors", "model"),
+        ):
+            w.send("fetch_model", id=request_id, model=model, kind=kind)
+            fetched = w.next()
+            assert fetched == {"type": "fetched", "id": request_id, "model": model,
+                               "path": str(weights)}, kind  # fmt: skip
+        # As a whole-repo model it needs diffusers configs, which the cache lacks.
+        w.send("fetch_model", id="d", model="test/lora")
+        error = w.next()
+        assert (
+            error["kind"] == "HubError"
+            and "model 'test/lora' is not downloaded" in error["message"]
+        )
+        for bad in ("vae", 3, None):
+            w.send("fetch_model", id="e", model="test/lora", kind=bad)
+            error = w.next()
+            assert (error["id"], error["kind"]) == ("e", "ValueError")
+            assert error["message"] == (
+                f"kind: must be one of model, controlnet, lora, embedding, got {bad!r}"
+            )
 
 
 def test_in_process_downloads_report_progress_and_cancel(
