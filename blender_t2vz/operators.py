@@ -561,14 +561,26 @@ def _cache_request(operator: Any, context: Any, send: Any) -> set[str]:
     return {"FINISHED"}
 
 
+# What the download button fetches: the protocol's fetch_model kinds (FETCH_KINDS).
+FETCH_KIND_ITEMS = [
+    ("model", "Model", "A base model: what the model loaders read"),
+    ("controlnet", "ControlNet", "A ControlNet: what the model loaders read"),
+    ("lora", "LoRA", "A LoRA: its one weight file"),
+    ("embedding", "Embedding", "A textual inversion embedding: its one weight file"),
+]
+
+
 class T2VZ_OT_model_download(_JobOperator, bpy.types.Operator):
-    """Download this model from the Hugging Face Hub now, ahead of the first job (ESC cancels)"""
+    """Download this from the Hugging Face Hub now, ahead of the first job (ESC cancels)"""
 
     bl_idname = "t2vz.model_download"
-    bl_label = "Download Model"
+    bl_label = "Download"
     bl_options = {"REGISTER", "INTERNAL"}
 
-    model: StringProperty(name="Model", description="Hub id (owner/name)")
+    model: StringProperty(
+        name="Hub Id", description="owner/name, or owner/name/path/file.safetensors for one file"
+    )
+    kind: EnumProperty(name="Kind", items=FETCH_KIND_ITEMS, default="model")
 
     @classmethod
     def poll(cls, context: Any) -> bool:
@@ -584,13 +596,22 @@ class T2VZ_OT_model_download(_JobOperator, bpy.types.Operator):
 
     def execute(self, context: Any) -> set[str]:
         if not preferences.is_hub_id(self.model):
-            self.report({"ERROR"}, f"{self.model!r} is not a hub id (owner/name)")
+            self.report(
+                {"ERROR"},
+                f"{self.model!r} is not a hub id (owner/name, or owner/name/path/file."
+                "safetensors for one file of a repo)",
+            )
             return {"CANCELLED"}
+        allow_pickle = bool(preferences.get_prefs(context).allow_pickle)
         result = _cache_request(
-            self, context, lambda **kw: runtime.RUNNER.fetch(self.model.strip(), **kw)
+            self,
+            context,
+            lambda **kw: runtime.RUNNER.fetch(
+                self.model.strip(), kind=self.kind, allow_pickle=allow_pickle, **kw
+            ),
         )
         if "FINISHED" in result:
-            self.report({"INFO"}, f"Downloading {self.model} (progress in the preferences)")
+            self.report({"INFO"}, f"Downloading {self.model.strip()} (ESC cancels)")
         return result
 
 

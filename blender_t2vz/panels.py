@@ -180,7 +180,12 @@ class T2VZ_PT_adapters(_SequencerPanel, bpy.types.Panel):
         col = layout.column()
         col.use_property_split = True
         col.prop(item, "kind")
-        col.prop(item, "path")
+        row = col.row(align=True)
+        row.prop(item, "path")
+        if preferences.is_hub_id(item.path):  # fetch it now rather than during the job
+            download = row.operator("t2vz.model_download", text="", icon="IMPORT")
+            download.model = item.path.strip()
+            download.kind = item.kind.lower()
         if item.kind == "LORA":
             col.prop(item, "weight")
         else:

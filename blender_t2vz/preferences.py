@@ -119,7 +119,7 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         box.operator("t2vz.restart_worker", icon="FILE_REFRESH")
 
         box = layout.box()
-        box.label(text="Models (hub ids or local paths)", icon="FILE_FOLDER")
+        box.label(text="Models (hub ids, files of hub repos or local paths)", icon="FILE_FOLDER")
         for name in (
             "model",
             "pix2pix_model",
@@ -131,7 +131,9 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
             row.prop(self, name)
             value = getattr(self, name)
             if is_hub_id(value):  # fetch it now rather than during the first job
-                row.operator("t2vz.model_download", text="", icon="IMPORT").model = value
+                download = row.operator("t2vz.model_download", text="", icon="IMPORT")
+                download.model = value.strip()
+                download.kind = "controlnet" if name.startswith("controlnet") else "model"
         box.prop(self, "models_dir")
         box.prop(self, "allow_pickle")
         self.draw_cache(layout, status)
@@ -190,16 +192,14 @@ def online_access() -> bool:
 
 
 def is_hub_id(name: str) -> bool:
-    """True for a Hugging Face hub id (owner/name), not a path or a built-in model."""
+    """True for a Hugging Face hub id (owner/name, or owner/name/path/file.safetensors for
+    one file of a repo), not a path that exists or a built-in model."""
     name = name.strip()
-    return (
-        name.count("/") == 1
-        and not name.startswith(("/", ".", "~", "builtin:"))
-        and "\\" not in name
-        and ":" not in name
-        and not name.lower().endswith((".safetensors", ".ckpt", ".bin", ".pt", ".pth"))
-        and not Path(bpy.path.abspath(name)).exists()
-    )
+    try:
+        problem = backend_paths.load_protocol().hub_id_problem(name)
+    except (backend_paths.BackendNotFoundError, ImportError):
+        return False
+    return not problem and not Path(bpy.path.abspath(name)).exists()
 
 
 def get_prefs(context: Any = None) -> Any:

@@ -141,7 +141,8 @@ class T2VZ_AdapterItem(bpy.types.PropertyGroup):
         name="File",
         subtype="FILE_PATH",
         options=_BLEND_RELATIVE,
-        description="A .safetensors file, a folder holding one, or a hub id (owner/name)",
+        description="A .safetensors file, a folder holding one, or a hub id: owner/name, or "
+        "owner/name/path/file.safetensors for one file of a repo",
     )
     weight: FloatProperty(
         name="Weight",

@@ -229,7 +229,9 @@ class Runner:
         _redraw()
         return job_id
 
-    def _send(self, python: str | Path, env: dict[str, str] | None, kind: str, **payload) -> None:
+    def _send(
+        self, python: str | Path, env: dict[str, str] | None, kind: str, /, **payload: Any
+    ) -> None:
         """Send one request, starting the worker (once more if it had died) as needed."""
         client = self.ensure_worker(python, env)
         try:
@@ -238,12 +240,27 @@ class Runner:
             self.stop_worker(timeout=1.0)
             self.ensure_worker(python, env).send(kind, **payload)
 
-    def fetch(self, model: str, *, python: str | Path, env: dict[str, str] | None = None) -> str:
-        """Download hub model ``model`` ahead of the first job; progress and cancel as a job's."""
+    def fetch(
+        self,
+        model: str,
+        *,
+        python: str | Path,
+        env: dict[str, str] | None = None,
+        kind: str = "model",
+        allow_pickle: bool = False,
+    ) -> str:
+        """Download hub id ``model`` ahead of the first job; progress and cancel as a job's.
+
+        ``kind``: "model" (or "controlnet"), "lora" or "embedding" (the protocol's
+        FETCH_KINDS); ``allow_pickle`` lets pickled weights download (the preference).
+        """
         if self.busy:
             raise RunnerBusyError("a job is already running: cancel it first")
         job_id = uuid.uuid4().hex[:12]
-        self._send(python, env, "fetch_model", id=job_id, model=model)
+        extra: dict[str, Any] = {"kind": kind} if kind != "model" else {}
+        if allow_pickle:
+            extra["allow_pickle"] = True
+        self._send(python, env, "fetch_model", id=job_id, model=model, **extra)
         self.job = ActiveJob(job_id, {"model": model}, "", 0, 0, model, kind="fetch")
         self.outcome = None
         status = _status()

@@ -222,8 +222,9 @@ class WorkerClient(LineProcess):
             stdin=True,
         )
 
-    def send(self, kind: str, **payload: Any) -> None:
-        """Send one protocol request (generate, cancel, shutdown)."""
+    def send(self, kind: str, /, **payload: Any) -> None:
+        """Send one protocol request (generate, cancel, shutdown); ``kind`` is positional-only:
+        a fetch_model request carries a ``kind`` field of its own."""
         if kind not in self.protocol.REQUESTS:
             raise ValueError(f"not a request type: {kind!r}")
         self.write_line(self.protocol.encode_message(kind, **payload))

@@ -113,3 +113,32 @@ def test_panel_draws_the_list_and_each_kind(listed) -> None:
     log = []
     panels.T2VZ_PT_adapters.draw(SimpleNamespace(layout=Layout(log)), bpy.context)
     assert ("label", "Use <shiny> in the prompt") in log
+
+
+def test_hub_ids_in_the_list_get_a_download_button_files_do_not(listed) -> None:
+    settings, lora = listed
+    drawn: list = []
+
+    class Recording(Layout):
+        def _child(self, *args, **kwargs) -> "Recording":
+            return Recording(self.log)
+
+        row = column = box = split = _child
+
+        def operator(self, idname: str, **kwargs) -> SimpleNamespace:
+            button = super().operator(idname, **kwargs)
+            drawn.append((idname, button))
+            return button
+
+    for index, path, expected in (
+        (0, str(lora), None),  # a local file: nothing to download
+        (1, "owner/other-lora", ("owner/other-lora", "lora")),
+        (1, " owner/loras/style-b.safetensors", ("owner/loras/style-b.safetensors", "lora")),
+        (2, "owner/shiny-embedding", ("owner/shiny-embedding", "embedding")),
+    ):
+        settings.adapter_index = index
+        settings.adapters[index].path = path
+        drawn.clear()
+        panels.T2VZ_PT_adapters.draw(SimpleNamespace(layout=Recording([])), bpy.context)
+        buttons = [(b.model, b.kind) for name, b in drawn if name == "t2vz.model_download"]
+        assert buttons == ([expected] if expected else []), path

@@ -16,7 +16,7 @@ import pytest
 from conftest import BACKEND_PYTHON
 from fakehub import FakeHub
 
-from blender_t2vz import preferences, runtime
+from blender_t2vz import backend_paths, preferences, runtime
 
 MB = 1 << 20
 
@@ -60,10 +60,43 @@ def test_install_backend_and_downloads_refuse_without_online_access(
 
 def test_hub_ids_get_a_download_button_paths_do_not(tmp_path: Path) -> None:
     assert preferences.is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5")
-    for name in ("builtin:tiny", "/models/sd", "~/sd.safetensors", "C:/sd", "model.ckpt"):
+    assert preferences.is_hub_id(" owner/fine-tune/sub/v1.safetensors ")  # one file of a repo
+    assert preferences.is_hub_id("owner/fine-tune/v1.ckpt")  # the worker says how to allow it
+    for name in ("builtin:tiny", "/models/sd", "~/sd.safetensors", "C:/sd", "model.ckpt",
+                 "owner/name/README.md", "owner/name/"):  # fmt: skip
         assert not preferences.is_hub_id(name), name
     (tmp_path / "owner" / "name").mkdir(parents=True)
     assert not preferences.is_hub_id(os.path.relpath(tmp_path / "owner" / "name"))
+    (tmp_path / "owner" / "name" / "v1.safetensors").write_bytes(b"")
+    assert not preferences.is_hub_id(
+        os.path.relpath(tmp_path / "owner" / "name" / "v1.safetensors")
+    )
+
+
+def test_the_download_button_sends_its_kind_and_the_pickle_preference(
+    addon: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from blender_t2vz import operators
+
+    backend_kinds = backend_paths.load_protocol().FETCH_KINDS
+    assert [item[0] for item in operators.FETCH_KIND_ITEMS] == list(backend_kinds)
+    sent: list = []
+    monkeypatch.setattr(preferences, "online_access", lambda: True)
+    monkeypatch.setattr(preferences, "resolve_python", lambda prefs: "/py")
+    monkeypatch.setattr(runtime.RUNNER, "fetch", lambda model, **kw: sent.append((model, kw)))
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
+    allow, prefs.allow_pickle = prefs.allow_pickle, True
+    try:
+        result = bpy.ops.t2vz.model_download(model=" owner/loras/style.safetensors ", kind="lora")
+    finally:
+        prefs.allow_pickle = allow
+    assert result == {"FINISHED"}
+    ((model, kw),) = sent
+    assert model == "owner/loras/style.safetensors"
+    assert (kw["kind"], kw["allow_pickle"], kw["python"]) == ("lora", True, "/py")
+    with pytest.raises(RuntimeError, match=r"'owner/loras/notes.txt' is not a hub id"):
+        bpy.ops.t2vz.model_download(model="owner/loras/notes.txt", kind="lora")
+    assert len(sent) == 1
 
 
 @pytest.fixture

@@ -160,7 +160,7 @@ class StubClient:
         self.stderr = ["loading", "Killed"]
         self.closed = False
 
-    def send(self, kind: str, **payload) -> None:
+    def send(self, kind: str, /, **payload) -> None:
         if self.fail:
             raise worker_client.WorkerError("gone")
         self.sent.append((kind, payload))
@@ -532,6 +532,15 @@ def test_cache_requests_and_fetch_go_to_the_worker(
     assert (runner.job.kind, runner.job.name, runner.job.job) == ("fetch", "o/m", {"model": "o/m"})
     assert (status.state, status.message) == ("RUNNING", "Downloading o/m...")
     assert status.progress == 0.0 and status.error == "" and runner.outcome is None
+    # A LoRA (or an embedding) says so; pickles only when the preference allows them.
+    runner.job = None
+    lora_id = runner.fetch("o/l/style.safetensors", python="/py", env={"A": "1"}, kind="lora",
+                           allow_pickle=True)  # fmt: skip
+    assert fresh.sent[-1] == (
+        "fetch_model",
+        {"id": lora_id, "model": "o/l/style.safetensors", "kind": "lora", "allow_pickle": True},
+    )
+    assert status.message == "Downloading o/l/style.safetensors..."
 
 
 def test_installer_lines_and_exit(scene, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -243,6 +243,7 @@ def test_requests_are_protocol_lines(tmp_path: Path) -> None:
     client.start()
     client.generate("g1", {"prompt": "a cat"})
     client.cancel("g1")
+    client.send("fetch_model", id="f1", model="o/l/a.safetensors", kind="lora")
     client.shutdown(timeout=20)
     assert client.returncode == 0
     assert client.cwd == str(tmp_path)
@@ -251,6 +252,8 @@ def test_requests_are_protocol_lines(tmp_path: Path) -> None:
     assert [json.loads(line) for line in lines] == [
         {"type": "generate", "id": "g1", "job": {"prompt": "a cat"}},
         {"type": "cancel", "id": "g1"},
+        # the request's own kind field beside its type
+        {"type": "fetch_model", "id": "f1", "model": "o/l/a.safetensors", "kind": "lora"},
         {"type": "shutdown"},
     ]
     client.shutdown(timeout=1)  # already gone: nothing to send, no error
