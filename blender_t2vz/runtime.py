@@ -213,8 +213,7 @@ class Runner:
                 client.generate(job_id, job, allow_pickle=allow_pickle)
             except WorkerError as exc:
                 self.client, self.client_key = None, None
-                client.close(timeout=2.0)
-                time.sleep(0.1)  # let the stderr reader collect the last words
+                client.close(timeout=2.0)  # ended, its stderr read to the end
                 raise WorkerError(self._exit_text(client, client.returncode)) from exc
         self.job = ActiveJob(job_id, job, scene, above, start, name, staging)
         self.outcome = None

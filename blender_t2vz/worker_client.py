@@ -13,7 +13,6 @@ import os
 import queue
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,11 @@ from . import backend_paths
 NOISE = "_noise"
 EXITED = "_exit"
 LINE = "_line"
+
+# Once the process has ended, how long to wait for the stderr reader to reach the end of
+# stderr (its last words) before reporting the exit; only a grandchild process that
+# inherited stderr keeps it open longer.
+STDERR_GRACE = 2.0
 
 
 class WorkerError(RuntimeError):
@@ -69,6 +73,7 @@ class LineProcess:
         self._stderr: collections.deque[str] = collections.deque(maxlen=stderr_lines)
         self._want_stdin = stdin
         self._write_lock = threading.Lock()
+        self._stderr_reader: threading.Thread | None = None
         self.proc: subprocess.Popen[str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -97,8 +102,11 @@ class LineProcess:
             )
         except OSError as exc:
             raise WorkerError(f"cannot start {self.argv[0]}: {exc}") from exc
+        self._stderr_reader = threading.Thread(
+            target=self._read_stderr, name="t2vz-stderr", daemon=True
+        )
+        self._stderr_reader.start()
         threading.Thread(target=self._read_stdout, name="t2vz-stdout", daemon=True).start()
-        threading.Thread(target=self._read_stderr, name="t2vz-stderr", daemon=True).start()
 
     @property
     def pid(self) -> int | None:
@@ -119,6 +127,13 @@ class LineProcess:
         """The last ``lines`` lines the process wrote to stderr."""
         return "\n".join(list(self._stderr)[-lines:])
 
+    def _collect_stderr(self, timeout: float = STDERR_GRACE) -> None:
+        """Wait (up to ``timeout`` s) until the stderr reader has read to the end of stderr:
+        the tail then holds the last words of a process that has ended."""
+        reader = self._stderr_reader
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(timeout)
+
     def kill(self) -> None:
         """End the process now."""
         if self.alive:
@@ -128,7 +143,8 @@ class LineProcess:
                 self.proc.wait(timeout=5)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close stdin, wait up to ``timeout`` seconds, then terminate and kill."""
+        """Close stdin, wait up to ``timeout`` seconds, then terminate and kill; the stderr
+        tail then holds the process's last words."""
         if self.proc is None:
             return
         if self.proc.stdin:
@@ -142,6 +158,7 @@ class LineProcess:
                 self.proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._collect_stderr()
 
     # ------------------------------------------------------------------ io
 
@@ -191,8 +208,9 @@ class LineProcess:
                 self._stderr.append(f"[stdout] {line}")
             self.messages.put(message)
         self.proc.wait()
-        # Give the stderr reader a moment to collect the last words of a crash.
-        time.sleep(0.05)
+        # The exit is reported with the last words of a crash: once stderr is read to its end
+        # (a fixed pause here missed them when the machine was busy).
+        self._collect_stderr()
         self.messages.put({"type": EXITED, "returncode": self.proc.returncode})
 
     def _read_stderr(self) -> None:

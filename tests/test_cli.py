@@ -255,7 +255,8 @@ def test_ctrl_c_and_a_closed_terminal_leave_nothing_and_no_traceback(
     import time
 
     results = tmp_path / "results"
-    args = ["--model", "builtin:tiny", "--frames", "8", "--steps", "50", "--no-mp4"]
+    # Half a minute unless interrupted: still denoising when the signal lands, however late.
+    args = ["--model", "builtin:tiny", "--frames", "8", "--steps", "500", "--no-mp4"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "backend", "generate", *SMALL, *args, "--prompt", "x"]
         + ["--out", str(results / "out")],

@@ -146,6 +146,11 @@ def job(out: Path, **fields: Any) -> dict[str, Any]:
     }
 
 
+def batch(*requests: tuple[str, dict[str, Any]]) -> str:
+    """Request lines to send in one write: no pause of the sender falls between them."""
+    return "".join(encode_message(kind, **payload) + "\n" for kind, payload in requests)
+
+
 def of_type(messages: list[dict], kind: str) -> list[dict]:
     return [m for m in messages if m["type"] == kind]
 
@@ -281,7 +286,8 @@ def test_runtime_failure_reports_kind_message_and_traceback(
 
 def test_cancel_stops_the_job_and_leaves_no_output(worker: WorkerProcess, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    worker.send("generate", id="long", job=job(out, frames=8, steps=50))
+    # Half a minute unless cancelled: still running when the cancel lands on a busy machine.
+    worker.send("generate", id="long", job=job(out, frames=8, steps=500))
     assert worker.next()["type"] == "accepted"
     worker.send("cancel", id="long")
     replies = worker.until_terminal("long")
@@ -292,9 +298,15 @@ def test_cancel_stops_the_job_and_leaves_no_output(worker: WorkerProcess, tmp_pa
 
 def test_cancel_of_a_queued_job(worker: WorkerProcess, tmp_path: Path) -> None:
     """A cancel for a job that has not started yet is kept; the running job goes on."""
-    worker.send("generate", id="first", job=job(tmp_path / "first", frames=4, steps=10))
-    worker.send("generate", id="queued", job=job(tmp_path / "queued"))
-    worker.send("cancel", id="queued")
+    # One write: the cancel must reach the worker while "first" runs, however long this
+    # process is held up between two sends on a busy machine.
+    worker.send_raw(
+        batch(
+            ("generate", {"id": "first", "job": job(tmp_path / "first", frames=4, steps=40)}),
+            ("generate", {"id": "queued", "job": job(tmp_path / "queued")}),
+            ("cancel", {"id": "queued"}),
+        )
+    )
     first = worker.until_terminal("first")
     assert first[-1]["type"] == "done"
     queued = worker.until_terminal("queued")
@@ -384,7 +396,8 @@ def test_sigterm_mid_job_leaves_no_partial_output(
     results.mkdir()
     try:
         assert w.next()["type"] == "ready"
-        w.send("generate", id="t", job=job(results / "out", frames=8, steps=50))
+        # Half a minute unless stopped: still denoising when the signal lands on a busy machine.
+        w.send("generate", id="t", job=job(results / "out", frames=8, steps=500))
         assert w.next()["type"] == "accepted"
         assert w.next()["type"] == "progress"  # denoising has begun: a staging folder exists
         w.proc.send_signal(getattr(signal, signame))
@@ -485,7 +498,8 @@ class InProcessWorker:
                 if self.thread.is_alive():
                     continue
                 ended_at = ended_at or time.monotonic()
-                if time.monotonic() - ended_at > 0.5:  # its last lines have been read by now
+                # Its last lines have been read by now, even on a busy machine.
+                if time.monotonic() - ended_at > 5:
                     pytest.fail(f"serve ended ({self.exit_code!r}, {self.failure!r})")
                 continue
             if message is None:
@@ -751,11 +765,18 @@ def test_in_process_cancel_of_queued_requests(tiny_models: dict, tmp_path: Path)
     """A cancel for a request still in the queue is kept for it; the running job goes on,
     and the same ids later run as usual."""
     with in_process(tmp_path) as w:
-        w.send("generate", id="first", job=job(tmp_path / "first", frames=8, steps=20))
-        w.send("generate", id="queued", job=job(tmp_path / "queued"))
-        w.send("fetch_model", id="fq", model="test/absent")
-        w.send("cancel", id="queued")
-        w.send("cancel", id="fq")
+        # One write: the cancels must reach the worker while "first" runs, however long
+        # this thread is held up between two sends on a busy machine.
+        first = job(tmp_path / "first", frames=8, steps=20)
+        w.send_bytes(
+            batch(
+                ("generate", {"id": "first", "job": first}),
+                ("generate", {"id": "queued", "job": job(tmp_path / "queued")}),
+                ("fetch_model", {"id": "fq", "model": "test/absent"}),
+                ("cancel", {"id": "queued"}),
+                ("cancel", {"id": "fq"}),
+            ).encode()
+        )
         replies = w.until_terminal("fq")
         assert [
             (m["type"], m["id"]) for m in replies if m["type"] not in ("progress", "preview")

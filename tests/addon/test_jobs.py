@@ -228,26 +228,43 @@ def test_install_button_runs_the_installer_in_the_background(
     addon, monkeypatch, tmp_path: Path
 ) -> None:
     script = tmp_path / "install_deps.py"
+    # Each step waits until the test has seen its line (a file named after it appears):
+    # with fixed pauses, a test held up for one pause took steps 2 and 3 in one step()
+    # and never saw step 2.
     script.write_text(
-        "import sys, time\n"
+        "import os, sys, time\n"
         "open(sys.argv[0] + '.args', 'w').write(' '.join(sys.argv[1:]))\n"
         "for i in range(3):\n"
         "    print(f'[t2vz] step {i + 1}/3', flush=True)\n"
         "    print('pip noise', flush=True)\n"
-        "    time.sleep(0.3)\n"
+        "    deadline = time.monotonic() + 60\n"
+        "    while not os.path.exists(f'{sys.argv[0]}.seen-{i + 1}'):\n"
+        "        if time.monotonic() > deadline:\n"
+        "            sys.exit(f'step {i + 1} was never seen')\n"
+        "        time.sleep(0.01)\n"
         "sys.exit(int(sys.argv[-1] == 'cpu'))\n"
     )
     monkeypatch.setattr(backend_paths, "install_script", lambda: script)
     monkeypatch.setattr(preferences, "online_access", lambda: True)  # off in headless bpy
     status = bpy.context.window_manager.t2vz_status
+
+    def step_until_done() -> set[str]:
+        """Step the installer until it ends; the status lines it showed on the way."""
+        messages = set()
+        deadline = time.monotonic() + 120
+        while runtime.INSTALLER.running and time.monotonic() < deadline:
+            runtime.step()
+            messages.add(status.install_message)
+            if status.install_message.startswith("step "):
+                Path(f"{script}.seen-{status.install_message[5]}").touch()
+            time.sleep(0.05)
+        for seen in tmp_path.glob("install_deps.py.seen-*"):
+            seen.unlink()
+        return messages
+
     bpy.ops.t2vz.install_backend()
     assert runtime.INSTALLER.running and status.install_running
-    messages = set()
-    deadline = time.monotonic() + 20
-    while runtime.INSTALLER.running and time.monotonic() < deadline:
-        runtime.step()
-        messages.add(status.install_message)
-        time.sleep(0.05)
+    messages = step_until_done()
     assert not status.install_running
     assert "step 2/3" in messages and not any("pip" in m for m in messages)
     assert status.install_message == "Backend installed" and not status.install_error
@@ -259,10 +276,7 @@ def test_install_button_runs_the_installer_in_the_background(
     prefs.torch_variant = "cpu"
     try:
         bpy.ops.t2vz.install_backend()
-        deadline = time.monotonic() + 20
-        while runtime.INSTALLER.running and time.monotonic() < deadline:
-            runtime.step()
-            time.sleep(0.05)
+        step_until_done()
     finally:
         prefs.torch_variant = "auto"
     assert status.install_error.startswith("Install failed (exit code 1)")

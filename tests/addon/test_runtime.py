@@ -59,15 +59,20 @@ def strips_of(scene) -> list:
 def test_a_worker_that_ignores_cancel_is_killed_after_the_timeout(
     fake_runner: runtime.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime, "CANCEL_TIMEOUT", 0.5)
+    # The runner's clock is a stand-in: a busy machine pausing this test between two
+    # steps must not count as the worker ignoring the cancel.
+    clock = [100.0]
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     submit(fake_runner, "hang", tmp_path / "out")
     client = fake_runner.client
     step_until(fake_runner, lambda: fake_runner.ready)
     assert fake_runner.cancel()
     assert bpy.context.window_manager.t2vz_status.state == "CANCELLING"
     fake_runner.step()
+    clock[0] += runtime.CANCEL_TIMEOUT
+    fake_runner.step()
     assert fake_runner.busy  # not before the timeout
-    time.sleep(0.6)
+    clock[0] += 0.01
     fake_runner.step()
     assert not fake_runner.busy
     assert fake_runner.outcome.level == "WARNING"
@@ -81,14 +86,21 @@ def test_a_worker_that_ignores_cancel_is_killed_after_the_timeout(
 
 
 def test_messages_of_an_earlier_job_are_ignored(
-    fake_runner: runtime.Runner, tmp_path: Path
+    fake_runner: runtime.Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     status = bpy.context.window_manager.t2vz_status
+    applied: list[tuple] = []
+    real_apply = runtime.Runner._apply
+
+    def apply_and_note(self, client, message):
+        applied.append((message.get("type"), message.get("id")))
+        real_apply(self, client, message)
+
+    monkeypatch.setattr(runtime.Runner, "_apply", apply_and_note)
     submit(fake_runner, "stale", tmp_path / "out")
-    step_until(fake_runner, lambda: status.state == "RUNNING")
-    for _ in range(20):  # the earlier job's progress, preview, done and error arrive
-        fake_runner.step()
-        time.sleep(0.02)
+    # The earlier job's progress, preview, done and error arrive (its error comes last).
+    step_until(fake_runner, lambda: ("error", "earlier") in applied)
+    assert ("done", "earlier") in applied and status.state == "RUNNING"
     assert fake_runner.busy and fake_runner.outcome is None
     assert status.progress == 0.0 and status.preview_path == "" and status.error == ""
     assert not strips_of(bpy.context.scene)
@@ -599,17 +611,26 @@ def test_installer_lines_and_exit(scene, monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert status.install_message == "Backend installed" and status.install_error == ""
 
 
-def test_wait_steps_until_the_job_ends_or_the_time_is_up(runner: runtime.Runner) -> None:
+def test_wait_steps_until_the_job_ends_or_the_time_is_up(
+    runner: runtime.Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in clock that its sleeps move on: the times below are the runner's own, not
+    # those of a busy machine.
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(runtime, "time", SimpleNamespace(monotonic=lambda: clock[0], sleep=sleep))
     runner.client.queued = [{"type": "cancelled", "id": "j1"}]
-    started = time.monotonic()
     outcome = runner.wait(5)
     assert outcome is runner.outcome and outcome.message == "Cancelled"
-    assert time.monotonic() - started < 0.5  # back as soon as the job has ended
+    assert clock[0] <= 0.05  # back as soon as the job has ended: one interval at most
     runner.job = runtime.ActiveJob("j2", {}, "", 0, 0, "x")
     runner.outcome = runtime.Outcome("j1", "INFO", "an earlier job")
-    started = time.monotonic()
+    clock[0] = 0.0
     assert runner.wait(0.2) is None and runner.busy  # still running: no outcome yet
-    assert 0.2 <= time.monotonic() - started < 2
+    assert 0.2 <= clock[0] < 0.3  # stepped (every 0.05 s) until the time was up
 
 
 def test_a_new_runner_has_no_worker_job_or_preview() -> None:
