@@ -186,7 +186,8 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
     adapters: CollectionProperty(type=T2VZ_AdapterItem)
     adapter_index: IntProperty(name="Active LoRA or Embedding", default=0, min=0)
     seed: IntProperty(name="Seed", default=0, min=0, max=MAX_SEED)
-    steps: IntProperty(name="Steps", default=50, min=2, max=1000, soft_max=150)
+    # At most the protocol's MAX_STEPS: an SD 1.x schedule has 1000 timesteps.
+    steps: IntProperty(name="Steps", default=50, min=2, max=999, soft_max=150)
     guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=100.0, soft_max=20.0)
     image_guidance: FloatProperty(
         name="Image Guidance",

@@ -576,3 +576,44 @@ def test_rebuild_updates_controlnets_only_when_the_panel_lists_as_many() -> None
     assert changed["frames"] == 4  # a strip-driven job keeps its frame count
     one = jobs.rebuild_job(stored, {"controlnets": panel[:1]}, out="/o", defaults=defaults)
     assert one["controlnets"] == old
+
+
+# The panel's numeric settings that go into a job (motion is a 2-vector, checked per axis).
+JOB_NUMBERS = (
+    "seed", "steps", "guidance", "image_guidance", "motion", "frames", "width", "height",
+    "chunk_size", "smooth_alpha",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["text2video", "pix2pix"])
+def test_every_value_the_panel_allows_makes_a_job_the_backend_accepts(
+    scene, image_folder: Path, mode: str
+) -> None:
+    """A number the panel takes but the backend refuses fails only at Generate, after the
+    artist has waited for nothing: Steps allowed 1000 where the backend's limit is 999."""
+    settings = scene.t2vz
+    settings.mode = mode
+    settings.prompt = "a cat"
+    settings.size_mode = "CUSTOM"
+    settings.match_source = False
+    if mode == "pix2pix":
+        names = [f"img_{i}.png" for i in range(1, 4)]
+        scene.sequence_editor.active_strip = _image_strip(scene, image_folder, names, 2, 1)
+    # pix2pix takes its length from the source strip: a longer one is a JobBuildError
+    # naming both, tested with the strips.
+    numbers = [n for n in JOB_NUMBERS if not (mode == "pix2pix" and n == "frames")]
+    checked = []
+    for name in numbers:
+        prop = settings.bl_rna.properties[name]
+        default = getattr(settings, name)
+        for limit in (prop.hard_min, prop.hard_max):
+            value = (limit,) * prop.array_length if prop.array_length else limit
+            setattr(settings, name, value)
+            try:  # plan_from_panel validates the job too
+                job = operators.plan_from_panel(bpy.context).job
+                PROTOCOL.validate_job(json.loads(json.dumps(job)))
+            except PROTOCOL.JobError as exc:
+                pytest.fail(f"{name} = {limit} (the panel's limit): {exc}")
+            checked.append((name, limit))
+        setattr(settings, name, default)
+    assert len(checked) == 2 * len(numbers)
