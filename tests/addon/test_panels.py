@@ -114,3 +114,43 @@ def test_preferences_draw(addon) -> None:
     assert {"python_path", "model", "controlnet_depth", "device"} <= {
         n for k, n in log if k == "prop"
     }
+
+
+def test_hub_ids_in_model_fields_get_a_download_button(scene) -> None:
+    """The base model and each ControlNet, like a LoRA, can be fetched before the job."""
+    buttons: list = []
+
+    class Recording(Layout):
+        def _child(self, *args, **kwargs) -> "Recording":
+            return Recording(self.log)
+
+        row = column = box = split = _child
+
+        def operator(self, idname: str, **kwargs) -> SimpleNamespace:
+            button = super().operator(idname, **kwargs)
+            if idname == "t2vz.model_download":
+                buttons.append(button)
+            return button
+
+    def downloads(panel) -> list[tuple[str, str]]:
+        buttons.clear()
+        panel.draw(SimpleNamespace(layout=Recording([])), bpy.context)
+        return [(b.model, b.kind) for b in buttons]
+
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    item = settings.controlnets.add()
+    for model, expected in (
+        ("", []),  # the preferences' model: downloaded there
+        ("/models/dreamshaper.safetensors", []),  # a local file
+        (" owner/dreamshaper ", [("owner/dreamshaper", "model")]),
+        ("owner/repo/v8.safetensors", [("owner/repo/v8.safetensors", "model")]),
+    ):
+        settings.model = model
+        assert downloads(panels.T2VZ_PT_main) == expected, model
+    item.model = "lllyasviel/sd-controlnet-canny"
+    assert downloads(panels.T2VZ_PT_controlnets) == [
+        ("lllyasviel/sd-controlnet-canny", "controlnet")
+    ]
+    item.model = "builtin:tiny-controlnet"
+    assert downloads(panels.T2VZ_PT_controlnets) == []
