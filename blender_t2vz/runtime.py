@@ -21,7 +21,7 @@ import bpy
 import bpy.utils.previews
 
 from . import backend_paths, capabilities, strips
-from .worker_client import EXITED, NOISE, LineProcess, WorkerClient, WorkerError
+from .worker_client import EXITED, NOISE, LineProcess, WorkerClient, WorkerError, exit_text
 
 INTERVAL_BUSY = 0.1
 INTERVAL_IDLE = 1.0
@@ -487,11 +487,11 @@ class Runner:
         last = f": {tail[-1]}" if tail else ""
         if self.ready and self.client is client:
             return (
-                f"The backend worker stopped (exit code {returncode}){last}. "
+                f"The backend worker stopped ({exit_text(returncode)}){last}. "
                 "A new one starts with the next job"
             )
         return (
-            f"The backend failed to start (exit code {returncode}){last}. Check "
+            f"The backend failed to start ({exit_text(returncode)}){last}. Check "
             "'Backend Python' in the add-on's preferences, or click 'Install Backend'"
         )
 
@@ -639,7 +639,7 @@ class Installer:
                 else:
                     tail = [self.last_line] if self.last_line else []
                     tail = proc.stderr_tail(3).strip().splitlines() or tail or ["no output"]
-                    status.install_error = f"Install failed (exit code {code}): {tail[-1]}"
+                    status.install_error = f"Install failed ({exit_text(code)}): {tail[-1]}"
                     status.install_message = ""
                 break
             line = str(message.get("text", ""))

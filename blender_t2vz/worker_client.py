@@ -11,6 +11,7 @@ import collections
 import contextlib
 import os
 import queue
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -29,6 +30,22 @@ LINE = "_line"
 # stderr (its last words) before reporting the exit; only a grandchild process that
 # inherited stderr keeps it open longer.
 STDERR_GRACE = 2.0
+
+
+def exit_text(returncode: int | None) -> str:
+    """How a process ended, for a person: "exit code 1", or the signal that stopped it
+    (POSIX reports -N for signal N: -9 is what the out-of-memory killer sends)."""
+    if returncode is None or returncode >= 0:
+        return f"exit code {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"exit code {returncode}"
+    if name == "SIGKILL":
+        return "killed by SIGKILL: out of memory, or stopped by hand"
+    if name in ("SIGSEGV", "SIGBUS", "SIGILL", "SIGFPE", "SIGABRT"):
+        return f"crashed with {name}"
+    return f"stopped by {name}"
 
 
 class WorkerError(RuntimeError):

@@ -404,7 +404,8 @@ def test_worker_exit_ends_the_job_with_its_last_words(runner: runtime.Runner, tm
     assert runner.client is client
     runner._worker_exited(client, -9)  # no job: the status line says it
     assert status.message == (
-        "The backend worker stopped (exit code -9): Killed. A new one starts with the next job"
+        "The backend worker stopped (killed by SIGKILL: out of memory, or stopped by hand): "
+        "Killed. A new one starts with the next job"
     )
     runner.client, runner.ready = client, True
     runner.job = runtime.ActiveJob("j2", {"out": str(tmp_path / "o")}, "", 0, 0, "x")
@@ -425,7 +426,9 @@ def test_a_worker_gone_silent_is_declared_dead_after_the_grace(
     assert runner.step() == runtime.INTERVAL_BUSY and runner.busy  # not before the grace
     clock[0] += 0.01
     assert runner.step() is None and not runner.busy
-    assert runner.outcome.message.startswith("The backend failed to start (exit code -9). Check")
+    assert runner.outcome.message.startswith(
+        "The backend failed to start (killed by SIGKILL: out of memory, or stopped by hand). "
+    )
 
 
 def test_step_applies_every_queued_message_and_says_when_to_come_back(

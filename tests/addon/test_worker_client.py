@@ -262,3 +262,21 @@ def test_requests_are_protocol_lines(tmp_path: Path) -> None:
     started = time.monotonic()
     deaf.shutdown(timeout=0.2)  # a worker that does not listen is ended after the timeout
     assert deaf.returncode == -15 and time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("code", "said"),
+    [
+        (0, "exit code 0"),
+        (1, "exit code 1"),
+        (None, "exit code None"),
+        (-9, "killed by SIGKILL: out of memory, or stopped by hand"),
+        (-11, "crashed with SIGSEGV"),
+        (-15, "stopped by SIGTERM"),
+        (-2, "stopped by SIGINT"),
+        (-1000, "exit code -1000"),  # no such signal
+    ],
+)
+def test_exit_text_names_the_signal_that_stopped_a_process(code: int | None, said: str) -> None:
+    """ "exit code -9" told an artist nothing; the out-of-memory killer sends SIGKILL."""
+    assert worker_client.exit_text(code) == said
