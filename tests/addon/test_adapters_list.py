@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import bpy
 import pytest
-from test_panels import Layout
+from test_panels import Layout, download_buttons
 
 from blender_t2vz import jobs, operators, panels, strips
 
@@ -117,19 +117,6 @@ def test_panel_draws_the_list_and_each_kind(listed) -> None:
 
 def test_hub_ids_in_the_list_get_a_download_button_files_do_not(listed) -> None:
     settings, lora = listed
-    drawn: list = []
-
-    class Recording(Layout):
-        def _child(self, *args, **kwargs) -> "Recording":
-            return Recording(self.log)
-
-        row = column = box = split = _child
-
-        def operator(self, idname: str, **kwargs) -> SimpleNamespace:
-            button = super().operator(idname, **kwargs)
-            drawn.append((idname, button))
-            return button
-
     for index, path, expected in (
         (0, str(lora), None),  # a local file: nothing to download
         (1, "owner/other-lora", ("owner/other-lora", "lora")),
@@ -138,7 +125,5 @@ def test_hub_ids_in_the_list_get_a_download_button_files_do_not(listed) -> None:
     ):
         settings.adapter_index = index
         settings.adapters[index].path = path
-        drawn.clear()
-        panels.T2VZ_PT_adapters.draw(SimpleNamespace(layout=Recording([])), bpy.context)
-        buttons = [(b.model, b.kind) for name, b in drawn if name == "t2vz.model_download"]
+        buttons = download_buttons(panels.T2VZ_PT_adapters)
         assert buttons == ([expected] if expected else []), path

@@ -15,11 +15,12 @@ from blender_t2vz import panels, preferences, strips
 class Layout:
     """Records what a draw function asks for and checks it exists."""
 
-    def __init__(self, log: list):
+    def __init__(self, log: list, buttons: list | None = None):
         self.log = log
+        self.buttons = [] if buttons is None else buttons  # (idname, its properties)
 
     def _child(self, *args, **kwargs) -> "Layout":
-        return Layout(self.log)
+        return Layout(self.log, self.buttons)
 
     row = column = box = split = _child
 
@@ -32,7 +33,9 @@ class Layout:
         module, name = idname.split(".")
         getattr(getattr(bpy.ops, module), name).get_rna_type()  # raises when missing
         self.log.append(("operator", idname))
-        return SimpleNamespace()
+        button = SimpleNamespace()
+        self.buttons.append((idname, button))
+        return button
 
     def prop_enum(self, data, name: str, value: str, **kwargs) -> None:
         assert value in {i.identifier for i in data.bl_rna.properties[name].enum_items}, value
@@ -62,6 +65,13 @@ class Layout:
 
     def template_icon(self, **kwargs) -> None:
         self.log.append(("icon", kwargs.get("icon_value")))
+
+
+def download_buttons(panel_cls) -> list[tuple[str, str]]:
+    """(model, kind) of each download button the panel draws."""
+    layout = Layout([])
+    panel_cls.draw(SimpleNamespace(layout=layout), bpy.context)
+    return [(b.model, b.kind) for name, b in layout.buttons if name == "t2vz.model_download"]
 
 
 def _draw(panel_cls, context=None) -> list:
@@ -118,25 +128,6 @@ def test_preferences_draw(addon) -> None:
 
 def test_hub_ids_in_model_fields_get_a_download_button(scene) -> None:
     """The base model and each ControlNet, like a LoRA, can be fetched before the job."""
-    buttons: list = []
-
-    class Recording(Layout):
-        def _child(self, *args, **kwargs) -> "Recording":
-            return Recording(self.log)
-
-        row = column = box = split = _child
-
-        def operator(self, idname: str, **kwargs) -> SimpleNamespace:
-            button = super().operator(idname, **kwargs)
-            if idname == "t2vz.model_download":
-                buttons.append(button)
-            return button
-
-    def downloads(panel) -> list[tuple[str, str]]:
-        buttons.clear()
-        panel.draw(SimpleNamespace(layout=Recording([])), bpy.context)
-        return [(b.model, b.kind) for b in buttons]
-
     settings = scene.t2vz
     settings.mode = "controlnet"
     item = settings.controlnets.add()
@@ -147,10 +138,10 @@ def test_hub_ids_in_model_fields_get_a_download_button(scene) -> None:
         ("owner/repo/v8.safetensors", [("owner/repo/v8.safetensors", "model")]),
     ):
         settings.model = model
-        assert downloads(panels.T2VZ_PT_main) == expected, model
+        assert download_buttons(panels.T2VZ_PT_main) == expected, model
     item.model = "lllyasviel/sd-controlnet-canny"
-    assert downloads(panels.T2VZ_PT_controlnets) == [
+    assert download_buttons(panels.T2VZ_PT_controlnets) == [
         ("lllyasviel/sd-controlnet-canny", "controlnet")
     ]
     item.model = "builtin:tiny-controlnet"
-    assert downloads(panels.T2VZ_PT_controlnets) == []
+    assert download_buttons(panels.T2VZ_PT_controlnets) == []
