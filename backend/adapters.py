@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .hub import DownloadHooks, HubError, fetch_adapter
+from .hub import ADAPTERS, DownloadHooks, HubError, fetch_adapter
 from .models import BaseModel, ModelLoadError, _check_pickle_file
 from .protocol import EmbeddingSpec, LoraSpec, hub_id_problem
 
@@ -37,7 +37,7 @@ def _source(
     """(location, loader kwargs) for a file, a folder or a hub id (``kind`` "lora" or
     "embedding"; a repo or one file of it); a hub id is downloaded here. Never a pickle
     unless allowed."""
-    what = "LoRA" if kind == "lora" else kind
+    what = ADAPTERS[kind].label  # "LoRA", "embedding"
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
     if local.is_dir():

@@ -34,7 +34,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import PICKLE_SUFFIXES, clip_text, hub_id_problem, split_hub_id
+from .protocol import (
+    PICKLE_SUFFIXES,
+    SAFE_SUFFIXES,
+    clip_text,
+    hub_id_problem,
+    split_hub_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ log = logging.getLogger(__name__)
 BASE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # Small files a loader may read next to the weights (configs, tokenizer vocabularies).
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
-SAFE_WEIGHTS = (".safetensors",)
+# Pickled weights in a diffusers repo's folders are .bin (PICKLE_SUFFIXES: any pickled file).
 PICKLE_WEIGHTS = (".bin",)
 # Seconds to wait for the Hub to answer the file listing: the slow part of a download
 # is the transfer, so a Hub that does not answer this fast is treated as unreachable.
@@ -125,7 +131,7 @@ def _is_variant(name: str, suffix: str) -> bool:
 
 def _weights(names: list[str], allow_pickle: bool) -> list[str]:
     """The non-variant weights of one folder: safetensors, else (if allowed) pickled .bin."""
-    for suffixes in (SAFE_WEIGHTS, PICKLE_WEIGHTS if allow_pickle else ()):
+    for suffixes in (SAFE_SUFFIXES, PICKLE_WEIGHTS if allow_pickle else ()):
         found = [
             n
             for n in names
@@ -436,8 +442,8 @@ def _cached_file(repo: str, filename: str, cache_dir: str | Path | None) -> Path
 
 def _weight_files(files: list[str]) -> list[str]:
     """The files of a listing with a weight suffix: .safetensors first, then pickled ones."""
-    found = [n for n in files if n.lower().endswith(SAFE_WEIGHTS + PICKLE_SUFFIXES)]
-    return sorted(found, key=lambda n: (not n.lower().endswith(SAFE_WEIGHTS), n))
+    found = [n for n in files if n.lower().endswith(SAFE_SUFFIXES + PICKLE_SUFFIXES)]
+    return sorted(found, key=lambda n: (not n.lower().endswith(SAFE_SUFFIXES), n))
 
 
 def _no_such_file(subject: _Subject, repo: str, filename: str, files: list[str]) -> HubError:
@@ -543,7 +549,6 @@ def fetch_model(
 
 # diffusers' names for a LoRA and a textual inversion embedding (``weight_name`` defaults).
 ADAPTER_WEIGHT_NAMES = {"lora": "pytorch_lora_weights", "embedding": "learned_embeds"}
-ADAPTER_PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 # Paths diffusers never takes for a LoRA (training state: checkpoint-500/, optimizer.bin).
 NOT_ADAPTER_WEIGHTS = ("scheduler", "optimizer", "checkpoint")
 
@@ -557,7 +562,7 @@ def adapter_candidates(files: list[str], kind: str, allow_pickle: bool = False) 
     answer; none or several is for the caller to report.
     """
     conventional = ADAPTER_WEIGHT_NAMES[kind]
-    for suffixes in (SAFE_WEIGHTS, ADAPTER_PICKLES if allow_pickle else ()):
+    for suffixes in (SAFE_SUFFIXES, PICKLE_SUFFIXES if allow_pickle else ()):
         found = sorted(
             n
             for n in files

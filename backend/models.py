@@ -6,8 +6,8 @@ a local single-file checkpoint. A local path that exists always wins over a hub 
 
 Weights load from safetensors; pickled ``.ckpt``/``.bin``/``.pt`` weights are refused
 unless the user allows them (``--allow-pickle`` or the add-on preference), because
-unpickling runs arbitrary code. A local path never touches the network. Loaded models are cached by ``ModelCache`` so a
-worker serving several jobs loads each model once.
+unpickling runs arbitrary code. A local path never touches the network. Loaded models are
+cached by ``ModelCache`` so a worker serving several jobs loads each model once.
 """
 
 from __future__ import annotations
@@ -269,6 +269,16 @@ def _fetch(
         raise ModelLoadError(str(exc)) from exc
 
 
+def _local_source(name: str, allow_pickle: bool, download: DownloadHooks | None) -> tuple[str, str]:
+    """("folder"|"file", local location) of model ``name``: a hub id is downloaded first (a
+    repo into a snapshot folder, one file of a repo to that file)."""
+    kind, location = resolve_source(name)
+    if kind == "hub":
+        location = _fetch(name, allow_pickle, download)
+        kind = "file" if Path(location).is_file() else "folder"
+    return kind, location
+
+
 def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
     """The local diffusers folder of config source ``name`` (a folder, or a hub id whose
     configs are downloaded with progress and cancel, or found in the cache offline)."""
@@ -335,10 +345,7 @@ def load_base_model(
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device = device or torch.device("cpu")
-    kind, location = resolve_source(name)
-    if kind == "hub":
-        location = _fetch(name, allow_pickle, download)
-        kind = "file" if Path(location).is_file() else "folder"
+    kind, location = _local_source(name, allow_pickle, download)
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
         components = _load_single_file(location, pix2pix, config, dtype, download)
@@ -470,10 +477,7 @@ def load_controlnet(
     from diffusers import ControlNetModel
 
     device = device or torch.device("cpu")
-    kind, location = resolve_source(name)
-    if kind == "hub":
-        location = _fetch(name, allow_pickle, download)
-        kind = "file" if Path(location).is_file() else "folder"
+    kind, location = _local_source(name, allow_pickle, download)
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
         controlnet = _load_single_file_controlnet(location, config, dtype, download)

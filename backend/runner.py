@@ -269,8 +269,8 @@ def run_job(
 
     engine = TextToVideoZero(base, controlnets)
     motion = job.effective_motion
-    # LoRAs and embeddings live on the cached model for this job only (see adapters.py).
-    # LoRAs and embeddings given as hub ids download first, with the models' progress.
+    # LoRAs and embeddings live on the cached model for this job only (see adapters.py);
+    # those given as hub ids download first, with the models' progress.
     adapters = applied_adapters(
         base, job.loras, job.embeddings, allow_pickle=allow_pickle, download=download
     )
