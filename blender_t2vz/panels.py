@@ -55,18 +55,6 @@ class T2VZ_UL_adapters(bpy.types.UIList):
             row.label(text=f"{item.token or '(no token)'}: {name}", icon="FONT_DATA")
 
 
-def draw_hub_field(layout: Any, data: Any, name: str, kind: str) -> None:
-    """Field ``name`` of ``data``, with a download button when it holds a hub id: fetched
-    now, with progress and ESC, rather than at the start of the next job."""
-    row = layout.row(align=True)
-    row.prop(data, name)
-    value = getattr(data, name)
-    if preferences.is_hub_id(value):
-        download = row.operator("t2vz.model_download", text="", icon="IMPORT")
-        download.model = value.strip()
-        download.kind = kind
-
-
 class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
     """Prompt, mode, Generate, progress and preview."""
 
@@ -80,7 +68,7 @@ class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
         layout.prop(settings, "mode", text="")
         layout.prop(settings, "prompt", text="", icon="TEXT")
         layout.prop(settings, "negative_prompt", text="", icon="REMOVE")
-        draw_hub_field(layout, settings, "model", "model")
+        preferences.draw_hub_field(layout, settings, "model", "model")
 
         active = strips.active_strip(context.scene)
         if settings.mode == "pix2pix" or operators._needs_active_strip(settings):
@@ -163,7 +151,7 @@ class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
                 col.label(text="Scene control is not installed", icon="ERROR")
         else:
             draw_detectors(col, context, item)
-        draw_hub_field(col, item, "model", "controlnet")
+        preferences.draw_hub_field(col, item, "model", "controlnet")
         col.prop(item, "weight")
 
 
@@ -192,7 +180,7 @@ class T2VZ_PT_adapters(_SequencerPanel, bpy.types.Panel):
         col = layout.column()
         col.use_property_split = True
         col.prop(item, "kind")
-        draw_hub_field(col, item, "path", item.kind.lower())
+        preferences.draw_hub_field(col, item, "path", item.kind.lower())
         if item.kind == "LORA":
             col.prop(item, "weight")
         else:

@@ -127,13 +127,8 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
             "controlnet_openpose",
             "controlnet_depth",
         ):
-            row = box.row(align=True)
-            row.prop(self, name)
-            value = getattr(self, name)
-            if is_hub_id(value):  # fetch it now rather than during the first job
-                download = row.operator("t2vz.model_download", text="", icon="IMPORT")
-                download.model = value.strip()
-                download.kind = "controlnet" if name.startswith("controlnet") else "model"
+            kind = "controlnet" if name.startswith("controlnet") else "model"
+            draw_hub_field(box, self, name, kind)
         box.prop(self, "models_dir")
         box.prop(self, "allow_pickle")
         self.draw_cache(layout, status)
@@ -200,6 +195,18 @@ def is_hub_id(name: str) -> bool:
     except (backend_paths.BackendNotFoundError, ImportError):
         return False
     return not problem and not Path(bpy.path.abspath(name)).exists()
+
+
+def draw_hub_field(layout: Any, data: Any, name: str, kind: str) -> None:
+    """Field ``name`` of ``data``, with a download button when it holds a hub id: fetched
+    now, with progress and ESC, rather than at the start of the next job."""
+    row = layout.row(align=True)
+    row.prop(data, name)
+    value = getattr(data, name)
+    if is_hub_id(value):
+        download = row.operator("t2vz.model_download", text="", icon="IMPORT")
+        download.model = value.strip()
+        download.kind = kind
 
 
 def get_prefs(context: Any = None) -> Any:
