@@ -1,7 +1,8 @@
 """channels_last and torch.compile against the default UNet, side by side in ONE process.
 
-SD 1.5's UNet architecture with random weights (bench/configs/sd15), one guided chunk (2 branches x ``--frames`` frames) at ``--size`` pixels, with our
-cross-frame attention processors installed as the engine runs them. Variants: the
+SD 1.5's UNet architecture with random weights (bench/configs/sd15), one guided chunk
+(2 branches x ``--frames`` frames) at ``--size`` pixels, with our cross-frame attention
+processors installed as the engine runs them. Variants: the
 default (contiguous tensors), channels_last weights and inputs, torch.compile of the
 UNet, and both. Each is warmed up (compile time reported apart), then timed in
 ``--repeats`` rounds with the order rotating; medians and ratios to the default.

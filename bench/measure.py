@@ -36,6 +36,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name on CUDA (with the CPU beside it), else the CPU model."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CPU {cpu_name()})"
+    return cpu_name()
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after
     it includes that work."""

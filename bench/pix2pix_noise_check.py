@@ -22,6 +22,7 @@ from backend.engine import TextToVideoZero
 from backend.models import load_base_model
 
 from . import quality as q
+from .measure import cpu_name
 
 VARIANTS = {"shared x_T": "shared", "per-frame x_T": "per_frame"}
 FIGURES = ("edit_success", "structure_iou", "colour_drift")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = TextToVideoZero(load_base_model(args.model, pix2pix=True))
     header = (
         f"command: python -m bench.pix2pix_noise_check {' '.join(argv or sys.argv[1:])}\n"
-        f"machine: {q.cpu_name()}, 1 torch thread; torch {torch.__version__}\n"
+        f"machine: {cpu_name()}, 1 torch thread; torch {torch.__version__}\n"
         f"model {args.model}, {settings.size}x{settings.size}, {settings.steps} steps, "
         f"guidance {settings.guidance}, image guidance {settings.image_guidance}, "
         f"{args.frames} frames, {args.seeds} seeds (bench.quality sources and edits)"

@@ -49,7 +49,7 @@ from backend.motion import latent_shift
 from backend.protocol import resolve_t0_t1
 
 from . import shape_metrics as sm
-from .measure import cpu_name
+from .measure import device_name
 from .warp_check import legacy_translate
 
 SECTIONS = ("fidelity", "text2video", "controlnet", "pix2pix")
@@ -692,13 +692,6 @@ def table(section: str, rows: list[dict]) -> str:
     for row in rows:
         lines.append(" ".join(fmt.format(row[key]) for key, fmt in columns))
     return "\n".join(lines)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name on CUDA (with the CPU beside it), else the CPU model."""
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CPU {cpu_name()})"
-    return cpu_name()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -27,7 +27,7 @@ import torch
 
 from backend.models import TORCH_DTYPES, ModelCache, choose_dtype, resolve_device
 
-from .measure import Measurement, cpu_name, interleaved, warm_up
+from .measure import Measurement, device_name, interleaved, warm_up
 from .models import MODEL_KINDS, BenchModels, build_models
 from .workloads import (
     MODES,
@@ -80,10 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def machine(device: torch.device, dtype: torch.dtype) -> str:
     """One line describing where the numbers come from."""
-    if device.type == "cuda":
-        where = torch.cuda.get_device_name(device)
-    else:
-        where = f"{cpu_name()}, {torch.get_num_threads()} torch threads"
+    where = device_name(device)
+    if device.type != "cuda":
+        where += f", {torch.get_num_threads()} torch threads"
     return (
         f"{where}; torch {torch.__version__}, dtype {str(dtype).replace('torch.', '')}, "
         f"python {platform.python_version()}"

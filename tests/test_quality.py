@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
 from backend.engine import TextToVideoZero
 from backend.models import ModelLoadError, load_base_model
 from bench import shape_metrics as sm
-from bench.demo_pan import demo_flag, pan_ious
+from bench.demo_pan import demo_flag, pan_ious, read_frames
 from bench.quality import (
     LATE_WARP,
     Settings,
@@ -158,11 +157,9 @@ def test_the_install_demo_shows_a_red_shape_on_blue(
 
     out = tmp_path / "demo"
     assert main(["generate", *install_deps.SHAPES_DEMO, "--frames", "8", "--out", str(out)]) == 0
-    frames = [
-        cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(out.glob("*.png"))
-    ]
+    frames = read_frames(out)
     assert len(frames) == 8
     readings = [sm.read_image(f, classify=False) for f in frames]
     assert [(r.foreground, r.background) for r in readings] == [("red", "blue")] * 8
-    ious = pan_ious(np.stack(frames), float(demo_flag(install_deps.SHAPES_DEMO, "--motion")))
+    ious = pan_ious(frames, float(demo_flag(install_deps.SHAPES_DEMO, "--motion")))
     assert np.mean(ious) > 0.6 and min(ious) > 0.3, ious
