@@ -55,6 +55,14 @@ class FakeHub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
+    def files_sent(self) -> list[str]:
+        """The files this Hub sent (GET of resolve URLs) in order, as repo:file."""
+        return [
+            path[1:].replace("/resolve/", ":", 1).replace(f"{COMMIT}/", "", 1)
+            for method, path, _ in self.requests
+            if method == "GET" and "/resolve/" in path
+        ]
+
     def __enter__(self) -> FakeHub:
         self.thread.start()
         return self

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from fakehub import COMMIT
 
 from backend.models import ModelCache, ModelLoadError, load_base_model
 from backend.protocol import JobError, validate_job
@@ -281,15 +280,6 @@ def adapter_hub(
         yield hub
 
 
-def _gets(hub: Any) -> list[str]:
-    """The files the fake Hub sent (GET of resolve URLs), as repo:file."""
-    return [
-        path[1:].replace("/resolve/", ":", 1).replace(f"{COMMIT}/", "", 1)
-        for m, path, _ in hub.requests
-        if m == "GET" and "/resolve/" in path
-    ]
-
-
 def test_a_hub_lora_downloads_with_progress_then_applies_like_the_local_file(
     tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any
 ) -> None:
@@ -313,7 +303,7 @@ def test_a_hub_lora_downloads_with_progress_then_applies_like_the_local_file(
         1,
     )
     # Only the one weight file was fetched: not the training checkpoint, not the README.
-    assert _gets(adapter_hub) == [f"{LORA_REPO}:pytorch_lora_weights.safetensors"]
+    assert adapter_hub.files_sent() == [f"{LORA_REPO}:pytorch_lora_weights.safetensors"]
 
     # Downloaded once: the next job finds it in the cache (only the listing is asked for).
     asked = len(adapter_hub.requests)
@@ -410,7 +400,7 @@ def test_a_hub_lora_without_one_usable_weight_file_names_the_repo(
     with pytest.raises(ModelLoadError, match=message):
         run_job(make_job(tmp_path / "out", loras=[repo]), ModelCache())
     assert not (tmp_path / "out").exists()
-    assert _gets(adapter_hub) == []  # nothing was downloaded
+    assert adapter_hub.files_sent() == []  # nothing was downloaded
 
 
 def test_one_file_of_a_hub_repo_downloads_alone_and_applies_like_the_local_file(
@@ -434,7 +424,7 @@ def test_one_file_of_a_hub_repo_downloads_alone_and_applies_like_the_local_file(
     reports: list[Any] = []
     run_job(make_job(tmp_path / "hub", **hub), cache, JobEvents(download=reports.append))
     np.testing.assert_array_equal(latents(tmp_path / "hub"), latents(tmp_path / "local"))
-    assert _gets(adapter_hub) == [
+    assert adapter_hub.files_sent() == [
         "test/two-loras:style-b.safetensors",
         "test/embedding:shiny-v2.safetensors",
     ]

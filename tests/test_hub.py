@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fakehub import COMMIT, FakeHub
+from fakehub import FakeHub
 from test_worker import WorkerProcess
 
 from backend.hub import model_kind, needed_files
@@ -460,15 +460,6 @@ def test_fetch_adapter_cancel_leaves_no_file_and_an_unreachable_hub_says_so(
 # --------------------------------------------------------------------------- one file of a repo
 
 
-def gets(hub: FakeHub) -> list[str]:
-    """The files the fake Hub sent (GET of resolve URLs), as repo:file."""
-    return [
-        path[1:].replace("/resolve/", ":", 1).replace(f"{COMMIT}/", "", 1)
-        for method, path, _ in hub.requests
-        if method == "GET" and "/resolve/" in path
-    ]
-
-
 @pytest.mark.parametrize(
     ("name", "repo", "file"),
     [
@@ -537,7 +528,9 @@ def test_one_file_of_a_repo_downloads_alone_then_comes_from_the_cache(
         name, hooks=DownloadHooks(reports.append), cache_dir=tmp_path, endpoint=community.url
     )
     assert path.read_bytes() == weights and path.name == "v2.safetensors"
-    assert gets(community) == ["test/community:sub/v2.safetensors"]  # that file, nothing else
+    assert community.files_sent() == [
+        "test/community:sub/v2.safetensors"
+    ]  # that file, nothing else
     assert {r.model for r in reports} == {"test/community"}
     assert [r.file for r in reports] == ["sub/v2.safetensors", ""]
     last = reports[-1]
@@ -622,7 +615,7 @@ def test_a_file_the_repo_lacks_or_a_pickle_is_refused_before_any_download(
     )
     with pytest.raises(HubError, match=r"model config 'test/community/v1.safetensors' names one"):
         fetch_model("test/community/v1.safetensors", configs_only=True, **where)
-    assert gets(community) == []
+    assert community.files_sent() == []
 
     # A pickle: refused without asking the Hub anything, saying how to allow it.
     asked = len(community.requests)
@@ -633,7 +626,7 @@ def test_a_file_the_repo_lacks_or_a_pickle_is_refused_before_any_download(
         assert "--allow-pickle (or turn on Allow Pickled Weights" in str(info.value)
     assert len(community.requests) == asked
     path = fetch_model("test/community/v2.ckpt", allow_pickle=True, **where)
-    assert path.read_bytes() == b"pickled" and gets(community) == ["test/community:v2.ckpt"]
+    assert path.read_bytes() == b"pickled" and community.files_sent() == ["test/community:v2.ckpt"]
 
 
 def test_the_worker_fetches_loras_and_embeddings_by_kind(
@@ -682,7 +675,10 @@ def test_the_worker_fetches_loras_and_embeddings_by_kind(
         )
     finally:
         worker.close()
-    assert gets(hub) == ["test/loras:style-a.safetensors", "test/emb:learned_embeds.safetensors"]
+    assert hub.files_sent() == [
+        "test/loras:style-a.safetensors",
+        "test/emb:learned_embeds.safetensors",
+    ]
 
 
 # --------------------------------------------------------------------------- configs
@@ -783,7 +779,7 @@ def test_a_base_model_named_as_one_file_of_a_repo_loads_like_the_local_checkpoin
         want, got = getattr(tiny_base, module).state_dict(), getattr(loaded, module).state_dict()
         assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
     assert loaded.source == name
-    assert gets(in_process) == ["test/fine-tune:tiny-sd.safetensors"]
+    assert in_process.files_sent() == ["test/fine-tune:tiny-sd.safetensors"]
     assert [r.file for r in reports] == ["tiny-sd.safetensors", ""]
 
     asked = len(in_process.requests)
@@ -809,4 +805,4 @@ def test_a_controlnet_named_as_one_file_of_a_repo_loads_like_the_local_file(
     loaded = load_controlnet("test/cn-files/canny.safetensors", config=str(folder))
     want, got = tiny_controlnet.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
-    assert gets(in_process) == ["test/cn-files:canny.safetensors"]
+    assert in_process.files_sent() == ["test/cn-files:canny.safetensors"]
