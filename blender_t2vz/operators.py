@@ -6,6 +6,7 @@ modal handler that listens for ESC, a ``bpy.app.timers`` timer applies the worke
 messages (``runtime.step``); ``execute`` (scripts) relies on the timer alone.
 """
 
+import contextlib
 import importlib
 import json
 from pathlib import Path
@@ -19,6 +20,10 @@ from .properties import ADAPTER_KIND_ITEMS
 from .worker_client import WorkerError
 
 SCENE_CONTROL_MODULE = "scene_control"
+# Staged inputs of each job, under the output folder; the scene passes' cache sits beside
+# them (scene_control.addon.CACHE_FOLDER).
+INPUTS_FOLDER = ".t2vz_inputs"
+SCENE_CACHE_FOLDER = "scene_cache"
 
 
 def _scene_control() -> Any | None:
@@ -77,12 +82,24 @@ def plan_from_panel(context: Any) -> JobPlan:
     settings = context.scene.t2vz
     root = _output_root(settings)
     out = jobs.unique_out_dir(root, settings.prompt, settings.seed)
-    staging = root / ".t2vz_inputs" / out.name
+    staging = root / INPUTS_FOLDER / out.name
     try:
         return _plan_from_panel(context, out, staging)
     except BaseException:
-        runtime.remove_tree(staging)
+        remove_staging(staging)
         raise
+
+
+def remove_staging(staging: Path | None) -> None:
+    """Delete a job's staged inputs, and the inputs folder (with an empty pass cache) when
+    nothing else is left in it: a failed first job leaves the output folder as it was."""
+    if staging is None:
+        return
+    runtime.remove_tree(staging)
+    inputs = staging.parent
+    for folder in (inputs / SCENE_CACHE_FOLDER, inputs):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
 
 
 def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
@@ -194,11 +211,11 @@ def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
             allow_pickle=bool(getattr(prefs, "allow_pickle", False)),
         )
     except preferences.EnvironmentMissingError as exc:
-        runtime.remove_tree(plan.staging)
+        remove_staging(plan.staging)
         operator.report({"ERROR"}, str(exc))
         return {"CANCELLED"}
     except (WorkerError, runtime.RunnerBusyError, backend_paths.BackendNotFoundError) as exc:
-        runtime.remove_tree(plan.staging)
+        remove_staging(plan.staging)
         operator.report({"ERROR"}, f"Could not start the job: {exc}")
         return {"CANCELLED"}
     operator.report({"INFO"}, f"Generating {plan.job['frames']} frames into {plan.job['out']}")

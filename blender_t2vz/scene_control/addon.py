@@ -9,7 +9,7 @@ from pathlib import Path
 import bpy
 from bpy.props import EnumProperty, PointerProperty, StringProperty
 
-from .cache import prune_cache
+from .cache import cache_dir, prune_cache
 from .controls import render_scene_control
 from .errors import SceneControlError
 from .files import _abs
@@ -135,8 +135,9 @@ def item_characters(context, item) -> list[Character] | None:
 
 
 def _shared_cache(folder: str | os.PathLike) -> Path:
-    """The pass cache shared by jobs: beside the job's staging folder."""
-    return _abs(folder).parent.parent / CACHE_FOLDER
+    """The pass cache shared by jobs, beside the job's staging folder (created: a pass that
+    renders nothing through it, like OpenPose, still prunes it)."""
+    return cache_dir(folder, _abs(folder).parent.parent / CACHE_FOLDER)
 
 
 def render_control(context, item, start: int, frames: int, width: int, height: int, folder) -> dict:

@@ -85,7 +85,10 @@ def cache_dir(folder: str | os.PathLike, cache: str | os.PathLike | None = None)
 def prune_cache(cache: str | os.PathLike, used_since: float) -> int:
     """Delete cached passes not written or reused since ``used_since`` (a time.time())."""
     removed = 0
-    for path in _abs(cache).iterdir():
+    folder = _abs(cache)
+    if not folder.is_dir():
+        return 0
+    for path in folder.iterdir():
         if path.is_file() and path.stat().st_mtime < used_since:
             path.unlink()
             removed += 1

@@ -97,10 +97,27 @@ def configure_prefs() -> None:
 @pytest.fixture
 def scene(addon: object, tmp_path: Path) -> bpy.types.Scene:
     """The context scene with no strips, default panel settings and a tiny job size."""
+    return reset_scene(bpy.context.scene, tmp_path)
+
+
+@pytest.fixture
+def fresh_scene(addon: object, tmp_path: Path) -> bpy.types.Scene:
+    """A new, empty, unsaved .blend (File > New) and a fresh output folder: the first
+    minutes of a new project, with no pass cache and no staged inputs anywhere."""
     from blender_t2vz import runtime
 
     assert not runtime.RUNNER.busy, "a previous test left a job running"
-    scene = bpy.context.scene
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert not bpy.data.filepath and not bpy.data.objects
+    return reset_scene(bpy.context.scene, tmp_path)
+
+
+def reset_scene(scene: bpy.types.Scene, tmp_path: Path) -> bpy.types.Scene:
+    """``scene`` with no strips, default panel settings, a tiny job size and its output in
+    ``tmp_path/out``; the status cleared."""
+    from blender_t2vz import runtime
+
+    assert not runtime.RUNNER.busy, "a previous test left a job running"
     scene.sequence_editor_clear()
     scene.sequence_editor_create()
     settings = scene.t2vz

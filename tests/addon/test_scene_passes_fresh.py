@@ -1,0 +1,82 @@
+"""Scene passes from a fresh start: a new .blend, a new output folder, an empty pass cache.
+
+Each pass alone and every combination is planned the way Generate plans it; OpenPose alone
+once failed here (its pass renders nothing, so the shared cache folder it prunes did not
+exist yet), so that journey also runs through the real backend.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+import bpy
+import pytest
+from journey_scene import build_shot
+
+from blender_t2vz import operators, runtime, strips
+
+PASSES = ("OPENPOSE", "DEPTH", "CANNY")
+COMBINATIONS = [c for n in (1, 2, 3) for c in itertools.combinations(PASSES, n)]
+EXPECTED_CONTROL = {"OPENPOSE": "pose.json", "DEPTH": "depth", "CANNY": "canny"}
+
+
+def _scene_controlnets(scene, passes) -> None:
+    settings = scene.t2vz
+    settings.mode = "controlnet"
+    settings.prompt = "a dancer on a stage"
+    settings.frames = 2
+    for scene_pass in passes:
+        item = settings.controlnets.add()
+        item.source = "SCENE"
+        item.scene_pass = scene_pass
+
+
+@pytest.mark.parametrize("passes", COMBINATIONS, ids=lambda c: "+".join(c).lower())
+def test_each_pass_and_combination_plans_from_a_fresh_start(fresh_scene, passes):
+    build_shot(fresh_scene)
+    _scene_controlnets(fresh_scene, passes)
+    out_root = Path(fresh_scene.t2vz.output_dir)
+    assert not out_root.exists()  # nothing there yet, not even the pass cache
+    plan = operators.plan_from_panel(bpy.context)
+    try:
+        controls = [Path(c["control"]["path"]) for c in plan.job["controlnets"]]
+        assert [p.name for p in controls] == [EXPECTED_CONTROL[p] for p in passes]
+        for scene_pass, path in zip(passes, controls, strict=True):
+            if scene_pass == "OPENPOSE":
+                assert len(json.loads(path.read_text())["frames"]) == 2
+            else:
+                assert len(list(path.glob("frame_*.png"))) == 2
+        assert (out_root / ".t2vz_inputs" / "scene_cache").is_dir()
+    finally:
+        runtime.remove_tree(plan.staging)
+
+
+def test_a_failed_first_plan_leaves_the_output_folder_empty(fresh_scene):
+    """No camera: the pass cannot render. Nothing is left behind, and a retry once the
+    camera is there works."""
+    build_shot(fresh_scene)
+    camera = fresh_scene.camera
+    fresh_scene.camera = None
+    _scene_controlnets(fresh_scene, ("OPENPOSE",))
+    out_root = Path(fresh_scene.t2vz.output_dir)
+    with pytest.raises(RuntimeError, match="camera"):
+        bpy.ops.t2vz.generate()
+    assert not (out_root / ".t2vz_inputs").exists()
+    fresh_scene.camera = camera
+    plan = operators.plan_from_panel(bpy.context)
+    runtime.remove_tree(plan.staging)
+
+
+@pytest.mark.slow
+def test_openpose_alone_generates_from_a_fresh_start(fresh_scene):
+    """The issue's steps: animated armature, camera, ControlNet with 3D Scene > OpenPose,
+    Generate: a result strip, the pose control in its job."""
+    build_shot(fresh_scene, prop=False)
+    _scene_controlnets(fresh_scene, ("OPENPOSE",))
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    outcome = runtime.RUNNER.wait(240.0)
+    assert outcome is not None and outcome.level == "INFO", outcome
+    (result,) = [s for s in strips.top_strips(fresh_scene.sequence_editor)]
+    job = strips.stored_job(result)
+    assert job["mode"] == "controlnet" and job["frames"] == 2
+    assert result.frame_final_duration == 2
