@@ -31,6 +31,7 @@ def register() -> None:
     for module in [*_modules, *_optional_modules()]:
         module.register()
         _registered.append(module)
+    runtime.register()
 
 
 def unregister() -> None:

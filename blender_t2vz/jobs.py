@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,13 +64,17 @@ def slug(text: str, limit: int = 40) -> str:
     return cleaned[:limit].rstrip("_") or "t2vz"
 
 
-def unique_out_dir(root: str | os.PathLike[str], prompt: str, seed: int) -> Path:
-    """A folder under ``root`` that does not exist yet, named after the prompt and seed."""
+def unique_out_dir(
+    root: str | os.PathLike[str], prompt: str, seed: int, taken: Collection[str] = ()
+) -> Path:
+    """A folder under ``root`` that does not exist yet, named after the prompt and seed;
+    ``taken``: output folders of jobs running or queued (they do not exist yet either)."""
     root = Path(root)
     base = f"{slug(prompt)}_s{seed}"
+    taken = {str(Path(t)) for t in taken}
     for n in range(1, 100_000):
         candidate = root / f"{base}_{n:03d}"
-        if not candidate.exists():
+        if not candidate.exists() and str(candidate) not in taken:
             return candidate
     raise JobBuildError(f"output folder {root}: no free name for {base}")
 
@@ -203,6 +207,9 @@ def build_job(
     if mode == "text2video":
         motion = settings.get("motion", protocol.DEFAULT_MOTION)
         job["motion"] = [float(motion[0]), float(motion[1])]
+        for name in ("t0", "t1"):
+            if settings.get(name) is not None:
+                job[name] = int(settings[name])
     elif mode == "controlnet":
         entries = list(settings.get("controlnets", ()))
         if not entries:
@@ -292,6 +299,7 @@ def rebuild_job(
         ]
     job["out"] = str(out)
     job["frame_range"] = None
-    job["t0"] = None
-    job["t1"] = None
+    # t0/t1 are the panel's (Advanced); unset, they follow the step count.
+    job["t0"] = settings.get("t0") if mode == "text2video" else None
+    job["t1"] = settings.get("t1") if mode == "text2video" else None
     return validate(job)

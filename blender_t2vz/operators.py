@@ -9,6 +9,7 @@ messages (``runtime.step``); ``execute`` (scripts) relies on the timer alone.
 import contextlib
 import importlib
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,70 @@ def _needs_active_strip(settings: Any) -> bool:
     return False
 
 
+def has_source_strip(settings: Any) -> bool:
+    """True when a strip sets the job's frames: pix2pix, or a strip-driven ControlNet."""
+    if settings.mode == "pix2pix":
+        return True
+    if settings.mode == "controlnet":
+        return any(c.source != "SCENE" for c in settings.enabled_controlnets())
+    return False
+
+
+def job_frames(scene: Any, settings: Any) -> tuple[int, int]:
+    """(first scene frame, frame count) of a job no source strip places: from the current
+    frame, or the scene's or the preview range (Frame Range)."""
+    if settings.frame_range == "CURRENT":
+        return scene.frame_current, settings.frames
+    if settings.frame_range == "PREVIEW" and scene.use_preview_range:
+        first, last = scene.frame_preview_start, scene.frame_preview_end
+    else:
+        first, last = scene.frame_start, scene.frame_end
+    return first, max(1, last - first + 1)
+
+
+def frames_text(context: Any) -> str:
+    """Which scene frames a job without a source strip renders, for the panel: "renders
+    scene frames 40-47" (scene-driven ControlNets) or "frames 40-47" (text to video);
+    empty when a source strip sets them."""
+    settings = context.scene.t2vz
+    if has_source_strip(settings):
+        return ""
+    first, count = job_frames(context.scene, settings)
+    if settings.mode == "controlnet":
+        module = _scene_control()
+        entries = [c for c in settings.enabled_controlnets() if c.source == "SCENE"]
+        if module is not None and entries and hasattr(module, "scene_frames"):
+            frames = module.scene_frames(context, entries[0], first, count)
+            return f"Renders scene frames {frames[0]}-{frames[-1]}"
+        return f"Renders scene frames {first}-{first + count - 1}"
+    return f"Frames {first}-{first + count - 1}"
+
+
+def past_end_text(scene: Any, start: int, frames: int) -> str:
+    """A warning when a result starting at ``start`` runs past the scene's end; else ""."""
+    last = start + frames - 1
+    if last <= scene.frame_end:
+        return ""
+    return f"Ends at frame {last}, past the scene's end ({scene.frame_end})"
+
+
+# Pix2pix on a result strip: edit the result itself, or the strip it was made from.
+USE_SOURCE_ITEMS = [
+    ("ASK", "Ask", "Ask when the input is a generated strip with a source"),
+    ("RESULT", "This Strip", "Edit the generated strip itself"),
+    ("SOURCE", "Its Source", "Edit the strip the generated strip was made from"),
+]
+
+
+def result_source(scene: Any, strip: Any) -> Any | None:
+    """The strip a generated strip was made from, when it is still in the scene."""
+    name = strip.get(strips.SOURCE_PROPERTY) if strip is not None else None
+    if not isinstance(name, str) or not name or strips.stored_job(strip) is None:
+        return None
+    editor = scene.sequence_editor
+    return strips.every_strip(editor).get(name) if editor is not None else None
+
+
 def _output_root(settings: Any) -> Path:
     return jobs.resolve_output_root(settings.output_dir, bpy.data.filepath)
 
@@ -63,7 +128,17 @@ def check_detector(index: int, detector: str, python: Any) -> None:
 class JobPlan:
     """A job ready to submit, and where its result goes."""
 
-    def __init__(self, job: dict, scene: str, above: int, start: int, staging: Path | None):
+    def __init__(
+        self,
+        job: dict,
+        scene: str,
+        above: int,
+        start: int,
+        staging: Path | None,
+        take_group: str = "",
+        source: str = "",
+        warning: str = "",
+    ):
         self.job, self.scene, self.above, self.start, self.staging = (
             job,
             scene,
@@ -71,9 +146,10 @@ class JobPlan:
             start,
             staging,
         )
+        self.take_group, self.source, self.warning = take_group, source, warning
 
 
-def plan_from_panel(context: Any) -> JobPlan:
+def plan_from_panel(context: Any, input_strip: Any = None) -> JobPlan:
     """The job the panel describes, with inputs read from the sequencer.
 
     Raises ValueError subclasses (jobs.JobBuildError, strips.StripInputError, the
@@ -81,10 +157,10 @@ def plan_from_panel(context: Any) -> JobPlan:
     """
     settings = context.scene.t2vz
     root = _output_root(settings)
-    out = jobs.unique_out_dir(root, settings.prompt, settings.seed)
+    out = jobs.unique_out_dir(root, settings.prompt, settings.seed, runtime.RUNNER.outputs())
     staging = root / INPUTS_FOLDER / out.name
     try:
-        return _plan_from_panel(context, out, staging)
+        return _plan_from_panel(context, out, staging, input_strip)
     except BaseException:
         remove_staging(staging)
         raise
@@ -102,13 +178,18 @@ def remove_staging(staging: Path | None) -> None:
             folder.rmdir()  # only when empty
 
 
-def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
+def _plan_from_panel(context: Any, out: Path, staging: Path, input_strip: Any) -> JobPlan:
     scene = context.scene
     settings = scene.t2vz
     prefs = preferences.get_prefs(context)
     values = settings.to_values(scene, prefs.device, prefs.dtype)
+    if has_source_strip(settings):
+        first, count = scene.frame_current, settings.frames
+    else:
+        first, count = job_frames(scene, settings)
+    values["frames"] = count
     editor = scene.sequence_editor
-    active = strips.active_strip(scene)
+    active = input_strip if input_strip is not None else strips.source_strip(scene)
     source = None
     video = None
     source_frames = None
@@ -126,6 +207,8 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
                 continue
             if item.source == "ACTIVE_STRIP":
                 strip = active
+            elif not item.strip_name.strip():
+                raise strips.StripInputError(f"ControlNet {i + 1}: pick a strip for its Source")
             else:
                 strip = strips.every_strip(editor).get(item.strip_name) if editor else None
                 if strip is None:
@@ -138,11 +221,11 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
             source = source or strip
             source_frames = n if source_frames is None else min(source_frames, n)
         if None in controls:
-            frames = settings.frames
+            frames = count
             if source_frames is not None and settings.match_source:
                 frames = source_frames
             source_frames = frames if source_frames is None else source_frames
-            start = source.frame_final_start if source else scene.frame_current
+            start = source.frame_final_start if source else first
             width, height = values["width"], values["height"]
             module = _scene_control()
             for i, item in enumerate(entries):
@@ -176,11 +259,28 @@ def _plan_from_panel(context: Any, out: Path, staging: Path) -> JobPlan:
     if source is not None:
         above, start = source.channel, source.frame_final_start
     else:
-        above, start = 0, scene.frame_current
-    return JobPlan(job, scene.name, above, start, staging if staging.exists() else None)
+        above, start = 0, first
+    return JobPlan(
+        job,
+        scene.name,
+        above,
+        start,
+        staging if staging.exists() else None,
+        source=source.name if source is not None else "",
+        warning=past_end_text(scene, start, job["frames"]),
+    )
 
 
-def plan_regenerate(context: Any, strip: Any) -> JobPlan:
+# Regenerate's seed: the panel's, the strip's own (the same take again with the panel's
+# other changes), or a new random one (also put in the panel).
+SEED_ITEMS = [
+    ("PANEL", "Panel's Seed", "The seed in the panel"),
+    ("KEEP", "Same Seed", "The seed the strip was made with"),
+    ("NEW", "New Seed", "A new random seed (also set in the panel)"),
+]
+
+
+def plan_regenerate(context: Any, strip: Any, seed: str = "PANEL") -> JobPlan:
     """A result strip's job with the panel's changes, placed above that strip."""
     stored = strips.stored_job(strip)
     if stored is None:
@@ -188,18 +288,40 @@ def plan_regenerate(context: Any, strip: Any) -> JobPlan:
     scene = context.scene
     settings = scene.t2vz
     prefs = preferences.get_prefs(context)
-    out = jobs.unique_out_dir(_output_root(settings), settings.prompt, settings.seed)
     values = settings.to_values(scene, prefs.device, prefs.dtype)
+    if seed == "KEEP":
+        values["seed"] = int(stored.get("seed", values["seed"]))
+    elif seed == "NEW":
+        values["seed"] = settings.randomize_seed()
+    out = jobs.unique_out_dir(
+        _output_root(settings), settings.prompt, values["seed"], runtime.RUNNER.outputs()
+    )
     job = jobs.rebuild_job(stored, values, out=out, defaults=preferences.model_defaults(prefs))
-    return JobPlan(job, scene.name, strip.channel, strip.frame_final_start, None)
+    group = strips.take_of(strip)[0]
+    if not group:  # a result made before takes: it becomes take 1 of its own group
+        group = uuid.uuid4().hex[:12]
+        strips.mark_take(strip, group, 1)
+    source = strip.get(strips.SOURCE_PROPERTY)
+    return JobPlan(
+        job,
+        scene.name,
+        strip.channel,
+        strip.frame_final_start,
+        None,
+        take_group=group,
+        source=source if isinstance(source, str) else "",
+        warning=past_end_text(scene, strip.frame_final_start, job["frames"]),
+    )
 
 
 def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
-    """Start ``plan`` on the worker; report problems on ``operator``."""
+    """Start ``plan`` on the worker, or queue it behind the job in flight; report problems
+    on ``operator``."""
     prefs = preferences.get_prefs(context)
+    queued = runtime.RUNNER.busy
     try:
         python = preferences.resolve_python(prefs)
-        runtime.RUNNER.submit(
+        operator.job_id = runtime.RUNNER.submit(
             plan.job,
             scene=plan.scene,
             above=plan.above,
@@ -209,6 +331,9 @@ def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
             env=preferences.worker_env(prefs),
             staging=plan.staging,
             allow_pickle=bool(getattr(prefs, "allow_pickle", False)),
+            take_group=plan.take_group,
+            source=plan.source,
+            queue=True,
         )
     except preferences.EnvironmentMissingError as exc:
         remove_staging(plan.staging)
@@ -218,7 +343,13 @@ def submit_plan(operator: Any, context: Any, plan: JobPlan) -> set[str]:
         remove_staging(plan.staging)
         operator.report({"ERROR"}, f"Could not start the job: {exc}")
         return {"CANCELLED"}
-    operator.report({"INFO"}, f"Generating {plan.job['frames']} frames into {plan.job['out']}")
+    if plan.warning:
+        operator.report({"WARNING"}, plan.warning)
+    if queued:
+        place = len(runtime.RUNNER.queue)
+        operator.report({"INFO"}, f"Queued {plan.job['frames']} frames (number {place} in line)")
+    else:
+        operator.report({"INFO"}, f"Generating {plan.job['frames']} frames into {plan.job['out']}")
     return {"FINISHED"}
 
 
@@ -227,6 +358,7 @@ class _JobOperator:
 
     _timer = None
     _job_id = ""
+    job_id = ""  # the id submit_plan gave the job (running or queued)
 
     def plan(self, context: Any) -> JobPlan:
         raise NotImplementedError
@@ -247,19 +379,21 @@ class _JobOperator:
         result = self.execute(context)
         if "FINISHED" not in result or context.window is None:
             return result
-        self._job_id = runtime.RUNNER.job.id if runtime.RUNNER.job else ""
+        self._job_id = self.job_id
         self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
         context.window_manager.modal_handler_add(self)
         return {"RUNNING_MODAL"}
 
     def modal(self, context: Any, event: Any) -> set[str]:
         """ESC cancels; the operator ends when its job has ended."""
-        if event.type == "ESC" and event.value == "PRESS":
+        job = runtime.RUNNER.job
+        if event.type == "ESC" and event.value == "PRESS" and job and job.id == self._job_id:
             if runtime.RUNNER.cancel():
                 self.report({"INFO"}, "Cancelling...")
             return {"RUNNING_MODAL"}
         job = runtime.RUNNER.job
-        if job is None or job.id != self._job_id:
+        waiting = any(q.id == self._job_id for q in runtime.RUNNER.queue)
+        if not waiting and (job is None or job.id != self._job_id):
             if self._timer is not None:
                 context.window_manager.event_timer_remove(self._timer)
                 self._timer = None
@@ -270,59 +404,223 @@ class _JobOperator:
         return {"PASS_THROUGH"}
 
 
+def _input_problem(context: Any) -> str:
+    """Why Generate cannot run with the panel's mode and the selection; "" when it can."""
+    settings = context.scene.t2vz
+    if _needs_active_strip(settings) and not strips.is_video_strip(
+        strips.source_strip(context.scene)
+    ):
+        return "Make a movie or image strip active: it is the job's input"
+    if settings.mode == "controlnet" and not settings.enabled_controlnets():
+        return "Add a ControlNet first"
+    return ""
+
+
+def source_question(context: Any) -> str:
+    """The question Generate asks before pix2pix edits a generated strip that has a source
+    strip of its own; "" when there is nothing to ask."""
+    settings = context.scene.t2vz
+    if settings.mode != "pix2pix":
+        return ""
+    strip = strips.source_strip(context.scene)
+    source = result_source(context.scene, strip)
+    if source is None:
+        return ""
+    return f"{strip.name!r} is a generated strip: edit it, or its source {source.name!r}?"
+
+
 class T2VZ_OT_generate(_JobOperator, bpy.types.Operator):
-    """Generate a clip from the panel's settings in the background (ESC cancels)"""
+    """Generate a clip from the panel's settings in the background (ESC cancels); while a
+    job runs, the new one waits in the queue"""
 
     bl_idname = "t2vz.generate"
     bl_label = "Generate"
     bl_options = {"REGISTER"}
 
+    use_source: EnumProperty(
+        name="Input",
+        items=USE_SOURCE_ITEMS,
+        default="ASK",
+        options={"SKIP_SAVE"},
+        description="Pix2pix on a generated strip: edit it, or the strip it was made from",
+    )
+
     @classmethod
     def poll(cls, context: Any) -> bool:
         if context.scene is None:
             cls.poll_message_set("No scene")
             return False
-        if runtime.RUNNER.busy:
-            cls.poll_message_set("A job is running: cancel it first")
-            return False
-        settings = context.scene.t2vz
-        if _needs_active_strip(settings) and not strips.is_video_strip(
-            strips.active_strip(context.scene)
-        ):
-            cls.poll_message_set("Make a movie or image strip active: it is the job's input")
-            return False
-        if settings.mode == "controlnet" and not settings.enabled_controlnets():
-            cls.poll_message_set("Add a ControlNet first")
+        problem = _input_problem(context)
+        if problem:
+            cls.poll_message_set(problem)
             return False
         return True
 
+    def invoke(self, context: Any, event: Any) -> set[str]:
+        if self.use_source == "ASK" and source_question(context) and context.window:
+            self.use_source = "SOURCE"
+            return context.window_manager.invoke_props_dialog(self, width=420)
+        return super().invoke(context, event)
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        for line in _wrap_text(source_question(context), 60):
+            layout.label(text=line)
+        layout.prop(self, "use_source", expand=True)
+
     def plan(self, context: Any) -> JobPlan:
-        return plan_from_panel(context)
+        strip = None
+        if self.use_source == "SOURCE" and context.scene.t2vz.mode == "pix2pix":
+            strip = result_source(context.scene, strips.source_strip(context.scene))
+        return plan_from_panel(context, strip)
+
+
+class T2VZ_OT_generate_batch(bpy.types.Operator):
+    """Generate one clip for each selected movie or image strip, queued one after another"""
+
+    bl_idname = "t2vz.generate_batch"
+    bl_label = "Generate for Selected"
+    bl_options = {"REGISTER"}
+
+    job_id = ""
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        if context.scene is None or not _needs_active_strip(context.scene.t2vz):
+            cls.poll_message_set("Batch works in modes that read a strip (pix2pix, ControlNet)")
+            return False
+        if len(batch_strips(context.scene)) < 1:
+            cls.poll_message_set("Select movie or image strips first")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        try:
+            preferences.resolve_python(preferences.get_prefs(context))
+        except preferences.EnvironmentMissingError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        done, failed = 0, []
+        for strip in batch_strips(context.scene):
+            try:
+                plan = plan_from_panel(context, strip)
+            except (ValueError, OSError) as exc:
+                failed.append(f"{strip.name}: {exc}")
+                continue
+            if "FINISHED" in submit_plan(self, context, plan):
+                done += 1
+        for line in failed:
+            self.report({"WARNING"}, line)
+        if not done:
+            self.report({"ERROR"}, "No job started" + (f": {failed[0]}" if failed else ""))
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"{done} jobs started or queued")
+        return {"FINISHED"}
+
+
+def batch_strips(scene: Any) -> list[Any]:
+    """The selected movie and image strips that are not generated results, by channel and
+    start (the order their jobs queue in)."""
+    editor = scene.sequence_editor
+    if editor is None:
+        return []
+    found = [
+        s
+        for s in strips.top_strips(editor)
+        if s.select and strips.is_video_strip(s) and strips.stored_job(s) is None
+    ]
+    return sorted(found, key=lambda s: (s.frame_final_start, s.channel))
+
+
+def regenerate_problem(context: Any) -> str:
+    """Why Regenerate cannot run; "" when it can."""
+    strip = strips.source_strip(context.scene)
+    if strip is None or strips.stored_job(strip) is None:
+        return "Select a generated strip (one made by Generate)"
+    return ""
 
 
 class T2VZ_OT_regenerate(_JobOperator, bpy.types.Operator):
-    """Run the selected generated strip's job again with the panel's changes"""
+    """Run the selected generated strip's job again with the panel's changes: a new take at
+    the same place, muting the earlier ones"""
 
     bl_idname = "t2vz.regenerate"
     bl_label = "Regenerate"
     bl_options = {"REGISTER"}
 
+    seed: EnumProperty(name="Seed", items=SEED_ITEMS, default="PANEL", options={"SKIP_SAVE"})
+
+    @classmethod
+    def description(cls, context: Any, properties: Any) -> str:
+        seed = getattr(properties, "seed", "PANEL")
+        if seed == "KEEP":
+            return "A new take with the panel's changes and the strip's own seed"
+        if seed == "NEW":
+            return "A new take with the panel's changes and a new random seed"
+        return "A new take with the panel's changes (and its seed)"
+
     @classmethod
     def poll(cls, context: Any) -> bool:
         if context.scene is None:
             cls.poll_message_set("No scene")
             return False
-        if runtime.RUNNER.busy:
-            cls.poll_message_set("A job is running: cancel it first")
-            return False
-        strip = strips.active_strip(context.scene)
-        if strip is None or not strip.select or strips.stored_job(strip) is None:
-            cls.poll_message_set("Select a generated strip (one made by Generate)")
+        problem = regenerate_problem(context)
+        if problem:
+            cls.poll_message_set(problem)
             return False
         return True
 
     def plan(self, context: Any) -> JobPlan:
-        return plan_regenerate(context, strips.active_strip(context.scene))
+        return plan_regenerate(context, strips.source_strip(context.scene), self.seed)
+
+
+class T2VZ_OT_queue_remove(bpy.types.Operator):
+    """Take this job out of the queue (it never starts)"""
+
+    bl_idname = "t2vz.queue_remove"
+    bl_label = "Remove Queued Job"
+    bl_options = {"REGISTER", "INTERNAL"}
+
+    job_id: StringProperty(name="Job")
+
+    def execute(self, context: Any) -> set[str]:
+        if not runtime.RUNNER.cancel_queued(self.job_id):
+            self.report({"ERROR"}, f"No queued job {self.job_id!r}")
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+
+class T2VZ_OT_take_show(bpy.types.Operator):
+    """Show this take: unmute it and mute the other takes at its place"""
+
+    bl_idname = "t2vz.take_show"
+    bl_label = "Show Take"
+    bl_options = {"REGISTER", "UNDO", "INTERNAL"}
+
+    strip_name: StringProperty(name="Strip")
+
+    def execute(self, context: Any) -> set[str]:
+        editor = context.scene.sequence_editor
+        strip = strips.every_strip(editor).get(self.strip_name) if editor else None
+        if strip is None or not strips.take_of(strip)[0]:
+            self.report({"ERROR"}, f"No take named {self.strip_name!r}")
+            return {"CANCELLED"}
+        strips.mute_other_takes(editor, strip)
+        strips.select_only(editor, strip)
+        return {"FINISHED"}
+
+
+def _wrap_text(text: str, width: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines
 
 
 class T2VZ_OT_cancel(bpy.types.Operator):
@@ -461,13 +759,13 @@ class T2VZ_OT_load_settings(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: Any) -> bool:
-        if context.scene is None or strips.stored_job(strips.active_strip(context.scene)) is None:
-            cls.poll_message_set("Make a generated strip active")
+        if context.scene is None or strips.stored_job(strips.source_strip(context.scene)) is None:
+            cls.poll_message_set("Select a generated strip (one made by Generate)")
             return False
         return True
 
     def execute(self, context: Any) -> set[str]:
-        job = strips.stored_job(strips.active_strip(context.scene))
+        job = strips.stored_job(strips.source_strip(context.scene))
         settings = context.scene.t2vz
         for name in ("prompt", "negative_prompt", "seed", "steps", "guidance", "image_guidance"):
             if name in job:
@@ -671,7 +969,10 @@ class T2VZ_OT_models_refresh(bpy.types.Operator):
 
 classes = (
     T2VZ_OT_generate,
+    T2VZ_OT_generate_batch,
     T2VZ_OT_regenerate,
+    T2VZ_OT_queue_remove,
+    T2VZ_OT_take_show,
     T2VZ_OT_cancel,
     T2VZ_OT_randomize_seed,
     T2VZ_OT_controlnet_add,

@@ -29,11 +29,10 @@ class T2VZ_UL_controlnets(bpy.types.UIList):
     ):  # noqa: D102
         row = layout.row(align=True)
         row.prop(item, "enabled", text="")
-        source = (
-            item.strip_name
-            if item.source == "STRIP"
-            else item.bl_rna.properties["source"].enum_items[item.source].name
-        )
+        if item.source == "STRIP":
+            source = item.strip_name.strip() or "pick a strip"
+        else:
+            source = item.bl_rna.properties["source"].enum_items[item.source].name
         detail = item.scene_pass.title() if item.source == "SCENE" else item.detector
         row.label(text=f"{source} ({detail})")
         row.prop(item, "weight", text="")
@@ -66,30 +65,42 @@ class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
         settings = context.scene.t2vz
         status = context.window_manager.t2vz_status
         layout.prop(settings, "mode", text="")
-        layout.prop(settings, "prompt", text="", icon="TEXT")
-        layout.prop(settings, "negative_prompt", text="", icon="REMOVE")
+        col = layout.column(align=True)
+        col.prop(settings, "prompt", text="Prompt", icon="TEXT")
+        col.prop(settings, "negative_prompt", text="Negative", icon="REMOVE")
         preferences.draw_hub_field(layout, settings, "model", "model")
 
-        active = strips.active_strip(context.scene)
+        strip = strips.source_strip(context.scene)
         if settings.mode == "pix2pix" or operators._needs_active_strip(settings):
             box = layout.box()
-            if strips.is_video_strip(active):
+            if strips.is_video_strip(strip):
                 box.label(
-                    text=f"Source: {active.name} ({active.frame_final_duration} frames)",
+                    text=f"Source: {strip.name} ({strip.frame_final_duration} frames)",
                     icon="SEQUENCE",
                 )
+                question = operators.source_question(context)
+                if question:
+                    box.label(text="A generated strip: Generate asks", icon="QUESTION")
             else:
-                box.label(text="Make a movie or image strip active", icon="ERROR")
+                box.label(text="Select a movie or image strip", icon="ERROR")
+        draw_frames(layout, context)
 
         busy = runtime.RUNNER.busy
         row = layout.row(align=True)
         row.scale_y = 1.5
+        row.operator("t2vz.generate", text="Queue" if busy else "Generate", icon="RENDER_ANIMATION")
         if busy:
-            row.operator("t2vz.cancel", icon="CANCEL")
-        else:
-            row.operator("t2vz.generate", icon="RENDER_ANIMATION")
-            sub = row.row(align=True)
-            sub.operator("t2vz.regenerate", text="", icon="FILE_REFRESH")
+            row.operator("t2vz.cancel", text="", icon="CANCEL")
+        if (
+            operators._needs_active_strip(settings)
+            and len(operators.batch_strips(context.scene)) > 1
+        ):
+            layout.operator("t2vz.generate_batch", icon="SEQ_STRIP_DUPLICATE")
+        if strips.stored_job(strip) is not None:
+            row = layout.row(align=True)
+            row.operator("t2vz.regenerate", text="Same Seed", icon="FILE_REFRESH").seed = "KEEP"
+            row.operator("t2vz.regenerate", text="New Seed", icon="MOD_NOISE").seed = "NEW"
+            draw_takes(layout, context, strip)
         if busy or status.progress > 0:
             if hasattr(layout, "progress"):
                 layout.progress(
@@ -104,11 +115,68 @@ class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
             col.alert = True
             for i, line in enumerate(_wrap(status.error, 60)):
                 col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+        draw_queue(layout)
         icon_id = runtime.RUNNER.preview_icon_id()
         if icon_id:
             layout.template_icon(icon_value=icon_id, scale=8.0)
-        if strips.stored_job(active) is not None:
+        if strips.stored_job(strip) is not None:
             layout.operator("t2vz.load_settings", icon="IMPORT")
+
+
+def draw_frames(layout: Any, context: Any) -> None:
+    """Which frames the job covers, a warning past the scene's end, and a long job's time."""
+    scene = context.scene
+    settings = scene.t2vz
+    text = operators.frames_text(context)
+    if text:
+        layout.label(text=text, icon="TIME")
+        first, count = operators.job_frames(scene, settings)
+        warning = operators.past_end_text(scene, first, count)
+        if warning:
+            row = layout.row()
+            row.alert = True
+            row.label(text=warning, icon="ERROR")
+    else:
+        count = settings.frames
+        strip = strips.source_strip(scene)
+        if settings.match_source and strips.is_video_strip(strip):
+            count = strip.frame_final_duration
+    width, height = settings.size(scene)
+    estimate = runtime.estimate_text(runtime.RUNNER.estimate(count, settings.steps, width, height))
+    if estimate:
+        layout.label(text=estimate, icon="SORTTIME")
+
+
+def draw_takes(layout: Any, context: Any, strip: Any) -> None:
+    """The takes of a generated strip: which one this is, and a button to show each."""
+    group, number = strips.take_of(strip)
+    takes = strips.takes(context.scene.sequence_editor, group)
+    if len(takes) < 2:
+        return
+    col = layout.column(align=True)
+    col.label(text=f"Take {number} of {len(takes)}", icon="RENDERLAYERS")
+    row = col.row(align=True)
+    for take in takes:
+        shown = take.name == strip.name or not take.mute
+        op = row.operator(
+            "t2vz.take_show",
+            text=str(strips.take_of(take)[1]),
+            depress=shown and not take.mute,
+        )
+        op.strip_name = take.name
+
+
+def draw_queue(layout: Any) -> None:
+    """The queued jobs, each with a button that takes it out of the queue."""
+    queue = runtime.RUNNER.queue
+    if not queue:
+        return
+    box = layout.box()
+    box.label(text=f"Queue ({len(queue)})", icon="SORTTIME")
+    for queued in queue:
+        row = box.row(align=True)
+        row.label(text=f"{queued.name} ({queued.job.get('frames')} frames)")
+        row.operator("t2vz.queue_remove", text="", icon="X").job_id = queued.id
 
 
 class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
@@ -212,10 +280,15 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
         if settings.mode == "text2video":
             layout.prop(settings, "motion")
         col = layout.column(align=True)
-        if settings.mode != "text2video":
+        sourced = operators.has_source_strip(settings)
+        if sourced:  # Match Source Strip only where a strip sets the frames
             col.prop(settings, "match_source")
+        else:
+            col.prop(settings, "frame_range")
         sub = col.column(align=True)
-        sub.active = settings.mode == "text2video" or not settings.match_source
+        sub.active = (not sourced and settings.frame_range == "CURRENT") or (
+            sourced and not settings.match_source
+        )
         sub.prop(settings, "frames")
         draw_size(layout, context.scene, settings)
         if settings.mode != "text2video":  # a source or control strip meets the size
@@ -227,6 +300,29 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
             sub = row.row()
             sub.active = settings.smooth_bg
             sub.prop(settings, "smooth_alpha", text="")
+
+
+class T2VZ_PT_advanced(_SequencerPanel, bpy.types.Panel):
+    """When text to video's motion is applied (t0, t1)."""
+
+    bl_label = "Advanced"
+    bl_parent_id = "T2VZ_PT_settings"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        return context.scene is not None and context.scene.t2vz.mode == "text2video"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        settings = context.scene.t2vz
+        layout.prop(settings, "custom_timesteps")
+        col = layout.column(align=True)
+        col.active = settings.custom_timesteps
+        col.prop(settings, "t0")
+        col.prop(settings, "t1")
 
 
 class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):
@@ -309,6 +405,7 @@ classes = (
     T2VZ_PT_controlnets,
     T2VZ_PT_adapters,
     T2VZ_PT_settings,
+    T2VZ_PT_advanced,
     T2VZ_PT_output,
 )
 

@@ -2,8 +2,9 @@
 
 A preset is a Python file of assignments to the panel's settings (``scene.t2vz``), the
 format Blender's ``AddPresetBase`` writes, run by ``script.execute_preset``. Presets only
-fill fields the panel shows; the official looks' prompt words are appended to the visible
-prompt field, never added behind the user's back.
+fill fields the panel shows, and only those they name; an official look's prompt words go at
+the end of the visible prompt field (replacing another look's), never behind the user's
+back.
 
 Shipped presets live in ``presets/t2vz/`` beside this module: Preview and Final, and one per
 official look that the backend's protocol defines (``protocol.PRESETS``); ``write_shipped``
@@ -13,7 +14,6 @@ presets folder (``scripts/presets/t2vz``).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -88,31 +88,24 @@ def _file_name(label: str) -> str:
     return AddPresetBase.as_filename(label)
 
 
-def _job_defaults(protocol: Any, mode: str) -> dict[str, Any]:
-    """The protocol's defaults of the sampling fields the panel shows for ``mode``."""
-    defaults = {f.name: f.default for f in dataclasses.fields(protocol.Job)}
-    values = {"steps": defaults["steps"], "guidance": defaults["guidance"]}
-    if mode == "text2video":
-        values["motion"] = list(protocol.DEFAULT_MOTION)
-    return values
-
-
 def official_presets(protocol: Any) -> dict[str, str]:
-    """File name -> preset text for each official look in ``protocol.PRESETS``."""
+    """File name -> preset text for each official look in ``protocol.PRESETS``.
+
+    A look sets only the fields it names (never the mode: a look fits any mode that uses
+    those fields), puts its words at the end of the prompt in place of another look's, and
+    its negative prompt where the field is empty or holds another look's.
+    """
     texts = {}
     for preset in getattr(protocol, "PRESETS", {}).values():
-        # A look the protocol leaves at the job's defaults sets those defaults visibly, so it
-        # also undoes an earlier preset (e.g. Preview's 20 steps).
-        values: dict[str, Any] = {"mode": preset.mode, **_job_defaults(protocol, preset.mode)}
+        values: dict[str, Any] = {}
         for field, value in preset.fields.items():
             if field not in JOB_TO_PANEL:
                 raise PresetError(f"preset {preset.name}: the panel does not show {field!r}")
             values[JOB_TO_PANEL[field]] = list(value) if isinstance(value, list) else value
-        calls = {}
-        if preset.added_prompt:
-            calls["append_to_prompt"] = preset.added_prompt
-        if preset.negative_prompt:
-            calls["fill_negative_prompt"] = preset.negative_prompt
+        calls = {
+            "use_look_words": preset.added_prompt,
+            "use_look_negative": preset.negative_prompt,
+        }
         texts[_file_name(preset.label)] = preset_text(values, calls)
     return texts
 

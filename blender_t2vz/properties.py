@@ -69,6 +69,17 @@ STATE_ITEMS = [
     ("CANCELLING", "Cancelling", "Waiting for the job to stop"),
 ]
 MAX_SEED = 2**31 - 1
+# Which scene frames a job without a source strip covers (text to video, scene-driven
+# ControlNets): from the current frame, or the scene's or the preview range.
+FRAME_RANGE_ITEMS = [
+    ("CURRENT", "From Current Frame", "Frames from the current frame on, as many as Frames"),
+    ("SCENE", "Scene Range", "The scene's frame range (Start to End)"),
+    (
+        "PREVIEW",
+        "Preview Range",
+        "The timeline's preview range (the scene's range while no preview range is set)",
+    ),
+]
 
 
 class T2VZ_ControlNetItem(bpy.types.PropertyGroup):
@@ -165,6 +176,12 @@ class T2VZ_AdapterItem(bpy.types.PropertyGroup):
         return {"kind": "embedding", "path": _abspath(self.path), "token": self.token.strip()}
 
 
+def _look_texts(field: str) -> set[str]:
+    """The added prompts (or negative prompts) of the protocol's official looks."""
+    presets = getattr(backend_paths.load_protocol(), "PRESETS", {})
+    return {getattr(p, field) for p in presets.values() if getattr(p, field)}
+
+
 def _size_update(self: "T2VZ_SceneSettings", context: Any) -> None:
     # Switching to a custom size starts from the model's native size at the scene's aspect.
     if self.size_mode == "CUSTOM" and context and context.scene:
@@ -176,7 +193,9 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
 
     mode: EnumProperty(name="Mode", items=MODE_ITEMS, default="text2video")
     prompt: StringProperty(name="Prompt", description="What to generate (pix2pix: the edit)")
-    negative_prompt: StringProperty(name="Negative", description="What to avoid")
+    negative_prompt: StringProperty(
+        name="Negative Prompt", description="What to keep out of the picture"
+    )
     model: StringProperty(
         name="Base Model",
         description="Hub id, diffusers folder or .safetensors file; empty: the preferences' model",
@@ -205,9 +224,24 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         max=512.0,
         soft_min=-64.0,
         soft_max=64.0,
-        description="Camera pan per frame in 1/512 of the frame (x right, y down)",
+        description="How far the virtual camera pans each frame, in 1/512 of the frame "
+        "(x right, y down): 12 moves the picture about 2% of its width a frame; 0, 0 holds "
+        "the shot still",
     )
-    frames: IntProperty(name="Frames", default=8, min=1, max=100_000, soft_max=256)
+    frames: IntProperty(
+        name="Frames",
+        default=8,
+        min=1,
+        max=100_000,
+        soft_max=256,
+        description="How many frames the clip has",
+    )
+    frame_range: EnumProperty(
+        name="Frame Range",
+        items=FRAME_RANGE_ITEMS,
+        default="CURRENT",
+        description="Which scene frames the clip covers when no source strip sets them",
+    )
     match_source: BoolProperty(
         name="Match Source Strip",
         default=True,
@@ -234,13 +268,39 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         min=1,
         max=100_000,
         soft_max=64,
-        description="Frames denoised together: more needs more memory, results do not change",
+        description="How many frames are denoised at once. Lower it if the job runs out "
+        "of memory; raise it to go faster on a GPU with memory to spare. The picture is the "
+        "same either way",
+    )
+    custom_timesteps: BoolProperty(
+        name="Custom t0/t1",
+        default=False,
+        description="Set when the motion is applied (text to video); off: the paper's "
+        "defaults, 44 and 47 of 50 steps, scaled to the step count",
+    )
+    t0: IntProperty(
+        name="t0",
+        default=44,
+        min=0,
+        max=998,
+        description="Step at which the panned copies of frame 1 are taken. Lower (with t1) "
+        "moves the pan earlier, when the picture is still rough: steadier shapes on small "
+        "models (the built-in shapes model: 8 and 10 of 20 steps)",
+    )
+    t1: IntProperty(
+        name="t1",
+        default=47,
+        min=1,
+        max=998,
+        description="Step from which all frames are denoised together; above t0, below "
+        "Steps. Frame 1 alone runs the steps before it",
     )
     smooth_bg: BoolProperty(name="Background Smoothing", default=False)
     smooth_alpha: FloatProperty(name="Smoothing", default=0.6, min=0.0, max=1.0)
     output_dir: StringProperty(
         name="Output",
         subtype="DIR_PATH",
+        options=_BLEND_RELATIVE,
         default="//t2vz/",
         description="Results go to a new folder in here (unsaved file: the system temp folder)",
     )
@@ -302,6 +362,8 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
             "height": height,
             "fit": self.fit,
             "chunk_size": self.chunk_size,
+            "t0": self.t0 if self.custom_timesteps else None,
+            "t1": self.t1 if self.custom_timesteps else None,
             "smooth_bg": self.smooth_bg,
             "smooth_alpha": self.smooth_alpha,
             "device": device,
@@ -314,6 +376,22 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
     def append_to_prompt(self, words: str) -> None:
         """Add ``words`` to the end of the prompt field (a preset's look, shown in the field)."""
         self.prompt = backend_paths.load_protocol().with_added_prompt(self.prompt, words)
+
+    def use_look_words(self, words: str) -> None:
+        """End the prompt with a look's ``words``, replacing any other official look's words
+        there (switching looks never piles them up)."""
+        prompt = self.prompt.rstrip()
+        for other in sorted(_look_texts("added_prompt"), key=len, reverse=True):
+            if other != words and prompt.endswith(other):
+                prompt = prompt[: -len(other)].rstrip().rstrip(",").rstrip()
+        self.prompt = backend_paths.load_protocol().with_added_prompt(prompt, words)
+
+    def use_look_negative(self, text: str) -> None:
+        """Put a look's negative prompt in the field when it is empty or holds another
+        official look's; the artist's own negative prompt stays."""
+        current = self.negative_prompt.strip()
+        if not current or current in _look_texts("negative_prompt"):
+            self.negative_prompt = text
 
     def fill_negative_prompt(self, text: str) -> None:
         """Put ``text`` in the negative prompt field when it is empty."""
@@ -351,6 +429,9 @@ class T2VZ_Status(bpy.types.PropertyGroup):
     cache_dir: StringProperty(name="Model Cache Folder")
     cache_listed: BoolProperty(name="Cache Listed", default=False)
     cache_message: StringProperty(name="Cache Status")
+    # The result strip the status message announces (cleared when undo removes it).
+    result_strip: StringProperty(name="Result Strip")
+    result_scene: StringProperty(name="Result Scene")
 
 
 classes = (

@@ -9,6 +9,7 @@ themselves (see ``Runner.wait``).
 """
 
 import contextlib
+import math
 import shutil
 import sys
 import time
@@ -28,6 +29,9 @@ INTERVAL_IDLE = 1.0
 CANCEL_TIMEOUT = 30.0
 DEAD_GRACE = 2.0
 INSTALL_PREFIX = "[t2vz]"
+# The share of a job's progress fraction that is denoising (backend runner: 0.9; decoding
+# and writing the frames are the rest).
+DENOISE_SHARE = 0.9
 
 
 class RunnerBusyError(RuntimeError):
@@ -48,6 +52,31 @@ class ActiveJob:
     cancel_at: float | None = None
     # "generate", or "fetch": a model download ahead of the first job (no strip, no folder)
     kind: str = "generate"
+    # The take group the result joins (a Regenerate's: its strip's); empty: a new group.
+    take_group: str = ""
+    # The strip the job reads (pix2pix, strip-driven ControlNet), recorded on the result.
+    source: str = ""
+    # The highest denoising step shown so far: the counter never goes back.
+    step_shown: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class QueuedJob:
+    """A job waiting for the one in flight to end (Generate while a job runs)."""
+
+    id: str
+    job: dict[str, Any]
+    scene: str
+    above: int
+    start: int
+    name: str
+    python: str | Path
+    env: dict[str, str] | None = None
+    staging: Path | None = None
+    allow_pickle: bool = False
+    take_group: str = ""
+    source: str = ""
 
 
 @dataclass
@@ -131,6 +160,45 @@ def download_text(message: dict[str, Any]) -> str:
     return text
 
 
+def job_units(frames: int, steps: int, width: int, height: int) -> float:
+    """A job's work: frames x steps x pixels, in 512 x 512 frame-steps."""
+    return frames * steps * width * height / (512.0 * 512.0)
+
+
+# Jobs estimated above this many seconds show their estimate before they start.
+LONG_JOB_S = 60.0
+
+
+def estimate_text(seconds: float | None) -> str:
+    """ "About 12 min" for a job estimated to take that long; "" for short or unknown ones."""
+    if seconds is None or seconds < LONG_JOB_S:
+        return ""
+    if seconds < 3600:
+        return f"About {max(1, round(seconds / 60))} min at the last job's speed"
+    return f"About {seconds / 3600:.1f} h at the last job's speed"
+
+
+def progress_text(job: ActiveJob, message: dict[str, Any]) -> str:
+    """The status line of a ``progress`` message.
+
+    Denoising counts the job's steps from the overall fraction, never going back (text to
+    video denoises frame 1 alone, then all frames: two runs of the backend's own step
+    counter); writing counts the frames written.
+    """
+    stage = message.get("stage") or "denoising"
+    frames = int(message.get("frames_total") or job.job.get("frames") or 0)
+    if stage == "denoising":
+        steps = int(job.job.get("steps") or message.get("total") or 0)
+        fraction = float(message.get("fraction") or 0.0)
+        step = math.ceil(min(1.0, fraction / DENOISE_SHARE) * steps - 1e-9)
+        job.step_shown = max(job.step_shown, min(steps, step))
+        what = f"{frames} frames" if frames else "frames"
+        return f"Denoising {what}: step {job.step_shown} of {steps}"
+    if stage == "decoding":
+        return f"Writing frames: {int(message.get('frames_done') or 0)} of {frames}"
+    return f"{stage}: step {message.get('step')} of {message.get('total')}"
+
+
 class Runner:
     """Owns the worker process and the one job in flight."""
 
@@ -145,6 +213,10 @@ class Runner:
         self._dead_since: float | None = None
         # list_models / remove_model requests waiting for their reply: id -> model or "".
         self.cache_requests: dict[str, str] = {}
+        # Jobs submitted while another ran, started in order as each job ends.
+        self.queue: list[QueuedJob] = []
+        # Seconds per work unit of the last finished job on this worker (job_units).
+        self.seconds_per_unit: float | None = None
 
     # ------------------------------------------------------------------ worker
 
@@ -193,14 +265,31 @@ class Runner:
         env: dict[str, str] | None = None,
         staging: Path | None = None,
         allow_pickle: bool = False,
+        take_group: str = "",
+        source: str = "",
+        queue: bool = False,
+        job_id: str = "",
     ) -> str:
         """Send ``job`` to the worker; the result lands above channel ``above`` at ``start``.
 
         ``allow_pickle`` comes from the preference, never from the job (see protocol).
+        ``take_group``: the result is a new take of that group (empty: a new group);
+        ``source``: the name of the strip the job reads. While a job runs, ``queue`` adds
+        this one to the queue (started when the jobs before it end) instead of refusing it.
         """
+        job_id = job_id or uuid.uuid4().hex[:12]
         if self.busy:
-            raise RunnerBusyError("a job is already running: cancel it first")
-        job_id = uuid.uuid4().hex[:12]
+            if not queue:
+                raise RunnerBusyError("a job is already running: cancel it first")
+            self.queue.append(
+                QueuedJob(
+                    job_id, job, scene, above, start, name, python, env, staging,
+                    allow_pickle, take_group, source,
+                )
+            )  # fmt: skip
+            ensure_timer()
+            _redraw()
+            return job_id
         sweep_partials(job.get("out"))
         client = self.ensure_worker(python, env)
         try:
@@ -215,7 +304,9 @@ class Runner:
                 self.client, self.client_key = None, None
                 client.close(timeout=2.0)  # ended, its stderr read to the end
                 raise WorkerError(self._exit_text(client, client.returncode)) from exc
-        self.job = ActiveJob(job_id, job, scene, above, start, name, staging)
+        self.job = ActiveJob(
+            job_id, job, scene, above, start, name, staging, take_group=take_group, source=source
+        )
         self.outcome = None
         status = _status()
         status.state = "RUNNING" if self.ready else "STARTING"
@@ -337,6 +428,62 @@ class Runner:
             _redraw()
         return True
 
+    def estimate(self, frames: int, steps: int, width: int, height: int) -> float | None:
+        """Seconds a job of this size should take, from the last job's speed; None before
+        any job finished."""
+        if self.seconds_per_unit is None:
+            return None
+        return self.seconds_per_unit * job_units(frames, steps, width, height)
+
+    def outputs(self) -> list[str]:
+        """The output folders of the job in flight and the queued ones (not written yet)."""
+        jobs = ([self.job.job] if self.job is not None else []) + [q.job for q in self.queue]
+        return [str(j["out"]) for j in jobs if j.get("out")]
+
+    def cancel_queued(self, job_id: str) -> bool:
+        """Drop a queued job (and its staged inputs); False when no queued job has that id."""
+        for i, queued in enumerate(self.queue):
+            if queued.id == job_id:
+                del self.queue[i]
+                remove_tree(queued.staging)
+                _redraw()
+                return True
+        return False
+
+    def clear_queue(self) -> None:
+        """Drop every queued job."""
+        while self.queue:
+            self.cancel_queued(self.queue[0].id)
+
+    def _start_next(self) -> None:
+        """Start the first queued job once nothing runs; one that cannot start says why."""
+        while self.job is None and self.queue:
+            queued = self.queue.pop(0)
+            try:
+                self.submit(
+                    queued.job,
+                    scene=queued.scene,
+                    above=queued.above,
+                    start=queued.start,
+                    name=queued.name,
+                    python=queued.python,
+                    env=queued.env,
+                    staging=queued.staging,
+                    allow_pickle=queued.allow_pickle,
+                    take_group=queued.take_group,
+                    source=queued.source,
+                    job_id=queued.id,
+                )
+            except (
+                WorkerError,
+                RunnerBusyError,
+                OSError,
+                backend_paths.BackendNotFoundError,
+            ) as exc:
+                remove_tree(queued.staging)
+                self.outcome = Outcome(queued.id, "ERROR", f"Could not start a queued job: {exc}")
+                _status().error = self.outcome.message
+
     def wait(self, timeout: float, interval: float = 0.05) -> Outcome | None:
         """Step until the job in flight ends (for scripts and tests: no event loop there)."""
         deadline = time.monotonic() + timeout
@@ -344,6 +491,18 @@ class Runner:
             self.step()
             time.sleep(interval)
         return None if self.busy else self.outcome
+
+    def wait_all(self, timeout: float, interval: float = 0.05) -> list[Outcome]:
+        """Step until the job in flight and every queued job have ended; their outcomes."""
+        deadline = time.monotonic() + timeout
+        outcomes: list[Outcome] = []
+        while (self.busy or self.queue) and time.monotonic() < deadline:
+            before = self.outcome
+            self.step()
+            if self.outcome is not None and self.outcome is not before:
+                outcomes.append(self.outcome)
+            time.sleep(interval)
+        return outcomes
 
     # ------------------------------------------------------------------ the step
 
@@ -375,7 +534,9 @@ class Runner:
                 "Cancelled: the worker did not stop in time and was ended; "
                 "a new one starts with the next job",
             )
-        if self.job is not None:
+        if self.job is None and self.queue:
+            self._start_next()
+        if self.job is not None or self.queue:
             return INTERVAL_BUSY
         return INTERVAL_IDLE if self.client is not None else None
 
@@ -409,13 +570,9 @@ class Runner:
                 status.message = "Running"
         elif kind == "progress":
             fraction = float(message.get("fraction") or 0.0)
-            status.progress = min(1.0, max(0.0, fraction))
+            status.progress = max(status.progress, min(1.0, max(0.0, fraction)))
             if job.cancel_at is None:
-                stage = message.get("stage") or "denoising"
-                status.message = (
-                    f"{stage}: step {message.get('step')}/{message.get('total')}, "
-                    f"frames {message.get('frames_done')}/{message.get('frames_total')}"
-                )
+                status.message = progress_text(job, message)
             _wm_progress("update", status.progress)
         elif kind == "download":
             total = float(message.get("bytes_total") or 0)
@@ -496,6 +653,10 @@ class Runner:
         )
 
     def _add_result(self, job: ActiveJob, frames: list[str]) -> None:
+        spec = job.job
+        with contextlib.suppress(KeyError, TypeError, ValueError, ZeroDivisionError):
+            units = job_units(len(frames), spec["steps"], spec["width"], spec["height"])
+            self.seconds_per_unit = (time.monotonic() - job.started) / units
         scene = bpy.data.scenes.get(job.scene)
         if scene is None:
             self._finish(
@@ -504,10 +665,17 @@ class Runner:
             return
         try:
             editor = scene.sequence_editor_create()
-            channel = strips.first_free_channel(
-                editor, job.start, job.start + len(frames), job.above
-            )
-            strip = strips.add_result_strip(scene, frames, channel, job.start, job.name, job.job)
+            channel = strips.result_channel(editor, job.start, job.start + len(frames), job.above)
+            group = job.take_group or uuid.uuid4().hex[:12]
+            number = 1 + max((strips.take_of(s)[1] for s in strips.takes(editor, group)), default=0)
+            name = strips.take_name(job.name, number)
+            strip = strips.add_result_strip(scene, frames, channel, job.start, name, job.job)
+            strips.mark_take(strip, group, number)
+            if job.source:
+                strip[strips.SOURCE_PROPERTY] = job.source
+            strips.mute_other_takes(editor, strip)
+            strips.select_only(editor, strip)
+            strips.relative_directory(strip)
         except (strips.StripInputError, RuntimeError, TypeError) as exc:
             self._finish(
                 "ERROR", f"Could not add the result strip: {exc}; frames in {job.job['out']}"
@@ -524,6 +692,8 @@ class Runner:
             strip_name=strip.name,
             frames=frames,
         )
+        status = _status()
+        status.result_strip, status.result_scene = strip.name, scene.name
 
     def _finish(
         self,
@@ -539,8 +709,9 @@ class Runner:
         status.state = "IDLE"
         status.message = message if level != "ERROR" else ""
         status.error = message if level == "ERROR" else ""
-        if level == "INFO" and strip_name:
-            status.progress = 1.0
+        status.result_strip = status.result_scene = ""
+        # A result fills the bar; a cancelled or failed job empties it.
+        status.progress = 1.0 if level == "INFO" and strip_name else 0.0
         _wm_progress("end")
         if level == "ERROR":
             print(f"T2VZ: {message}", file=sys.stderr)
@@ -568,6 +739,7 @@ class Runner:
 
     def shutdown(self) -> None:
         """Stop the worker, drop the previews: called on unregister."""
+        self.clear_queue()
         self.job = None
         self.stop_worker(timeout=3.0)
         if self.previews is not None:
@@ -663,6 +835,56 @@ def _timer() -> float | None:
     return interval
 
 
+@bpy.app.handlers.persistent
+def forget_removed_result(*_args: Any) -> None:
+    """After undo, redo or loading a file: a status naming a result strip that is gone no
+    longer claims it (undo removes the strip Generate added)."""
+    status = _status()
+    if not status.result_strip:
+        return
+    scene = bpy.data.scenes.get(status.result_scene)
+    editor = scene.sequence_editor if scene is not None else None
+    if editor is None or strips.every_strip(editor).get(status.result_strip) is None:
+        status.result_strip = status.result_scene = ""
+        status.message = ""
+        status.progress = 0.0
+        _redraw()
+
+
+@bpy.app.handlers.persistent
+def relative_results(filepath: Any = "", *_args: Any) -> None:
+    """Before a save: result strips made while the file was unsaved (or with Relative Paths
+    off at the time) are stored relative to the file, following Blender's preference.
+    Only on a first save or a save in place: Save As elsewhere remaps relative paths
+    itself."""
+    target = filepath if isinstance(filepath, str) else ""
+    if not target or (bpy.data.filepath and bpy.data.filepath != target):
+        return
+    for scene in bpy.data.scenes:
+        editor = scene.sequence_editor
+        if editor is None:
+            continue
+        for strip in strips.every_strip(editor):
+            if strips.stored_job(strip) is not None and strip.type == "IMAGE":
+                strips.relative_directory(strip, target)
+
+
+_HANDLERS = {
+    "undo_post": forget_removed_result,
+    "redo_post": forget_removed_result,
+    "load_post": forget_removed_result,
+    "save_pre": relative_results,
+}
+
+
+def register() -> None:
+    """Watch undo, redo and file loads for a result strip that went away."""
+    for name, handler in _HANDLERS.items():
+        handlers = getattr(bpy.app.handlers, name)
+        if handler not in handlers:
+            handlers.append(handler)
+
+
 def ensure_timer() -> None:
     """Make sure the step timer runs (it stops itself when there is nothing to watch)."""
     if not bpy.app.timers.is_registered(_timer):
@@ -676,6 +898,10 @@ def step() -> float | None:
 
 def unregister() -> None:
     """Stop the timer, the installer and the worker."""
+    for name, handler in _HANDLERS.items():
+        handlers = getattr(bpy.app.handlers, name)
+        while handler in handlers:
+            handlers.remove(handler)
     if bpy.app.timers.is_registered(_timer):
         bpy.app.timers.unregister(_timer)
     INSTALLER.cancel()

@@ -23,6 +23,8 @@ from . import backend_paths
 # Native square side in pixels of the built-in models, by name prefix.
 BUILTIN_SIDES = {"builtin:tiny": 64, "builtin:shapes": 64}
 DEFAULT_SIDE = 512
+# The smallest side a job may have (the protocol's round_to_8 floor).
+MIN_SIDE = 64
 # Above this many times the native pixel count the panel warns (the issue's threshold).
 OVERSIZE_FACTOR = 2.0
 # A result whose aspect differs from the scene's by less than this (rounding to multiples
@@ -72,7 +74,15 @@ def native_size(aspect_x: float, aspect_y: float, side: int) -> tuple[int, int]:
     """(width, height), multiples of 8, holding about side * side pixels at aspect x:y."""
     if aspect_x <= 0 or aspect_y <= 0:
         raise ValueError(f"aspect must be positive, got {aspect_x}x{aspect_y}")
-    return backend_paths.load_protocol().resolve_size(None, None, aspect_x / aspect_y, side)
+    aspect = aspect_x / aspect_y
+    width, height = backend_paths.load_protocol().resolve_size(None, None, aspect, side)
+    # A short side raised to the minimum raises the long side with it: the aspect stays.
+    if min(width, height) <= MIN_SIDE:
+        if aspect >= 1.0:
+            width, height = round_to_8(MIN_SIDE * aspect), MIN_SIDE
+        else:
+            width, height = MIN_SIDE, round_to_8(MIN_SIDE / aspect)
+    return width, height
 
 
 def scene_size(resolution_x: int, resolution_y: int, percentage: int = 100) -> tuple[int, int]:

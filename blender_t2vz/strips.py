@@ -52,6 +52,20 @@ def active_strip(scene: Any) -> Any | None:
     return editor.active_strip if editor is not None else None
 
 
+def source_strip(scene: Any) -> Any | None:
+    """The strip Generate, Regenerate and Load Settings act on, one rule for all: the
+    active strip when it is selected (or nothing is selected), else the one selected strip;
+    None when several strips are selected and the active one is not among them."""
+    editor = scene.sequence_editor
+    if editor is None:
+        return None
+    active = editor.active_strip
+    selected = [s for s in every_strip(editor) if s.select]
+    if active is not None and (active.select or not selected):
+        return active
+    return selected[0] if len(selected) == 1 else None
+
+
 def is_video_strip(strip: Any) -> bool:
     """True for the strips a job can read: movies and image sequences."""
     return strip is not None and strip.type in VIDEO_TYPES
@@ -247,6 +261,90 @@ def first_free_channel(editor: Any, start: int, end: int, above: int = 0) -> int
     raise StripInputError(f"no free channel above {above} for frames {start}-{end - 1}")
 
 
+def result_channel(editor: Any, start: int, end: int, above: int = 0) -> int:
+    """The channel a result in frames [start, end) is seen on: above channel ``above`` and
+    above every strip it overlaps (the sequencer shows the highest channel on top)."""
+    top = max(
+        (
+            s.channel
+            for s in top_strips(editor)
+            if s.frame_final_start < end and start < s.frame_final_end
+        ),
+        default=0,
+    )
+    channel = max(top, above) + 1
+    if channel > MAX_CHANNEL:
+        raise StripInputError(f"no channel above {max(top, above)} for frames {start}-{end - 1}")
+    return channel
+
+
+def select_only(editor: Any, strip: Any) -> None:
+    """Make ``strip`` the active strip and the only selected one."""
+    for other in every_strip(editor):
+        other.select = False
+    strip.select = True
+    editor.active_strip = strip
+
+
+# --------------------------------------------------------------------------- takes
+
+# A result strip's take: the group of takes it belongs to (one per Generate, shared by its
+# Regenerates) and its number in that group.
+TAKE_GROUP_PROPERTY = "t2vz_take_group"
+TAKE_PROPERTY = "t2vz_take"
+# The strip a result was made from (pix2pix or strip-driven ControlNet), by name.
+SOURCE_PROPERTY = "t2vz_source"
+NAME_BYTES = 63  # Blender's strip names hold 63 bytes
+
+
+def take_of(strip: Any) -> tuple[str, int]:
+    """(group, number) of a result strip; ("", 0) for strips that are not takes."""
+    if strip is None:
+        return "", 0
+    group, number = strip.get(TAKE_GROUP_PROPERTY), strip.get(TAKE_PROPERTY)
+    if not isinstance(group, str) or not group or not isinstance(number, int):
+        return "", 0
+    return group, number
+
+
+def takes(editor: Any, group: str) -> list[Any]:
+    """The strips of take group ``group``, by take number."""
+    if not group or editor is None:
+        return []
+    found = [s for s in every_strip(editor) if take_of(s)[0] == group]
+    return sorted(found, key=lambda s: take_of(s)[1])
+
+
+def take_name(name: str, number: int) -> str:
+    """The strip name of take ``number``: the name itself for take 1, else "name take N"."""
+    if number <= 1:
+        return name
+    suffix = f" take {number}".encode()
+    base = name.encode("utf-8")[: NAME_BYTES - len(suffix)].decode("utf-8", errors="ignore")
+    return base.rstrip() + suffix.decode()
+
+
+def mark_take(strip: Any, group: str, number: int) -> None:
+    """Record ``strip`` as take ``number`` of ``group``."""
+    strip[TAKE_GROUP_PROPERTY] = group
+    strip[TAKE_PROPERTY] = int(number)
+
+
+def mute_other_takes(editor: Any, strip: Any) -> list[Any]:
+    """Mute the other takes of ``strip``'s group that overlap it; the strips muted."""
+    group = take_of(strip)[0]
+    start, end = strip.frame_final_start, strip.frame_final_end
+    muted = []
+    for other in takes(editor, group):
+        if other == strip or other.frame_final_start >= end or start >= other.frame_final_end:
+            continue
+        if not other.mute:
+            other.mute = True
+            muted.append(other)
+    strip.mute = False
+    return muted
+
+
 def add_result_strip(
     scene: Any,
     frame_paths: list[str],
@@ -277,6 +375,24 @@ def add_result_strip(
         strip.elements.append(p.name)
     strip[JOB_PROPERTY] = json.dumps(job, sort_keys=True)
     return strip
+
+
+def relative_directory(strip: Any, blend_path: str | None = None) -> bool:
+    """Store a result strip's folder relative to the .blend (``blend_path``, default the
+    open file) when it is saved and Blender's Relative Paths preference is on; True if
+    changed. A folder on another drive stays absolute."""
+    blend_path = bpy.data.filepath if blend_path is None else blend_path
+    if not blend_path or not bpy.context.preferences.filepaths.use_relative_paths:
+        return False
+    if strip.directory.startswith("//"):
+        return False
+    folder = bpy.path.abspath(strip.directory)
+    try:
+        relative = "//" + os.path.relpath(folder, os.path.dirname(blend_path))
+    except ValueError:
+        return False
+    strip.directory = relative.rstrip("/\\") + "/"
+    return True
 
 
 def stored_job(strip: Any) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from .addon import (
     register,
     render_control,
     render_masks,
+    scene_frames,
     unregister,
 )
 from .cache import CACHE_VERSION, cache_dir, prune_cache, scene_state_key
@@ -111,6 +112,7 @@ __all__ = [
     "render_edge_frames",
     "render_mask_frames",
     "render_masks",
+    "scene_frames",
     "render_pass_frames",
     "render_scene_control",
     "resolve_bone_map",

@@ -100,7 +100,7 @@ def _source_scene(context, item):
     return settings.scene if settings is not None and settings.scene else context.scene
 
 
-def _scene_frames(context, item, start: int, frames: int) -> list[int]:
+def scene_frames(context, item, start: int, frames: int) -> list[int]:
     """Scene frames for a job starting at timeline frame ``start`` (other scenes: their start)."""
     scene = _source_scene(context, item)
     first = start if scene == context.scene else scene.frame_start
@@ -152,7 +152,7 @@ def render_control(context, item, start: int, frames: int, width: int, height: i
         scene,
         folder,
         kind,
-        _scene_frames(context, item, start, frames),
+        scene_frames(context, item, start, frames),
         width,
         height,
         camera,
@@ -172,7 +172,7 @@ def render_masks(context, item, start: int, frames: int, width: int, height: int
     paths = render_mask_frames(
         _source_scene(context, item),
         folder,
-        _scene_frames(context, item, start, frames),
+        scene_frames(context, item, start, frames),
         width,
         height,
         foreground,

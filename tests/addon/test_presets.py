@@ -61,9 +61,9 @@ def test_presets_only_fill_visible_fields(scene) -> None:
     assert not {"prompt", "seed", "model", "output_dir"} & saved
     for path in presets.shipped_dir().glob("*.py"):
         assigned, called = _assignments(path.read_text(encoding="utf-8"))
-        assert assigned <= visible | {"mode", "size_mode"}, (path.name, assigned - visible)
-        assert "prompt" not in assigned, path.name
-        assert called <= {"append_to_prompt", "fill_negative_prompt"}, (path.name, called)
+        assert assigned <= visible | {"size_mode"}, (path.name, assigned - visible)
+        assert "prompt" not in assigned and "mode" not in assigned, path.name
+        assert called <= {"use_look_words", "use_look_negative"}, (path.name, called)
 
 
 def test_preview_and_final(scene) -> None:
@@ -137,7 +137,8 @@ def test_official_looks_fill_visible_fields_and_show_their_prompt_words(scene, t
     settings = scene.t2vz
     settings.prompt = "a dancer,"
     _apply(path)
-    assert (settings.mode, settings.steps, settings.guidance) == ("controlnet", 20, 9.0)
+    # Only what the look names: its mode (ControlNet) stays the artist's choice.
+    assert (settings.mode, settings.steps, settings.guidance) == ("text2video", 20, 9.0)
     assert settings.prompt == "a dancer, best quality"  # in the field, for the user to see
     assert settings.negative_prompt == "lowres"
     settings.negative_prompt = "mine"
@@ -152,7 +153,9 @@ def test_official_looks_fill_visible_fields_and_show_their_prompt_words(scene, t
 def test_official_look_in_the_panel_makes_the_protocols_job(scene, name: str) -> None:
     preset = PROTOCOL.PRESETS[name]
     settings = scene.t2vz
-    settings.steps, settings.guidance = 7, 3.0  # e.g. left by another preset
+    settings.mode = preset.mode  # a look never changes the mode: the artist picks it
+    for field in ("steps", "guidance"):  # the panel's defaults are the job's
+        settings.property_unset(field)
     settings.prompt = "a dancer"
     _apply(presets.shipped_dir() / f"{presets._file_name(preset.label)}.py")
     job = PROTOCOL.apply_preset({"prompt": "a dancer", "out": "o"}, name)
@@ -185,3 +188,32 @@ def test_preset_menu_lists_the_shipped_folder_then_blenders(scene) -> None:
     assert paths[0] == str(presets.shipped_dir()) and len(set(paths)) == len(paths)
     assert operator == "script.execute_preset" and kw["add_operator"] == "t2vz.preset_add"
     assert kw["filter_ext"](".py") and not kw["filter_ext"](".xml")
+
+
+def _look_path(name: str) -> Path:
+    return presets.shipped_dir() / f"{presets._file_name(PROTOCOL.PRESETS[name].label)}.py"
+
+
+def test_looks_change_only_what_they_name_and_replace_each_others_words(scene) -> None:
+    """Issue 19: a look switched text to video to ControlNet, and a second look appended
+    its words to the first's."""
+    settings = scene.t2vz
+    settings.prompt = "a dancer"
+    settings.steps, settings.guidance = 7, 3.0
+    _apply(_look_path("official-controlnet"))
+    assert settings.mode == "text2video"
+    controlnet = PROTOCOL.PRESETS["official-controlnet"]
+    text2video = PROTOCOL.PRESETS["official-text2video"]
+    assert settings.prompt == f"a dancer, {controlnet.added_prompt}"
+    assert settings.negative_prompt == controlnet.negative_prompt
+    _apply(_look_path("official-text2video"))
+    # Its words replace the other look's; the fields it does not name stay as they were.
+    assert settings.prompt == f"a dancer, {text2video.added_prompt}"
+    assert settings.negative_prompt == ""  # the other look's negative prompt went with it
+    assert (settings.mode, settings.steps, settings.guidance) == ("text2video", 20, 9.0)
+    _apply(_look_path("official-controlnet"))
+    _apply(_look_path("official-controlnet"))
+    assert settings.prompt == f"a dancer, {controlnet.added_prompt}"
+    settings.negative_prompt = "blurry"  # the artist's own stays through a look switch
+    _apply(_look_path("official-text2video"))
+    assert settings.negative_prompt == "blurry"

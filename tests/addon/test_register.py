@@ -51,7 +51,7 @@ def test_generate_poll_says_what_is_missing(scene) -> None:
     assert bpy.ops.t2vz.generate.poll()
     runtime.RUNNER.job = runtime.ActiveJob("x", {}, scene.name, 1, 1, "x")
     try:
-        assert not bpy.ops.t2vz.generate.poll()  # one job at a time
+        assert bpy.ops.t2vz.generate.poll()  # while a job runs, Generate queues another
         assert bpy.ops.t2vz.cancel.poll()
     finally:
         runtime.RUNNER.job = None

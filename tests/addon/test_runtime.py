@@ -254,17 +254,47 @@ def test_ready_and_progress_update_the_status(runner: runtime.Runner) -> None:
     assert (status.state, status.message) == ("RUNNING", "Running")
     apply(runner, "progress", fraction=0.25, step=3, total=10, frames_done=2, frames_total=8)
     assert status.progress == pytest.approx(0.25)
-    assert status.message == "denoising: step 3/10, frames 2/8"
-    apply(runner, "progress", fraction=0.5, stage="decoding", step=1, total=1)
-    assert status.message == "decoding: step 1/1, frames None/None"
+    assert status.message == "Denoising 8 frames: step 3 of 10"
+    apply(runner, "progress", fraction=0.95, stage="decoding", frames_done=4, frames_total=8)
+    assert status.message == "Writing frames: 4 of 8"
     apply(runner, "progress", fraction=None)
-    assert status.progress == 0.0
+    assert status.progress == pytest.approx(0.95)  # the bar never goes back
+    status.progress = 0.0
     apply(runner, "progress", fraction=0.9, id="an earlier job")
     assert status.progress == 0.0  # a late message of another job changes nothing
     before = status.message
     runner.job.cancel_at = time.monotonic()  # cancelling: the bar moves, the line stays
     apply(runner, "progress", fraction=0.75, step=9, total=10)
     assert status.progress == pytest.approx(0.75) and status.message == before
+
+
+def test_step_counter_only_goes_up_across_text2videos_two_phases(runner) -> None:
+    """Issue 19: frame 1 alone runs to t1, then all frames run again from step 1 of the
+    backend's counter; the panel counts the job's steps from the overall fraction, and
+    "frames 0/8" while denoising said nothing."""
+    status = bpy.context.window_manager.t2vz_status
+    runner.job.job = {"out": "/nowhere/out", "steps": 20, "frames": 8}
+    shown = []
+    # Phase 1 (frame 1 alone, steps 1..9 of its own counter), then the joint phase's 1..20.
+    phase1 = [(s, 20, 0.9 * 0.02 * s) for s in range(1, 10)]
+    phase2 = [(s, 20, 0.9 * (0.18 + 0.041 * s)) for s in range(1, 21)]
+    for step, total, fraction in phase1 + phase2:
+        apply(runner, "progress", step=step, total=total, fraction=fraction,
+              frames_done=0, frames_total=8)  # fmt: skip
+        shown.append(int(status.message.split("step ")[1].split(" of")[0]))
+        assert status.message.startswith("Denoising 8 frames: step ")
+        assert "frames 0" not in status.message
+    assert shown == sorted(shown) and shown[-1] == 20
+    assert len(set(shown)) > 10  # it moves, not stuck at one number
+
+
+def test_cancel_empties_the_bar(runner) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    apply(runner, "progress", step=5, total=10, fraction=0.6, frames_total=8)
+    assert status.progress == pytest.approx(0.6)
+    runner.job.cancel_at = time.monotonic()
+    apply(runner, "cancelled")
+    assert status.progress == 0.0 and status.message == "Cancelled"
 
 
 def test_ready_after_a_cancel_keeps_cancelling(runner: runtime.Runner) -> None:
@@ -642,3 +672,109 @@ def test_a_new_runner_has_no_worker_job_or_preview() -> None:
     assert not fresh.busy and not fresh.worker_alive and fresh.ready is False
     assert fresh.preview_key == "" and fresh.preview_icon_id() == 0 and fresh.cache_requests == {}
     assert fresh.step() is None and fresh.wait(0.01) is None
+
+
+# ------------------------------------------------ where results land (issue 19)
+
+
+def _done(runner: runtime.Runner, tmp_path: Path, tag: str, **job_fields) -> object:
+    frames = [
+        str(write_png(tmp_path / tag / f"frame_{i:05d}.png", 64, 64, (i, 0, 0))) for i in (1, 2)
+    ]
+    if job_fields:
+        runner.job = runtime.ActiveJob("j1", {"out": str(tmp_path / tag)}, **job_fields)
+    apply(runner, "done", frames=frames)
+    assert runner.outcome.level == "INFO", runner.outcome
+    return strips.every_strip(bpy.context.scene.sequence_editor)[runner.outcome.strip_name]
+
+
+def test_result_lands_above_every_strip_it_overlaps_active_and_alone_selected(
+    runner: runtime.Runner, tmp_path
+) -> None:
+    """A gap at channel 2 under an opaque colour strip on 3: the result goes on 4, where it
+    is seen, and becomes the active strip and the only selection."""
+    editor = bpy.context.scene.sequence_editor
+    source = color_strip(editor, "source", channel=1, start=1, length=20)
+    cover = color_strip(editor, "title card", channel=3, start=4, length=3)
+    elsewhere = color_strip(editor, "later", channel=9, start=50, length=3)
+    for strip in (source, cover, elsewhere):
+        strip.select = True
+    editor.active_strip = cover
+    result = _done(runner, tmp_path, "a")
+    assert (result.channel, result.frame_final_start) == (4, 5)
+    assert editor.active_strip == result
+    assert [s.name for s in strips.every_strip(editor) if s.select] == [result.name]
+    assert (cover.channel, cover.select, source.select) == (3, False, False)
+
+
+def test_takes_are_numbered_named_and_earlier_ones_muted(runner: runtime.Runner, tmp_path):
+    scene = bpy.context.scene
+    editor = scene.sequence_editor
+    first = _done(runner, tmp_path, "t1")
+    group, number = strips.take_of(first)
+    assert group and number == 1 and first.name == "a cat" and not first.mute
+    second = _done(
+        runner, tmp_path, "t2", scene=scene.name, above=first.channel, start=5, name="a cat",
+        take_group=group,
+    )  # fmt: skip
+    assert strips.take_of(second) == (group, 2) and second.name == "a cat take 2"
+    assert first.mute and not second.mute and second.channel > first.channel
+    third = _done(
+        runner, tmp_path, "t3", scene=scene.name, above=second.channel, start=5, name="a cat",
+        take_group=group,
+    )  # fmt: skip
+    assert third.name == "a cat take 3" and first.mute and second.mute and not third.mute
+    assert [s.name for s in strips.takes(editor, group)] == [first.name, second.name, third.name]
+    # A/B: showing take 1 mutes the others.
+    assert bpy.ops.t2vz.take_show(strip_name=first.name) == {"FINISHED"}
+    assert not first.mute and second.mute and third.mute
+    # Another Generate is a group of its own: nothing of this group is muted by it.
+    other = _done(runner, tmp_path, "o", scene=scene.name, above=0, start=5, name="a dog")
+    assert strips.take_of(other)[0] != group and not first.mute
+
+
+def test_take_names_fit_blenders_63_bytes() -> None:
+    assert strips.take_name("x" * 80, 12) == "x" * 55 + " take 12"
+    assert len(strips.take_name("é" * 40, 3).encode()) <= 63
+    assert strips.take_name("a cat", 1) == "a cat"
+
+
+def test_status_forgets_a_result_that_undo_removed(runner: runtime.Runner, tmp_path) -> None:
+    status = bpy.context.window_manager.t2vz_status
+    result = _done(runner, tmp_path, "u")
+    assert status.message.startswith("Added 'a cat'") and status.progress == 1.0
+    assert runtime.forget_removed_result in bpy.app.handlers.undo_post
+    runtime.forget_removed_result()  # the strip is there: the status stays
+    assert status.message.startswith("Added")
+    strips.top_strips(bpy.context.scene.sequence_editor).remove(result)  # what undo does
+    runtime.forget_removed_result()
+    assert status.message == "" and status.progress == 0.0 and status.result_strip == ""
+
+
+def test_results_are_stored_relative_to_the_saved_blend(runner, tmp_path) -> None:
+    """Following Preferences > File Paths > Relative Paths, so the project can move."""
+    filepaths = bpy.context.preferences.filepaths
+    result = _done(runner, tmp_path, "r")  # an unsaved file: absolute
+    assert not result.directory.startswith("//")
+    blend = str(tmp_path / "project" / "edit.blend")
+    runtime.relative_results(blend)  # save_pre of the first save
+    assert result.directory == "//../r/"
+    assert Path(bpy.path.abspath(result.directory, start=str(tmp_path / "project"))).resolve() == (
+        tmp_path / "r"
+    )
+    result.directory = str(tmp_path / "r") + "/"
+    filepaths.use_relative_paths = False
+    try:
+        runtime.relative_results(blend)
+        assert not result.directory.startswith("//")
+    finally:
+        filepaths.use_relative_paths = True
+
+
+def test_setting_the_output_folder_to_a_blend_relative_path_does_not_warn(scene) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scene.t2vz.output_dir = "//t2vz/"
+    assert scene.t2vz.bl_rna.properties["output_dir"].subtype == "DIR_PATH"
