@@ -44,7 +44,9 @@ def render_scene_control(
 ) -> tuple[Path, str]:
     """Render one kind of control (see KINDS) into folder; its control path and detector."""
     if kind == "depth":
-        paths = render_depth_frames(scene, folder, frames, width, height, camera, cache=cache)
+        paths = render_depth_frames(
+            scene, folder, frames, width, height, camera, cache=cache, allow_empty=False
+        )
         return paths[0].parent, "none"
     if kind == "openpose":
         people = keypoint_frames(scene, frames, width, height, characters, camera)
@@ -58,7 +60,7 @@ def render_scene_control(
         return write_pose_json(_abs(folder) / "pose.json", people), "none"
     if kind in ("canny", "lines", "edges"):
         paths, detector = render_edge_frames(
-            scene, folder, frames, width, height, kind, camera, cache=cache
+            scene, folder, frames, width, height, kind, camera, cache=cache, allow_empty=False
         )
         return paths[0].parent, detector
     raise SceneControlError(f"unknown scene pass {kind!r}; use one of {', '.join(KINDS)}")

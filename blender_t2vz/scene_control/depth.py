@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import SceneControlError
 from .files import _abs, _load, _sequence_paths, write_png
 from .passes import BACKGROUND_Z, render_pass_frames
 
@@ -46,9 +47,21 @@ def render_depth_frames(
     floor: float = DEPTH_FLOOR,
     bits: int = 16,
     cache: str | os.PathLike | None = None,
+    allow_empty: bool = True,
 ) -> list[Path]:
-    """Depth control frames (inverse depth, near bright, per-shot) as PNGs in folder/depth."""
+    """Depth control frames (inverse depth, near bright, per-shot) as PNGs in folder/depth.
+
+    ``allow_empty=False``: a shot in which the camera sees no surface at any frame (an
+    armature alone has none) is an error saying so, not all-black frames.
+    """
     cached = render_pass_frames(scene, folder, frames, width, height, "z", camera, cache=cache)
-    images = normalize_depth([_load(p, "z") for p in cached], floor)
+    depths = [_load(p, "z") for p in cached]
+    if not allow_empty and not any(bool((z < BACKGROUND_Z).any()) for z in depths):
+        raise SceneControlError(
+            f"the camera sees no surface at frames {frames[0]} to {frames[-1]}: the depth "
+            "pass would be all black (an armature alone renders nothing; give the "
+            "character a mesh, or use the OpenPose pass)"
+        )
+    images = normalize_depth(depths, floor)
     paths = _sequence_paths(_abs(folder) / "depth", len(images))
     return [write_png(p, img, bits) for p, img in zip(paths, images, strict=True)]

@@ -30,8 +30,12 @@ def render_edge_frames(
     kind: str = "edges",
     camera=None,
     cache: str | os.PathLike | None = None,
+    allow_empty: bool = True,
 ) -> tuple[list[Path], str]:
-    """Edge frames in folder/<method>; the paths and the backend detector to apply."""
+    """Edge frames in folder/<method>; the paths and the backend detector to apply.
+
+    ``allow_empty=False``: Freestyle lines that draw nothing at any frame are an error.
+    """
     method = edge_method(scene, kind)
     root = _abs(folder)
     if method == "canny":
@@ -43,7 +47,13 @@ def render_edge_frames(
             shutil.copyfile(src, dst)
         return paths, "canny"
     cached = render_pass_frames(scene, folder, frames, width, height, "lines", camera, cache=cache)
+    lines = [_load(src, "lines") for src in cached]
+    if not allow_empty and not any(bool((image > 0).any()) for image in lines):
+        raise SceneControlError(
+            f"Freestyle draws no line at frames {frames[0]} to {frames[-1]}: the edge pass "
+            "would be all black (is a mesh in the camera's view?)"
+        )
     paths = _sequence_paths(root / "lines", len(cached))
-    for src, dst in zip(cached, paths, strict=True):
-        write_png(dst, _load(src, "lines"))
+    for image, dst in zip(lines, paths, strict=True):
+        write_png(dst, image)
     return paths, "none"

@@ -80,3 +80,34 @@ def test_openpose_alone_generates_from_a_fresh_start(fresh_scene):
     job = strips.stored_job(result)
     assert job["mode"] == "controlnet" and job["frames"] == 2
     assert result.frame_final_duration == 2
+
+
+def test_a_depth_pass_that_sees_nothing_says_so(fresh_scene):
+    """Issue 19: the depth pass of a skeleton-only rig sent all-black frames without a word."""
+    build_shot(fresh_scene, prop=False)
+    _scene_controlnets(fresh_scene, ("DEPTH",))
+    with pytest.raises(RuntimeError, match="camera sees no surface at frames 1 to 2"):
+        bpy.ops.t2vz.generate()
+    inputs = Path(fresh_scene.t2vz.output_dir) / ".t2vz_inputs"
+    assert [p.name for p in inputs.iterdir()] == ["scene_cache"]  # no staged job left
+    assert not runtime.RUNNER.busy
+
+
+def _generate(scene) -> object:
+    assert bpy.ops.t2vz.generate() == {"FINISHED"}
+    outcome = runtime.RUNNER.wait(240.0)
+    assert outcome is not None and outcome.level == "INFO", outcome
+    (result,) = [s for s in strips.top_strips(scene.sequence_editor)]
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("passes", [("DEPTH",), ("OPENPOSE", "DEPTH")], ids=["depth", "both"])
+def test_depth_alone_and_both_passes_generate_from_a_fresh_start(fresh_scene, passes):
+    build_shot(fresh_scene)
+    _scene_controlnets(fresh_scene, passes)
+    fresh_scene.frame_current = 3
+    result = _generate(fresh_scene)
+    job = strips.stored_job(result)
+    assert len(job["controlnets"]) == len(passes) and result.frame_final_start == 3
+    assert bpy.context.window_manager.t2vz_status.message.startswith("Added")
