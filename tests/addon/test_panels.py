@@ -28,6 +28,8 @@ class Layout:
         rna = getattr(data, "bl_rna", None)
         assert hasattr(data, name) and (rna is None or name in rna.properties), name
         self.log.append(("prop", name))
+        if "text" in kwargs:
+            self.log.append(("prop_text", (name, kwargs["text"])))
 
     def operator(self, idname: str, **kwargs) -> SimpleNamespace:
         module, name = idname.split(".")
