@@ -1,5 +1,5 @@
-"""``python -m backend``: see ``backend.cli``."""
+"""``python -m backend``: see ``backend.service.cli``."""
 
-from .cli import exit_as_program, main
+from .service.cli import exit_as_program, main
 
 exit_as_program(main())

@@ -55,7 +55,7 @@ def without(args: list[str], *flags: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     import install_deps
-    from backend.cli import main as backend_main
+    from backend.service.cli import main as backend_main
 
     parser = argparse.ArgumentParser(prog="python -m bench.demo_pan", description=__doc__)
     parser.add_argument("--seeds", type=int, default=8, help="seeds 0..n-1")

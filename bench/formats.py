@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from backend.attention import AnchorState, installed_processors
-    from backend.models import TORCH_DTYPES, resolve_device
+    from backend.engine.attention import AnchorState, installed_processors
+    from backend.models.loading import TORCH_DTYPES, resolve_device
 
     from .measure import synchronize
     from .run import machine

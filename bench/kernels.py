@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from backend.models import choose_dtype, resolve_device
+from backend.models.loading import choose_dtype, resolve_device
 
 from .models import MODEL_KINDS, build_models
 from .workloads import MODES, Workload, ours_variant

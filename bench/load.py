@@ -1,7 +1,7 @@
 """Model loading time and peak memory with and without low_cpu_mem_usage (accelerate).
 
 Saves SD 1.5's architecture with random weights (or the builtin tiny model) as a diffusers
-folder once, then loads it with ``backend.models.load_base_model`` in fresh child processes,
+folder once, then loads it with ``backend.models.loading.load_base_model`` in fresh child processes,
 alternating the two cases ``--repeats`` times: "without" forces ``low_cpu_mem_usage=False``
 (what the backend did before accelerate was a dependency: random initialisation of every
 module, then a second copy of the weights), "with" loads the weights into empty modules.
@@ -44,7 +44,7 @@ def child(spec: dict) -> dict:
     """Load the folder once in this process; return seconds and memory growth."""
     import torch
 
-    import backend.models as models
+    import backend.models.loading as models
     from bench.measure import MIB, PeakMemory, current_rss, peak_rss
 
     if spec["threads"]:
@@ -93,7 +93,7 @@ def spawn(case: str, folder: Path, threads: int) -> dict:
 def save_folder(kind: str, folder: Path) -> Path:
     """The model folder to load: SD 1.5 architecture (random weights) or the tiny model."""
     if kind == "tiny":
-        from backend.tiny import build_tiny
+        from backend.models.tiny import build_tiny
 
         return build_tiny("tiny", folder)
     from bench.models import save_sd15_folder

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from backend.models import resolve_device, resolve_dtype
+from backend.models.loading import resolve_device, resolve_dtype
 
 from .measure import MIB, Measurement, measure_once, peak_rss
 from .models import MODEL_KINDS, build_models

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from backend.models import BaseModel, _place, load_base_model, load_controlnet
-from backend.tiny import _randomize_zero_convs, build_tiny, write_tiny_tokenizer
+from backend.models.loading import BaseModel, _place, load_base_model, load_controlnet
+from backend.models.tiny import _randomize_zero_convs, build_tiny, write_tiny_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 MODEL_KINDS = ("tiny", "sd15")

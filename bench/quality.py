@@ -40,12 +40,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import backend.engine as engine_module
-from backend import shapes
-from backend.controls import canny
-from backend.engine import ControlInput, TextToVideoZero
-from backend.models import choose_dtype, load_base_model, load_controlnet, resolve_device
-from backend.motion import latent_shift
+import backend.engine.pipeline as engine_module
+from backend.engine.motion import latent_shift
+from backend.engine.pipeline import ControlInput, TextToVideoZero
+from backend.media.controls import canny
+from backend.models import shapes
+from backend.models.loading import choose_dtype, load_base_model, load_controlnet, resolve_device
 from backend.protocol import resolve_t0_t1
 
 from . import shape_metrics as sm
@@ -237,7 +237,7 @@ def legacy_warp(active: bool) -> Iterator[None]:
 def displacements(settings: Settings, motion: float | None, frames: int) -> list:
     """Nominal content displacement of each frame in pixels under the engine's warp.
 
-    The warp reads latent pixel x + k * s (``backend.motion``), so content moves by
+    The warp reads latent pixel x + k * s (``backend.engine.motion``), so content moves by
     -k * s latent pixels, i.e. -k * s * 8 pixels; frame 1 never moves.
     """
     if not motion:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from backend.models import TORCH_DTYPES, ModelCache, choose_dtype, resolve_device
+from backend.models.loading import TORCH_DTYPES, ModelCache, choose_dtype, resolve_device
 
 from .measure import Measurement, device_name, interleaved, warm_up
 from .models import MODEL_KINDS, BenchModels, build_models

@@ -1,4 +1,4 @@
-"""Deterministic image analysis of the shapes world (``backend.shapes``) for the quality benchmark.
+"""Deterministic image analysis of the shapes world (``backend.models.shapes``) for the quality benchmark.
 
 Decoded frames of the ``builtin:shapes`` models are read the way a person would: which colour
 is the background, which pixels are the shape, what colour and kind of shape it is, and how
@@ -11,7 +11,7 @@ known (tests/test_shape_metrics.py).
   the full colour (shapes, light texture) and ``SHADE`` times it (dark texture).
 * Background: the colour most pixels on the frame's border have.
 * Foreground: pixels whose nearest palette colour is not the background's.
-* Shape kind: the template (circle, square, triangle as ``backend.shapes`` draws them) that
+* Shape kind: the template (circle, square, triangle as ``backend.models.shapes`` draws them) that
   overlaps the largest foreground blob best (IoU), fitted over position and size.
 * Video: each frame is compared with frame 1 translated by the motion (content displacement in
   pixels), on the part of the frame that frame 1 covers after the translation.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from backend.shapes import COLOURS, PALETTE, SHADE, SHAPES, Scene
+from backend.models.shapes import COLOURS, PALETTE, SHADE, SHAPES, Scene
 
 # Pixels farther than this (Delta E) from every palette tone belong to no colour.
 MAX_COLOUR_DISTANCE = 40.0
@@ -145,7 +145,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _templates(kind: str, cx: np.ndarray, cy: np.ndarray, half: np.ndarray, h: int, w: int):
-    """(candidates, H, W) bool masks of ``kind`` at pixel centres, as backend.shapes draws it."""
+    """(candidates, H, W) bool masks of ``kind`` at pixel centres, as backend.models.shapes draws it."""
     ys, xs = (np.mgrid[0:h, 0:w] + 0.5).astype(np.float32)  # pixel centres
     dx = xs[None] - cx.astype(np.float32)[:, None, None]  # (candidates, H, W)
     dy = ys[None] - cy.astype(np.float32)[:, None, None]

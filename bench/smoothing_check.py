@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.engine import TextToVideoZero
-from backend.models import load_base_model
+from backend.engine.pipeline import TextToVideoZero
+from backend.models.loading import load_base_model
 
 from . import quality as q
 from . import shape_metrics as sm

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import backend.engine as engine_module
-from backend.engine import TextToVideoZero
-from backend.models import load_base_model
+import backend.engine.pipeline as engine_module
+from backend.engine.pipeline import TextToVideoZero
+from backend.models.loading import load_base_model
+from backend.models.tiny import build_tiny
 from backend.protocol import DEFAULT_MOTION, resolve_t0_t1
-from backend.tiny import build_tiny
 
 from .run import machine
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from backend.engine import ControlInput, TextToVideoZero, plan_generation
-from backend.models import BaseModel
+from backend.engine.pipeline import ControlInput, TextToVideoZero, plan_generation
+from backend.models.loading import BaseModel
 from backend.protocol import resolve_t0_t1
-from backend.runner import DECODE_SLICE
+from backend.service.runner import DECODE_SLICE
 
 from .models import BenchModels
 
@@ -126,7 +126,7 @@ def write_input_video(workload: Workload, folder: Path) -> Path:
     """The workload's control / source video as PNG files (random pixels, seeded)."""
     import numpy as np
 
-    from backend.video_io import write_png
+    from backend.media.video_io import write_png
 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(workload.seed)
@@ -139,9 +139,9 @@ def write_input_video(workload: Workload, folder: Path) -> Path:
 def file_inputs(workload: Workload, folder: Path, streamed: bool) -> FrameInputs:
     """Frames read from ``folder`` as the runner reads them: ``streamed`` spools them and
     reads each chunk back while denoising (now); otherwise all are read up front (before)."""
+    from backend.media.video_io import read_frames, store_frames
     from backend.protocol import VideoInput
-    from backend.runner import TensorFrames, _to_tensor  # imported here, not in the run
-    from backend.video_io import read_frames, store_frames
+    from backend.service.runner import TensorFrames, _to_tensor  # imported here, not in the run
 
     spec = VideoInput(str(folder))
     frames, size = range(workload.frames), workload.size

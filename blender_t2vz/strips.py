@@ -23,7 +23,7 @@ from . import sizing
 JOB_PROPERTY = "t2vz_job"
 VIDEO_TYPES = {"MOVIE", "IMAGE"}
 MAX_CHANNEL = 128
-# The image types the backend reads from a folder (backend/video_io.py).
+# The image types the backend reads from a folder (backend/media/video_io.py).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".exr")
 
 

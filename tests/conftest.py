@@ -10,7 +10,7 @@ imported, sockets refuse non-local connections (``netblock``), and subprocesses 
 with ``backend_env`` get the same block through a ``sitecustomize`` module.
 
 Tiny Stable-Diffusion-shaped models are built once per session with
-``backend.tiny.build_tiny`` into the session's T2VZ_CACHE_DIR (where ``builtin:tiny...``
+``backend.models.tiny.build_tiny`` into the session's T2VZ_CACHE_DIR (where ``builtin:tiny...``
 names resolve, also in subprocesses) and loaded through the real loading code.
 """
 
@@ -80,7 +80,7 @@ def _backend_test_env(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
 @pytest.fixture(scope="session")
 def tiny_models(session_cache: Path, _single_threaded_torch: None) -> dict[str, Path]:
     """Folders of the three tiny models, built once, where ``builtin:<kind>`` resolves."""
-    from backend.tiny import TINY_KINDS, TINY_REVISION, build_tiny
+    from backend.models.tiny import TINY_KINDS, TINY_REVISION, build_tiny
 
     folders = {}
     for kind in TINY_KINDS:
@@ -93,8 +93,8 @@ def tiny_models(session_cache: Path, _single_threaded_torch: None) -> dict[str, 
 
 @pytest.fixture(scope="session")
 def tiny_base(tiny_models: dict[str, Path]) -> Any:
-    """The tiny text-to-image model, loaded from its folder by backend.models."""
-    from backend.models import load_base_model
+    """The tiny text-to-image model, loaded from its folder by backend.models.loading."""
+    from backend.models.loading import load_base_model
 
     return load_base_model(str(tiny_models["tiny"]))
 
@@ -102,7 +102,7 @@ def tiny_base(tiny_models: dict[str, Path]) -> Any:
 @pytest.fixture(scope="session")
 def tiny_pix2pix(tiny_models: dict[str, Path]) -> Any:
     """The tiny InstructPix2Pix model (8-channel UNet)."""
-    from backend.models import load_base_model
+    from backend.models.loading import load_base_model
 
     return load_base_model(str(tiny_models["tiny-pix2pix"]), pix2pix=True)
 
@@ -110,7 +110,7 @@ def tiny_pix2pix(tiny_models: dict[str, Path]) -> Any:
 @pytest.fixture(scope="session")
 def tiny_controlnet(tiny_models: dict[str, Path]) -> Any:
     """The tiny ControlNet (random zero-convolutions, so control has an effect)."""
-    from backend.models import load_controlnet
+    from backend.models.loading import load_controlnet
 
     return load_controlnet(str(tiny_models["tiny-controlnet"]))
 

@@ -5,7 +5,7 @@ The inverse of diffusers' single-file conversion (``convert_ldm_unet_checkpoint`
 checkpoints users download (``model.diffusion_model.*``, ``first_stage_model.*``,
 ``cond_stage_model.transformer.*``). General over block counts and layers per block, so
 it works for the tiny test models as well as full-size SD 1.x. Used by the tests to prove
-that ``backend.models`` really loads single-file checkpoints.
+that ``backend.models.loading`` really loads single-file checkpoints.
 """
 
 from __future__ import annotations

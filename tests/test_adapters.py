@@ -1,4 +1,4 @@
-"""LoRAs and textual inversion embeddings on the tiny model (backend/adapters.py, runner).
+"""LoRAs and textual inversion embeddings on the tiny model (backend/models/adapters.py, runner).
 
 The LoRA is made here with peft on builtin:tiny's UNet (random, non-zero B matrices so it
 has an effect) and saved the way diffusers' training scripts save one; the embedding is a
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from backend.models import ModelCache, ModelLoadError, load_base_model
+from backend.models.loading import ModelCache, ModelLoadError, load_base_model
 from backend.protocol import JobError, validate_job
-from backend.runner import run_job
+from backend.service.runner import run_job
 
 TOKEN = "<shiny>"
 
@@ -72,7 +72,7 @@ def embedding_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from backend.tiny import CROSS_DIM
+    from backend.models.tiny import CROSS_DIM
 
     folder = tmp_path_factory.mktemp("embedding")
     vector = torch.randn(CROSS_DIM, generator=torch.Generator().manual_seed(5)) * 3.0
@@ -227,7 +227,7 @@ def test_a_multi_vector_embedding_is_expanded_and_removed(
     import torch
     from safetensors.torch import save_file
 
-    from backend.tiny import CROSS_DIM
+    from backend.models.tiny import CROSS_DIM
 
     path = tmp_path / "two.safetensors"
     vectors = torch.randn(2, CROSS_DIM, generator=torch.Generator().manual_seed(6)) * 3.0
@@ -283,7 +283,7 @@ def adapter_hub(
 def test_a_hub_lora_downloads_with_progress_then_applies_like_the_local_file(
     tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any
 ) -> None:
-    from backend.runner import JobEvents
+    from backend.service.runner import JobEvents
 
     cache = ModelCache()
     run_job(make_job(tmp_path / "plain"), cache)
@@ -317,7 +317,7 @@ def test_a_hub_lora_downloads_with_progress_then_applies_like_the_local_file(
 def test_a_hub_embedding_with_one_safetensors_file_applies_like_the_local_file(
     tmp_path: Path, tiny_models: dict, embedding_file: Path, adapter_hub: Any
 ) -> None:
-    from backend.runner import JobEvents
+    from backend.service.runner import JobEvents
 
     cache = ModelCache()
     local = [{"path": str(embedding_file), "token": TOKEN}]
@@ -333,11 +333,11 @@ def test_a_hub_embedding_with_one_safetensors_file_applies_like_the_local_file(
 def test_cancelling_a_hub_lora_download_stops_it_and_applies_nothing(
     tmp_path: Path, tiny_models: dict, lora_file: Path, adapter_hub: Any
 ) -> None:
-    from backend.adapters import applied_adapters
-    from backend.engine import Cancelled
-    from backend.hub import DownloadCancelled, DownloadHooks
+    from backend.engine.pipeline import Cancelled
+    from backend.models.adapters import applied_adapters
+    from backend.models.hub import DownloadCancelled, DownloadHooks
     from backend.protocol import LoraSpec
-    from backend.runner import JobEvents
+    from backend.service.runner import JobEvents
 
     cache = ModelCache()
     run_job(make_job(tmp_path / "plain"), cache)
@@ -409,7 +409,7 @@ def test_one_file_of_a_hub_repo_downloads_alone_and_applies_like_the_local_file(
 ) -> None:  # fmt: skip
     from huggingface_hub import constants
 
-    from backend.runner import JobEvents
+    from backend.service.runner import JobEvents
 
     cache = ModelCache()
     local = {
@@ -512,7 +512,7 @@ def test_every_vector_of_a_multi_vector_embedding_is_used_in_both_prompts(
     import torch
     from safetensors.torch import save_file
 
-    from backend.tiny import CROSS_DIM
+    from backend.models.tiny import CROSS_DIM
 
     vectors = torch.randn(2, CROSS_DIM, generator=torch.Generator().manual_seed(9)) * 3.0
     two, one = tmp_path / "two.safetensors", tmp_path / "one.safetensors"

@@ -1,4 +1,4 @@
-"""backend/attention.py: cross-frame attention to frame 1, map recording, processor restore."""
+"""backend/engine/attention.py: cross-frame attention to frame 1, map recording, processor restore."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from backend.attention import (
+from backend.engine.attention import (
     AnchorState,
     CrossAttnMapRecorder,
     CrossFrameAttnProcessor,
@@ -212,7 +212,7 @@ def sd_layout(kind: str) -> torch.nn.Module:
     """A full-size SD model built on the meta device (no weights, no memory)."""
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from backend.models import SD15_CONTROLNET_CONFIG
+    from backend.models.loading import SD15_CONTROLNET_CONFIG
 
     with torch.device("meta"):
         if kind == "sd15-controlnet":

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-from backend.engine import ControlInput, TextToVideoZero
+from backend.engine.pipeline import ControlInput, TextToVideoZero
 from backend.protocol import resolve_t0_t1
 from bench.workloads import Workload, call_batches
 

@@ -1,4 +1,4 @@
-"""backend/cli.py: ``python -m backend generate`` end to end (subprocesses) and its arguments.
+"""backend/service/cli.py: ``python -m backend generate`` end to end (subprocesses) and its arguments.
 
 Each generating subprocess pays the torch import (~5-8 s), so there are few of them: one
 per mode, one regeneration from job.json with --frame-range, and the refusals.
@@ -16,9 +16,9 @@ import cv2
 import numpy as np
 import pytest
 
-from backend.cli import build_parser, job_from_args, main
+from backend.media.video_io import write_png
 from backend.protocol import DEFAULT_MODEL, MAX_LINE_BYTES, JobError, validate_job
-from backend.video_io import write_png
+from backend.service.cli import build_parser, job_from_args, main
 
 Run = Callable[..., subprocess.CompletedProcess]
 SMALL = ["--width", "64", "--height", "64", "--steps", "3", "--device", "cpu"]
@@ -223,7 +223,7 @@ def test_only_the_flag_allows_pickle_never_the_job_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A job file's allow_pickle: true used to turn pickle loading on by itself."""
-    import backend.runner
+    import backend.service.runner
 
     calls: list[bool] = []
 
@@ -231,7 +231,7 @@ def test_only_the_flag_allows_pickle_never_the_job_file(
         calls.append(allow_pickle)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(backend.runner, "run_job", fake_run_job)
+    monkeypatch.setattr(backend.service.runner, "run_job", fake_run_job)
     path = tmp_path / "job.json"
     path.write_text(json.dumps({"prompt": "x", "out": str(tmp_path / "o"), "allow_pickle": True}))
     assert main(["generate", "--job", str(path)]) == 1
@@ -288,7 +288,7 @@ def test_only_an_interrupted_run_ends_killed_by_sigint(
     """A shell loop over shots stops on Ctrl-C only if the program dies by SIGINT."""
     import sys
 
-    script = f"from backend.cli import exit_as_program; print('flushed'); exit_as_program({status})"
+    script = f"from backend.service.cli import exit_as_program; print('flushed'); exit_as_program({status})"
     proc = subprocess.run(
         [sys.executable, "-c", script],
         cwd=Path(__file__).resolve().parent.parent,
@@ -313,7 +313,7 @@ def test_library_info_logs_stay_quiet_without_verbose(tiny_models: dict, tmp_pat
             assert main([*verbose, *argv, "--prompt", "x", "--out", str(out)]) == 0
             assert logging.getLogger("backend").isEnabledFor(logging.DEBUG) is shown
             assert logging.getLogger("some_library").isEnabledFor(logging.INFO) is shown
-            assert logging.getLogger("backend.runner").isEnabledFor(logging.INFO)
+            assert logging.getLogger("backend.service.runner").isEnabledFor(logging.INFO)
     finally:
         root.setLevel(before[0])
         logging.getLogger("backend").setLevel(before[1])

@@ -1,4 +1,4 @@
-"""backend/controls.py: control frames, the canny detector, pose files, optional detectors."""
+"""backend/media/controls.py: control frames, the canny detector, pose files, optional detectors."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import backend.controls as controls
-from backend.controls import (
+import backend.media.controls as controls
+from backend.media.controls import (
     DetectorUnavailableError,
     apply_detector,
     canny,
     load_control_frames,
 )
+from backend.media.video_io import write_png
 from backend.protocol import ControlNetSpec, VideoInput
-from backend.video_io import write_png
 
 
 def square_image(size: int = 64, lo: int = 16, hi: int = 48) -> np.ndarray:
@@ -95,7 +95,7 @@ def person(x: float) -> list:
 
 
 def test_pose_files_are_drawn_by_backend_pose(tmp_path: Path) -> None:
-    import backend.pose as pose
+    import backend.media.pose as pose
 
     path = pose.write_pose_file(tmp_path / "walk.json", [[person(0.2 + 0.1 * i)] for i in range(4)])
     spec = ControlNetSpec("m", VideoInput(str(path), start=1), detector="canny")

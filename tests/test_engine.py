@@ -1,4 +1,4 @@
-"""backend/engine.py: the Text2Video-Zero loop on the tiny models (latents, not pixels)."""
+"""backend/engine/pipeline.py: the Text2Video-Zero loop on the tiny models (latents, not pixels)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,15 @@ from typing import Any
 import pytest
 import torch
 
-import backend.engine as engine_module
-from backend.engine import (
+import backend.engine.pipeline as engine_module
+from backend.engine.motion import frame_noise, translate_latents
+from backend.engine.pipeline import (
     Callbacks,
     Cancelled,
     ControlInput,
     TextToVideoZero,
     plan_generation,
 )
-from backend.motion import frame_noise, translate_latents
 from backend.protocol import resolve_t0_t1
 
 FRAMES, SIZE, STEPS = 4, 64, 4
@@ -851,7 +851,7 @@ def test_cross_attention_masks_come_from_the_prompt_branch(
     """The smoothing masks read the prompt's branch, never the negative prompt's: in the first
     cross-attention layer of the first UNet call the prompt's rows depend only on x_T and the
     prompt, so a different negative prompt must leave the first recorded maps unchanged."""
-    from backend.attention import CrossAttnMapRecorder
+    from backend.engine.attention import CrossAttnMapRecorder
 
     real_add = CrossAttnMapRecorder.add
     first: list[dict[int, torch.Tensor]] = []
@@ -940,7 +940,7 @@ def test_float16_vae_decodes_in_float32_on_overflow_only(
     vae16.register_to_config(force_upcast=False)
     expected = TextToVideoZero(replace(tiny_base, vae=vae32)).decode(latents)
     engine16 = TextToVideoZero(replace(tiny_base, vae=vae16, dtype=torch.float16))
-    with caplog.at_level("WARNING", logger="backend.engine"):
+    with caplog.at_level("WARNING", logger="backend.engine.pipeline"):
         frames = engine16.decode(latents)
     assert any("overflowed in float16" in r.getMessage() for r in caplog.records)
     assert vae16.dtype == torch.float16  # upcast only for the call
@@ -976,7 +976,7 @@ def test_a_bfloat16_model_runs_in_bfloat16(tiny_models: dict, engine: TextToVide
     """The engine follows its model's dtype: every UNet call gets bf16 latents (a float32
     latent into bf16 weights is an error), and the result is the float32 run's within
     bf16's precision."""
-    from backend.models import load_base_model
+    from backend.models.loading import load_base_model
 
     base16 = load_base_model(str(tiny_models["tiny"]), dtype=torch.bfloat16)
     seen: list[torch.dtype] = []

@@ -1,4 +1,4 @@
-"""backend/hub.py: model downloads with progress and cancel, offline mode, the cache.
+"""backend/models/hub.py: model downloads with progress and cancel, offline mode, the cache.
 
 Downloads go through the real huggingface_hub client in a real ``python -m backend serve``
 worker, against ``fakehub.FakeHub`` on 127.0.0.1 set as ``HF_ENDPOINT``: never the
@@ -19,7 +19,7 @@ import pytest
 from fakehub import FakeHub
 from test_worker import WorkerProcess
 
-from backend.hub import model_kind, needed_files
+from backend.models.hub import model_kind, needed_files
 
 MB = 1 << 20
 SD_REPO = [
@@ -282,7 +282,7 @@ def closed_port() -> int:
 
 
 def test_an_unreachable_hub_fails_fast_naming_the_model(online: None, tmp_path: Path) -> None:
-    from backend.hub import HubError, fetch_model
+    from backend.models.hub import HubError, fetch_model
 
     started = time.monotonic()
     with pytest.raises(HubError, match=r"'owner/sd'.*out of reach"):
@@ -293,7 +293,7 @@ def test_an_unreachable_hub_fails_fast_naming_the_model(online: None, tmp_path: 
 def test_an_unreachable_hub_falls_back_to_the_cached_model(
     online: None, hub: FakeHub, tmp_path: Path
 ) -> None:
-    from backend.hub import fetch_model
+    from backend.models.hub import fetch_model
 
     first = fetch_model("test/tiny", cache_dir=tmp_path, endpoint=hub.url)
     asked = len(hub.requests)
@@ -306,7 +306,7 @@ def test_an_unreachable_hub_falls_back_to_the_cached_model(
 
 
 def test_a_missing_repo_says_so(online: None, hub: FakeHub, tmp_path: Path) -> None:
-    from backend.hub import HubError, fetch_model
+    from backend.models.hub import HubError, fetch_model
 
     with pytest.raises(HubError, match=r"'owner/missing' is not on the Hugging Face Hub"):
         fetch_model("owner/missing", cache_dir=tmp_path, endpoint=hub.url)
@@ -315,7 +315,7 @@ def test_a_missing_repo_says_so(online: None, hub: FakeHub, tmp_path: Path) -> N
 def test_a_failing_file_names_the_model_and_the_file(
     online: None, hub: FakeHub, tmp_path: Path
 ) -> None:
-    from backend.hub import HubError, fetch_model
+    from backend.models.hub import HubError, fetch_model
 
     hub.broken.add("unet/diffusion_pytorch_model.safetensors")
     with pytest.raises(HubError, match=r"'test/tiny' failed at unet/diffusion_pytorch_model"):
@@ -324,7 +324,7 @@ def test_a_failing_file_names_the_model_and_the_file(
 
 
 def test_the_cli_line_names_model_file_megabytes_and_rate() -> None:
-    from backend.hub import DownloadProgress
+    from backend.models.hub import DownloadProgress
 
     state = DownloadProgress("owner/sd", "unet/w.safetensors", 1_500_000, 24_000_000, 6e6, 3, 9)
     assert state.describe() == (
@@ -380,7 +380,7 @@ def test_the_cli_shows_the_download_then_generates(
 def test_an_adapter_repo_gives_its_one_weight_file_as_diffusers_would_guess(
     files: list[str], kind: str, allow_pickle: bool, chosen: str
 ) -> None:
-    from backend.hub import adapter_weight
+    from backend.models.hub import adapter_weight
 
     assert adapter_weight(files, kind, "owner/x", allow_pickle) == chosen
 
@@ -402,7 +402,7 @@ def test_an_adapter_repo_gives_its_one_weight_file_as_diffusers_would_guess(
 def test_an_adapter_repo_without_exactly_one_weight_file_names_the_repo(
     files: list[str], allow_pickle: bool, message: str
 ) -> None:
-    from backend.hub import HubError, adapter_weight
+    from backend.models.hub import HubError, adapter_weight
 
     with pytest.raises(HubError, match=message):
         adapter_weight(files, "lora", "owner/x", allow_pickle)
@@ -413,7 +413,7 @@ def test_fetch_adapter_downloads_only_the_weight_file_and_finds_it_offline(
 ) -> None:
     from huggingface_hub import constants
 
-    from backend.hub import DownloadHooks, HubError, fetch_adapter
+    from backend.models.hub import DownloadHooks, HubError, fetch_adapter
 
     weights = os.urandom(3 * MB)
     hub.repos["test/emb"] = {"learned_embeds.safetensors": weights, "README.md": b"# hi"}
@@ -441,7 +441,7 @@ def test_fetch_adapter_downloads_only_the_weight_file_and_finds_it_offline(
 def test_fetch_adapter_cancel_leaves_no_file_and_an_unreachable_hub_says_so(
     online: None, hub: FakeHub, tmp_path: Path
 ) -> None:
-    from backend.hub import DownloadCancelled, DownloadHooks, HubError, fetch_adapter
+    from backend.models.hub import DownloadCancelled, DownloadHooks, HubError, fetch_adapter
 
     hub.repos["test/lora"] = {"pytorch_lora_weights.safetensors": os.urandom(4 * MB)}
     hub.rate = 4 * MB
@@ -519,7 +519,7 @@ def test_one_file_of_a_repo_downloads_alone_then_comes_from_the_cache(
 ) -> None:
     from huggingface_hub import constants
 
-    from backend.hub import DownloadHooks, HubError, fetch_model
+    from backend.models.hub import DownloadHooks, HubError, fetch_model
 
     name = "test/community/sub/v2.safetensors"
     weights = community.repos["test/community"]["sub/v2.safetensors"]
@@ -566,7 +566,7 @@ def test_one_file_of_a_repo_downloads_alone_then_comes_from_the_cache(
 def test_one_file_cancelled_midway_leaves_no_file_and_downloads_again(
     online: None, community: FakeHub, tmp_path: Path
 ) -> None:
-    from backend.hub import DownloadCancelled, DownloadHooks, fetch_model
+    from backend.models.hub import DownloadCancelled, DownloadHooks, fetch_model
 
     big = os.urandom(8 * MB)
     community.repos["test/community"]["big.safetensors"] = big
@@ -588,7 +588,7 @@ def test_one_file_cancelled_midway_leaves_no_file_and_downloads_again(
 def test_a_file_the_repo_lacks_or_a_pickle_is_refused_before_any_download(
     online: None, community: FakeHub, tmp_path: Path
 ) -> None:
-    from backend.hub import HubError, fetch_adapter, fetch_model
+    from backend.models.hub import HubError, fetch_adapter, fetch_model
 
     where = {"cache_dir": tmp_path, "endpoint": community.url}
     with pytest.raises(HubError) as info:
@@ -708,8 +708,8 @@ def test_a_single_file_checkpoint_fetches_only_the_configs_of_its_hub_config(
 ) -> None:
     from huggingface_hub import constants
 
-    from backend.hub import DownloadCancelled, DownloadHooks
-    from backend.models import ModelLoadError, load_base_model
+    from backend.models.hub import DownloadCancelled, DownloadHooks
+    from backend.models.loading import ModelLoadError, load_base_model
 
     with pytest.raises(DownloadCancelled, match="test/tiny"):
         load_base_model(str(ldm_checkpoint), config="test/tiny",
@@ -743,8 +743,8 @@ def test_a_single_file_controlnet_fetches_its_hub_config_with_progress(
 ) -> None:
     import shutil
 
-    from backend.hub import DownloadHooks
-    from backend.models import load_controlnet
+    from backend.models.hub import DownloadHooks
+    from backend.models.loading import load_controlnet
 
     folder = tiny_models["tiny-controlnet"]
     in_process.repos["test/cn"] = repo_from_folder(folder)
@@ -764,8 +764,8 @@ def test_a_base_model_named_as_one_file_of_a_repo_loads_like_the_local_checkpoin
 ) -> None:  # fmt: skip
     from huggingface_hub import constants
 
-    from backend.hub import DownloadHooks
-    from backend.models import ModelLoadError, load_base_model
+    from backend.models.hub import DownloadHooks
+    from backend.models.loading import ModelLoadError, load_base_model
 
     in_process.repos["test/fine-tune"] = {
         "README.md": b"# one checkpoint",
@@ -795,7 +795,7 @@ def test_a_base_model_named_as_one_file_of_a_repo_loads_like_the_local_checkpoin
 def test_a_controlnet_named_as_one_file_of_a_repo_loads_like_the_local_file(
     in_process: FakeHub, tiny_models: dict[str, Path], tiny_controlnet: Any
 ) -> None:
-    from backend.models import load_controlnet
+    from backend.models.loading import load_controlnet
 
     folder = tiny_models["tiny-controlnet"]
     in_process.repos["test/cn-files"] = {

@@ -1,4 +1,4 @@
-"""backend/models.py: sources, folder / single-file / pickled loading, devices, the model cache."""
+"""backend/models/loading.py: sources, folder / single-file / pickled loading, devices, the model cache."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from ldm_export import export_ldm_checkpoint
 
-import backend.models as models
-from backend.models import (
+import backend.models.loading as models
+from backend.models.loading import (
     ModelCache,
     ModelLoadError,
     choose_dtype,
@@ -186,12 +186,12 @@ def test_a_folder_without_scheduler_gets_sd1x_ddim_and_says_so(
     tiny_models: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """DDIMScheduler's own defaults (linear betas, clip_sample on, no offset) ruin SD 1.x."""
-    import backend.engine as engine_module
+    import backend.engine.pipeline as engine_module
 
     folder = tmp_path / "no-scheduler"
     shutil.copytree(tiny_models["tiny"], folder)
     shutil.rmtree(folder / "scheduler")
-    with caplog.at_level("WARNING", logger="backend.models"):
+    with caplog.at_level("WARNING", logger="backend.models.loading"):
         base = load_base_model(str(folder))
     assert any("no scheduler/ config" in r.getMessage() for r in caplog.records)
     scheduler = engine_module._ddim(base.scheduler_config)
@@ -409,6 +409,7 @@ def test_controlnet_folder_with_only_pickled_weights(
 
 def test_devices_and_dtypes(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(models, "cpu_flags", lambda: frozenset({"avx2"}))  # no native bf16
     assert resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ModelLoadError, match="no CUDA"):
         resolve_device("cuda")

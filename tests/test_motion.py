@@ -1,4 +1,4 @@
-"""backend/motion.py: per-frame noise, latent warps, the DDPM jump and background smoothing."""
+"""backend/engine/motion.py: per-frame noise, latent warps, the DDPM jump and background smoothing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from backend.motion import (
+from backend.engine.motion import (
     MOTION_UNIT,
     background_mask,
     ddpm_jump,

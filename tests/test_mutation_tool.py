@@ -48,7 +48,7 @@ def test_the_generated_config_replaces_the_committed_one(name: str) -> None:
 
 
 def write_meta(work: Path, codes: dict[str, int | None]) -> None:
-    meta = work / "engine" / "mutants" / "backend" / "engine.py.meta"
+    meta = work / "engine" / "mutants" / "backend" / "engine" / "pipeline.py.meta"
     meta.parent.mkdir(parents=True)
     meta.write_text(json.dumps({"exit_code_by_key": codes}))
 
@@ -62,7 +62,7 @@ def test_report_counts_verdicts_and_a_sample_only(
     write_meta(tmp_path, codes)
     row = mutation.report(["engine"]).splitlines()[2]
     # 5 tested (m5 not run); killed 3 (m1, m2, m6): 60 %; untested mutants count as survivors.
-    assert row == "| `backend/engine.py` | 6 | 5 | 3 | 1 | 1 | 60% |"
+    assert row == "| `backend/engine/pipeline.py` | 6 | 5 | 3 | 1 | 1 | 60% |"
     assert mutation.surviving("engine") == ["m3", "m4"]  # what --survivors retests
     chosen = mutation.draw_sample("engine", 3, seed=7)
     assert chosen == mutation.draw_sample("engine", 3, seed=7)  # seeded

@@ -19,7 +19,7 @@ def test_each_plant_applies_once_and_its_test_exists(plant: planted_bugs.Plant) 
 
 def test_a_plant_whose_text_is_gone_is_refused() -> None:
     plant = planted_bugs.PLANTS[0]
-    with pytest.raises(ValueError, match="occurs 0 times in backend/engine.py"):
+    with pytest.raises(ValueError, match="occurs 0 times in backend/engine/pipeline.py"):
         planted_bugs.planted_source(plant, "nothing here")
     with pytest.raises(ValueError, match="occurs 2 times"):
         planted_bugs.planted_source(plant, plant.old + plant.old)

@@ -1,11 +1,11 @@
-"""OpenPose keypoint files: validation and drawing (backend/pose.py)."""
+"""OpenPose keypoint files: validation and drawing (backend/media/pose.py)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from backend.pose import (
+from backend.media.pose import (
     COLORS,
     KEYPOINT_NAMES,
     LIMB_ALPHA,

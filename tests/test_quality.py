@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend.engine import TextToVideoZero
-from backend.models import ModelLoadError, load_base_model
+from backend.engine.pipeline import TextToVideoZero
+from backend.models.loading import ModelLoadError, load_base_model
 from bench import shape_metrics as sm
 from bench.demo_pan import demo_flag, pan_ious, read_frames
 from bench.quality import (
@@ -153,7 +153,7 @@ def test_the_install_demo_shows_a_red_shape_on_blue(
     (``python -m bench.demo_pan``): 0.65 against 0.33 at the default.
     """
     import install_deps
-    from backend.cli import main
+    from backend.service.cli import main
 
     out = tmp_path / "demo"
     assert main(["generate", *install_deps.SHAPES_DEMO, "--frames", "8", "--out", str(out)]) == 0

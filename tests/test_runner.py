@@ -1,4 +1,4 @@
-"""backend/runner.py: a validated job end to end, in process (models cached across jobs)."""
+"""backend/service/runner.py: a validated job end to end, in process (models cached across jobs)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import backend.runner as runner
-from backend.controls import load_control_frames
-from backend.engine import Cancelled, ControlInput, TextToVideoZero
-from backend.models import ModelCache, choose_dtype
-from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, VideoInput, validate_job
-from backend.runner import JobEvents, run_job
-from backend.video_io import (
+import backend.service.runner as runner
+from backend.engine.pipeline import Cancelled, ControlInput, TextToVideoZero
+from backend.media.controls import load_control_frames
+from backend.media.video_io import (
     OutputExistsError,
     VideoInputError,
     h264_available,
@@ -26,6 +23,9 @@ from backend.video_io import (
     read_masks,
     write_png,
 )
+from backend.models.loading import ModelCache, choose_dtype
+from backend.protocol import MAX_FRAMES, MAX_SIDE, MAX_STEPS, JobError, VideoInput, validate_job
+from backend.service.runner import JobEvents, run_job
 
 
 def make_job(out: Path, **fields: Any):
@@ -40,6 +40,7 @@ def make_job(out: Path, **fields: Any):
         "device": "cpu",
         "write_mp4": False,
         "save_latents": True,
+        "dtype": "float32",  # the same on every CPU; "auto" is bf16 where bf16 is native
         **fields,
     }
     return validate_job(data)
@@ -68,7 +69,7 @@ def test_text2video_job_writes_a_reproducible_result(tmp_path: Path, cache: Mode
     out = tmp_path / "run"
     events: list[tuple] = []
     previews: list[tuple[int, str, bool]] = []
-    job = make_job(out, write_mp4=True)
+    job = make_job(out, write_mp4=True, dtype="auto")
     result = run_job(
         job,
         cache,
@@ -124,8 +125,8 @@ def test_every_frame_is_written_and_is_its_decoded_latent(
     import cv2
     import torch
 
-    from backend.engine import TextToVideoZero
-    from backend.models import load_base_model
+    from backend.engine.pipeline import TextToVideoZero
+    from backend.models.loading import load_base_model
 
     out = tmp_path / "run"
     result = run_job(make_job(out, frames=frames), cache)
@@ -313,7 +314,7 @@ def test_a_jobs_allow_pickle_field_alone_never_loads_pickled_weights(
     tmp_path: Path, cache: ModelCache, pickled_controlnet: Path
 ) -> None:
     """allow_pickle: true inside someone else's job.json used to turn pickle loading on."""
-    from backend.models import ModelLoadError
+    from backend.models.loading import ModelLoadError
 
     control = str(bar(tmp_path / "control.png", 20))
     fields = {
@@ -337,7 +338,7 @@ def _full_disk_for_pngs(monkeypatch: pytest.MonkeyPatch) -> None:
     """PNG files written by the backend land on /dev/full: the kernel answers ENOSPC."""
     import builtins
 
-    import backend.video_io as video_io
+    import backend.media.video_io as video_io
 
     def open_full(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         if str(path).endswith(".png") and "w" in mode:
@@ -540,7 +541,7 @@ def test_a_step_count_beyond_the_models_schedule_is_a_clear_error(tiny_base: Any
     its end: a ValueError naming the count, not an IndexError deep in the scheduler."""
     import dataclasses
 
-    from backend.engine import TextToVideoZero
+    from backend.engine.pipeline import TextToVideoZero
 
     config = {**tiny_base.scheduler_config, "num_train_timesteps": 20, "steps_offset": 1}
     engine = TextToVideoZero(dataclasses.replace(tiny_base, scheduler_config=config))
@@ -876,7 +877,7 @@ def test_keypoint_controls_have_no_aspect_whatever_their_extension_case(tmp_path
 def test_job_size_keeps_a_given_size_and_logs_the_one_it_chooses(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level("INFO", logger="backend.runner"):
+    with caplog.at_level("INFO", logger="backend.service.runner"):
         assert runner.job_size(make_job(tmp_path / "a", width=96, height=64), 64, 2.0) == (96, 64)
         assert caplog.records == []  # a sized job: nothing chosen, nothing said
         one_side = make_job(tmp_path / "b", width=None, height=64, fit="pad")
@@ -898,7 +899,7 @@ def test_warnings_for_tiny_models_and_an_ignored_allow_pickle(
     def warnings(**fields: Any) -> list[str]:
         caplog.clear()
         allowed = fields.pop("allowed", False)
-        with caplog.at_level("WARNING", logger="backend.runner"):
+        with caplog.at_level("WARNING", logger="backend.service.runner"):
             name = f"w{len(list(tmp_path.iterdir()))}"
             run_job(
                 make_job(tmp_path / name, frames=1, steps=2, **fields), cache, allow_pickle=allowed

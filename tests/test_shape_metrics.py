@@ -1,6 +1,6 @@
 """The quality benchmark's image analysis (bench/shape_metrics.py) on the world's own renders.
 
-Renders of ``backend.shapes`` are the ground truth: the analysis must read back the scene
+Renders of ``backend.models.shapes`` are the ground truth: the analysis must read back the scene
 that drew them (fidelity ~1), a render's foreground must be its silhouette (IoU ~1), and a
 panned video compensated by its own motion must show no shape change, no colour drift and
 no background error. Corrupted videos (one colour changed, rows duplicated on odd frames as
@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from backend import shapes
+from backend.models import shapes
 from bench import shape_metrics as sm
 
 

@@ -1,4 +1,4 @@
-"""backend/shapes.py: the synthetic world the built-in shapes models are trained on."""
+"""backend/models/shapes.py: the synthetic world the built-in shapes models are trained on."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from backend import shapes
-from backend.shapes import PALETTE, Scene, Shape
+from backend.models import shapes
+from backend.models.shapes import PALETTE, Scene, Shape
 
 
 def nearest_colour(pixel: np.ndarray) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.tiny import SHAPES_KINDS, SHIPPED_DIR, ensure_builtin
+from backend.models.tiny import SHAPES_KINDS, SHIPPED_DIR, ensure_builtin
 
 REPO = Path(__file__).resolve().parent.parent
 SUMS = SHIPPED_DIR / "SHA256SUMS"
@@ -71,7 +71,7 @@ def test_builtin_names_resolve_to_the_shipped_folders(kind: str) -> None:
 
 
 def test_unknown_builtin_lists_every_builtin() -> None:
-    from backend.models import ModelLoadError, resolve_source
+    from backend.models.loading import ModelLoadError, resolve_source
 
     with pytest.raises(ModelLoadError) as caught:
         resolve_source("builtin:shape")
@@ -95,7 +95,7 @@ def border_colour(frame) -> str:
     """The palette colour (full or shaded tone) most of the frame's 4-pixel border is nearest."""
     import numpy as np
 
-    from backend.shapes import PALETTE, SHADE
+    from backend.models.shapes import PALETTE, SHADE
 
     names = list(PALETTE)
     tones = np.array([PALETTE[c] for c in names] + [[SHADE * v for v in PALETTE[c]] for c in names])
@@ -105,8 +105,8 @@ def border_colour(frame) -> str:
 
 
 def test_base_model_generates_the_prompted_background() -> None:
-    from backend.engine import TextToVideoZero
-    from backend.models import load_base_model
+    from backend.engine.pipeline import TextToVideoZero
+    from backend.models.loading import load_base_model
     from backend.protocol import resolve_t0_t1
 
     engine = TextToVideoZero(load_base_model("builtin:shapes"))
@@ -134,7 +134,7 @@ def palette_mask(frame, colour: str):
     """Pixels whose nearest palette tone (full or shaded) belongs to ``colour``."""
     import numpy as np
 
-    from backend.shapes import PALETTE, SHADE
+    from backend.models.shapes import PALETTE, SHADE
 
     names = list(PALETTE)
     tones = np.array([PALETTE[c] for c in names] + [[SHADE * v for v in PALETTE[c]] for c in names])
@@ -147,10 +147,10 @@ def palette_mask(frame, colour: str):
 def test_controlnet_video_on_a_moving_shape() -> None:
     import torch
 
-    from backend import shapes
-    from backend.controls import canny
-    from backend.engine import ControlInput, TextToVideoZero
-    from backend.models import load_base_model, load_controlnet
+    from backend.engine.pipeline import ControlInput, TextToVideoZero
+    from backend.media.controls import canny
+    from backend.models import shapes
+    from backend.models.loading import load_base_model, load_controlnet
 
     controlnet = load_controlnet("builtin:shapes-controlnet")
     assert controlnet.config.cross_attention_dim == 64
@@ -179,10 +179,10 @@ def test_controlnet_puts_the_shape_where_the_control_has_it() -> None:
     import numpy as np
     import torch
 
-    from backend import shapes
-    from backend.controls import canny
-    from backend.engine import ControlInput, TextToVideoZero
-    from backend.models import load_base_model, load_controlnet
+    from backend.engine.pipeline import ControlInput, TextToVideoZero
+    from backend.media.controls import canny
+    from backend.models import shapes
+    from backend.models.loading import load_base_model, load_controlnet
 
     controlnet = load_controlnet("builtin:shapes-controlnet")
     engine = TextToVideoZero(load_base_model("builtin:shapes"), [controlnet])
@@ -215,9 +215,9 @@ def test_controlnet_puts_the_shape_where_the_control_has_it() -> None:
 def test_pix2pix_recolours_the_background() -> None:
     import torch
 
-    from backend import shapes
-    from backend.engine import TextToVideoZero
-    from backend.models import load_base_model
+    from backend.engine.pipeline import TextToVideoZero
+    from backend.models import shapes
+    from backend.models.loading import load_base_model
 
     engine = TextToVideoZero(load_base_model("builtin:shapes-pix2pix", pix2pix=True))
     scene = shapes.Scene("blue", "stripes", (shapes.Shape("circle", "red", 0.5, 0.5, 0.2),))

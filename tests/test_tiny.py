@@ -1,4 +1,4 @@
-"""backend/tiny.py: the built-in tiny models and their cache."""
+"""backend/models/tiny.py: the built-in tiny models and their cache."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-import backend.tiny as tiny
-from backend.tiny import TINY_KINDS, TINY_REVISION, build_tiny, cache_dir, ensure_builtin
+import backend.models.tiny as tiny
+from backend.models.tiny import TINY_KINDS, TINY_REVISION, build_tiny, cache_dir, ensure_builtin
 
 
 def weight_files(folder: Path) -> list[str]:

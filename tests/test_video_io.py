@@ -1,4 +1,4 @@
-"""backend/video_io.py: reading frames (folders, stills, movies), fitting, atomic output."""
+"""backend/media/video_io.py: reading frames (folders, stills, movies), fitting, atomic output."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-import backend.video_io as video_io
-from backend.protocol import VideoInput
-from backend.video_io import (
+import backend.media.video_io as video_io
+from backend.media.video_io import (
     FrameStore,
     Mp4Writer,
     OutputExistsError,
@@ -32,6 +31,7 @@ from backend.video_io import (
     write_mp4,
     write_png,
 )
+from backend.protocol import VideoInput
 
 
 def solid(value: int | tuple[int, int, int], w: int = 32, h: int = 32) -> np.ndarray:
@@ -454,7 +454,7 @@ def test_without_pyav_the_mp4_falls_back_to_opencv_and_says_so(
     monkeypatch.setitem(sys.modules, "av", None)  # import av now raises ImportError
     assert not h264_available()
     writer = Mp4Writer(tmp_path / "video.mp4", fps=8)
-    with caplog.at_level(logging.WARNING, logger="backend.video_io"):
+    with caplog.at_level(logging.WARNING, logger="backend.media.video_io"):
         writer.write(solid(100, 64, 64))
         codec = writer.close()
     assert "pip install av" in caplog.text and "mp4v" in caplog.text

@@ -1,4 +1,4 @@
-"""backend/worker.py: the JSON-lines protocol through a real ``python -m backend serve``."""
+"""backend/service/worker.py: the JSON-lines protocol through a real ``python -m backend serve``."""
 
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def test_only_the_requests_allow_pickle_loads_pickled_weights(
     (a job.json anyone could write) enables nothing."""
     import numpy as np
 
-    from backend.video_io import write_png
+    from backend.media.video_io import write_png
 
     control = tmp_path / "control.png"
     write_png(control, np.full((64, 64, 3), 200, np.uint8))
@@ -327,7 +327,7 @@ def test_stdout_guard_sends_stray_output_to_stderr(backend_env: dict) -> None:
     land on stderr; only protocol lines reach the real stdout."""
     script = (
         "import os, sys\n"
-        "from backend.worker import ProtocolWriter, _claim_stdout\n"
+        "from backend.service.worker import ProtocolWriter, _claim_stdout\n"
         "writer = ProtocolWriter(_claim_stdout())\n"
         "print('stray print'); sys.stdout.flush()\n"
         "os.write(1, b'stray fd write\\n')\n"
@@ -413,12 +413,12 @@ def test_sigterm_mid_job_leaves_no_partial_output(
 # The tests above run a real worker process, as the add-on does. The ones below run
 # ``serve`` on a thread of the test process: mutation testing (docs/mutation.md) maps tests
 # to the functions they call inside its own process only, so the subprocess tests measure
-# nothing of backend/worker.py there. Each test starts its own worker (a fresh model cache
+# nothing of backend/service/worker.py there. Each test starts its own worker (a fresh model cache
 # and request state) with the tiny models: a few seconds at most.
 
 
 class InProcessWorker:
-    """``backend.worker.serve`` on a thread of this process, laid out as a worker process.
+    """``backend.service.worker.serve`` on a thread of this process, laid out as a worker process.
 
     fd 1 and ``sys.stdout`` lead to a pipe read here (the protocol stream the worker claims
     at start), fd 2 and ``sys.stderr`` to ``stderr_path``; requests go in through a pipe
@@ -427,7 +427,7 @@ class InProcessWorker:
     """
 
     def __init__(self, stderr_path: Path, **serve_args: Any):
-        from backend.worker import serve
+        from backend.service.worker import serve
 
         self.stderr_path = stderr_path
         self.stray_lines: list[bytes] = []  # protocol stream lines that are not replies
@@ -587,7 +587,7 @@ def cached_model(cache: Path, model: str, files: dict[str, bytes]) -> Path:
 
 
 def test_bounded_lines_refuse_only_lines_over_the_limit() -> None:
-    from backend.worker import TOO_LONG, bounded_lines
+    from backend.service.worker import TOO_LONG, bounded_lines
 
     big = b"y" * 200_000  # skipped in several 64 KiB pieces
     data = b"a\n" + b"x" * 8 + b"\n" + b"z" * 9 + b"\n" + big + b"\n" + b"after\n" + b"w" * 8
@@ -603,7 +603,7 @@ def test_bounded_lines_refuse_only_lines_over_the_limit() -> None:
 
 
 def test_protocol_writer_clips_error_replies_and_leaves_others_whole() -> None:
-    from backend.worker import ProtocolWriter
+    from backend.service.worker import ProtocolWriter
 
     stream = io.StringIO()
     writer = ProtocolWriter(stream)
@@ -671,7 +671,7 @@ def test_in_process_refusals_and_failures_name_what_went_wrong(
 ) -> None:
     import numpy as np
 
-    from backend.video_io import write_png
+    from backend.media.video_io import write_png
 
     control = tmp_path / "control.png"
     write_png(control, np.full((64, 64, 3), 200, np.uint8))
@@ -798,16 +798,16 @@ def test_in_process_cancel_of_queued_requests(tiny_models: dict, tmp_path: Path)
 def test_in_process_bad_lines_get_an_error_naming_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import backend.worker
+    import backend.service.worker
 
-    real = backend.worker.decode_message
+    real = backend.service.worker.decode_message
 
     def decode(line: bytes) -> dict[str, Any]:
         if b"boom" in line:
             raise RuntimeError("boom")
         return real(line)
 
-    monkeypatch.setattr(backend.worker, "decode_message", decode)
+    monkeypatch.setattr(backend.service.worker, "decode_message", decode)
 
     def protocol_error(message: str) -> dict[str, Any]:
         return {
@@ -841,9 +841,9 @@ def test_in_process_stray_output_goes_to_stderr_not_the_protocol(
     """Once serving, what a library prints (Python's print, C code writing to fd 1) lands on
     stderr: the protocol stream stays JSON lines. Without the guard these lines would be
     stray lines among the replies."""
-    import backend.runner
+    import backend.service.runner
 
-    real = backend.runner.run_job
+    real = backend.service.runner.run_job
 
     def noisy(*args: Any, **kwargs: Any) -> Any:
         print("stray print")
@@ -851,7 +851,7 @@ def test_in_process_stray_output_goes_to_stderr_not_the_protocol(
         os.write(1, b"stray fd write\n")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend.runner, "run_job", noisy)
+    monkeypatch.setattr(backend.service.runner, "run_job", noisy)
     with in_process(tmp_path) as w:
         w.send("generate", id="n", job=job(tmp_path / "out"))
         assert w.until_terminal("n")[-1]["type"] == "done"
@@ -1016,9 +1016,9 @@ def test_in_process_downloads_report_progress_and_cancel(
 ) -> None:
     """What the worker makes of a download's hooks (a stand-in for the network: tests/
     test_hub.py downloads from a local fake hub through a worker process)."""
-    import backend.hub
-    import backend.runner
-    from backend.hub import DownloadCancelled, DownloadHooks, DownloadProgress
+    import backend.models.hub
+    import backend.service.runner
+    from backend.models.hub import DownloadCancelled, DownloadHooks, DownloadProgress
 
     calls = []
 
@@ -1033,14 +1033,14 @@ def test_in_process_downloads_report_progress_and_cancel(
             raise DownloadCancelled()
         return tmp_path / "snapshot"
 
-    real_run_job = backend.runner.run_job
+    real_run_job = backend.service.runner.run_job
 
     def run_job(job: Any, cache: Any, events: Any, **kwargs: Any) -> Any:
         events.download(DownloadProgress("test/m", "config.json", 5, 9, 2.25, 1, 3))
         return real_run_job(job, cache, events, **kwargs)
 
-    monkeypatch.setattr(backend.hub, "fetch_model", fetch_model)
-    monkeypatch.setattr(backend.runner, "run_job", run_job)
+    monkeypatch.setattr(backend.models.hub, "fetch_model", fetch_model)
+    monkeypatch.setattr(backend.service.runner, "run_job", run_job)
 
     def download(request_id: str, model: str, rate: float, **rest: Any) -> dict[str, Any]:
         return {"type": "download", "id": request_id, "model": model, "rate": rate, **rest}
@@ -1091,16 +1091,16 @@ def test_in_process_max_models_keeps_that_many_models_loaded(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kept: int | None
 ) -> None:
     """``serve --max-models``: base models kept loaded between jobs (1 by default)."""
-    import backend.models
+    import backend.models.loading
 
     loads = []
-    real = backend.models.load_base_model
+    real = backend.models.loading.load_base_model
 
     def load_base_model(name: str, *args: Any, **kwargs: Any) -> Any:
         loads.append(name)
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(backend.models, "load_base_model", load_base_model)
+    monkeypatch.setattr(backend.models.loading, "load_base_model", load_base_model)
     args = {} if kept is None else {"max_models": kept}
     folder = str(tiny_models["tiny"])  # the same model by another name: another cache entry
     with in_process(tmp_path, **args) as w:
@@ -1114,9 +1114,9 @@ def test_in_process_frame_1_previews_while_denoising(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Jobs preview frame 1 as it forms (every DENOISING_PREVIEW_SECONDS; made short here)."""
-    import backend.worker
+    import backend.service.worker
 
-    monkeypatch.setattr(backend.worker, "DENOISING_PREVIEW_SECONDS", 0.001)
+    monkeypatch.setattr(backend.service.worker, "DENOISING_PREVIEW_SECONDS", 0.001)
     with in_process(tmp_path) as w:
         w.send("generate", id="f", job=job(tmp_path / "out", frames=2, steps=20))
         replies = w.until_terminal("f")
@@ -1127,7 +1127,7 @@ def test_in_process_frame_1_previews_while_denoising(
 
 def test_read_requests_takes_a_binary_stream_too() -> None:
     """The reader reads bytes: a text stream's buffer, or a binary stream as it is."""
-    from backend.worker import ProtocolWriter, Worker
+    from backend.service.worker import ProtocolWriter, Worker
 
     worker = Worker(ProtocolWriter(io.StringIO()))
     worker.read_requests(io.BytesIO(b'{"type":"generate","id":"q"}\n'))
@@ -1141,7 +1141,7 @@ def test_in_process_long_tracebacks_are_kept_up_to_their_own_limit(
 ) -> None:
     """A failed cache request's traceback is cut at MAX_TRACEBACK_CHARS, not at the
     (shorter) message limit."""
-    import backend.hub
+    import backend.models.hub
 
     def list_cached(depth: int = 40) -> list:
         if depth:
@@ -1151,7 +1151,7 @@ def test_in_process_long_tracebacks_are_kept_up_to_their_own_limit(
     def deeper(depth: int) -> list:
         return list_cached(depth)
 
-    monkeypatch.setattr(backend.hub, "list_cached", list_cached)
+    monkeypatch.setattr(backend.models.hub, "list_cached", list_cached)
     with in_process(tmp_path) as w:
         w.send("list_models", id="l")
         error = w.next()

@@ -59,7 +59,7 @@ SCOPES: dict[str, Scope] = {
     # The engine's own tests, and the picture tests on the shapes models (test_runner reaches
     # the engine only through whole jobs: a third of the time of a surviving mutant).
     "engine": Scope(
-        "backend/engine.py",
+        "backend/engine/pipeline.py",
         (
             "tests/test_engine.py",
             "tests/test_quality.py",
@@ -67,18 +67,24 @@ SCOPES: dict[str, Scope] = {
             "tests/test_attention.py",
         ),
     ),
-    "motion": Scope("backend/motion.py", ("tests/test_motion.py", "tests/test_engine.py")),
-    "attention": Scope("backend/attention.py", ("tests/test_attention.py", "tests/test_engine.py")),
+    "motion": Scope("backend/engine/motion.py", ("tests/test_motion.py", "tests/test_engine.py")),
+    "attention": Scope(
+        "backend/engine/attention.py", ("tests/test_attention.py", "tests/test_engine.py")
+    ),
     "runner": Scope(
-        "backend/runner.py",
+        "backend/service/runner.py",
         ("tests/test_runner.py", "tests/test_worker.py", "tests/test_adapters.py"),
     ),
-    "worker": Scope("backend/worker.py", ("tests/test_worker.py",)),
+    "worker": Scope("backend/service/worker.py", ("tests/test_worker.py",)),
     # Not test_cli.py: its signal tests (Ctrl-C, a closed terminal) time subprocesses and
     # failed mutmut's clean run on a loaded machine.
     "protocol": Scope("backend/protocol.py", ("tests/test_protocol.py", "tests/test_runner.py")),
-    "controls": Scope("backend/controls.py", ("tests/test_controls.py", "tests/test_runner.py")),
-    "video_io": Scope("backend/video_io.py", ("tests/test_video_io.py", "tests/test_runner.py")),
+    "controls": Scope(
+        "backend/media/controls.py", ("tests/test_controls.py", "tests/test_runner.py")
+    ),
+    "video_io": Scope(
+        "backend/media/video_io.py", ("tests/test_video_io.py", "tests/test_runner.py")
+    ),
     "jobs": Scope("blender_t2vz/jobs.py", ("tests/addon/test_jobs.py",)),
     # Not test_roundtrip.py (a real backend: minutes per mutant) nor test_movie_frames.py
     # (renders movies); test_strips.py and test_runtime.py check the same rules on their own.

@@ -1,6 +1,6 @@
-"""Train the built-in shapes models on the synthetic world of ``backend/shapes.py``.
+"""Train the built-in shapes models on the synthetic world of ``backend/models/shapes.py``.
 
-    .venv/bin/python -m tools.train_shapes --stage all [--out backend/builtin] [--threads 2]
+    .venv/bin/python -m tools.train_shapes --stage all [--out backend/models/builtin] [--threads 2]
 
 Each stage reads what the one before saved, so one can be re-run alone (``--stage base``,
 ``--resume`` to continue its saved weights, ``--steps`` to change its length). ``all`` runs
@@ -13,7 +13,7 @@ each (both only read the base):
 * ``base``: CLIPTextModel + UNet2DConditionModel trained jointly (epsilon prediction, SD's
   noise schedule, 10 % empty prompts for classifier-free guidance) -> ``OUT/shapes``;
 * ``controlnet``: ``ControlNetModel.from_unet`` on the frozen base, controlled by
-  ``backend.controls.canny`` of the rendered frame -> ``OUT/shapes-controlnet``;
+  ``backend.media.controls.canny`` of the rendered frame -> ``OUT/shapes-controlnet``;
 * ``pix2pix``: an 8-input-channel UNet initialised from the base (extra channels zero),
   trained on ``shapes.random_edit`` pairs with InstructPix2Pix conditioning dropout
   -> ``OUT/shapes-pix2pix`` (tokenizer, text encoder and VAE are the base's, byte for byte).
@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend import shapes
-from backend.controls import canny
+from backend.media.controls import canny
+from backend.models import shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "backend" / "builtin"
@@ -104,7 +104,7 @@ def write_tokenizer(folder: Path) -> None:
     """A CLIP tokenizer whose merges make every world word one token (bytes still fall back)."""
     from transformers import CLIPTokenizer
 
-    from backend.tiny import _byte_vocab
+    from backend.models.tiny import _byte_vocab
 
     chars = _byte_vocab()
     tokens = chars + [c + "</w>" for c in chars]

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models.loading import BaseModel
 from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
-from .models import BaseModel
 from .motion import (
     background_mask,
     ddpm_jump,

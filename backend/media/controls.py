@@ -1,6 +1,6 @@
 """Control images for ControlNets: control videos, detectors, and OpenPose keypoint files.
 
-A control path ending in ``.json`` holds OpenPose keypoints (``backend.pose``) drawn at
+A control path ending in ``.json`` holds OpenPose keypoints (``backend.media.pose``) drawn at
 the job's size. Otherwise frames are read from a folder or movie and optionally run
 through a detector: ``canny`` needs only OpenCV; ``openpose`` and ``depth`` use
 controlnet-aux, an optional extra imported only when asked for.
@@ -14,7 +14,7 @@ from functools import cache
 import cv2
 import numpy as np
 
-from .protocol import ControlNetSpec
+from ..protocol import ControlNetSpec
 from .video_io import FrameStore, iter_frames, source_indices, spool_frames
 
 # Canny thresholds of the reference ControlNet canny annotator.

@@ -16,7 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .protocol import KEYPOINT_NAMES, POSE_FORMAT
+from ..protocol import KEYPOINT_NAMES, POSE_FORMAT
 
 # Limbs as (keypoint, keypoint) pairs, 0-based, in the annotator's drawing order.
 LIMBS = (

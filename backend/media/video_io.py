@@ -22,7 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .protocol import FITS, VideoInput, partial_name, sweep_stale_partials
+from ..protocol import FITS, VideoInput, partial_name, sweep_stale_partials
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..protocol import EmbeddingSpec, LoraSpec, hub_id_problem
 from .hub import ADAPTERS, DownloadHooks, HubError, fetch_adapter
-from .models import BaseModel, ModelLoadError, _check_pickle_file
-from .protocol import EmbeddingSpec, LoraSpec, hub_id_problem
+from .loading import BaseModel, ModelLoadError, _check_pickle_file
 
 log = logging.getLogger(__name__)
 

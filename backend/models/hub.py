@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .protocol import (
+from ..protocol import (
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     clip_text,

@@ -22,8 +22,7 @@ from typing import Any
 
 import torch
 
-from .hub import PICKLE_SWITCHES, DownloadHooks, HubError, fetch_model, pickle_refusal
-from .protocol import (
+from ..protocol import (
     DEFAULT_MODEL,
     DEFAULT_PIX2PIX_MODEL,
     PICKLE_SUFFIXES,
@@ -31,6 +30,7 @@ from .protocol import (
     hub_id_problem,
     split_hub_id,
 )
+from .hub import PICKLE_SWITCHES, DownloadHooks, HubError, fetch_model, pickle_refusal
 from .tiny import BUILTIN_PREFIX, ensure_builtin
 
 log = logging.getLogger(__name__)

@@ -6,8 +6,8 @@ through the same loading code as any user model. They produce noise-like images:
 exist so the whole chain runs offline on any machine in seconds, not to make pictures.
 
 ``builtin:shapes``, ``builtin:shapes-controlnet`` and ``builtin:shapes-pix2pix`` are
-trained by ``tools/train_shapes.py`` on the synthetic world of ``backend/shapes.py`` and
-ship inside the package (``backend/builtin/``): they make pictures whose content the prompt
+trained by ``tools/train_shapes.py`` on the synthetic world of ``backend/models/shapes.py`` and
+ship inside the package (``backend/models/builtin/``): they make pictures whose content the prompt
 determines, so quality can be measured offline.
 """
 

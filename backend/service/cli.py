@@ -13,7 +13,7 @@ import signal
 import sys
 from typing import Any
 
-from .protocol import (
+from ..protocol import (
     DEFAULT_MODEL,
     DEFAULT_MOTION,
     DETECTORS,
@@ -460,7 +460,7 @@ def _main(argv: list[str] | None) -> int:
     # (torch logs cache statistics at exit, for one).
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.INFO if args.verbose else logging.WARNING)
-    logging.getLogger(__package__).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("backend").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command == "serve":
         from .worker import serve
 

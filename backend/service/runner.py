@@ -20,15 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
-from .adapters import applied_adapters, convert_prompt
-from .controls import store_control_frames
-from .engine import Callbacks, Cancelled, ControlInput, TextToVideoZero
-from .hub import DownloadCancelled, DownloadHooks, DownloadProgress
-from .models import ModelCache, choose_dtype, resolve_device
-from .protocol import Job, resolve_size
-from .tiny import BUILTIN_PREFIX, TINY_KINDS
-from .video_io import (
+from .. import __version__
+from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero
+from ..media.controls import store_control_frames
+from ..media.video_io import (
     FrameStore,
     Mp4Writer,
     OutputExistsError,
@@ -41,6 +36,11 @@ from .video_io import (
     write_png,
     writing,
 )
+from ..models.adapters import applied_adapters, convert_prompt
+from ..models.hub import DownloadCancelled, DownloadHooks, DownloadProgress
+from ..models.loading import ModelCache, choose_dtype, resolve_device
+from ..models.tiny import BUILTIN_PREFIX, TINY_KINDS
+from ..protocol import Job, resolve_size
 
 log = logging.getLogger(__name__)
 

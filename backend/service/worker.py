@@ -18,8 +18,8 @@ import traceback
 from collections.abc import Iterator
 from typing import IO, Any, TextIO
 
-from . import __version__
-from .protocol import (
+from .. import __version__
+from ..protocol import (
     FETCH_KINDS,
     HUB_ID_FORMS,
     MAX_LINE_BYTES,
@@ -91,7 +91,7 @@ class Worker:
     """Request loop state: the queue, the job being run and its cancel flag."""
 
     def __init__(self, writer: ProtocolWriter, max_models: int = 1):
-        from .models import ModelCache
+        from ..models.loading import ModelCache
 
         self.writer = writer
         self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -173,7 +173,7 @@ class Worker:
 
     def run_one(self, message: dict[str, Any]) -> None:
         """Validate and run one generate request, replying with the outcome."""
-        from .engine import Cancelled
+        from ..engine.pipeline import Cancelled
         from .runner import JobEvents, run_job
 
         job_id = str(message.get("id", ""))
@@ -271,7 +271,7 @@ class Worker:
 
     def list_models(self, message: dict[str, Any]) -> None:
         """Answer list_models: the hub cache's models and sizes."""
-        from .hub import cache_location, list_cached
+        from ..models.hub import cache_location, list_cached
 
         request_id = message.get("id")
         try:
@@ -283,7 +283,13 @@ class Worker:
 
     def run_cache_request(self, message: dict[str, Any]) -> None:
         """Run a queued fetch_model or remove_model request."""
-        from .hub import DownloadCancelled, DownloadHooks, fetch_adapter, fetch_model, remove_cached
+        from ..models.hub import (
+            DownloadCancelled,
+            DownloadHooks,
+            fetch_adapter,
+            fetch_model,
+            remove_cached,
+        )
 
         request_id = str(message.get("id", ""))
         model = message.get("model")

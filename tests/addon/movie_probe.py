@@ -48,8 +48,8 @@ def write_late_mkv(path: str) -> None:
 
 def read(specs_file: str) -> None:
     """Print, per spec, the grey level at the centre of each frame the backend reads."""
+    from backend.media.video_io import read_frames
     from backend.protocol import validate_job
-    from backend.video_io import read_frames
 
     out = []
     for item in json.loads(Path(specs_file).read_text()):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import color_strip, write_png
 
-from backend import shapes
+from backend.models import shapes
 from blender_t2vz import operators, runtime, strips
 
 pytestmark = pytest.mark.slow

@@ -69,7 +69,7 @@ def test_keypoints_off_screen_or_behind_the_camera_are_left_out(scene3d):
 
 def test_openpose_json_draws_the_expected_limb_colours(scene3d, tmp_path):
     pytest.importorskip("cv2")  # the backend draws poses with OpenCV
-    from backend.pose import COLORS, LIMB_ALPHA, LIMBS, load_pose_file, render_pose_frames
+    from backend.media.pose import COLORS, LIMB_ALPHA, LIMBS, load_pose_file, render_pose_frames
 
     width, height = 256, 192
     frames = sc.keypoint_frames(scene3d, [1], width, height, [sc.Character("Rig metarig")])
