@@ -32,6 +32,7 @@ INSTALL_PREFIX = "[t2vz]"
 # The share of a job's progress fraction that is denoising (backend runner: 0.9; decoding
 # and writing the frames are the rest).
 DENOISE_SHARE = 0.9
+HISTORY = 50  # outcomes kept in Runner.history
 
 
 class RunnerBusyError(RuntimeError):
@@ -215,6 +216,8 @@ class Runner:
         self.cache_requests: dict[str, str] = {}
         # Jobs submitted while another ran, started in order as each job ends.
         self.queue: list[QueuedJob] = []
+        # How the jobs of this session ended, oldest first (the queue's jobs included).
+        self.history: list[Outcome] = []
         # Seconds per work unit of the last finished job on this worker (job_units).
         self.seconds_per_unit: float | None = None
 
@@ -482,6 +485,7 @@ class Runner:
             ) as exc:
                 remove_tree(queued.staging)
                 self.outcome = Outcome(queued.id, "ERROR", f"Could not start a queued job: {exc}")
+                self.history = [*self.history[-(HISTORY - 1) :], self.outcome]
                 _status().error = self.outcome.message
 
     def wait(self, timeout: float, interval: float = 0.05) -> Outcome | None:
@@ -495,14 +499,11 @@ class Runner:
     def wait_all(self, timeout: float, interval: float = 0.05) -> list[Outcome]:
         """Step until the job in flight and every queued job have ended; their outcomes."""
         deadline = time.monotonic() + timeout
-        outcomes: list[Outcome] = []
+        seen = len(self.history)
         while (self.busy or self.queue) and time.monotonic() < deadline:
-            before = self.outcome
             self.step()
-            if self.outcome is not None and self.outcome is not before:
-                outcomes.append(self.outcome)
             time.sleep(interval)
-        return outcomes
+        return self.history[seen:]
 
     # ------------------------------------------------------------------ the step
 
@@ -705,6 +706,7 @@ class Runner:
         job = self.job
         self.job = None
         self.outcome = Outcome(job.id if job else "", level, message, strip_name, frames or [])
+        self.history = [*self.history[-(HISTORY - 1) :], self.outcome]
         status = _status()
         status.state = "IDLE"
         status.message = message if level != "ERROR" else ""
