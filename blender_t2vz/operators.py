@@ -610,6 +610,79 @@ class T2VZ_OT_take_show(bpy.types.Operator):
         return {"FINISHED"}
 
 
+# Scene passes the add-on can show as a picture (OpenPose is drawn by the backend).
+PREVIEW_PASSES = {"DEPTH", "CANNY"}
+
+
+def preview_problem(context: Any) -> str:
+    """Why the active ControlNet's pass cannot be previewed; "" when it can."""
+    settings = context.scene.t2vz
+    if settings.mode != "controlnet" or not 0 <= settings.controlnet_index < len(
+        settings.controlnets
+    ):
+        return "Pick a ControlNet entry first"
+    item = settings.controlnets[settings.controlnet_index]
+    if item.source != "SCENE":
+        return "Previews show passes rendered from the 3D scene"
+    if item.scene_pass not in PREVIEW_PASSES:
+        return "OpenPose is drawn by the backend: no preview yet"
+    if _scene_control() is None:
+        return "Scene control is not installed"
+    return ""
+
+
+def render_preview(context: Any) -> Path:
+    """Render the active ControlNet's scene pass at the current frame; the picture's path.
+
+    It goes under the output folder's staging area (``<output>/.t2vz_inputs/preview``),
+    sharing the scene passes' cache, and replaces the previous preview.
+    """
+    problem = preview_problem(context)
+    if problem:
+        raise jobs.JobBuildError(problem)
+    scene = context.scene
+    settings = scene.t2vz
+    item = settings.controlnets[settings.controlnet_index]
+    folder = _output_root(settings) / INPUTS_FOLDER / "preview" / "control"
+    runtime.remove_tree(folder)
+    width, height = settings.size(scene)
+    control = _scene_control().render_control(
+        context, item, scene.frame_current, 1, width, height, folder
+    )
+    path = Path(control["path"])
+    pictures = sorted(path.glob("frame_*.png")) if path.is_dir() else [path]
+    if not pictures:
+        raise jobs.JobBuildError(f"the pass wrote no picture into {path}")
+    return pictures[0]
+
+
+class T2VZ_OT_control_preview(bpy.types.Operator):
+    """Render the selected ControlNet's pass at the current frame and show it in the panel,
+    before spending a generation on it"""
+
+    bl_idname = "t2vz.control_preview"
+    bl_label = "Preview Control"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        problem = preview_problem(context) if context.scene is not None else "No scene"
+        if problem:
+            cls.poll_message_set(problem)
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        try:
+            path = render_preview(context)
+        except (ValueError, OSError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        runtime.RUNNER.show_preview(str(path))
+        self.report({"INFO"}, f"Control at frame {context.scene.frame_current}: {path}")
+        return {"FINISHED"}
+
+
 def _wrap_text(text: str, width: int) -> list[str]:
     words, lines, line = text.split(), [], ""
     for word in words:
@@ -973,6 +1046,7 @@ classes = (
     T2VZ_OT_regenerate,
     T2VZ_OT_queue_remove,
     T2VZ_OT_take_show,
+    T2VZ_OT_control_preview,
     T2VZ_OT_cancel,
     T2VZ_OT_randomize_seed,
     T2VZ_OT_controlnet_add,

@@ -212,6 +212,7 @@ class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
                 col.prop_search(item, "strip_name", editor, name)
         if item.source == "SCENE":
             col.prop(item, "scene_pass")
+            col.operator("t2vz.control_preview", icon="HIDE_OFF")
             module = operators._scene_control()
             if module is not None and hasattr(module, "draw_control_settings"):
                 module.draw_control_settings(col, context, item)

@@ -731,6 +731,10 @@ class Runner:
         self.preview_key = path
         self.previews.load(path, path, "IMAGE")
 
+    def show_preview(self, path: str) -> None:
+        """Show a picture (a control pass, a finished frame) in the panel's preview."""
+        self._show_preview(path)
+
     def preview_icon_id(self) -> int:
         """The icon id of the latest finished frame, 0 when there is none."""
         if self.previews is None or self.preview_key not in self.previews:

@@ -111,3 +111,23 @@ def test_depth_alone_and_both_passes_generate_from_a_fresh_start(fresh_scene, pa
     job = strips.stored_job(result)
     assert len(job["controlnets"]) == len(passes) and result.frame_final_start == 3
     assert bpy.context.window_manager.t2vz_status.message.startswith("Added")
+
+
+@pytest.mark.parametrize("scene_pass", ["DEPTH", "CANNY"])
+def test_control_preview_renders_the_current_frame(fresh_scene, scene_pass):
+    build_shot(fresh_scene)
+    _scene_controlnets(fresh_scene, (scene_pass,))
+    fresh_scene.frame_current = 5
+    assert bpy.ops.t2vz.control_preview() == {"FINISHED"}
+    status = bpy.context.window_manager.t2vz_status
+    path = Path(status.preview_path)
+    assert path.is_file() and ".t2vz_inputs" in path.parts and path.suffix == ".png"
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        assert tuple(image.size) == fresh_scene.t2vz.size(fresh_scene)
+        pixels = list(image.pixels[:])
+    finally:
+        bpy.data.images.remove(image)
+    assert max(pixels[0::4]) > min(pixels[0::4])  # the prop and the rig show: not flat
+    fresh_scene.t2vz.controlnets[0].scene_pass = "OPENPOSE"
+    assert not bpy.ops.t2vz.control_preview.poll()
