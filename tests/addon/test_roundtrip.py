@@ -86,7 +86,7 @@ def test_text2video_round_trip_places_strip_at_current_frame(scene) -> None:
     prefs.model = "builtin:shapes"
     try:
         assert bpy.ops.t2vz.generate() == {"FINISHED"}
-        assert runtime.RUNNER.busy and not bpy.ops.t2vz.generate.poll()
+        assert runtime.RUNNER.busy and bpy.ops.t2vz.generate.poll()  # another would queue
         # The first job of the worker loads the shapes model: more time on a busy machine.
         outcome = runtime.RUNNER.wait(2 * TIMEOUT)
     finally:
@@ -176,7 +176,10 @@ def test_controlnet_round_trip_and_regenerate(scene, image_folder: Path) -> None
     assert [_snapshot(source), _snapshot(above)] == snapshots
     assert sorted(p.name for p in image_folder.iterdir()) == files_before
 
+    # The new take is the active strip and the only selection; the first one is muted.
+    assert editor.active_strip == second and not result.select and result.mute
     # Load Settings From Strip puts the first result's job back into the panel.
+    strips.select_only(editor, result)
     settings.prompt = "something else"
     settings.mode = "text2video"
     assert bpy.ops.t2vz.load_settings() == {"FINISHED"}
