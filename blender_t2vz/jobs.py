@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +233,26 @@ def build_job(
         job["video"] = dict(video)
         job["image_guidance"] = float(settings.get("image_guidance", 1.5))
     return validate(job)
+
+
+def map_input_paths(job: Mapping[str, Any], convert: Callable[[str], str]) -> dict[str, Any]:
+    """A copy of ``job`` with ``convert`` applied to the path of every input it reads from
+    disk: the pix2pix source ``video``, each ControlNet's ``control`` and the ``masks``."""
+    out = dict(job)
+    for name in ("video", "masks"):
+        if isinstance(out.get(name), Mapping) and isinstance(out[name].get("path"), str):
+            out[name] = {**out[name], "path": convert(out[name]["path"])}
+    controlnets = out.get("controlnets")
+    if isinstance(controlnets, list):
+        out["controlnets"] = [
+            {**entry, "control": {**entry["control"], "path": convert(entry["control"]["path"])}}
+            if isinstance(entry, Mapping)
+            and isinstance(entry.get("control"), Mapping)
+            and isinstance(entry["control"].get("path"), str)
+            else entry
+            for entry in controlnets
+        ]
+    return out
 
 
 def validate(job: Mapping[str, Any]) -> dict[str, Any]:

@@ -285,6 +285,7 @@ def plan_regenerate(context: Any, strip: Any, seed: str = "PANEL") -> JobPlan:
     stored = strips.stored_job(strip)
     if stored is None:
         raise jobs.JobBuildError(f"strip {strip.name!r} was not made by Text2Video-Zero")
+    stored = strips.absolute_inputs(strip, stored)  # stored relative to the .blend
     scene = context.scene
     settings = scene.t2vz
     prefs = preferences.get_prefs(context)

@@ -677,6 +677,7 @@ class Runner:
             strips.mute_other_takes(editor, strip)
             strips.select_only(editor, strip)
             strips.relative_directory(strip)
+            strips.relative_job(strip)
         except (strips.StripInputError, RuntimeError, TypeError) as exc:
             self._finish(
                 "ERROR", f"Could not add the result strip: {exc}; frames in {job.job['out']}"
@@ -860,18 +861,23 @@ def forget_removed_result(*_args: Any) -> None:
 @bpy.app.handlers.persistent
 def relative_results(filepath: Any = "", *_args: Any) -> None:
     """Before a save: result strips made while the file was unsaved (or with Relative Paths
-    off at the time) are stored relative to the file, following Blender's preference.
-    Only on a first save or a save in place: Save As elsewhere remaps relative paths
-    itself."""
+    off at the time) are stored relative to the file, following Blender's preference; so
+    are the input paths in their jobs (source video, controls, masks), which Blender does
+    not know of, and which a Save As elsewhere remaps. Folders only on a first save or a
+    save in place: Save As elsewhere remaps the strips' own relative paths itself."""
     target = filepath if isinstance(filepath, str) else ""
-    if not target or (bpy.data.filepath and bpy.data.filepath != target):
+    if not target:
         return
+    moving = bool(bpy.data.filepath) and bpy.data.filepath != target
     for scene in bpy.data.scenes:
         editor = scene.sequence_editor
         if editor is None:
             continue
         for strip in strips.every_strip(editor):
-            if strips.stored_job(strip) is not None and strip.type == "IMAGE":
+            if strips.stored_job(strip) is None:
+                continue
+            strips.relative_job(strip, target)
+            if not moving and strip.type == "IMAGE":
                 strips.relative_directory(strip, target)
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import bpy
 
-from . import sizing
+from . import jobs, sizing
 
 JOB_PROPERTY = "t2vz_job"
 VIDEO_TYPES = {"MOVIE", "IMAGE"}
@@ -393,6 +393,62 @@ def relative_directory(strip: Any, blend_path: str | None = None) -> bool:
         return False
     strip.directory = relative.rstrip("/\\") + "/"
     return True
+
+
+def _relative_to(path: str, blend_path: str) -> str:
+    """``path`` as Blender writes a path relative to the .blend (``//``); unchanged when it
+    cannot be (another drive)."""
+    try:
+        return "//" + os.path.relpath(path, os.path.dirname(blend_path))
+    except ValueError:
+        return path
+
+
+def relative_job(strip: Any, blend_path: str | None = None) -> bool:
+    """Store the input paths of a result strip's job (its source video, control videos
+    and masks) as Blender stores its own paths on a save to ``blend_path`` (default the
+    open file): new ones relative when the Relative Paths preference is on, relative ones
+    remapped when the file is saved into another folder. True if changed."""
+    job = stored_job(strip)
+    blend_path = bpy.data.filepath if blend_path is None else blend_path
+    if job is None or not blend_path:
+        return False
+    current = bpy.data.filepath  # what ``//`` means until the save
+    use_relative = bpy.context.preferences.filepaths.use_relative_paths
+
+    def convert(path: str) -> str:
+        if path.startswith("//"):
+            if not current or os.path.dirname(current) == os.path.dirname(blend_path):
+                return path
+            path = os.path.normpath(bpy.path.abspath(path, start=os.path.dirname(current)))
+        elif not use_relative:
+            return path
+        return _relative_to(path, blend_path)
+
+    mapped = jobs.map_input_paths(job, convert)
+    if mapped == job:
+        return False
+    strip[JOB_PROPERTY] = json.dumps(mapped, sort_keys=True)
+    return True
+
+
+def absolute_inputs(strip: Any, job: dict[str, Any]) -> dict[str, Any]:
+    """``job``, a result strip's, with its ``//`` input paths made absolute (the backend
+    reads absolute ones); a missing input is a StripInputError naming the strip and path,
+    e.g. a source left behind when the project folder moved."""
+    library = getattr(strip.id_data, "library", None)
+
+    def convert(path: str) -> str:
+        if path.startswith("//"):
+            path = os.path.normpath(bpy.path.abspath(path, library=library))
+        if not os.path.exists(path):
+            raise StripInputError(
+                f"strip {strip.name!r}: its job reads {path}, which is missing (was it moved "
+                "out of the project folder?)"
+            )
+        return path
+
+    return jobs.map_input_paths(job, convert)
 
 
 def stored_job(strip: Any) -> dict[str, Any] | None:

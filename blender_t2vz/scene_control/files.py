@@ -80,6 +80,18 @@ def _abs(path: str | os.PathLike) -> Path:
     return Path(bpy.path.abspath(str(path)))
 
 
+def _read_png(path: str | os.PathLike) -> np.ndarray:
+    """The RGB pixels of an image file as a (H, W, 3) float array in 0..1, bottom row first."""
+    image = bpy.data.images.load(str(path), check_existing=False)
+    try:
+        width, height = image.size
+        rgba = np.empty(width * height * 4, np.float32)
+        image.pixels.foreach_get(rgba)
+    finally:
+        bpy.data.images.remove(image)
+    return rgba.reshape(height, width, 4)[:, :, :3]  # (H, W, RGBA) -> RGB
+
+
 def _load(path: Path, name: str) -> np.ndarray:
     with np.load(path) as data:
         return data[name]

@@ -2,6 +2,7 @@
 a real ``backend serve`` on the tiny built-in models. (The scene-pass journeys, OpenPose
 alone, depth alone and both, are in test_scene_passes_fresh.py.)"""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -141,5 +142,95 @@ def test_save_move_the_project_reopen_and_regenerate(fresh_scene, tmp_path) -> N
         old, new = _results(scene)
         assert Path(bpy.path.abspath(new.directory)).parent == moved / "t2vz"
         assert new.directory.startswith("//t2vz/") and old.mute
+    finally:
+        bpy.ops.wm.read_homefile(use_empty=True)  # later tests expect an unsaved file
+
+
+def _strip_input_paths(job: dict) -> list[str]:
+    """The input paths of a stored job: the pix2pix source, the ControlNets' controls."""
+    paths = [job["video"]["path"]] if job.get("video") else []
+    return paths + [c["control"]["path"] for c in job.get("controlnets") or ()]
+
+
+@pytest.mark.parametrize("mode", ["pix2pix", "controlnet"])
+def test_move_the_project_and_regenerate_from_a_movie_strip(fresh_scene, tmp_path, mode):
+    """Pix2pix on a movie strip, and a ControlNet fed by a named strip: the job's inputs
+    are stored relative to the .blend, so the regeneration after the move reads the moved
+    movie (the old folder is gone)."""
+    project = tmp_path / "project"
+    (project / "footage").mkdir(parents=True)
+    movie = write_movie(project / "footage", "MPEG4", ".mp4", 24)
+    try:
+        bpy.ops.wm.save_as_mainfile(filepath=str(project / "edit.blend"))
+        scene = bpy.context.scene
+        editor = scene.sequence_editor_create()
+        strip = strips.top_strips(editor).new_movie(
+            name="footage", filepath=bpy.path.relpath(str(movie)), channel=1, frame_start=1
+        )
+        strip.frame_offset_end = 9  # 3 frames shown
+        strips.select_only(editor, strip)
+        settings = scene.t2vz
+        settings.output_dir = "//t2vz/"
+        settings.mode, settings.prompt = mode, "make it snowy"
+        if mode == "controlnet":
+            item = settings.controlnets.add()
+            item.source, item.strip_name, item.detector = "STRIP", "footage", "none"
+        _run(bpy.ops.t2vz.generate)
+        (result,) = _results(scene)
+        stored = _strip_input_paths(strips.stored_job(result))
+        assert stored == ["//footage/grey_24fps.mp4"]
+        bpy.ops.wm.save_mainfile()
+        moved = tmp_path / "moved"
+        shutil.move(str(project), str(moved))
+        bpy.ops.wm.open_mainfile(filepath=str(moved / "edit.blend"))
+        scene = bpy.context.scene
+        (result,) = _results(scene)
+        strips.select_only(scene.sequence_editor, result)
+        outcome = _run(bpy.ops.t2vz.regenerate, seed="KEEP")
+        old, new = _results(scene)
+        assert old.mute and not new.mute and outcome.strip_name == new.name
+        job = json.loads((Path(bpy.path.abspath(new.directory)) / "job.json").read_text())
+        assert _strip_input_paths(job) == [str(moved / "footage" / "grey_24fps.mp4")]
+        assert _strip_input_paths(strips.stored_job(new)) == stored
+        # An input left outside the moved folder says so before anything runs.
+        (moved / "footage" / "grey_24fps.mp4").unlink()
+        strips.select_only(scene.sequence_editor, new)
+        with pytest.raises(RuntimeError, match="grey_24fps.mp4, which is missing"):
+            bpy.ops.t2vz.regenerate()
+    finally:
+        bpy.ops.wm.read_homefile(use_empty=True)  # later tests expect an unsaved file
+
+
+def test_save_as_elsewhere_remaps_the_job_inputs(fresh_scene, tmp_path) -> None:
+    """Blender remaps its own relative paths on Save As into another folder; the add-on
+    remaps those in a result's job, which Blender does not know of. With Relative Paths
+    off, a new result's inputs stay absolute."""
+    project = tmp_path / "project"
+    frames = [str(write_png(project / "t2vz" / "take" / "frame_00001.png", 64, 64, (9, 9, 9)))]
+    movie = write_png(project / "footage" / "clip.png", 64, 64, (1, 2, 3))
+    job = {"mode": "pix2pix", "video": {"path": str(movie), "start": 0, "stride": 1.0}}
+    try:
+        bpy.ops.wm.save_as_mainfile(filepath=str(project / "edit.blend"))
+        scene = bpy.context.scene
+        result = strips.add_result_strip(scene, frames, 2, 1, "a take", job)
+        assert strips.relative_job(result) and not strips.relative_job(result)
+        assert strips.stored_job(result)["video"]["path"] == "//footage/clip.png"
+        (project / "versions").mkdir()
+        bpy.ops.wm.save_as_mainfile(filepath=str(project / "versions" / "edit_v2.blend"))
+        result = strips.every_strip(bpy.context.scene.sequence_editor)["a take"]
+        assert strips.stored_job(result)["video"]["path"] == "//../footage/clip.png"
+        assert strips.absolute_inputs(result, strips.stored_job(result))["video"] == {
+            **job["video"],
+            "path": str(movie),
+        }
+        filepaths = bpy.context.preferences.filepaths
+        filepaths.use_relative_paths = False
+        try:
+            other = strips.add_result_strip(bpy.context.scene, frames, 3, 1, "b take", job)
+            assert not strips.relative_job(other)
+            bpy.ops.wm.save_mainfile()
+            assert strips.stored_job(other)["video"]["path"] == str(movie)
+        finally:
+            filepaths.use_relative_paths = True
     finally:
         bpy.ops.wm.read_homefile(use_empty=True)  # later tests expect an unsaved file

@@ -12,6 +12,7 @@ from pathlib import Path
 import bpy
 import pytest
 from journey_scene import build_shot
+from scene_control.rig_scene import add_cube
 
 from blender_t2vz import operators, runtime, strips
 
@@ -91,6 +92,22 @@ def test_a_depth_pass_that_sees_nothing_says_so(fresh_scene):
     inputs = Path(fresh_scene.t2vz.output_dir) / ".t2vz_inputs"
     assert [p.name for p in inputs.iterdir()] == ["scene_cache"]  # no staged job left
     assert not runtime.RUNNER.busy
+
+
+def test_a_flat_pass_that_sees_nothing_says_so(fresh_scene):
+    """The Workbench pass canny reads, of a skeleton-only rig: the world's colour alone,
+    in which canny finds no edge. It says so, as depth does; with the prop it renders."""
+    build_shot(fresh_scene, prop=False)
+    _scene_controlnets(fresh_scene, ("CANNY",))
+    with pytest.raises(RuntimeError, match="flat pass shows no surface at frames 1 to 2"):
+        bpy.ops.t2vz.generate()
+    fresh_scene.frame_current = 5
+    with pytest.raises(RuntimeError, match="flat pass shows no surface at frames 5 to 5"):
+        bpy.ops.t2vz.control_preview()
+    assert not runtime.RUNNER.busy
+    add_cube(fresh_scene, "Late prop", (0.0, -1.0, 0.5), size=0.5)
+    plan = operators.plan_from_panel(bpy.context)
+    runtime.remove_tree(plan.staging)
 
 
 def _generate(scene) -> object:
