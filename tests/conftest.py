@@ -92,6 +92,21 @@ def tiny_models(session_cache: Path, _single_threaded_torch: None) -> dict[str, 
 
 
 @pytest.fixture(scope="session")
+def tiny_family_models(session_cache: Path, _single_threaded_torch: None) -> dict[str, Path]:
+    """Folders of the tiny SDXL- and SD 2.x-shaped models (``builtin:tiny-xl`` ...), built
+    once where their builtin names resolve."""
+    from backend.models.tiny import TINY_FAMILY_KINDS, TINY_REVISION, build_tiny
+
+    folders = {}
+    for kind in TINY_FAMILY_KINDS:
+        folder = session_cache / f"{kind}-r{TINY_REVISION}"
+        if not folder.is_dir():
+            build_tiny(kind, folder)
+        folders[kind] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_models: dict[str, Path]) -> Any:
     """The tiny text-to-image model, loaded from its folder by backend.models.loading."""
     from backend.models.loading import load_base_model

@@ -28,6 +28,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..models.families import (
+    TextConditioning,
+    added_conditions,
+    check_model,
+    encode_text,
+    latents_for_vae,
+    repeat_conditions,
+    vae_upcast,
+)
 from ..models.loading import BaseModel
 from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
 from .motion import (
@@ -136,9 +145,12 @@ def plan_generation(
 
 
 class TextToVideoZero:
-    """The engine: SD 1.x components plus optional ControlNets, run as Text2Video-Zero."""
+    """The engine: SD 1.x, 2.x or SDXL components plus optional ControlNets, run as
+    Text2Video-Zero. What differs between families (text encoders, added conditions, VAE
+    quirks) comes from ``backend.models.families``; the loop is the same for all."""
 
     def __init__(self, base: BaseModel, controlnets: Sequence[torch.nn.Module] = ()):
+        check_model(base, controlnets)
         self.base = base
         self.controlnets = list(controlnets)
         self.device = base.device
@@ -193,30 +205,17 @@ class TextToVideoZero:
     # ------------------------------------------------------------------ text
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompts, 77, dim) text embeddings in one encoder call, and (prompts, 77) masks of
-        each prompt's own tokens (no start, end or padding)."""
-        with torch.no_grad():
-            tokenizer = self.base.tokenizer
-            limit = tokenizer.model_max_length
-            ids = tokenizer(
-                list(prompts),
-                padding="max_length",
-                max_length=limit,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids  # (prompts, 77)
-            lengths = [len(full) for full in tokenizer(list(prompts), truncation=False).input_ids]
-            if max(lengths) > limit:
-                log.warning("a prompt is longer than %d tokens; the rest is cut off", limit)
-            embeds = self.base.text_encoder(ids.to(self.device))[0].to(self.dtype)
-            special = torch.tensor(
-                [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
-            )
-            own = ~torch.isin(ids, special)  # (prompts, 77)
-            for row, length in zip(own, lengths, strict=True):
-                if not row.any():  # an empty prompt: fall back to the end token's map
-                    row[min(length, limit) - 1] = True
-            return embeds, own
+        """(prompts, 77, dim) text embeddings in one call per text encoder, and (prompts, 77)
+        masks of each prompt's own tokens (no start, end or padding)."""
+        text = self.encode_text(prompts)
+        return text.embeds, text.own
+
+    def encode_text(
+        self, prompts: Sequence[str], negatives: Sequence[bool] = ()
+    ) -> TextConditioning:
+        """The prompts as the model's family encodes them (SDXL: both encoders and pooled);
+        ``negatives`` marks negative prompts (an empty one may become zeros, SDXL)."""
+        return encode_text(self.base, prompts, negatives)
 
     # ------------------------------------------------------------------ model calls
 
@@ -230,8 +229,12 @@ class TextToVideoZero:
         image_latents: dict[int, torch.Tensor] | None,
         guidance: tuple[float, float],
         branches: int,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Guided noise prediction for a chunk: every branch's frames in one batched call."""
+        """Guided noise prediction for a chunk: every branch's frames in one batched call.
+
+        ``added``: each branch's added conditions (SDXL's pooled text and size ids), or None.
+        """
         n = len(frames)
         model_input = latents.repeat(branches, 1, 1, 1)  # (branches * frames, 4, h, w)
         if image_latents is not None:
@@ -240,6 +243,7 @@ class TextToVideoZero:
             model_input = torch.cat([model_input, torch.cat(groups)], dim=1)
             # (branches * frames, 8, h, w): latents next to the source frame's latents
         text = embeds.repeat_interleave(n, dim=0)  # (branches * frames, 77, dim)
+        added_cond = repeat_conditions(added, n)  # rows as ``text``, or None
 
         down_residuals = mid_residual = None
         for control, controlnet in zip(controls, self.controlnets, strict=True):
@@ -252,6 +256,7 @@ class TextToVideoZero:
                 encoder_hidden_states=text,
                 controlnet_cond=cond,
                 conditioning_scale=control.weight,
+                added_cond_kwargs=added_cond,
                 return_dict=False,
             )
             if down_residuals is None:
@@ -266,6 +271,7 @@ class TextToVideoZero:
             encoder_hidden_states=text,
             down_block_additional_residuals=down_residuals,
             mid_block_additional_residual=mid_residual,
+            added_cond_kwargs=added_cond,
             return_dict=False,
         )[0]
         return _combine_guidance(noise, branches, n, image_latents is not None, guidance)
@@ -354,16 +360,21 @@ class TextToVideoZero:
         pix2pix = image is not None
         if pix2pix:
             do_cfg = guidance_scale > 1.0 and image_guidance_scale >= 1.0
-            encoded, own = self.encode_prompts([prompt, negative_prompt] if do_cfg else [prompt])
-            embeds = encoded[[0, 1, 1]] if do_cfg else encoded
+            encoded = self.encode_text(
+                [prompt, negative_prompt] if do_cfg else [prompt], negatives=[False, True]
+            )
+            text = encoded.rows([0, 1, 1]) if do_cfg else encoded
             branches, cond_branch = (3 if do_cfg else 1), 0
         else:
             do_cfg = guidance_scale > 1.0
-            encoded, own = self.encode_prompts([negative_prompt, prompt] if do_cfg else [prompt])
-            embeds = encoded
+            text = self.encode_text(
+                [negative_prompt, prompt] if do_cfg else [prompt], negatives=[do_cfg, False]
+            )
             branches = 2 if do_cfg else 1
             cond_branch = branches - 1
-        own_tokens = own[cond_branch]
+        embeds, own_tokens = text.embeds, text.own[cond_branch]
+        # The family's added conditions per branch (SDXL: pooled text, size ids), or None.
+        added = added_conditions(text, height, width, self.device, self.dtype)
         guidance = (guidance_scale, image_guidance_scale)
         image_latents = self._encode_images(image, plan.processed) if pix2pix else None
 
@@ -382,7 +393,7 @@ class TextToVideoZero:
             if callbacks.should_cancel is not None and callbacks.should_cancel():
                 raise Cancelled()
             noise = self._noise_prediction(
-                latents, t, frames, embeds, controls, image_latents, guidance, branches
+                latents, t, frames, embeds, controls, image_latents, guidance, branches, added
             )
             done += len(frames)
             return noise
@@ -516,12 +527,20 @@ class TextToVideoZero:
             # the latents the loop keeps anyway (1/12 of a uint8 frame); encoding per chunk
             # would run the VAE encoder again at every step.
             out = {}
-            for i in range(0, len(frames), batch):
-                part = frames[i : i + batch]
-                pixels = _unit_range(torch.stack([image[f] for f in part]))
-                pixels = pixels.to(self.device, self.dtype) * 2 - 1
-                encoded = self.base.vae.encode(pixels).latent_dist.mode()  # (part, 4, h, w)
-                out.update(zip(part, encoded, strict=True))
+            vae = self.base.vae
+            upcast = vae_upcast(self.base)  # SDXL's VAE encodes in float32 (force_upcast)
+            if upcast:
+                vae.float()
+            try:
+                for i in range(0, len(frames), batch):
+                    part = frames[i : i + batch]
+                    pixels = _unit_range(torch.stack([image[f] for f in part]))
+                    pixels = pixels.to(self.device, vae.dtype) * 2 - 1
+                    encoded = vae.encode(pixels).latent_dist.mode()  # (part, 4, h, w)
+                    out.update(zip(part, encoded.to(self.dtype), strict=True))
+            finally:
+                if upcast:
+                    vae.half()
             return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -530,12 +549,16 @@ class TextToVideoZero:
         The VAE decodes in its own dtype, as diffusers' SD 1.x pipelines do (its config's
         ``force_upcast`` is an SDXL-pipeline setting, and a class default for SD 1.x VAEs);
         a float16 decode whose output holds a NaN or inf (an overflow: black frames) is
-        redone in float32.
+        redone in float32. An SDXL VAE whose config says ``force_upcast`` decodes in float32
+        straight away, as diffusers' SDXL pipelines do (``families.vae_upcast``).
         """
         with torch.no_grad():
             vae = self.base.vae
-            x = latents.to(self.device) / vae.config.scaling_factor
-            images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
+            x = latents_for_vae(vae, latents.to(self.device))
+            if vae_upcast(self.base):
+                images = _decode_in_float32(vae, x)
+            else:
+                images = vae.decode(x.to(vae.dtype), return_dict=False)[0]  # (frames, 3, H, W)
             if vae.dtype == torch.float16 and not torch.isfinite(images).all():
                 log.warning("the VAE overflowed in float16 (NaN/inf); decoding in float32")
                 images = _decode_in_float32(vae, x)

@@ -23,12 +23,21 @@ from typing import Any
 import torch
 
 from ..protocol import (
-    DEFAULT_MODEL,
-    DEFAULT_PIX2PIX_MODEL,
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     hub_id_problem,
     split_hub_id,
+)
+from .families import (
+    SD1,
+    SD_SCHEDULER,
+    SDXL,
+    Family,
+    ddim_config,
+    family_from_file,
+    family_from_folder,
+    family_from_unet_config,
+    zeros_for_empty_negative,
 )
 from .hub import PICKLE_SWITCHES, DownloadHooks, HubError, fetch_model, pickle_refusal
 from .tiny import BUILTIN_PREFIX, ensure_builtin
@@ -60,7 +69,7 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class BaseModel:
-    """The Stable Diffusion 1.x components the engine runs."""
+    """The Stable Diffusion components the engine runs (SD 1.x, 2.x or SDXL: ``family``)."""
 
     tokenizer: Any
     text_encoder: Any
@@ -70,6 +79,23 @@ class BaseModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    # SDXL's second tokenizer and text encoder (OpenCLIP-bigG with its projection).
+    tokenizer_2: Any = None
+    text_encoder_2: Any = None
+    # Read from the model itself when not given (families.family_from_unet_config).
+    family: Family | None = None
+    # An empty negative prompt encodes as zeros (SDXL's force_zeros_for_empty_prompt).
+    zero_empty_negative: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.family is None:
+            self.family = (
+                SDXL
+                if self.text_encoder_2 is not None
+                else (family_from_unet_config(dict(self.unet.config)))
+            )
+        if self.zero_empty_negative is None:
+            self.zero_empty_negative = self.family.zero_empty_negative
 
     @property
     def in_channels(self) -> int:
@@ -80,12 +106,22 @@ class BaseModel:
         """Keyword arguments for a diffusers SD pipeline on these components (DDIM, no checker)."""
         from diffusers import DDIMScheduler
 
-        return {
+        components = {
             "vae": self.vae,
             "text_encoder": self.text_encoder,
             "tokenizer": self.tokenizer,
             "unet": self.unet,
             "scheduler": DDIMScheduler.from_config(self.scheduler_config),
+        }
+        if self.text_encoder_2 is not None:  # diffusers' SDXL pipelines
+            return {
+                **components,
+                "text_encoder_2": self.text_encoder_2,
+                "tokenizer_2": self.tokenizer_2,
+                "force_zeros_for_empty_prompt": bool(self.zero_empty_negative),
+            }
+        return {
+            **components,
             "safety_checker": None,
             "feature_extractor": None,
             "requires_safety_checker": False,
@@ -335,14 +371,16 @@ def load_base_model(
     dtype: torch.dtype = torch.float32,
     download: DownloadHooks | None = None,
 ) -> BaseModel:
-    """Load SD 1.x components from a hub id, a diffusers folder or a single-file checkpoint.
+    """Load SD 1.x, 2.x or SDXL components from a hub id, a diffusers folder or a single-file
+    checkpoint; the family is read from the model (``families``), never from its name.
 
     A hub id is first downloaded into the hub cache (progress and cancel through
     ``download``), then loaded from there like a local folder, or, for one checkpoint file of
-    a repo, like a local single-file checkpoint (configs from ``config``).
+    a repo, like a local single-file checkpoint (configs from ``config``, else the family's
+    own configs repo).
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     device = device or torch.device("cpu")
     kind, location = _local_source(name, allow_pickle, download)
@@ -357,9 +395,11 @@ def load_base_model(
                     f"{location} is not a diffusers model folder (no unet/config.json); "
                     "give a folder saved with save_pretrained, a .safetensors file or a hub id"
                 )
-            for sub in ("unet", "vae", "text_encoder"):
+            for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
                 _check_folder_weights(root / sub, allow_pickle)
         kwargs = _pretrained_kwargs(kind, allow_pickle)
+        # SDXL: a second tokenizer and text encoder (OpenCLIP-bigG, with its projection).
+        second = (root / "text_encoder_2" / "config.json").is_file()
         try:
             components = {
                 "tokenizer": CLIPTokenizer.from_pretrained(
@@ -376,8 +416,19 @@ def load_base_model(
                 ),
                 "scheduler_config": _scheduler_config(location, kind),
             }
+            if second:
+                components["tokenizer_2"] = CLIPTokenizer.from_pretrained(
+                    location, subfolder="tokenizer_2", local_files_only=kind == "folder"
+                )
+                components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                    location, subfolder="text_encoder_2", torch_dtype=dtype, **kwargs
+                )
         except (OSError, ValueError) as exc:
             raise _wrap_load_error(name, allow_pickle, exc) from exc
+        family = family_from_folder(location)
+        components["family"] = family
+        components["zero_empty_negative"] = zeros_for_empty_negative(location, family)
+    text_encoder_2 = components.get("text_encoder_2")
     base = BaseModel(
         tokenizer=components["tokenizer"],
         text_encoder=_place(components["text_encoder"], device, dtype),
@@ -387,7 +438,12 @@ def load_base_model(
         source=name,
         device=device,
         dtype=dtype,
+        tokenizer_2=components.get("tokenizer_2"),
+        text_encoder_2=None if text_encoder_2 is None else _place(text_encoder_2, device, dtype),
+        family=components.get("family"),
+        zero_empty_negative=components.get("zero_empty_negative"),
     )
+    log.info("%s: %s model", name, base.family.label)
     if pix2pix and base.in_channels != 8:
         raise ModelLoadError(
             f"pix2pix needs an InstructPix2Pix model (UNet with 8 input channels); "
@@ -415,8 +471,8 @@ def _scheduler_config(location: str, kind: str) -> dict:
             "set_alpha_to_one off)",
             location,
         )
-        config = SD1X_SCHEDULER
-    return dict(config)
+        config = SD_SCHEDULER
+    return ddim_config(dict(config))
 
 
 def _load_single_file(
@@ -426,27 +482,47 @@ def _load_single_file(
     dtype: torch.dtype,
     download: DownloadHooks | None = None,
 ) -> dict:
-    """Components of an original-format SD 1.x checkpoint through diffusers' single-file loader.
+    """Components of an original-format SD 1.x, 2.x or SDXL checkpoint through diffusers'
+    single-file loader; the family from its tensor names (``families.family_from_file``).
 
     Its configs and tokenizer come from ``config`` (a folder, or a hub id fetched like a
-    model, configs only), and diffusers reads them from that folder: no network of its own.
+    model, configs only; by default the family's own configs repo), and diffusers reads them
+    from that folder: no network of its own.
     """
-    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+    from diffusers import (
+        StableDiffusionInstructPix2PixPipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLInstructPix2PixPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    pipeline_cls = StableDiffusionInstructPix2PixPipeline if pix2pix else StableDiffusionPipeline
-    config_name = config or (DEFAULT_PIX2PIX_MODEL if pix2pix else DEFAULT_MODEL)
+    family = family_from_file(path) or SD1  # a pickle is not opened to look: as before, SD 1.x
+    if family.added_conditions:
+        pipeline_cls = (
+            StableDiffusionXLInstructPix2PixPipeline if pix2pix else StableDiffusionXLPipeline
+        )
+    else:
+        pipeline_cls = (
+            StableDiffusionInstructPix2PixPipeline if pix2pix else StableDiffusionPipeline
+        )
+    default = family.pix2pix_config_repo if pix2pix else family.config_repo
+    if config is None and default is None:
+        raise ModelLoadError(
+            f"{path} is an {family.label} checkpoint and there is no default {family.label} "
+            "InstructPix2Pix config: give --model-config / model_config a diffusers folder or "
+            "hub id of its architecture"
+        )
+    config_name = config or default
     try:
         config_location = _config_folder(config_name, "model_config", download)
     except ModelLoadError as exc:
         raise ModelLoadError(f"configs for single-file checkpoint {path}: {exc}") from exc
     try:
+        extra = {} if family.added_conditions else {
+            "safety_checker": None, "requires_safety_checker": False
+        }  # fmt: skip
         pipeline = pipeline_cls.from_single_file(
-            path,
-            config=config_location,
-            torch_dtype=dtype,
-            local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
+            path, config=config_location, torch_dtype=dtype, local_files_only=True, **extra
         )
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
@@ -459,7 +535,11 @@ def _load_single_file(
         "text_encoder": pipeline.text_encoder,
         "unet": pipeline.unet,
         "vae": pipeline.vae,
-        "scheduler_config": dict(pipeline.scheduler.config),
+        "scheduler_config": ddim_config(dict(pipeline.scheduler.config)),
+        "tokenizer_2": getattr(pipeline, "tokenizer_2", None),
+        "text_encoder_2": getattr(pipeline, "text_encoder_2", None),
+        "family": family,
+        "zero_empty_negative": zeros_for_empty_negative(config_location, family),
     }
 
 

@@ -18,13 +18,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 BUILTIN_PREFIX = "builtin:"
 TINY_KINDS = ("tiny", "tiny-controlnet", "tiny-pix2pix")
+# The other families in miniature, shaped as diffusers' own tests build them: SDXL (two
+# text encoders, pooled text and size conditions, several transformer layers per block)
+# and SD 2.x (linear projections, an OpenCLIP-style tokenizer, v-prediction).
+TINY_FAMILY_KINDS = ("tiny-xl", "tiny-xl-controlnet", "tiny-xl-pix2pix", "tiny-sd2")
+ALL_TINY_KINDS = TINY_KINDS + TINY_FAMILY_KINDS
 SHAPES_KINDS = ("shapes", "shapes-controlnet", "shapes-pix2pix")
-BUILTIN_KINDS = TINY_KINDS + SHAPES_KINDS
+BUILTIN_KINDS = ALL_TINY_KINDS + SHAPES_KINDS
 # The trained shapes models, committed with the package (see tools/train_shapes.py).
 SHIPPED_DIR = Path(__file__).resolve().parent / "builtin"
 # Bump when the tiny architecture changes so stale caches are rebuilt.
@@ -57,8 +63,11 @@ def _byte_vocab() -> list[str]:
     return [chr(c) for c in chars]
 
 
-def write_tiny_tokenizer(folder: Path) -> None:
-    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character)."""
+def write_tiny_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> None:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (one token per character).
+
+    ``pad_token`` "!" makes it pad as OpenCLIP's tokenizers do (SD 2.x, SDXL's second).
+    """
     from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +80,7 @@ def write_tiny_tokenizer(folder: Path) -> None:
         vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
         merges_file.write_text("#version: 0.2\n", encoding="utf-8")
         tokenizer = CLIPTokenizer(
-            str(vocab_file), str(merges_file), pad_token="<|endoftext|>", model_max_length=77
+            str(vocab_file), str(merges_file), pad_token=pad_token, model_max_length=77
         )
         tokenizer.save_pretrained(str(folder))
 
@@ -116,19 +125,20 @@ def _randomize_zero_convs(controlnet: torch.nn.Module) -> None:
 def build_tiny(kind: str, folder: Path) -> Path:
     """Build the tiny model ``kind`` into ``folder`` (a diffusers folder, safetensors weights)."""
     from diffusers import (
-        AutoencoderKL,
         ControlNetModel,
         DDIMScheduler,
         StableDiffusionInstructPix2PixPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
-    if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(TINY_KINDS)}")
+    if kind not in ALL_TINY_KINDS:
+        raise ValueError(f"unknown tiny model {kind!r}; choose one of {', '.join(ALL_TINY_KINDS)}")
     torch.manual_seed(TINY_SEED)
     folder = Path(folder)
+    if kind in TINY_FAMILY_KINDS:
+        return _build_tiny_family(kind, folder)
     if kind == "tiny-controlnet":
         unet = UNet2DConditionModel(**_tiny_unet_config(4))
         controlnet = ControlNetModel.from_unet(
@@ -139,34 +149,9 @@ def build_tiny(kind: str, folder: Path) -> Path:
         return folder
 
     unet = UNet2DConditionModel(**_tiny_unet_config(8 if kind == "tiny-pix2pix" else 4))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        write_tiny_tokenizer(Path(tmp))
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=CROSS_DIM,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            projection_dim=CROSS_DIM,
-        )
-    )
+    vae = _tiny_vae()
+    tokenizer = _tiny_tokenizer()
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -189,6 +174,163 @@ def build_tiny(kind: str, folder: Path) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _tiny_vae(**config: Any) -> Any:
+    """A four-level VAE (8x downsampling, as SD's), a few thousand parameters."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+        **config,
+    )
+
+
+def _tiny_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+    """The tiny byte-level CLIP tokenizer, loaded."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tiny_tokenizer(Path(tmp), pad_token)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _tiny_text_config(tokenizer: Any, **config: Any) -> Any:
+    """A two-layer CLIP text encoder config matching ``tokenizer``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "hidden_size": CROSS_DIM,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 77,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "projection_dim": CROSS_DIM,
+            **config,
+        }
+    )
+
+
+# SDXL's size conditions: six ids, each embedded in this many channels (SDXL: 256).
+XL_TIME_EMBED_DIM = 8
+
+
+def _tiny_xl_unet_config(in_channels: int) -> dict:
+    """SDXL's UNet in miniature: linear projections, two transformer layers in the lower
+    level, text of both encoders (2 x 32 channels), and the added embedding of six size ids
+    plus the pooled text (``addition_embed_type`` "text_time")."""
+    return dict(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=2 * CROSS_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * XL_TIME_EMBED_DIM + CROSS_DIM,
+        norm_num_groups=8,
+    )
+
+
+def _build_tiny_family(kind: str, folder: Path) -> Path:
+    """Build tiny-xl, tiny-xl-controlnet, tiny-xl-pix2pix or tiny-sd2 into ``folder``."""
+    from diffusers import (
+        ControlNetModel,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLInstructPix2PixPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    if kind == "tiny-sd2":
+        # SD 2.x: linear projections, OpenCLIP-style padding ("!") and GELU, v-prediction.
+        unet = UNet2DConditionModel(
+            **{**_tiny_unet_config(4), "attention_head_dim": (2, 4), "use_linear_projection": True}
+        )
+        tokenizer = _tiny_tokenizer(pad_token="!")
+        text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, hidden_act="gelu"))
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        )
+        pipeline = StableDiffusionPipeline(
+            vae=_tiny_vae(),
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipeline.save_pretrained(str(folder), safe_serialization=True)
+        return folder
+
+    unet = UNet2DConditionModel(**_tiny_xl_unet_config(8 if kind == "tiny-xl-pix2pix" else 4))
+    if kind == "tiny-xl-controlnet":
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(8, 16, 16, 32)
+        )
+        _randomize_zero_convs(controlnet)
+        controlnet.save_pretrained(str(folder), safe_serialization=True)
+        return folder
+    tokenizer = _tiny_tokenizer()
+    tokenizer_2 = _tiny_tokenizer(pad_token="!")
+    # SDXL's VAE: latents scaled by 0.13025, float16 decoding upcast (it overflows there).
+    vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
+    # SDXL ships Euler with "leading" spacing; the engine reads its betas into DDIM.
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipeline_cls = (
+        StableDiffusionXLInstructPix2PixPipeline
+        if kind == "tiny-xl-pix2pix"
+        else StableDiffusionXLPipeline
+    )
+    pipeline = pipeline_cls(
+        vae=vae,
+        text_encoder=CLIPTextModel(_tiny_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _tiny_text_config(tokenizer_2, hidden_act="gelu")
+        ),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipeline.save_pretrained(str(folder), safe_serialization=True)
     return folder
