@@ -82,6 +82,62 @@ def frames_text(context: Any) -> str:
     return f"Frames {first}-{first + count - 1}"
 
 
+def panel_frame_count(context: Any) -> int:
+    """How many frames the panel's job makes: the source strip's when it sets them."""
+    scene, settings = context.scene, context.scene.t2vz
+    if not has_source_strip(settings):
+        return job_frames(scene, settings)[1]
+    strip = strips.source_strip(scene)
+    if settings.match_source and strips.is_video_strip(strip):
+        return int(strip.frame_final_duration)
+    return settings.frames
+
+
+def panel_estimate(context: Any) -> tuple[float | None, str]:
+    """Seconds the panel's job should take and what the figure rests on (see
+    runtime.estimate_job)."""
+    settings = context.scene.t2vz
+    prefs = preferences.get_prefs(context)
+    default = prefs.pix2pix_model if settings.mode == "pix2pix" else prefs.model
+    width, height = settings.size(context.scene)
+    return runtime.estimate_job(
+        panel_frame_count(context),
+        settings.steps,
+        width,
+        height,
+        settings.model.strip() or default.strip(),
+        prefs.device,
+    )
+
+
+def regenerate_estimate(context: Any, strip: Any) -> tuple[float | None, str]:
+    """Seconds Regenerate on ``strip`` should take: its job's frames and size, the panel's
+    steps (and frames and model where Regenerate takes them from the panel)."""
+    stored = strips.stored_job(strip) or {}
+    settings = context.scene.t2vz
+    frames = int(stored.get("frames") or settings.frames)
+    if stored.get("mode", "text2video") == "text2video":
+        frames = settings.frames
+    model = settings.model.strip() or str(stored.get("model") or "")
+    try:
+        width, height = int(stored["width"]), int(stored["height"])
+    except (KeyError, TypeError, ValueError):
+        width, height = settings.size(context.scene)
+    prefs = preferences.get_prefs(context)
+    return runtime.estimate_job(frames, settings.steps, width, height, model, prefs.device)
+
+
+def invoke_confirm(context: Any, operator: Any, event: Any, message: str) -> set[str]:
+    """Ask ``message`` before ``operator`` runs (Blender 4.1+ shows the text; older ones
+    only an OK button)."""
+    wm = context.window_manager
+    params = wm.bl_rna.functions["invoke_confirm"].parameters.keys()
+    kwargs: dict[str, str] = {}
+    if "message" in params:
+        kwargs = {"title": "A Long Job", "message": message, "confirm_text": "Start"}
+    return wm.invoke_confirm(operator, event, **kwargs)
+
+
 def past_end_text(scene: Any, start: int, frames: int) -> str:
     """A warning when a result starting at ``start`` runs past the scene's end; else ""."""
     last = start + frames - 1
@@ -364,6 +420,10 @@ class _JobOperator:
     def plan(self, context: Any) -> JobPlan:
         raise NotImplementedError
 
+    def long_job_question(self, context: Any) -> str:
+        """The question a very long job asks before it starts (runtime.confirm_text)."""
+        return ""
+
     def execute(self, context: Any) -> set[str]:
         try:
             preferences.resolve_python(preferences.get_prefs(context))
@@ -377,6 +437,9 @@ class _JobOperator:
         return submit_plan(self, context, plan)
 
     def invoke(self, context: Any, event: Any) -> set[str]:
+        question = self.long_job_question(context) if context.window is not None else ""
+        if question:
+            return invoke_confirm(context, self, event, question)  # then execute
         result = self.execute(context)
         if "FINISHED" not in result or context.window is None:
             return result
@@ -468,6 +531,12 @@ class T2VZ_OT_generate(_JobOperator, bpy.types.Operator):
         for line in _wrap_text(source_question(context), 60):
             layout.label(text=line)
         layout.prop(self, "use_source", expand=True)
+        estimate = runtime.estimate_text(*panel_estimate(context))
+        if estimate:
+            layout.label(text=estimate, icon="SORTTIME")
+
+    def long_job_question(self, context: Any) -> str:
+        return runtime.confirm_text(*panel_estimate(context))
 
     def plan(self, context: Any) -> JobPlan:
         strip = None
@@ -573,6 +642,10 @@ class T2VZ_OT_regenerate(_JobOperator, bpy.types.Operator):
 
     def plan(self, context: Any) -> JobPlan:
         return plan_regenerate(context, strips.source_strip(context.scene), self.seed)
+
+    def long_job_question(self, context: Any) -> str:
+        strip = strips.source_strip(context.scene)
+        return runtime.confirm_text(*regenerate_estimate(context, strip))
 
 
 class T2VZ_OT_queue_remove(bpy.types.Operator):

@@ -136,13 +136,7 @@ def draw_frames(layout: Any, context: Any) -> None:
             row = layout.row()
             row.alert = True
             row.label(text=warning, icon="ERROR")
-    else:
-        count = settings.frames
-        strip = strips.source_strip(scene)
-        if settings.match_source and strips.is_video_strip(strip):
-            count = strip.frame_final_duration
-    width, height = settings.size(scene)
-    estimate = runtime.estimate_text(runtime.RUNNER.estimate(count, settings.steps, width, height))
+    estimate = runtime.estimate_text(*operators.panel_estimate(context))
     if estimate:
         layout.label(text=estimate, icon="SORTTIME")
 

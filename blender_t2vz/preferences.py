@@ -90,6 +90,9 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         description="Load .ckpt/.bin/.pt weights too. Unpickling can run arbitrary code: only "
         "for sources you trust. A job file cannot turn this on",
     )
+    # The speed of the last jobs by model and device (runtime.remember_speed), saved with the
+    # preferences so the first long job of the next session shows its estimate too.
+    job_speeds: StringProperty(name="Job Speeds", default="{}", options={"HIDDEN"})
 
     def draw(self, context: Any) -> None:
         layout = self.layout

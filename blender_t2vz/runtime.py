@@ -9,6 +9,7 @@ themselves (see ``Runner.wait``).
 """
 
 import contextlib
+import json
 import math
 import shutil
 import sys
@@ -60,6 +61,9 @@ class ActiveJob:
     # The highest denoising step shown so far: the counter never goes back.
     step_shown: int = 0
     started: float = field(default_factory=time.monotonic)
+    # (time, fraction) of the first progress message: the job's speed is measured from
+    # there, without the worker's start and the model's loading.
+    clock: tuple[float, float] | None = None
 
 
 @dataclass
@@ -168,15 +172,96 @@ def job_units(frames: int, steps: int, width: int, height: int) -> float:
 
 # Jobs estimated above this many seconds show their estimate before they start.
 LONG_JOB_S = 60.0
+# Jobs estimated above this many seconds ask for a confirmation before they start.
+CONFIRM_JOB_S = 30 * 60.0
+LAST_SPEED = "at the last job's speed"
+# A first guess of the speed before any job has run on this machine, in seconds per
+# 512 x 512 frame-step (job_units), for SD 1.5-sized models (built-in tiny ones are far
+# faster: no guess for them), by the device the job runs on:
+#   cuda: 3.463 s for 8 frames x 50 steps at 512 x 512, float16, on an H100 (BENCHMARKS.md,
+#         section CUDA): 0.0087; smaller GPUs are slower.
+#   cpu:  6.470 s for 4 frames x 3 steps at 64 x 64 on 2 AMD EPYC cores (BENCHMARKS.md,
+#         "SD 1.5 architecture, text2video again"): 34.5.
+ROUGH_SECONDS_PER_UNIT = {"cuda": 3.463 / (8 * 50), "cpu": 6.470 / job_units(4, 3, 64, 64)}
+# Speeds remembered in the preferences (model and device pairs), the latest kept.
+SPEEDS_KEPT = 20
 
 
-def estimate_text(seconds: float | None) -> str:
-    """ "About 12 min" for a job estimated to take that long; "" for short or unknown ones."""
+def estimate_text(seconds: float | None, basis: str = LAST_SPEED) -> str:
+    """ "About 12 min at the last job's speed" for a job estimated to take that long;
+    "" for short or unknown ones. ``basis``: what the figure rests on."""
     if seconds is None or seconds < LONG_JOB_S:
         return ""
     if seconds < 3600:
-        return f"About {max(1, round(seconds / 60))} min at the last job's speed"
-    return f"About {seconds / 3600:.1f} h at the last job's speed"
+        return f"About {max(1, round(seconds / 60))} min {basis}"
+    return f"About {seconds / 3600:.1f} h {basis}"
+
+
+def confirm_text(seconds: float | None, basis: str = LAST_SPEED) -> str:
+    """The question a very long job asks before it starts; "" for the others."""
+    if seconds is None or seconds < CONFIRM_JOB_S:
+        return ""
+    return f"{estimate_text(seconds, basis)}: start it?"
+
+
+def speed_key(model: str, device: str) -> str:
+    """How a job's speed is remembered: by the device setting and the model."""
+    return f"{device}|{model}"
+
+
+def _prefs() -> Any | None:
+    addon = bpy.context.preferences.addons.get(__package__)
+    return addon.preferences if addon is not None else None
+
+
+def saved_speeds() -> dict[str, dict[str, Any]]:
+    """The speeds remembered in the preferences: {"speeds": {speed_key: seconds per unit},
+    "devices": {device setting: the device it ran on}}."""
+    prefs = _prefs()
+    try:
+        saved = json.loads(getattr(prefs, "job_speeds", "") or "{}")
+    except ValueError:
+        saved = {}
+    saved = saved if isinstance(saved, dict) else {}
+    return {k: dict(saved.get(k) or {}) for k in ("speeds", "devices")}
+
+
+def remember_speed(model: str, device: str, ran_on: str, seconds_per_unit: float) -> None:
+    """Keep a finished job's speed in the preferences (saved with them), for the estimates
+    of the next session's first jobs; ``ran_on``: the device it ran on ("" unknown)."""
+    prefs = _prefs()
+    if prefs is None or not hasattr(prefs, "job_speeds"):
+        return
+    saved = saved_speeds()
+    speeds = saved["speeds"]
+    speeds.pop(speed_key(model, device), None)  # the latest last
+    speeds[speed_key(model, device)] = float(seconds_per_unit)
+    saved["speeds"] = dict(list(speeds.items())[-SPEEDS_KEPT:])
+    if ran_on:
+        saved["devices"][device] = ran_on
+    prefs.job_speeds = json.dumps(saved, sort_keys=False)
+    with contextlib.suppress(AttributeError):
+        bpy.context.preferences.is_dirty = True  # auto-saved with the preferences
+
+
+def estimate_job(
+    frames: int, steps: int, width: int, height: int, model: str, device: str
+) -> tuple[float | None, str]:
+    """Seconds a job should take, and what the figure rests on: the last job with this
+    model and device (this session or an earlier one), else this session's last job,
+    else a rough figure for the device; (None, "") when nothing is known."""
+    units = job_units(frames, steps, width, height)
+    saved = saved_speeds()
+    speed = saved["speeds"].get(speed_key(model, device))
+    if speed is None:
+        speed = RUNNER.seconds_per_unit
+    if speed is not None:
+        return float(speed) * units, LAST_SPEED
+    ran_on = device if device != "auto" else saved["devices"].get(device, "")
+    rough = ROUGH_SECONDS_PER_UNIT.get(ran_on.split(":")[0])
+    if rough is None or model.startswith("builtin:"):
+        return None, ""
+    return rough * units, f"(a rough figure for {ran_on.upper()} until a job has run)"
 
 
 def progress_text(job: ActiveJob, message: dict[str, Any]) -> str:
@@ -198,6 +283,23 @@ def progress_text(job: ActiveJob, message: dict[str, Any]) -> str:
     if stage == "decoding":
         return f"Writing frames: {int(message.get('frames_done') or 0)} of {frames}"
     return f"{stage}: step {message.get('step')} of {message.get('total')}"
+
+
+def measured_speed(job: ActiveJob, units: float, now: float) -> float:
+    """Seconds per work unit of a job that ended at ``now``: from its first progress
+    message (the worker's start and the model's loading left out), scaled by the share of
+    the job still ahead then; from its submission when no progress came."""
+    since, fraction = job.clock or (job.started, 0.0)
+    return (now - since) / (units * max(1.0 - fraction, 0.05))
+
+
+def ran_on(job: dict[str, Any]) -> str:
+    """The device a finished job ran on ("cpu", "cuda"), from its run.json; "" unknown."""
+    try:
+        info = json.loads((Path(job["out"]) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, KeyError, TypeError, ValueError):
+        return ""
+    return str(info.get("device") or "").split(":")[0] if isinstance(info, dict) else ""
 
 
 class Runner:
@@ -571,6 +673,8 @@ class Runner:
                 status.message = "Running"
         elif kind == "progress":
             fraction = float(message.get("fraction") or 0.0)
+            if job.clock is None:
+                job.clock = (time.monotonic(), fraction)
             status.progress = max(status.progress, min(1.0, max(0.0, fraction)))
             if job.cancel_at is None:
                 status.message = progress_text(job, message)
@@ -657,7 +761,10 @@ class Runner:
         spec = job.job
         with contextlib.suppress(KeyError, TypeError, ValueError, ZeroDivisionError):
             units = job_units(len(frames), spec["steps"], spec["width"], spec["height"])
-            self.seconds_per_unit = (time.monotonic() - job.started) / units
+            self.seconds_per_unit = measured_speed(job, units, time.monotonic())
+            remember_speed(
+                str(spec["model"]), str(spec["device"]), ran_on(spec), self.seconds_per_unit
+            )
         scene = bpy.data.scenes.get(job.scene)
         if scene is None:
             self._finish(

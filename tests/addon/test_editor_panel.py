@@ -122,10 +122,19 @@ def test_match_source_strip_only_with_a_source_strip(scene, image_folder) -> Non
     assert "match_source" in props and "frame_range" not in props
 
 
-def test_a_long_job_shows_its_estimate(scene) -> None:
+@pytest.fixture
+def no_speeds(addon):
+    """No job has run yet, in this session or in one before (the saved speeds)."""
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
+    kept, device, runtime.RUNNER.seconds_per_unit = prefs.job_speeds, prefs.device, None
+    prefs.job_speeds = "{}"
+    yield prefs
+    prefs.job_speeds, prefs.device, runtime.RUNNER.seconds_per_unit = kept, device, None
+
+
+def test_a_long_job_shows_its_estimate(scene, no_speeds) -> None:
     settings = scene.t2vz
     settings.prompt, settings.frames, settings.steps = "a cat", 100, 50
-    runtime.RUNNER.seconds_per_unit = None
     assert not [t for t in _labels(_draw(panels.T2VZ_PT_main)) if t.startswith("About")]
     # The last job's speed: 32 s per 512x512 frame-step; 100 frames x 50 steps at 64x64
     # are 78.125 of those: 2500 s.
@@ -136,6 +145,63 @@ def test_a_long_job_shows_its_estimate(scene) -> None:
         runtime.RUNNER.seconds_per_unit = None
     assert "About 42 min at the last job's speed" in labels
     assert runtime.estimate_text(30.0) == "" and runtime.estimate_text(7200.0).startswith("About 2")
+
+
+def test_the_first_job_of_a_session_shows_an_estimate(scene, no_speeds) -> None:
+    """Before any job: a rough figure for the device (none for the tiny built-in models or
+    an unknown device); once a job ran, its speed, saved in the preferences for the next
+    session, by model and device."""
+    settings = scene.t2vz
+    settings.prompt, settings.frames, settings.steps = "a cat", 8, 50
+    settings.size_mode, settings.width, settings.height = "CUSTOM", 512, 512
+    no_speeds.device = "cpu"
+    assert operators.panel_estimate(bpy.context) == (None, "")  # builtin:tiny
+    settings.model = "some-owner/sd15-model"
+    seconds, basis = operators.panel_estimate(bpy.context)
+    rough = runtime.ROUGH_SECONDS_PER_UNIT["cpu"]
+    assert seconds == pytest.approx(rough * 8 * 50) and "rough figure for CPU" in basis
+    labels = _labels(_draw(panels.T2VZ_PT_main))
+    assert [t for t in labels if t.startswith("About") and "rough figure for CPU" in t]
+    no_speeds.device = "auto"  # not known to run anywhere yet
+    assert operators.panel_estimate(bpy.context) == (None, "")
+    # A job of another model ran on CUDA with Device "auto": auto means CUDA from now on.
+    runtime.remember_speed("other/model", "auto", "cuda", 0.5)
+    seconds, basis = operators.panel_estimate(bpy.context)
+    assert seconds == pytest.approx(runtime.ROUGH_SECONDS_PER_UNIT["cuda"] * 400)
+    assert "CUDA" in basis
+    # This model's own speed, saved as a new session finds it (no speed in the runner).
+    runtime.remember_speed("some-owner/sd15-model", "auto", "cuda", 0.25)
+    saved = json.loads(no_speeds.job_speeds)
+    assert saved["speeds"]["auto|some-owner/sd15-model"] == 0.25
+    assert operators.panel_estimate(bpy.context) == (100.0, runtime.LAST_SPEED)
+    for n in range(runtime.SPEEDS_KEPT + 5):  # the latest are kept
+        runtime.remember_speed(f"model {n}", "cpu", "cpu", 1.0)
+    speeds = runtime.saved_speeds()["speeds"]
+    assert len(speeds) == runtime.SPEEDS_KEPT and "cpu|model 24" in speeds
+
+
+def test_a_very_long_job_asks_before_it_starts(scene, no_speeds, image_folder) -> None:
+    settings = scene.t2vz
+    settings.prompt, settings.frames, settings.steps = "a cat", 64, 50
+    settings.size_mode, settings.width, settings.height = "CUSTOM", 512, 512
+    generate = operators.T2VZ_OT_generate
+    runtime.RUNNER.seconds_per_unit = 0.5  # 64 x 50 units: 1600 s, under half an hour
+    assert generate.long_job_question(None, bpy.context) == ""
+    runtime.RUNNER.seconds_per_unit = 0.6  # 1920 s
+    assert generate.long_job_question(None, bpy.context) == (
+        "About 32 min at the last job's speed: start it?"
+    )
+    assert runtime.confirm_text(None) == "" and runtime.confirm_text(1799.0) == ""
+    # Regenerate: the strip's job size, the panel's steps.
+    editor = scene.sequence_editor
+    job = {"mode": "pix2pix", "frames": 32, "width": 512, "height": 512, "model": "m"}
+    strip = _image_strip(scene, image_folder, "result", 2)
+    strip[strips.JOB_PROPERTY] = json.dumps(job)
+    strips.select_only(editor, strip)
+    regenerate = operators.T2VZ_OT_regenerate
+    assert regenerate.long_job_question(None, bpy.context) == ""  # 32 frames: 960 s
+    settings.steps = 100
+    assert regenerate.long_job_question(None, bpy.context).startswith("About 32 min")
 
 
 def test_one_source_strip_rule_for_generate_and_regenerate(scene, image_folder) -> None:

@@ -24,7 +24,8 @@ def _registered() -> dict[str, bool]:
     }
 
 
-def test_register_unregister_twice(addon: object) -> None:
+def test_register_unregister_twice(scene: object) -> None:
+    """``scene``: default panel settings (text to video), whatever an earlier test left."""
     from blender_t2vz import runtime
 
     for _ in range(2):

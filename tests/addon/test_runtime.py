@@ -6,6 +6,7 @@ finishes just as the user cancels.
 """
 
 import functools
+import json
 import sys
 import time
 from pathlib import Path
@@ -778,3 +779,31 @@ def test_setting_the_output_folder_to_a_blend_relative_path_does_not_warn(scene)
         warnings.simplefilter("error")
         scene.t2vz.output_dir = "//t2vz/"
     assert scene.t2vz.bl_rna.properties["output_dir"].subtype == "DIR_PATH"
+
+
+def test_a_jobs_speed_is_measured_from_its_first_progress_and_saved(runner, tmp_path) -> None:
+    """The worker's start and the model's loading are not the job's speed; the speed is
+    saved in the preferences with the device run.json names."""
+    prefs = bpy.context.preferences.addons["blender_t2vz"].preferences
+    kept = prefs.job_speeds
+    out = tmp_path / "sped"
+    spec = {"out": str(out), "steps": 10, "width": 512, "height": 512}
+    job = {**spec, "model": "m", "device": "auto"}
+    runner.job = runtime.ActiveJob("j1", job, bpy.context.scene.name, 1, 5, "x")
+    runner.job.started -= 100.0  # a slow start: not counted
+    apply(runner, "progress", fraction=0.5, stage="denoising")
+    since = runner.job.clock[0]
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"device": "cuda:0"}))
+    try:
+        _done(runner, tmp_path, "sped")
+        # 2 frames x 10 steps = 20 units; half of them after the first progress message.
+        elapsed = time.monotonic() - since
+        assert 0 < runner.seconds_per_unit <= elapsed / 10
+        saved = runtime.saved_speeds()
+        assert saved["speeds"]["auto|m"] == runner.seconds_per_unit
+        assert saved["devices"] == {**saved["devices"], "auto": "cuda"}
+    finally:
+        prefs.job_speeds = kept
+    job = runtime.ActiveJob("j2", {}, "", 0, 0, "y", clock=(10.0, 0.2))
+    assert runtime.measured_speed(job, 4.0, 18.0) == pytest.approx(8.0 / (4.0 * 0.8))
