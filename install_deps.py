@@ -4,7 +4,7 @@
     python3 install_deps.py                    # .venv beside this file, torch for this machine
     python3 install_deps.py --demo             # ... then generate a demo video (offline)
     python3 install_deps.py --dev --run-tests  # ... with test tools, then run the test suite
-    python3 install_deps.py --detectors        # ... with the OpenPose/Depth detectors (controlnet-aux)
+    python3 install_deps.py --detectors        # ... with the HED/lineart/MLSD detectors (controlnet-aux)
 
 The backend runs in its own virtual environment (torch, diffusers, transformers, ...),
 never inside Blender. PyTorch is chosen for the machine: a CUDA build on Linux/Windows
@@ -243,7 +243,7 @@ def torch_build_index(torch_version: str) -> str | None:
 def detectors_install_commands(
     python: Path, torch_version: str, constraints: list[Path]
 ) -> list[list[str]]:
-    """pip commands for the OpenPose/Depth detectors: a torchvision built for the installed
+    """pip commands for the controlnet-aux detectors: a torchvision built for the installed
     torch (from the index that torch came from), then controlnet-aux, torch held in place."""
     pins = [arg for path in constraints for arg in ("-c", str(path))]
     vision = [
@@ -262,7 +262,8 @@ def detectors_install_commands(
 
 
 def install_detectors(python: Path, pinned: bool = True) -> None:
-    """controlnet-aux and a matching torchvision, for the openpose and depth detectors."""
+    """controlnet-aux and a matching torchvision, for the hed, lineart and mlsd detectors
+    (openpose and depth need only the requirements)."""
     torch_version = subprocess.run(
         [str(python), "-c", "import torch; print(torch.__version__)"],
         capture_output=True,
@@ -272,7 +273,10 @@ def install_detectors(python: Path, pinned: bool = True) -> None:
     constraints = [python.parent / "t2vz-constraints.txt"]  # torch==the installed build
     if pinned and BACKEND_CONSTRAINTS.is_file():
         constraints.append(BACKEND_CONSTRAINTS)
-    say(f"installing the detectors (controlnet-aux, torchvision for torch {torch_version})")
+    say(
+        f"installing the controlnet-aux detectors (controlnet-aux, torchvision for torch "
+        f"{torch_version})"
+    )
     for cmd in detectors_install_commands(python, torch_version, constraints):
         run(cmd)
 
@@ -404,8 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--detectors",
         action="store_true",
-        help="also install the OpenPose and Depth detectors (controlnet-aux with a torchvision "
-        "that matches the installed torch)",
+        help="also install the HED, lineart and MLSD detectors (controlnet-aux with a "
+        "torchvision that matches the installed torch; OpenPose and Depth need neither)",
     )
     parser.add_argument(
         "--unpinned",

@@ -26,12 +26,29 @@ from typing import Any
 SCHEMA_VERSION = 1
 
 MODES = ("text2video", "controlnet", "pix2pix")
-DETECTORS = ("none", "canny", "openpose", "depth")
-# Python modules a detector needs in the backend environment beyond the requirements (the
-# add-on looks for them without importing; install_deps.py --detectors installs them).
+# Detectors that turn a control video into control images in the backend (see README).
+# openpose and depth run transformers models from safetensors (MODEL_DETECTORS); the
+# AUX_DETECTORS exist only in controlnet-aux, whose lllyasviel/Annotators weights are pickles.
+MODEL_DETECTORS = ("openpose", "depth")
+AUX_DETECTORS = ("hed", "lineart", "mlsd")
+DETECTORS = ("none", "canny", *MODEL_DETECTORS, *AUX_DETECTORS)
+# Python modules a detector needs in the backend environment (the add-on looks for them
+# without importing): scipy comes with the requirements (VitPose's image processor uses it);
+# install_deps.py --detectors installs controlnet-aux and a torchvision for the extras.
 DETECTOR_MODULES = {
-    "openpose": ("controlnet_aux", "torchvision"),
-    "depth": ("controlnet_aux", "torchvision"),
+    "openpose": ("scipy",),
+    **{name: ("controlnet_aux", "torchvision") for name in AUX_DETECTORS},
+}
+# The weights of the model detectors by role, the one place they are named: hub ids of
+# safetensors repos (all Apache-2.0), replaced per ControlNet by ``detector_models``.
+DETECTOR_MODELS = {
+    # RT-DETR finds the people, VitPose their 17 COCO keypoints in each box.
+    "openpose": {
+        "person": "PekingU/rtdetr_r50vd_coco_o365",
+        "pose": "usyd-community/vitpose-base-simple",
+    },
+    # Depth Anything V2 Small (the Base and Large weights are CC-BY-NC-4.0).
+    "depth": {"depth": "depth-anything/Depth-Anything-V2-Small-hf"},
 }
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -134,6 +151,9 @@ class ControlNetSpec:
     # Where a single-file ControlNet gets its config.json (a diffusers ControlNet folder or
     # hub id); None: the SD 1.5 ControlNet config shipped with the backend (no network).
     config: str | None = None
+    # Hub ids or local folders replacing DETECTOR_MODELS[detector] by role for this
+    # ControlNet (e.g. {"pose": "usyd-community/vitpose-plus-small"}); None: the defaults.
+    detector_models: dict[str, str] | None = None
 
 
 @dataclass
@@ -237,9 +257,20 @@ class Job:
         return list(range(first - 1, last))
 
 
+# Optional fields left out of a job's dict while unset (jobs written before them stay equal).
+_LEFT_OUT_UNSET = ("indices", "detector_models")
+
+
 def _dict_without_unset_indices(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A dataclass as a dict, leaving out a VideoInput's ``indices`` when it has none."""
-    return {key: value for key, value in items if not (key == "indices" and value is None)}
+    """A dataclass as a dict, leaving out a VideoInput's ``indices`` and a ControlNet's
+    ``detector_models`` when they are unset."""
+    return {k: v for k, v in items if not (k in _LEFT_OUT_UNSET and v is None)}
+
+
+def detector_models(detector: str, overrides: dict[str, str] | None = None) -> dict[str, str]:
+    """The weights ``detector`` loads by role: DETECTOR_MODELS with ``overrides`` applied
+    ({} for detectors that load no transformers model)."""
+    return {**DETECTOR_MODELS.get(detector, {}), **(overrides or {})}
 
 
 # --------------------------------------------------------------------------- checks
@@ -374,7 +405,34 @@ def _controlnet(name: str, value: Any) -> ControlNetSpec:
         config=None
         if value.get("config") is None
         else _str(f"{name}.config", value["config"], nonempty=True),
+        detector_models=_detector_models(name, value),
     )
+
+
+def _detector_models(name: str, value: dict) -> dict[str, str] | None:
+    """A ControlNet's ``detector_models``: roles its detector loads, each a hub id or folder."""
+    models = value.get("detector_models")
+    if models is None:
+        return None
+    where = f"{name}.detector_models" if name else "detector_models"
+    _check_type(where, models, dict)
+    detector = value.get("detector", "none")
+    roles = DETECTOR_MODELS.get(detector)
+    if roles is None:
+        raise JobError(
+            where,
+            f"detector {detector!r} loads no models; only {', '.join(MODEL_DETECTORS)} take "
+            "detector_models",
+        )
+    for role, model in models.items():
+        if role not in roles:
+            raise JobError(
+                f"{where}.{role}",
+                f"detector {detector!r} has no model {shown(role)}; its models are "
+                f"{', '.join(roles)}",
+            )
+        _str(f"{where}.{role}", model, nonempty=True)
+    return dict(models)
 
 
 def _lora(name: str, value: Any) -> LoraSpec:
@@ -729,7 +787,22 @@ def apply_preset(job: dict[str, Any], name: str) -> dict[str, Any]:
 #                                   only with allow_pickle)
 #   list_models   {"id"}            the models in the worker's hub cache (answered at once)
 #   remove_model  {"id", "model"}   delete a model from that cache (queued)
-REQUESTS = ("generate", "cancel", "shutdown", "fetch_model", "list_models", "remove_model")
+# To check a detector before generating (DetectorPreview, validate_detector_preview):
+#   preview_detector {"id", "control", "detector", "frame", "width", "height", "fit"?,
+#                     "detector_models"?, "allow_pickle"?}   run ``detector`` on output frame
+#                                   ``frame`` (0-based) of the control video ``control`` (a
+#                                   path or {path, start, stride, indices}, as in a job) fitted
+#                                   to width x height; queued like a job (its weights may
+#                                   download: ``download`` replies, ``cancel`` stops it)
+REQUESTS = (
+    "generate",
+    "cancel",
+    "shutdown",
+    "fetch_model",
+    "list_models",
+    "remove_model",
+    "preview_detector",
+)
 # What a fetch_model request downloads ("kind"): the model loaders' files or an adapter's.
 FETCH_KINDS = ("model", "controlnet", "lora", "embedding")
 # Replies (worker -> add-on), one JSON object per stdout line:
@@ -749,6 +822,9 @@ FETCH_KINDS = ("model", "controlnet", "lora", "embedding")
 #   models     {"id", "cache_dir", "models": [{"model", "size", "files", "last_accessed",
 #               "complete", "path"}]}                  list_models: size in bytes, largest first
 #   removed    {"id", "model", "freed"}                 remove_model: bytes freed
+#   detected   {"id", "detector", "frame", "path"}      preview_detector: the control image,
+#                                                     a PNG in the worker's temporary folder
+#                                                     (its last few are kept)
 #   error      {"id", "kind", "message", "traceback"}   kind: the exception's class name
 #   cancelled  {"id"}                                   a job or fetch_model stopped
 REPLIES = (
@@ -761,11 +837,49 @@ REPLIES = (
     "fetched",
     "models",
     "removed",
+    "detected",
     "error",
     "cancelled",
 )
 # Requests the worker runs one at a time, in order (the others act at once).
-QUEUED_REQUESTS = ("generate", "fetch_model", "remove_model")
+QUEUED_REQUESTS = ("generate", "fetch_model", "remove_model", "preview_detector")
+
+
+@dataclass
+class DetectorPreview:
+    """A preview_detector request: one frame of a control video through a detector."""
+
+    control: VideoInput
+    detector: str
+    # 0-based output frame: the control's start/stride/indices pick the source frame.
+    frame: int
+    # The job's size and fit: the preview is the control image the job would get.
+    width: int
+    height: int
+    fit: str = "crop"
+    detector_models: dict[str, str] | None = None
+
+
+# Fields of a preview_detector request besides DetectorPreview's.
+_MESSAGE_FIELDS = ("type", "id", "allow_pickle")
+
+
+def validate_detector_preview(message: Any) -> DetectorPreview:
+    """Check a preview_detector request; JobError naming the field and the value."""
+    _check_type("preview_detector", message, dict)
+    _no_unknown("", {k: v for k, v in message.items() if k not in _MESSAGE_FIELDS}, DetectorPreview)
+    for required in ("control", "detector", "frame", "width", "height"):
+        if required not in message:
+            raise JobError(required, "is required")
+    return DetectorPreview(
+        control=_video("control", message["control"]),
+        detector=_choice("detector", message["detector"], DETECTORS),
+        frame=_int("frame", message["frame"], lo=0, hi=MAX_FRAMES - 1),
+        width=_int("width", message["width"], lo=8, hi=MAX_SIDE),
+        height=_int("height", message["height"], lo=8, hi=MAX_SIDE),
+        fit=_choice("fit", message.get("fit", "crop"), FITS),
+        detector_models=_detector_models("", message),
+    )
 
 
 def encode_message(kind: str, /, **payload: Any) -> str:

@@ -52,12 +52,39 @@ def no_controlnet_aux(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     controls._aux_detector.cache_clear()
 
 
-@pytest.mark.parametrize("name", ["openpose", "depth"])
+@pytest.mark.parametrize("name", ["hed", "lineart", "mlsd"])
 def test_missing_controlnet_aux_gives_a_helpful_error(no_controlnet_aux: None, name: str) -> None:
+    with pytest.raises(DetectorUnavailableError) as info:
+        apply_detector(name, square_image(), allow_pickle=True)
+    message = str(info.value)
+    assert name in message and "controlnet-aux" in message and "canny" in message
+    assert "openpose" in message  # the detectors that need no extra
+
+
+@pytest.mark.parametrize("name", ["hed", "lineart", "mlsd"])
+def test_controlnet_aux_detectors_run_only_where_pickles_are_allowed(
+    monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    loaded: list[str] = []
+    monkeypatch.setattr(controls, "_aux_detector", lambda n: loaded.append(n))
     with pytest.raises(DetectorUnavailableError) as info:
         apply_detector(name, square_image())
     message = str(info.value)
-    assert name in message and "controlnet-aux" in message and "canny" in message
+    assert f"{name!r}" in message and "pickled" in message and "--allow-pickle" in message
+    assert "Allow Pickled Weights" in message
+    assert loaded == []  # refused before controlnet-aux is even imported
+
+
+@pytest.mark.parametrize("name", ["openpose", "depth"])
+def test_pose_and_depth_run_the_transformers_detectors(name: str) -> None:
+    calls = []
+
+    def run(detector, models, images):
+        calls.append((detector, models, [i.shape for i in images]))
+        return [np.full_like(i, 7) for i in images]
+
+    out = apply_detector(name, square_image(), run, {"x": "y"})
+    assert calls == [(name, {"x": "y"}, [(64, 64, 3)])] and (out == 7).all()
 
 
 def test_detector_output_is_resized_to_the_frame(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,8 +95,8 @@ def test_detector_output_is_resized_to_the_frame(monkeypatch: pytest.MonkeyPatch
         return lambda image: np.full((32, 48, 3), 9, np.uint8)
 
     monkeypatch.setattr(controls, "_aux_detector", fake_detector)
-    out = apply_detector("depth", square_image(64))
-    assert seen == ["depth"] and out.shape == (64, 64, 3) and (out == 9).all()
+    out = apply_detector("hed", square_image(64), allow_pickle=True)
+    assert seen == ["hed"] and out.shape == (64, 64, 3) and (out == 9).all()
 
 
 def test_control_video_frames_go_through_the_detector(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def test_bad_fields_are_named(fields: dict, field: str, value_text: str) -> None
             "controlnets[0].weight",
         ),
         (
-            {"mode": "controlnet", "controlnets": [{**CONTROLNET, "detector": "hed"}]},
+            {"mode": "controlnet", "controlnets": [{**CONTROLNET, "detector": "sobel"}]},
             "controlnets[0].detector",
         ),
         ({"mode": "controlnet", "controlnets": CONTROLNET}, "controlnets"),
@@ -502,3 +502,92 @@ def test_adapters_need_a_path_a_bounded_weight_and_distinct_tokens() -> None:
 
 def test_pid_0_is_never_a_live_process() -> None:
     assert pid_alive(0) is False and pid_alive(-1) is False and pid_alive(os.getpid()) is True
+
+
+def controlnet_job(**controlnet: Any) -> dict[str, Any]:
+    """A controlnet job whose one ControlNet has ``controlnet``'s fields."""
+    spec = {"model": "m", "control": "/tmp/c", **controlnet}
+    return job(mode="controlnet", controlnets=[spec])
+
+
+def test_detector_weights_may_be_replaced_per_controlnet_by_role() -> None:
+    from backend.protocol import DETECTOR_MODELS, detector_models
+
+    pose = {"pose": "me/vitpose-small"}
+    spec = validate_job(controlnet_job(detector="openpose", detector_models=pose)).controlnets[0]
+    assert spec.detector_models == pose
+    assert detector_models("openpose", spec.detector_models) == {
+        "person": DETECTOR_MODELS["openpose"]["person"],
+        "pose": "me/vitpose-small",
+    }
+    assert detector_models("canny") == {}
+    plain = validate_job(controlnet_job(detector="openpose")).to_dict()
+    assert "detector_models" not in plain["controlnets"][0]  # unset: job.json as before
+    again = validate_job(json.loads(validate_job(controlnet_job(detector="depth")).to_json()))
+    assert again.controlnets[0].detector_models is None
+
+
+@pytest.mark.parametrize(
+    ("controlnet", "field", "text"),
+    [
+        ({"detector": "canny", "detector_models": {"pose": "a/b"}}, "detector_models", "canny"),
+        (
+            {"detector": "depth", "detector_models": {"pose": "a/b"}},
+            "detector_models.pose",
+            "depth",
+        ),
+        ({"detector": "depth", "detector_models": ["a/b"]}, "detector_models", "dict"),
+        ({"detector": "depth", "detector_models": {"depth": ""}}, "detector_models.depth", "empty"),
+        ({"detector": "depth", "detector_models": {"depth": 3}}, "detector_models.depth", "str"),
+    ],
+)
+def test_bad_detector_weights_name_the_field(controlnet: dict, field: str, text: str) -> None:
+    with pytest.raises(JobError) as info:
+        validate_job(controlnet_job(**controlnet))
+    assert info.value.field == f"controlnets[0].{field}" and text in str(info.value)
+
+
+def test_the_controlnet_aux_detectors_are_choices_with_their_modules() -> None:
+    from backend.protocol import AUX_DETECTORS, DETECTOR_MODULES, DETECTORS, MODEL_DETECTORS
+
+    assert set(MODEL_DETECTORS) | set(AUX_DETECTORS) | {"none", "canny"} == set(DETECTORS)
+    assert all(
+        DETECTOR_MODULES[name] == ("controlnet_aux", "torchvision") for name in AUX_DETECTORS
+    )
+    assert DETECTOR_MODULES["openpose"] == ("scipy",) and "depth" not in DETECTOR_MODULES
+    spec = validate_job(controlnet_job(detector="mlsd")).controlnets[0]
+    assert spec.detector == "mlsd"
+
+
+def test_preview_detector_requests_are_checked_like_jobs() -> None:
+    from backend.protocol import QUEUED_REQUESTS, DetectorPreview, validate_detector_preview
+
+    assert "preview_detector" in REQUESTS and "preview_detector" in QUEUED_REQUESTS
+    assert "detected" in REPLIES
+    line = encode_message(
+        "preview_detector",
+        id="p",
+        control={"path": "/tmp/m.mp4", "start": 3},
+        detector="depth",
+        frame=2,
+        width=96,
+        height=64,
+        allow_pickle=False,
+    )
+    request = validate_detector_preview(decode_message(line))
+    assert request == DetectorPreview(VideoInput("/tmp/m.mp4", start=3), "depth", 2, 96, 64)
+    good = {"control": "/tmp/m.mp4", "detector": "openpose", "frame": 0, "width": 64, "height": 64}
+    for bad, field in [
+        ({"frame": -1}, "frame"),
+        ({"detector": "sobel"}, "detector"),
+        ({"width": 5000}, "width"),
+        ({"fit": "zoom"}, "fit"),
+        ({"detector_models": {"depth": "a/b"}}, "detector_models.depth"),
+        ({"colour": "red"}, "colour"),
+        ({"control": {"start": 1}}, "control.path"),
+    ]:
+        with pytest.raises(JobError) as info:
+            validate_detector_preview({**good, **bad})
+        assert info.value.field == field, bad
+    with pytest.raises(JobError, match="height: is required"):
+        validate_detector_preview({k: v for k, v in good.items() if k != "height"})

@@ -1164,3 +1164,53 @@ def test_in_process_long_tracebacks_are_kept_up_to_their_own_limit(
         )
     else:
         assert trace.endswith("OSError: the cache cannot be read\n")
+
+
+def test_in_process_preview_detector_answers_with_the_control_image(tmp_path: Path) -> None:
+    """preview_detector: the PNG is the control image a job of that size would get."""
+    import numpy as np
+
+    from backend.media.controls import load_control_frames
+    from backend.media.video_io import read_frames, write_png
+    from backend.protocol import ControlNetSpec, VideoInput
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        image = np.zeros((40, 60, 3), np.uint8)
+        image[5 + 5 * i : 30, 10 : 20 + 10 * i] = 255
+        write_png(folder / f"f{i}.png", image)
+    with in_process(tmp_path) as w:
+        w.send(
+            "preview_detector",
+            id="p1",
+            control={"path": str(folder), "start": 1},
+            detector="canny",
+            frame=1,
+            width=64,
+            height=48,
+        )
+        detected = w.next()
+        w.send("preview_detector", id="p2", control=str(folder), detector="hed", frame=0,
+               width=64, height=64)  # fmt: skip
+        refused = w.next()
+        w.send("preview_detector", id="p3", control=str(folder), detector="depth", frame=9,
+               width=64, height=64, detector_models={"pose": "a/b"})  # fmt: skip
+        bad = w.next()
+    assert {k: v for k, v in detected.items() if k != "path"} == {
+        "type": "detected",
+        "id": "p1",
+        "detector": "canny",
+        "frame": 1,
+    }
+    spec = ControlNetSpec("m", VideoInput(str(folder), start=1), detector="canny")
+    expected = load_control_frames(spec, [1], 64, 48)[1]  # source image 2 at 64x48
+    shown = read_frames(VideoInput(detected["path"]), [0], 64, 48)[0]
+    assert np.array_equal(shown, expected) and expected.max() == 255
+    assert refused["type"] == "error" and refused["id"] == "p2"
+    assert "pickled" in refused["message"] and "hed" in refused["message"]
+    assert bad["type"] == "error" and bad["kind"] == "JobError"
+    assert bad["message"].startswith("detector_models.pose: ")
+
+
+# --------------------------------------------------------------------------- hostile input

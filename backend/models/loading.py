@@ -615,6 +615,9 @@ class ModelCache:
         self.max_controlnets = max_controlnets
         self._bases: OrderedDict[tuple, BaseModel] = OrderedDict()
         self._controlnets: OrderedDict[tuple, Any] = OrderedDict()
+        # Loaded detector models (openpose: RT-DETR + VitPose; depth: Depth Anything).
+        self.max_detectors = 2
+        self._detectors: OrderedDict[tuple, Any] = OrderedDict()
         self.loads = 0  # how many times a model was actually loaded (for tests and logs)
 
     def base(self, name: str, download: DownloadHooks | None = None, **kwargs: Any) -> BaseModel:
@@ -635,6 +638,25 @@ class ModelCache:
             key,
             self.max_controlnets,
             lambda: load_controlnet(name, download=download, **kwargs),
+        )
+
+    def detector(
+        self,
+        detector: str,
+        models: dict[str, str],
+        device: torch.device,
+        download: DownloadHooks | None = None,
+    ) -> Any:
+        """Model detector ``detector`` with ``models`` by role (see detectors.load_detector)
+        loaded on ``device``, cached."""
+        from .detectors import load_detector
+
+        key = (detector, tuple(sorted(models.items())), str(device))
+        return self._get(
+            self._detectors,
+            key,
+            self.max_detectors,
+            lambda: load_detector(detector, models, device, download),
         )
 
     def _get(self, store: OrderedDict, key: tuple, limit: int, load: Any) -> Any:

@@ -23,6 +23,7 @@ import torch
 from .. import __version__
 from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from ..media.controls import store_control_frames
+from ..media.detectors import DetectorRun, weights_used
 from ..media.video_io import (
     FrameStore,
     Mp4Writer,
@@ -213,7 +214,13 @@ def run_job(
     def read_inputs(w: int, h: int) -> tuple[list[FrameStore], Any, Any]:
         # Input frames are spooled to temporary files and read back per chunk while
         # denoising: memory stays flat in video length (the files vanish with the job).
-        controls = [store_control_frames(spec, needed, w, h, fit) for spec in job.controlnets]
+        try:
+            controls = [
+                store_control_frames(spec, needed, w, h, fit, detectors, allow_pickle)
+                for spec in job.controlnets
+            ]
+        except DownloadCancelled as exc:  # a detector's weights were downloading
+            raise Cancelled() from exc
         image = masks = None
         if job.video is not None:
             image = TensorFrames(store_frames(job.video, needed, w, h, fit))
@@ -221,14 +228,18 @@ def run_job(
             masks = TensorFrames(store_frames(job.masks, needed, w, h, fit), _mask_tensor)
         return controls, image, masks
 
+    device = resolve_device(job.device)
+    download = DownloadHooks(progress=events.download, should_cancel=events.should_cancel)
+    # openpose / depth detectors: models from the worker's cache, a warning once per job.
+    detectors = DetectorRun(
+        load=lambda name, models: cache.detector(name, models, device, download)
+    )
     if sized:  # inputs first: a short video must not wait for the model to load
         w, h = job.width, job.height
         control_frames, image, masks = read_inputs(w, h)
 
-    device = resolve_device(job.device)
     dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
     dtype = dtype_choice.dtype
-    download = DownloadHooks(progress=events.download, should_cancel=events.should_cancel)
     try:
         base = cache.base(
             job.model,
@@ -345,6 +356,10 @@ def run_job(
         resolved["out"] = str(out)
         resolved["width"], resolved["height"] = w, h  # the size it ran at, however chosen
         resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
+        for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
+            weights = weights_used(spec.detector, spec.detector_models)
+            if weights is not None:  # the detector weights it ran with, defaults included
+                entry["detector_models"] = weights
         write_file(staging / "job.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
         seconds = time.perf_counter() - started
         run_info = {

@@ -16,6 +16,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any, TextIO
 
 from .. import __version__
@@ -104,6 +105,8 @@ class Worker:
         self.cancelled_ids: set[str] = set()
         self.lock = threading.Lock()
         self.cache = ModelCache(max_bases=max_models)
+        # Where preview_detector writes its PNGs (made on first use).
+        self.detected_folder: Path | None = None
 
     def read_requests(self, stream: IO[bytes] | TextIO) -> None:
         """Reader thread: parse lines; cancels act at once, the rest is queued.
@@ -302,6 +305,9 @@ class Worker:
             self.current_id = request_id
             self.cancel.clear()
         try:
+            if message["type"] == "preview_detector":
+                self.preview_detector(request_id, message)
+                return
             if message["type"] == "remove_model":
                 if not isinstance(model, str) or model.count("/") != 1:
                     raise ValueError(f"model: expected a hub id (owner/name), got {model!r}")
@@ -324,6 +330,47 @@ class Worker:
         finally:
             with self.lock:
                 self.current_id = None
+
+    def preview_detector(self, request_id: Any, message: dict[str, Any]) -> None:
+        """Answer preview_detector: one control frame through its detector, as a PNG."""
+        from ..media.controls import detector_preview
+        from ..media.detectors import DetectorRun
+        from ..media.video_io import write_png
+        from ..models.hub import DownloadHooks
+        from ..models.loading import resolve_device
+        from ..protocol import validate_detector_preview
+
+        request = validate_detector_preview(message)
+        allow_pickle = message.get("allow_pickle", False)
+        if not isinstance(allow_pickle, bool):
+            raise JobError("allow_pickle", f"expected bool, got {shown(allow_pickle)}")
+        device = resolve_device("auto")
+        hooks = DownloadHooks(self.download_reporter(request_id), self.cancel.is_set)
+        run = DetectorRun(
+            load=lambda name, models: self.cache.detector(name, models, device, hooks)
+        )
+        image = detector_preview(request, run, allow_pickle)
+        path = self.detected_file(request.detector)
+        write_png(path, image)
+        self.writer.send(
+            "detected",
+            id=request_id,
+            detector=request.detector,
+            frame=request.frame,
+            path=str(path),
+        )
+
+    def detected_file(self, detector: str, keep: int = 4) -> Path:
+        """A new PNG path in this worker's preview folder; all but the newest ``keep`` go."""
+        import tempfile
+        import uuid
+
+        folder = self.detected_folder
+        if folder is None or not folder.is_dir():
+            folder = self.detected_folder = Path(tempfile.mkdtemp(prefix="t2vz-detected-"))
+        for old in sorted(folder.glob("*.png"), key=lambda p: p.stat().st_mtime)[: -keep + 1]:
+            old.unlink(missing_ok=True)
+        return folder / f"{detector}-{uuid.uuid4().hex[:8]}.png"
 
     def loop(self) -> None:
         """Main thread: run requests until shutdown or end of input."""
