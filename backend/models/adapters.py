@@ -57,15 +57,50 @@ def _source(
 
 
 def _pipeline(base: BaseModel) -> Any:
-    """A diffusers pipeline over the base model's modules, for its loader methods."""
-    from diffusers import StableDiffusionPipeline
+    """A diffusers pipeline over the base model's modules, for its loader methods (SDXL's
+    loads LoRAs into both text encoders)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    if base.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(**base.pipeline_components())
     return StableDiffusionPipeline(**base.pipeline_components())
 
 
 def _added_tokens(tokenizer: Any, since: int) -> list[str]:
     """Tokens the tokenizer gained at ids >= ``since`` (an embedding may add several)."""
     return [t.content for i, t in tokenizer.added_tokens_decoder.items() if i >= since]
+
+
+# An SDXL embedding holds one vector set per text encoder under these keys.
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
+def _load_embedding(pipe: Any, base: BaseModel, location: str, kwargs: dict, token: str) -> None:
+    """Load one embedding as ``token``: into the text encoder, or for SDXL its ``clip_l``
+    vectors into the first encoder and its ``clip_g`` vectors into the second."""
+    if base.text_encoder_2 is None:
+        pipe.load_textual_inversion(location, token=token, **kwargs)
+        return
+    from safetensors.torch import load_file
+
+    path = Path(location) / kwargs["weight_name"]
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(
+            f"an SDXL embedding must be a .safetensors file with {SDXL_EMBEDDING_KEYS}"
+        )
+    state = load_file(str(path))
+    missing = [key for key in SDXL_EMBEDDING_KEYS if key not in state]
+    if missing:
+        raise ValueError(
+            f"an SDXL embedding holds one vector set per text encoder ({', '.join(SDXL_EMBEDDING_KEYS)}); "
+            f"this file has no {', '.join(missing)} (an SD 1.x/2.x embedding?)"
+        )
+    pipe.load_textual_inversion(
+        state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
 
 
 @contextlib.contextmanager
@@ -109,7 +144,7 @@ def applied_adapters(
         for embedding, (location, kwargs) in zip(embeddings, embedding_sources, strict=True):
             before = len(base.tokenizer)
             try:
-                pipe.load_textual_inversion(location, token=embedding.token, **kwargs)
+                _load_embedding(pipe, base, location, kwargs, embedding.token)
             except (OSError, ValueError, KeyError) as exc:
                 raise ModelLoadError(
                     f"could not load embedding {embedding.path!r} as {embedding.token!r}: {exc}"
@@ -119,6 +154,8 @@ def applied_adapters(
         # The loaders may move new layers to their default device and dtype.
         base.unet.to(base.device, base.dtype)
         base.text_encoder.to(base.device, base.dtype)
+        if base.text_encoder_2 is not None:
+            base.text_encoder_2.to(base.device, base.dtype)
         log.info("applied %d LoRA(s) and %d embedding(s)", len(names), len(embeddings))
         yield pipe
     finally:
@@ -134,8 +171,16 @@ def _remove(pipe: Any, base: BaseModel, names: list[str], tokens: list[str]) -> 
         # unload_textual_inversion may rebuild the tokenizer: keep the base model's in step.
         base.tokenizer = pipe.tokenizer
         base.text_encoder = pipe.text_encoder
+        if base.text_encoder_2 is not None:  # SDXL: the same tokens in the second encoder
+            pipe.unload_textual_inversion(
+                tokens=tokens, tokenizer=pipe.tokenizer_2, text_encoder=pipe.text_encoder_2
+            )
+            base.tokenizer_2 = pipe.tokenizer_2
+            base.text_encoder_2 = pipe.text_encoder_2
     base.unet.requires_grad_(False)
     base.text_encoder.requires_grad_(False)
+    if base.text_encoder_2 is not None:
+        base.text_encoder_2.requires_grad_(False)
 
 
 def convert_prompt(pipe: Any, base: BaseModel, prompt: str) -> str:

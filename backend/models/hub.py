@@ -44,8 +44,17 @@ from ..protocol import (
 
 log = logging.getLogger(__name__)
 
-# Subfolders of a diffusers Stable Diffusion repo that the base-model loader reads.
-BASE_FOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# Subfolders of a diffusers Stable Diffusion repo that the base-model loader reads (SDXL's
+# second text encoder and tokenizer too).
+BASE_FOLDERS = (
+    "unet",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "scheduler",
+)
 # Small files a loader may read next to the weights (configs, tokenizer vocabularies).
 CONFIG_SUFFIXES = (".json", ".txt", ".model")
 # Pickled weights in a diffusers repo's folders are .bin (PICKLE_SUFFIXES: any pickled file).
