@@ -37,9 +37,17 @@ from .families import (
     family_from_file,
     family_from_folder,
     family_from_unet_config,
+    family_of_location,
     zeros_for_empty_negative,
 )
-from .hub import PICKLE_SWITCHES, DownloadHooks, HubError, fetch_model, pickle_refusal
+from .hub import (
+    PICKLE_SWITCHES,
+    DownloadHooks,
+    HubError,
+    cached_snapshot,
+    fetch_model,
+    pickle_refusal,
+)
 from .tiny import BUILTIN_PREFIX, ensure_builtin
 
 log = logging.getLogger(__name__)
@@ -342,6 +350,27 @@ def _pretrained_kwargs(kind: str, allow_pickle: bool) -> dict[str, Any]:
 def _wrap_load_error(name: str, allow_pickle: bool, exc: Exception) -> ModelLoadError:
     hint = "" if allow_pickle else " (if it has only pickled .bin weights, see --allow-pickle)"
     return ModelLoadError(f"could not load model {name!r}: {exc}{hint}")
+
+
+def peek_family(name: str) -> Family | None:
+    """The family of model ``name`` read without loading or downloading it: a local or
+    built-in folder's configs, a local .safetensors file's tensor names, or a hub repo
+    already in the cache; None when that cannot tell (a hub id not downloaded yet)."""
+    try:
+        kind, location = resolve_source(name)
+    except ModelLoadError:
+        return None
+    if kind == "hub":
+        if split_hub_id(name)[1]:
+            return None
+        snapshot = cached_snapshot(name)
+        if snapshot is None:
+            return None
+        kind, location = "folder", str(snapshot)
+    try:
+        return family_of_location(kind, location)
+    except (OSError, ValueError):  # an unreadable header: loading will say what is wrong
+        return None
 
 
 # --------------------------------------------------------------------------- loading
