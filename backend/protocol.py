@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
-# Model families (backend/models/families.py reads them from the model): SD 1.x, 2.x, SDXL.
-FAMILIES = ("sd1", "sd2", "sdxl")
 
 MODES = ("text2video", "controlnet", "pix2pix")
 # Detectors that turn a control video into control images in the backend (see README).
@@ -55,6 +53,11 @@ DETECTOR_MODELS = {
 DEVICES = ("auto", "cuda", "mps", "cpu")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 FITS = ("crop", "pad", "stretch")
+# Frame-to-frame consistency (controlnet, pix2pix): "paper", cross-frame attention to frame 1
+# (Sect. 3.3.2); "flow", also each frame tied to the previous one along the input's motion.
+CONSISTENCIES = ("paper", "flow")
+# flow_source meaning "estimate the motion from the input video" (else a folder of frames).
+FLOW_ESTIMATE = "estimate"
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PIX2PIX_MODEL = "timbrooks/instruct-pix2pix"
@@ -218,6 +221,13 @@ class Job:
     smooth_bg: bool = False
     smooth_alpha: float = 0.6
     masks: VideoInput | None = None
+    # "paper" (cross-frame attention only) or "flow": each frame's predicted clean latent is
+    # also fused with the previous frame's, warped along the motion (Rerender-A-Video). Under
+    # "flow" frame k depends on k - 1: a frame_range computes every frame before it too.
+    consistency: str = "paper"
+    # Where "flow" gets the motion: None or "estimate" (optical flow of the pix2pix source or
+    # of the first control video that is a video), or a folder of .npy motion-vector frames.
+    flow_source: str | None = None
     controlnets: list[ControlNetSpec] = field(default_factory=list)
     # Applied to the base model for this job only; the cached model is clean afterwards.
     loras: list[LoraSpec] = field(default_factory=list)
@@ -233,9 +243,6 @@ class Job:
     # Recorded in job.json: whether the run allowed pickled weights. Reading it back enables
     # nothing: only --allow-pickle or the add-on preference do (see run_job).
     allow_pickle: bool = False
-    # Recorded in job.json: the family the model was read as (sd1, sd2, sdxl). Given, a model
-    # of another family is refused (a result regenerated on a swapped model). None: any.
-    family: str | None = None
     version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -263,7 +270,7 @@ class Job:
 
 
 # Optional fields left out of a job's dict while unset (jobs written before them stay equal).
-_LEFT_OUT_UNSET = ("indices", "detector_models", "family")
+_LEFT_OUT_UNSET = ("indices", "detector_models")
 
 
 def _dict_without_unset_indices(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -624,6 +631,9 @@ def validate_job(data: Any) -> Job:
     model_config = d.get("model_config")
     if model_config is not None:
         _str("model_config", model_config, nonempty=True)
+    flow_source = d.get("flow_source")
+    if flow_source is not None:
+        _str("flow_source", flow_source, nonempty=True)
 
     job = Job(
         prompt=_str("prompt", d["prompt"], max_chars=MAX_PROMPT_CHARS),
@@ -649,6 +659,8 @@ def validate_job(data: Any) -> Job:
         smooth_bg=_check_type("smooth_bg", d.get("smooth_bg", False), bool),
         smooth_alpha=_float("smooth_alpha", d.get("smooth_alpha", 0.6), lo=0.0, hi=1.0),
         masks=masks,
+        consistency=_choice("consistency", d.get("consistency", "paper"), CONSISTENCIES),
+        flow_source=flow_source,
         controlnets=controlnets,
         loras=loras,
         embeddings=embeddings,
@@ -660,7 +672,6 @@ def validate_job(data: Any) -> Job:
         write_mp4=_check_type("write_mp4", d.get("write_mp4", True), bool),
         save_latents=_check_type("save_latents", d.get("save_latents", False), bool),
         allow_pickle=_check_type("allow_pickle", d.get("allow_pickle", False), bool),
-        family=None if d.get("family") is None else _choice("family", d["family"], FAMILIES),
         version=version,
     )
     _check_mode(job)
@@ -701,6 +712,29 @@ def _check_mode(job: Job) -> None:
             )
     if job.masks is not None and not job.smooth_bg:
         raise JobError("masks", "masks are used for background smoothing; set smooth_bg too")
+    _check_consistency(job)
+
+
+def _check_consistency(job: Job) -> None:
+    """Flow consistency needs a mode with an input video and somewhere to get the motion."""
+    if job.consistency == "paper":
+        if job.flow_source is not None:
+            raise JobError(
+                "flow_source", f'applies only with consistency "flow", got {job.flow_source!r}'
+            )
+        return
+    if job.mode == "text2video":
+        raise JobError(
+            "consistency",
+            '"flow" follows an input video\'s motion: use it with controlnet or pix2pix',
+        )
+    keypoints_only = all(c.control.path.lower().endswith(".json") for c in job.controlnets)
+    if job.flow_source in (None, FLOW_ESTIMATE) and job.mode == "controlnet" and keypoints_only:
+        raise JobError(
+            "flow_source",
+            "OpenPose keypoint files have no pixels to estimate motion from: give a "
+            "folder of motion-vector frames, or a control video",
+        )
 
 
 # --------------------------------------------------------------------------- presets

@@ -18,8 +18,15 @@ from . import backend_paths
 
 PROBE_TIMEOUT = 20.0
 INSTALL_HINT = (
-    "Tick 'Detectors' next to Install Backend in the add-on's preferences and install again "
-    "(or pip install controlnet-aux and a torchvision matching torch in the backend environment)"
+    "Run Install Backend again in the add-on's preferences (it installs scipy for OpenPose); "
+    "for HED, Lineart and MLSD tick 'Detectors' next to it (controlnet-aux and a torchvision "
+    "matching torch in the backend environment)"
+)
+# Why a controlnet-aux detector is refused while pickled weights are not allowed.
+PICKLE_HINT = (
+    "comes from controlnet-aux, whose weights are pickled .pth files (loading them can run "
+    "arbitrary code): turn on Allow Pickled Weights in the add-on's preferences if you trust "
+    "lllyasviel/Annotators, or use Canny, OpenPose or Depth (safetensors)"
 )
 
 _cache: dict[str, dict[str, bool]] = {}
@@ -70,6 +77,11 @@ def probe_modules(
 def detector_modules() -> dict[str, tuple[str, ...]]:
     """Modules each detector needs, from the backend's protocol (canny and none need none)."""
     return dict(getattr(backend_paths.load_protocol(), "DETECTOR_MODULES", {}))
+
+
+def pickled_detectors() -> tuple[str, ...]:
+    """Detectors that load pickled weights (controlnet-aux's), from the backend's protocol."""
+    return tuple(getattr(backend_paths.load_protocol(), "AUX_DETECTORS", ()))
 
 
 def detector_availability(

@@ -9,6 +9,7 @@ messages (``runtime.step``); ``execute`` (scripts) relies on the timer alone.
 import contextlib
 import importlib
 import json
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -171,14 +172,69 @@ def _fps(scene: Any) -> float:
     return scene.render.fps / scene.render.fps_base
 
 
-def check_detector(index: int, detector: str, python: Any) -> None:
-    """Refuse a detector whose packages the backend environment lacks, saying how to get them."""
+def check_detector(
+    index: int, detector: str, python: Any, allow_pickle: bool | None = None
+) -> None:
+    """Refuse a detector whose packages the backend environment lacks, saying how to get them,
+    or one that loads pickled weights while they are not allowed (``allow_pickle`` None: the
+    preference)."""
     missing = capabilities.missing_modules(detector, python)
     if missing:
         raise jobs.JobBuildError(
             f"ControlNet {index + 1}: detector {detector!r} needs {', '.join(missing)} in the "
             f"backend environment. {capabilities.INSTALL_HINT}"
         )
+    if allow_pickle is None:
+        allow_pickle = bool(getattr(preferences.get_prefs(), "allow_pickle", False))
+    if detector in capabilities.pickled_detectors() and not allow_pickle:
+        raise jobs.JobBuildError(
+            f"ControlNet {index + 1}: detector {detector!r} {capabilities.PICKLE_HINT}"
+        )
+
+
+def detector_preview_request(context: Any) -> dict[str, Any]:
+    """The preview_detector request of the selected ControlNet at the current frame: its
+    strip's frames as a job reads them, its detector, the job's size and fit."""
+    scene = context.scene
+    settings = scene.t2vz
+    index = settings.controlnet_index
+    if not 0 <= index < len(settings.controlnets):
+        raise ValueError("select a ControlNet first")
+    item = settings.controlnets[index]
+    if item.source == "SCENE":
+        raise ValueError("a scene pass needs no detector: use Preview Control")
+    if item.detector == "none":
+        raise ValueError("the detector is None: the strip is used as it is")
+    if item.source == "ACTIVE_STRIP":
+        strip = strips.source_strip(scene)
+    else:
+        editor = scene.sequence_editor
+        strip = strips.every_strip(editor).get(item.strip_name) if editor else None
+        if strip is None:
+            raise strips.StripInputError(f"strip {item.strip_name!r} not found")
+    staging = Path(tempfile.gettempdir()) / "t2vz-detector-preview"  # image sequences
+    runtime.remove_tree(staging)
+    control, count = strips.video_input(strip, staging)
+    frame = scene.frame_current - int(strip.frame_final_start)
+    if not 0 <= frame < count:
+        last = int(strip.frame_final_start) + count - 1
+        raise ValueError(
+            f"frame {scene.frame_current} is not on strip {strip.name!r} "
+            f"(frames {int(strip.frame_final_start)}-{last}): move the playhead onto it"
+        )
+    width, height = settings.size(scene)
+    request = {
+        "control": control,
+        "detector": item.detector,
+        "frame": frame,
+        "width": width,
+        "height": height,
+        "fit": settings.fit,
+    }
+    protocol = backend_paths.load_protocol()
+    if hasattr(protocol, "validate_detector_preview"):
+        protocol.validate_detector_preview(request)  # JobError naming the field
+    return request
 
 
 class JobPlan:
@@ -757,6 +813,51 @@ class T2VZ_OT_control_preview(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class T2VZ_OT_detector_preview(bpy.types.Operator):
+    """Run the selected ControlNet's detector on its strip at the current frame in the
+    backend and show the control image in the panel, before a generation is spent"""
+
+    bl_idname = "t2vz.detector_preview"
+    bl_label = "Preview Detector"
+    bl_options = {"REGISTER"}
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        settings = context.scene.t2vz if context.scene is not None else None
+        if settings is None or not 0 <= settings.controlnet_index < len(settings.controlnets):
+            cls.poll_message_set("Select a ControlNet")
+            return False
+        item = settings.controlnets[settings.controlnet_index]
+        if item.source == "SCENE" or item.detector == "none":
+            cls.poll_message_set("Pick a strip source and a detector")
+            return False
+        return True
+
+    def execute(self, context: Any) -> set[str]:
+        settings = context.scene.t2vz
+        item = settings.controlnets[settings.controlnet_index]
+        prefs = preferences.get_prefs(context)
+        try:
+            python = preferences.resolve_python(prefs)
+            check_detector(settings.controlnet_index, item.detector, python, prefs.allow_pickle)
+            request = detector_preview_request(context)
+            runtime.RUNNER.preview_detector(
+                request,
+                python=python,
+                env=preferences.worker_env(prefs),
+                allow_pickle=bool(prefs.allow_pickle),
+            )
+        except (ValueError, OSError, preferences.EnvironmentMissingError) as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        except (WorkerError, backend_paths.BackendNotFoundError) as exc:
+            self.report({"ERROR"}, f"Could not ask the backend: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Running the {item.detector} detector on frame "
+                    f"{context.scene.frame_current}...")  # fmt: skip
+        return {"FINISHED"}
+
+
 def _wrap_text(text: str, width: int) -> list[str]:
     words, lines, line = text.split(), [], ""
     for word in words:
@@ -1121,6 +1222,7 @@ classes = (
     T2VZ_OT_queue_remove,
     T2VZ_OT_take_show,
     T2VZ_OT_control_preview,
+    T2VZ_OT_detector_preview,
     T2VZ_OT_cancel,
     T2VZ_OT_randomize_seed,
     T2VZ_OT_controlnet_add,

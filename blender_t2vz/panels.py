@@ -340,24 +340,47 @@ class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):
 
 
 def draw_detectors(layout: Any, context: Any, item: Any) -> None:
-    """The detector choice; detectors the backend environment lacks are greyed out."""
-    python = preferences.backend_python(preferences.get_prefs(context))
+    """The detector choice with Preview Detector; detectors the backend environment lacks,
+    and controlnet-aux's while pickled weights are not allowed, are greyed out."""
+    prefs = preferences.get_prefs(context)
+    python = preferences.backend_python(prefs)
     available = capabilities.detector_availability(python) or {}
+    pickled = capabilities.pickled_detectors()
+    allow_pickle = bool(getattr(prefs, "allow_pickle", False))
     col = layout.column(align=True)
     col.label(text="Detector")
     row = col.row(align=True)
     for identifier, name, _ in DETECTOR_ITEMS:
+        if identifier in pickled:
+            continue
         sub = row.row(align=True)
         sub.enabled = available.get(identifier, True)
         sub.prop_enum(item, "detector", identifier, text=name)
+    extras = [(i, name) for i, name, _ in DETECTOR_ITEMS if i in pickled]
+    if extras:
+        row = col.row(align=True)
+        for identifier, name in extras:
+            sub = row.row(align=True)
+            sub.enabled = available.get(identifier, True) and allow_pickle
+            sub.prop_enum(item, "detector", identifier, text=name)
+    col.operator("t2vz.detector_preview", icon="HIDE_OFF")
+    if extras and not allow_pickle:
+        note = col.column(align=True)
+        note.alert = item.detector in pickled
+        names = ", ".join(name for _, name in extras)
+        for i, line in enumerate(_wrap(f"{names} {capabilities.PICKLE_HINT}", 60)):
+            note.label(text=line, icon="INFO" if i == 0 else "BLANK1")
     missing = [(i, name) for i, name, _ in DETECTOR_ITEMS if not available.get(i, True)]
     if not missing:
         return
     box = col.column(align=True)
     box.alert = item.detector in {i for i, _ in missing}
-    needs = capabilities.missing_modules(missing[0][0], python)
-    names = ", ".join(name for _, name in missing)
-    box.label(text=f"{names}: need {', '.join(needs)}", icon="INFO")
+    by_needs: dict[str, list[str]] = {}  # detectors that lack the same modules, together
+    for identifier, name in missing:
+        needs = ", ".join(capabilities.missing_modules(identifier, python))
+        by_needs.setdefault(needs, []).append(name)
+    for needs, names in by_needs.items():
+        box.label(text=f"{', '.join(names)}: need {needs}", icon="INFO")
     for line in _wrap(capabilities.INSTALL_HINT, 60):
         box.label(text=line, icon="BLANK1")
 

@@ -67,8 +67,9 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
     install_detectors: BoolProperty(
         name="Detectors",
         default=False,
-        description="Also install the OpenPose and Depth detectors (controlnet-aux with a "
-        "torchvision matching the installed PyTorch)",
+        description="Also install the HED, Lineart and MLSD detectors (controlnet-aux with a "
+        "torchvision matching the installed PyTorch; their weights are pickled). OpenPose and "
+        "Depth need nothing extra",
     )
     model: StringProperty(name="Base Model", default=_DEFAULTS["model"])
     pix2pix_model: StringProperty(name="Pix2Pix Model", default=_DEFAULTS["pix2pix"])

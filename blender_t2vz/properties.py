@@ -29,8 +29,16 @@ MODE_ITEMS = [
 DETECTOR_ITEMS = [
     ("none", "None", "The control video already is a control image sequence"),
     ("canny", "Canny Edges", "Edges detected by the backend"),
-    ("openpose", "OpenPose", "Poses detected by the backend (needs controlnet-aux there)"),
-    ("depth", "Depth", "Depth estimated by the backend (needs controlnet-aux there)"),
+    (
+        "openpose",
+        "OpenPose",
+        "People's poses in the backend: RT-DETR finds them, VitPose places their keypoints",
+    ),
+    ("depth", "Depth", "Depth Anything V2 in the backend: near is bright"),
+    # controlnet-aux's (an optional extra with pickled weights: see the backend's protocol)
+    ("hed", "HED", "Soft edges (controlnet-aux; pickled weights)"),
+    ("lineart", "Lineart", "Line art (controlnet-aux; pickled weights)"),
+    ("mlsd", "MLSD", "Straight lines (controlnet-aux; pickled weights)"),
 ]
 # Where a ControlNet's control video comes from. SCENE is rendered from the scene camera
 # by scene_control (depth, pose or edges), without a detector.

@@ -316,6 +316,8 @@ class Runner:
         self._dead_since: float | None = None
         # list_models / remove_model requests waiting for their reply: id -> model or "".
         self.cache_requests: dict[str, str] = {}
+        # preview_detector requests waiting for their picture: id -> detector.
+        self.detector_requests: dict[str, str] = {}
         # Jobs submitted while another ran, started in order as each job ends.
         self.queue: list[QueuedJob] = []
         # How the jobs of this session ended, oldest first (the queue's jobs included).
@@ -487,6 +489,55 @@ class Runner:
         _status().cache_message = f"Removing {model}..."
         ensure_timer()
         return request_id
+
+    def preview_detector(
+        self,
+        request: dict[str, Any],
+        *,
+        python: str | Path,
+        env: dict[str, str] | None = None,
+        allow_pickle: bool = False,
+    ) -> str:
+        """Ask the worker for one control frame through a detector (a ``preview_detector``
+        request: control, detector, frame, width, height, fit); the picture it answers
+        with is shown in the panel's preview. Queued behind a running job."""
+        request_id = uuid.uuid4().hex[:12]
+        extra = {"allow_pickle": True} if allow_pickle else {}
+        self._send(python, env, "preview_detector", id=request_id, **request, **extra)
+        self.detector_requests[request_id] = str(request.get("detector", ""))
+        status = _status()
+        if not self.busy:
+            status.message = f"Previewing the {request.get('detector')} detector..."
+            status.error = ""
+        ensure_timer()
+        _redraw()
+        return request_id
+
+    def _apply_detector_reply(self, message: dict[str, Any]) -> None:
+        """A reply to preview_detector: show its picture, its download or its error."""
+        request_id = str(message.get("id"))
+        kind = message.get("type")
+        status = _status()
+        if kind == "download":
+            if not self.busy:
+                status.message = f"Detector weights: {download_text(message)}"
+            _redraw()
+            return
+        detector = self.detector_requests.pop(request_id, "")
+        if kind == "detected":
+            self._show_preview(str(message.get("path") or ""))
+            if not self.busy:
+                status.message = f"Detector preview: {detector}"
+        elif kind == "error":
+            status.error = (
+                f"Detector preview failed: {message.get('kind', 'Error')}: "
+                f"{message.get('message', '')}"
+            )
+            if not self.busy:
+                status.message = ""
+        elif kind == "cancelled" and not self.busy:
+            status.message = "Detector preview cancelled"
+        _redraw()
 
     def _apply_cache_reply(self, message: dict[str, Any]) -> None:
         """A reply to list_models or remove_model: update the preferences' model list."""
@@ -662,6 +713,9 @@ class Runner:
             return
         if message.get("id") in self.cache_requests:
             self._apply_cache_reply(message)
+            return
+        if message.get("id") in self.detector_requests:
+            self._apply_detector_reply(message)
             return
         if job is None or message.get("id") != job.id:
             return  # a late message of an earlier job

@@ -254,12 +254,13 @@ def test_sdxl_text2video_is_chunk_invariant_and_follows_frame_one(xl: Any) -> No
     assert differ(whole[1], whole[2])
 
 
+@pytest.mark.parametrize("motion", [0.0, 12.0, 40.0])
 def test_sdxl_text2video_equals_diffusers_text_to_video_zero_sdxl(
-    xl: Any, monkeypatch: pytest.MonkeyPatch
+    xl: Any, monkeypatch: pytest.MonkeyPatch, motion: float
 ) -> None:
     """Where the algorithms coincide, ours is TextToVideoZeroSDXLPipeline: frame 1's DDIM
-    path T -> t1 -> t0, the warp, cross-frame attention to frame 1 in every branch, the
-    joint steps from t1. Two things differ by design and are aligned here: the noise of the
+    path T -> t1 -> t0, the warp (no motion, and shifts of 0.2 and 0.6 latent pixels a
+    frame), cross-frame attention to frame 1 in every branch, the joint steps from t1. Two things differ by design and are aligned here: the noise of the
     t0 -> t1 jump (ours per (seed, frame), theirs from one generator) and its alpha product
     (theirs prod(alphas[t0:t1]), one timestep early; ours alphas_cumprod[t1] /
     alphas_cumprod[t0], DDPM's q(x_t1 | x_t0))."""
@@ -268,7 +269,7 @@ def test_sdxl_text2video_equals_diffusers_text_to_video_zero_sdxl(
     frames, steps, t0, t1, seed = 3, 6, 1, 3, 2
     ours = TextToVideoZero(xl)(
         "a cat", negative_prompt="ugly", num_frames=frames, height=SIZE, width=SIZE,
-        num_inference_steps=steps, seed=seed, t0=t0, t1=t1, motion=(0.0, 0.0),
+        num_inference_steps=steps, seed=seed, t0=t0, t1=t1, motion=(motion, motion),
     )  # fmt: skip
     components = xl.pipeline_components()
     components.pop("force_zeros_for_empty_prompt")
@@ -293,8 +294,8 @@ def test_sdxl_text2video_equals_diffusers_text_to_video_zero_sdxl(
         num_inference_steps=steps,
         t0=t0,
         t1=t1,
-        motion_field_strength_x=0,
-        motion_field_strength_y=0,
+        motion_field_strength_x=motion,
+        motion_field_strength_y=motion,
         latents=x_t(seed),
         output_type="latent",
     ).images

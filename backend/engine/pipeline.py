@@ -39,6 +39,7 @@ from ..models.families import (
 )
 from ..models.loading import BaseModel
 from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
+from .flow import FlowFusion, fuse_sequence
 from .motion import (
     background_mask,
     ddpm_jump,
@@ -61,6 +62,10 @@ SMOOTH_SCHEDULES = ("once", "every_step")
 # x_T of the frames without motion dynamics: frame 1's for all ("shared", Sect. 3.4) or
 # each frame's own ("per_frame", the official pix2pix code's choice).
 INITIAL_NOISES = ("shared", "per_frame")
+# Frame-to-frame consistency: "paper", cross-frame attention to frame 1 alone (Sect. 3.3.2);
+# "flow", also each frame's predicted clean latent fused with the previous frame's along the
+# input's motion (Rerender-A-Video; engine/flow.py). Under "flow" frame k depends on k - 1.
+CONSISTENCIES = ("paper", "flow")
 
 
 class Cancelled(Exception):
@@ -132,14 +137,20 @@ def plan_generation(
     t0: int | None = None,
     t1: int | None = None,
     mask_steps: int = 0,
+    sequential: bool = False,
 ) -> GenerationPlan:
-    """Split the frames into anchored chunks and fix the phases of the loop."""
+    """Split the frames into anchored chunks and fix the phases of the loop.
+
+    ``sequential`` (flow consistency: frame k depends on k - 1) processes every frame from
+    frame 1 to the last one asked for, so a frame range is exact at the cost of recomputing
+    the frames before it.
+    """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if motion_phase and (t0 is None or t1 is None or not 0 <= t0 < t1 < steps):
         raise ValueError(f"motion dynamics need 0 <= t0 < t1 < steps, got t0={t0}, t1={t1}")
     wanted = sorted(set(frame_ids))
-    processed = sorted(set(wanted) | {0})
+    processed = list(range(max(wanted) + 1)) if sequential else sorted(set(wanted) | {0})
     chunks = [processed[i : i + chunk_size] for i in range(0, len(processed), chunk_size)]
     return GenerationPlan(wanted, processed, chunks, steps, motion_phase, t0, t1, mask_steps)
 
@@ -304,6 +315,9 @@ class TextToVideoZero:
         cross_frame_attention: bool = True,
         smooth_schedule: str = "once",
         initial_noise: str = "shared",
+        consistency: str = "paper",
+        flow: Mapping[int, torch.Tensor] | None = None,
+        flow_fusion: FlowFusion | None = None,
     ) -> torch.Tensor:
         """Generate and return the final latents of ``frame_ids``: (frames, 4, H/8, W/8) fp32.
 
@@ -315,7 +329,14 @@ class TextToVideoZero:
         first pass for the masks; "every_step", the older blend after every joint step from
         the masks on (kept to measure against). ``initial_noise`` without motion dynamics
         (ControlNet, pix2pix): "shared", every frame starts from frame 1's x_T (Sect. 3.4);
-        "per_frame", each from its own (seed, frame) noise.
+        "per_frame", each from its own (seed, frame) noise. ``consistency="flow"`` fuses each
+        frame's predicted clean latent with the previous frame's, warped by ``flow``: frame
+        index k -> (3, H/8, W/8), the backward flow from frame k to k - 1 in latent pixels
+        (channels 0-1, x right and y down) and where frame k is visible in k - 1 (channel 2,
+        in [0, 1]), for every frame but the first; ``flow_fusion`` says when and how strongly
+        (default ``FlowFusion()``). Chunks are visited in frame order within each step and the
+        last fused latent is carried across chunk boundaries, so the result does not depend
+        on the chunk size; a frame range computes every frame before it too.
         """
         frame_ids = list(range(num_frames)) if frame_ids is None else list(frame_ids)
         self.check_inputs(prompt, height, width, num_frames, frame_ids, controls, image)
@@ -328,19 +349,31 @@ class TextToVideoZero:
             raise ValueError(
                 f"initial_noise must be one of {', '.join(INITIAL_NOISES)}, got {initial_noise!r}"
             )
+        if consistency not in CONSISTENCIES:
+            raise ValueError(
+                f"consistency must be one of {', '.join(CONSISTENCIES)}, got {consistency!r}"
+            )
+        if consistency == "flow" and flow is None:
+            raise ValueError('consistency "flow" needs flow: frame -> (3, h, w) flow and mask')
+        if consistency == "paper" and flow is not None:
+            raise ValueError('flow is used only with consistency "flow"')
         if smooth_bg and image is not None:
             raise ValueError(
                 "smooth_bg is for text2video and ControlNet video: pix2pix follows its moving "
                 "source video, which a blend toward frame 1 would freeze"
             )
         callbacks = callbacks or Callbacks()
-        plan = plan_generation(frame_ids, chunk_size, num_inference_steps, motion_dynamics, t0, t1)
+        sequential = consistency == "flow"
+        plan = plan_generation(
+            frame_ids, chunk_size, num_inference_steps, motion_dynamics, t0, t1,
+            sequential=sequential,
+        )  # fmt: skip
         joint_steps = num_inference_steps - plan.joint_start
         mask_record_steps = max(1, round(joint_steps * MASK_RECORD_FRACTION))
         if smooth_bg and masks is None and smooth_schedule == "once" and len(plan.processed) > 1:
             plan = plan_generation(
                 frame_ids, chunk_size, num_inference_steps, motion_dynamics, t0, t1,
-                mask_steps=mask_record_steps,
+                mask_steps=mask_record_steps, sequential=sequential,
             )  # fmt: skip
         scheduler = _ddim(self.base.scheduler_config)
         scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -355,6 +388,9 @@ class TextToVideoZero:
         lat_h, lat_w = height // factor, width // factor
         shape = (4, lat_h, lat_w)
         shift = latent_shift(motion, lat_w, lat_h)
+        if flow is not None:
+            _check_flow_frames(flow, plan.processed[1:], (lat_h, lat_w))
+        fusion = (flow_fusion or FlowFusion()) if flow is not None else None
 
         # Text and guidance branches: (uncond, cond), or (text+image, image, none) for Pix2Pix.
         pix2pix = image is not None
@@ -454,6 +490,10 @@ class TextToVideoZero:
                 nonlocal fg_others
                 for i in range(plan.joint_start, stop):
                     t = timesteps[i]
+                    fusing = fusion is not None and fusion.active(
+                        i, plan.joint_start, num_inference_steps
+                    )
+                    carried = None  # the previous frame's fused x0, across chunk boundaries
                     if recorder is not None:
                         recorder.active = i < record_until
                     start = 0
@@ -464,7 +504,22 @@ class TextToVideoZero:
                         rows = slice(start, start + len(chunk))  # chunks are runs of processed
                         noise = predict(latents[rows], t, chunk)
                         stepped = scheduler.step(noise, t, latents[rows])
-                        latents[rows] = stepped.prev_sample
+                        if fusing:
+                            # Rerender-A-Video's fusion (engine/flow.py), then the DDIM step
+                            # redone with the fused x0 and the same noise estimate.
+                            x0 = stepped.pred_original_sample
+                            # Frame 1 (first of chunk 0) has no predecessor and no flow.
+                            flows = [flow[f] for f in chunk if f != 0]
+                            flows = torch.stack(flows) if flows else x0.new_zeros(0, 3, *shape[1:])
+                            flows = flows.to(self.device, x0.dtype)  # (frames, 3, h, w)
+                            fused = fuse_sequence(
+                                x0, carried if chunk[0] != 0 else None, flows, fusion.strength
+                            )
+                            carried = fused[-1:]
+                            a_prev = _alpha_prev(scheduler, t)
+                            latents[rows] = stepped.prev_sample + a_prev**0.5 * (fused - x0)
+                        else:
+                            latents[rows] = stepped.prev_sample
                         if n == 0:
                             anchor_x0 = stepped.pred_original_sample[:1]  # (1, 4, h, w)
                         start += len(chunk)
@@ -564,6 +619,29 @@ class TextToVideoZero:
                 images = _decode_in_float32(vae, x)
             images = ((images.float() + 1) * 127.5).round().clamp(0, 255)  # from [-1, 1]
             return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _check_flow_frames(
+    flow: Mapping[int, torch.Tensor], frames: list[int], size: tuple[int, int]
+) -> None:
+    """Raise ValueError unless every frame has a (3, h, w) flow-and-mask at latent size."""
+    missing = [f for f in frames if f not in flow]
+    if missing:
+        raise ValueError(f"flow has no entry for frames {missing[:5]}")
+    for f in frames[:1] + frames[-1:]:
+        if tuple(flow[f].shape) != (3, *size):
+            raise ValueError(
+                f"flow[{f}] must be (3, {size[0]}, {size[1]}) (flow x, flow y, visibility at "
+                f"the latent grid), got {tuple(flow[f].shape)}"
+            )
+
+
+def _alpha_prev(scheduler, t: torch.Tensor) -> float:
+    """alphas_cumprod of the step DDIM moves to from ``t`` (as DDIMScheduler.step finds it)."""
+    prev = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    if prev >= 0:
+        return float(scheduler.alphas_cumprod[prev])
+    return float(scheduler.final_alpha_cumprod)
 
 
 def _decode_in_float32(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from .. import __version__
 from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from ..media.controls import store_control_frames
 from ..media.detectors import DetectorRun, weights_used
+from ..media.flow import EstimatedFlows, FileFlows
 from ..media.video_io import (
     FrameStore,
     Mp4Writer,
@@ -38,18 +39,10 @@ from ..media.video_io import (
     writing,
 )
 from ..models.adapters import applied_adapters, convert_prompt
-from ..models.families import FamilyError, check_same_family
 from ..models.hub import DownloadCancelled, DownloadHooks, DownloadProgress
-from ..models.loading import (
-    BaseModel,
-    ModelCache,
-    ModelLoadError,
-    choose_dtype,
-    peek_family,
-    resolve_device,
-)
-from ..models.tiny import ALL_TINY_KINDS, BUILTIN_PREFIX
-from ..protocol import Job, resolve_size
+from ..models.loading import ModelCache, choose_dtype, resolve_device
+from ..models.tiny import BUILTIN_PREFIX, TINY_KINDS
+from ..protocol import FLOW_ESTIMATE, Job, resolve_size
 
 log = logging.getLogger(__name__)
 
@@ -183,102 +176,25 @@ def job_size(job: Job, side: int, aspect: float) -> tuple[int, int]:
     return width, height
 
 
-def check_families(job: Job) -> None:
-    """Refuse a ControlNet of another family than the base model before either loads, naming
-    both (read from local configs or tensor names; a hub id not downloaded yet is checked
-    once loaded, still before any denoising)."""
-    base = peek_family(job.model)
-    if base is None:
-        return
-    for spec in job.controlnets:
-        family = peek_family(spec.model)
-        if family is not None:
-            try:
-                check_same_family(base, family, job.model, spec.model)
-            except FamilyError as exc:
-                raise ModelLoadError(str(exc)) from None
+def flow_video(job: Job, image: Any, w: int, h: int, needed: list[int]) -> Any:
+    """Frames (index -> (H, W, 3) uint8) the motion is estimated from: the pix2pix source,
+    else the first control video that is a video (before its detector)."""
+    if image is not None:
+        return image.store
+    spec = next(c.control for c in job.controlnets if not c.control.path.lower().endswith(".json"))
+    return store_frames(spec, needed, w, h, job.fit)
 
 
-def load_models(
-    job: Job,
-    cache: ModelCache,
-    download: DownloadHooks,
-    device: torch.device,
-    dtype: torch.dtype,
-    allow_pickle: bool,
-) -> tuple[BaseModel, list[Any]]:
-    """The job's base model and ControlNets (cached): families checked first, a cancelled
-    download raising Cancelled, a model of another family than the job records refused."""
-    check_families(job)
-    try:
-        base = cache.base(
-            job.model,
-            download=download,
-            pix2pix=job.mode == "pix2pix",
-            config=job.model_config,
-            allow_pickle=allow_pickle,
-            device=device,
-            dtype=dtype,
-        )
-        if job.family is not None and job.family != base.family.key:
-            raise ModelLoadError(
-                f"the job was made for an {job.family} model, but {job.model!r} is "
-                f"{base.family.label} ({base.family.key}): pick a model of that family or "
-                "remove the job's family field"
-            )
-        controlnets = [
-            cache.controlnet(
-                c.model,
-                config=c.config,
-                download=download,
-                allow_pickle=allow_pickle,
-                device=device,
-                dtype=dtype,
-            )
-            for c in job.controlnets
-        ]
-    except DownloadCancelled as exc:
-        raise Cancelled() from exc
-    return base, controlnets
-
-
-def write_frames(
-    engine: TextToVideoZero,
-    latents: torch.Tensor,
-    frame_ids: list[int],
-    staging: Path,
-    job: Job,
-    events: JobEvents,
-) -> list[str]:
-    """Decode the latents a few frames at a time into PNGs (and the mp4, streamed), with
-    previews and progress; the names written, in frame order."""
-    total_frames = len(frame_ids)
-    written: list[str] = []
-    movie = Mp4Writer(staging / "video.mp4", job.fps) if job.write_mp4 else None
-    try:
-        for start in range(0, total_frames, DECODE_SLICE):
-            if events.should_cancel is not None and events.should_cancel():
-                raise Cancelled()
-            images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
-            for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
-                path = staging / frame_name(f)
-                write_png(path, rgb)
-                if movie is not None:
-                    movie.write(rgb)
-                written.append(frame_name(f))
-                if events.preview is not None:
-                    events.preview(f, str(path))
-            if events.progress is not None:
-                done = len(written)
-                fraction = 0.9 + 0.1 * done / total_frames
-                events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
-    except BaseException:
-        if movie is not None:
-            movie.abort()
-        raise
-    if movie is not None:
-        movie.close()
-    return written
+def job_flows(
+    job: Job, image: Any, w: int, h: int, factor: int, needed: list[int]
+) -> Mapping[int, torch.Tensor] | None:
+    """The engine's per-frame flow and visibility for consistency "flow", or None."""
+    if job.consistency != "flow":
+        return None
+    size = (h // factor, w // factor)
+    if job.flow_source in (None, FLOW_ESTIMATE):
+        return EstimatedFlows(flow_video(job, image, w, h, needed), needed, size)
+    return FileFlows(job.flow_source, needed, size, (h, w))
 
 
 def run_job(
@@ -305,13 +221,15 @@ def run_job(
     out = Path(job.out).expanduser().resolve()
     if out.exists():
         raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
-    if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in ALL_TINY_KINDS:
+    if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in TINY_KINDS:
         log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
     # Everything that can be checked without models is checked first: an unwritable output
     # folder or a missing input must not wait for minutes of model loading to be reported.
     check_output_writable(out)
     frame_ids = job.frame_indices
     needed = sorted(set(frame_ids) | {0})
+    if job.consistency == "flow":  # frame k depends on k - 1: every frame up to the last
+        needed = list(range(max(frame_ids) + 1))
     sized = job.width is not None and job.height is not None
     # Without a size, the input's aspect (opening it: a missing one fails here, before models).
     aspect = 1.0 if sized else input_aspect(job)
@@ -346,7 +264,29 @@ def run_job(
 
     dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
     dtype = dtype_choice.dtype
-    base, controlnets = load_models(job, cache, download, device, dtype, allow_pickle)
+    try:
+        base = cache.base(
+            job.model,
+            download=download,
+            pix2pix=job.mode == "pix2pix",
+            config=job.model_config,
+            allow_pickle=allow_pickle,
+            device=device,
+            dtype=dtype,
+        )
+        controlnets = [
+            cache.controlnet(
+                c.model,
+                config=c.config,
+                download=download,
+                allow_pickle=allow_pickle,
+                device=device,
+                dtype=dtype,
+            )
+            for c in job.controlnets
+        ]
+    except DownloadCancelled as exc:
+        raise Cancelled() from exc
     if not sized:  # the model's native size at the input's aspect
         w, h = job_size(job, native_side(base), aspect)
         control_frames, image, masks = read_inputs(w, h)
@@ -364,6 +304,7 @@ def run_job(
 
     engine = TextToVideoZero(base, controlnets)
     motion = job.effective_motion
+    flows = job_flows(job, image, w, h, base.vae_scale_factor, needed)
     # LoRAs and embeddings live on the cached model for this job only (see adapters.py);
     # those given as hub ids download first, with the models' progress.
     adapters = applied_adapters(
@@ -399,14 +340,40 @@ def run_job(
             controls=controls,
             image=image,
             image_guidance_scale=job.image_guidance,
+            consistency=job.consistency,
+            flow=flows,
             callbacks=Callbacks(
                 progress=on_step, should_cancel=events.should_cancel, anchor_preview=previews
             ),
         )
         if previews is not None:
             previews.remove_files()
+        written = []
         # Frames stream into the mp4 as they are decoded (no second pass over the PNGs).
-        written = write_frames(engine, latents, frame_ids, staging, job, events)
+        movie = Mp4Writer(staging / "video.mp4", job.fps) if job.write_mp4 else None
+        try:
+            for start in range(0, total_frames, DECODE_SLICE):
+                if events.should_cancel is not None and events.should_cancel():
+                    raise Cancelled()
+                images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
+                for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
+                    path = staging / frame_name(f)
+                    write_png(path, rgb)
+                    if movie is not None:
+                        movie.write(rgb)
+                    written.append(frame_name(f))
+                    if events.preview is not None:
+                        events.preview(f, str(path))
+                if events.progress is not None:
+                    done = len(written)
+                    fraction = 0.9 + 0.1 * done / total_frames
+                    events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
+        except BaseException:
+            if movie is not None:
+                movie.abort()
+            raise
+        if movie is not None:
+            movie.close()
         if job.save_latents:
             latents_file = staging / "latents.npy"
             with writing(latents_file):
@@ -416,7 +383,6 @@ def run_job(
         resolved["out"] = str(out)
         resolved["width"], resolved["height"] = w, h  # the size it ran at, however chosen
         resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
-        resolved["family"] = base.family.key  # what the model was read as (job.family)
         for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
             weights = weights_used(spec.detector, spec.detector_models)
             if weights is not None:  # the detector weights it ran with, defaults included
@@ -428,8 +394,6 @@ def run_job(
             "device": str(device),
             "dtype": dtype_choice.name,
             "dtype_reason": dtype_choice.reason,
-            "family": base.family.key,
-            "family_label": base.family.label,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "seconds": round(seconds, 3),

@@ -8,11 +8,32 @@ A job's prompt picks another script:
 - "stale": messages of an earlier job id first, then the job waits for its cancel;
 - "late": accepted; a cancel is answered with done (the job finished before the cancel
   arrived), after writing a frame into the job's output folder.
+
+preview_detector: a download message, then ``detected`` with a 2x2 grey PNG written to
+the system's temporary folder and the request echoed (``request``); detector "mlsd"
+without allow_pickle is answered with an error instead, as the backend does.
 """
 
 import json
 import os
+import struct
 import sys
+import tempfile
+import zlib
+
+
+def write_png(path: str) -> None:
+    """A 2x2 grey 8-bit RGB PNG (stdlib only)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    rows = b"".join(b"\x00" + b"\x80" * 6 for _ in range(2))
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header))
+        f.write(chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def send(kind: str, /, **payload: object) -> None:
@@ -36,6 +57,19 @@ for line in sys.stdin:
             send("done", id=message["id"], out=job["out"], frames=[frame])
         elif job["prompt"] == "stale":
             send("cancelled", id=message["id"])
+        continue
+    if message["type"] == "preview_detector":
+        request_id = message["id"]
+        if message.get("detector") == "mlsd" and not message.get("allow_pickle"):
+            send("error", id=request_id, kind="DetectorUnavailableError",
+                 message="detector 'mlsd' comes only from controlnet-aux (pickled)", traceback="")  # fmt: skip
+            continue
+        send("download", id=request_id, model="tiny/depth", file="model.safetensors",
+             bytes_done=5, bytes_total=10, rate=0.0, files_done=0, files_total=1)  # fmt: skip
+        path = os.path.join(tempfile.gettempdir(), f"t2vz-fake-detected-{request_id}.png")
+        write_png(path)
+        send("detected", id=request_id, detector=message.get("detector"),
+             frame=message.get("frame"), path=path, request=message)  # fmt: skip
         continue
     if message["type"] == "generate":
         job_id = message["id"]

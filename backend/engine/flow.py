@@ -1,0 +1,170 @@
+"""Flow-guided consistency: tie each frame to the previous one along the input's motion.
+
+Beyond the paper. Text2Video-Zero's cross-frame attention ties every frame's appearance to
+frame 1 but leaves frame-to-frame flicker. Rerender-A-Video (Yang et al., "Rerender A Video:
+Zero-Shot Text-Guided Video-to-Video Translation", SIGGRAPH Asia 2023, Sect. 4.1, the
+shape-aware cross-frame latent fusion) fuses, during part of the schedule, each frame's
+predicted clean latent x0 with another frame's x0 warped by the optical flow, where the
+flow says the content is visible in both:
+
+    x0^k <- (1 - s M^k) x0^k + s M^k W_k(x0^(k-1)),
+
+with W_k the backward warp along the flow from frame k to frame k - 1, M^k the visibility
+mask (forward-backward consistency: Sundaram et al., ECCV 2010) and s the strength. Here
+the previous frame's x0 is the already fused one of the same denoising step, so the tie
+runs along the whole video, and the DDIM step is redone with the fused x0 and the model's
+own noise estimate.
+
+Conventions: a flow is (n, 2, h, w) in pixels of its grid, channel 0 to the right (x) and
+channel 1 down (y); the backward flow of frame k maps each pixel p of frame k to
+p + flow[p] in frame k - 1. Pure torch: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Forward-backward consistency (Sundaram et al. 2010): a pixel is visible in both frames when
+# |b + f(p + b)|^2 <= OCC_RELATIVE (|b|^2 + |f(p + b)|^2) + OCC_ABSOLUTE (pixels^2).
+OCC_RELATIVE = 0.01
+OCC_ABSOLUTE = 0.5
+
+
+@dataclass(frozen=True)
+class FlowFusion:
+    """When and how strongly predicted clean latents are fused along the flow."""
+
+    # Fraction of the joint denoising steps where fusion starts and stops. Early steps
+    # decide layout, late ones texture; Rerender's default period is (0.5, 0.8) of the
+    # steps. On the shapes ControlNet (bench/flow_check.py, 2 seeds, true motion, warp
+    # Delta E; paper 5.95) (0, 0.8) at strength 0.5 gave 6.01, (0.5, 0.8) 9.58 and (0.8, 1)
+    # 4.88, the only one below the paper's: the default. QUALITY.md has the full figures.
+    start: float = 0.8
+    end: float = 1.0
+    # s above: 1 replaces the visible pixels by the warped previous frame.
+    strength: float = 1.0
+
+    def active(self, step: int, first: int, total: int) -> bool:
+        """Whether joint step ``step`` (``first`` .. ``total`` - 1) fuses."""
+        joint = max(total - first, 1)
+        position = (step - first) / joint  # in [0, 1)
+        return self.start <= position < self.end
+
+
+def check_flow(flow: torch.Tensor, name: str = "flow") -> None:
+    """Raise ValueError unless ``flow`` is a finite (n, 2, h, w) float tensor."""
+    if flow.ndim != 4 or flow.shape[1] != 2:
+        raise ValueError(f"{name} must be (frames, 2, height, width), got {tuple(flow.shape)}")
+    if not flow.is_floating_point() or not torch.isfinite(flow).all():
+        raise ValueError(f"{name} must hold finite floats")
+
+
+def sample_grid(flow: torch.Tensor) -> torch.Tensor:
+    """(n, h, w, 2) grid_sample coordinates of p + flow[p] (align_corners=False)."""
+    n, _, h, w = flow.shape
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=flow.dtype, device=flow.device),
+        torch.arange(w, dtype=flow.dtype, device=flow.device),
+        indexing="ij",
+    )  # (h, w) each: pixel centres at integer coordinates
+    x = xs + flow[:, 0]  # (n, h, w)
+    y = ys + flow[:, 1]
+    # Pixel centre i sits at (2 i + 1) / size - 1 in grid_sample's [-1, 1] (align_corners=False).
+    return torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)  # (n, h, w, 2)
+
+
+def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Backward warp: out[p] = image[p + flow[p]], bilinear, edges repeated outside."""
+    check_flow(flow)
+    grid = sample_grid(flow.to(image.dtype))
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def inside(flow: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) 1 where p + flow[p] lands inside the frame (within half a pixel)."""
+    n, _, h, w = flow.shape
+    grid = sample_grid(flow)  # (n, h, w, 2) in [-1, 1] for the frame
+    ok = (grid.abs() <= 1).all(dim=-1)  # (n, h, w)
+    return ok[:, None].to(flow.dtype)
+
+
+def visibility(backward: torch.Tensor, forward: torch.Tensor) -> torch.Tensor:
+    """(n, 1, h, w) 1 where pixel p of frame k is visible in frame k - 1, else 0.
+
+    ``backward`` is frame k's flow to k - 1, ``forward`` frame k - 1's flow to k; a pixel is
+    visible when following one and then the other comes back (Sundaram et al. 2010), and
+    its match lies inside the frame.
+    """
+    check_flow(backward, "backward")
+    check_flow(forward, "forward")
+    if backward.shape != forward.shape:
+        raise ValueError(
+            f"backward and forward flows differ in shape: {tuple(backward.shape)} and "
+            f"{tuple(forward.shape)}"
+        )
+    there = warp(forward, backward)  # (n, 2, h, w): forward flow at p + b(p)
+    loop = (backward + there).pow(2).sum(1, keepdim=True)  # (n, 1, h, w)
+    bound = OCC_RELATIVE * (
+        backward.pow(2).sum(1, keepdim=True) + there.pow(2).sum(1, keepdim=True)
+    )
+    consistent = (loop <= bound + OCC_ABSOLUTE).to(backward.dtype)
+    return consistent * inside(backward)
+
+
+def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A flow on another grid (h, w): area-averaged and rescaled to that grid's pixels."""
+    check_flow(flow)
+    h, w = flow.shape[-2:]
+    out = F.interpolate(flow, size=size, mode="area" if size[0] <= h else "bilinear")
+    scale = torch.tensor([size[1] / w, size[0] / h], dtype=flow.dtype, device=flow.device)
+    return out * scale.view(1, 2, 1, 1)  # (n, 2, size[0], size[1])
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int], threshold: float = 0.99) -> torch.Tensor:
+    """A (n, 1, h, w) 0/1 mask on another grid: a cell is 1 only if (nearly) all of it was."""
+    small = F.interpolate(mask, size=size, mode="area")  # (n, 1, size[0], size[1])
+    return (small >= threshold).to(mask.dtype)
+
+
+def fuse(
+    x0: torch.Tensor,
+    previous: torch.Tensor,
+    flow: torch.Tensor,
+    visible: torch.Tensor,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """Rerender-A-Video's fusion: x0 pulled toward the warped previous x0 where visible.
+
+    ``x0`` and ``previous`` are (n, c, h, w), ``flow`` (n, 2, h, w) frame k -> k - 1 and
+    ``visible`` (n, 1, h, w) in [0, 1].
+    """
+    weight = strength * visible.to(x0.dtype)
+    return x0 + weight * (warp(previous, flow) - x0)
+
+
+def fuse_sequence(
+    x0: torch.Tensor,
+    previous: torch.Tensor | None,
+    flows: torch.Tensor,
+    strength: float = 1.0,
+) -> torch.Tensor:
+    """Fuse consecutive frames in order: each with the already fused one before it.
+
+    ``x0`` (n, c, h, w) are consecutive frames; ``previous`` (1, c, h, w) the fused x0 of
+    the frame before the first, or None when the first is frame 1 (kept as is); ``flows``
+    the backward flow (channels 0-1) and visibility (channel 2) of each frame that has a
+    previous one: (n, 3, h, w), or (n - 1, 3, h, w) when ``previous`` is None.
+    """
+    skip = 1 if previous is None else 0
+    if len(flows) != len(x0) - skip:
+        raise ValueError(f"{len(x0)} frames need {len(x0) - skip} flows, got {len(flows)}")
+    out = x0.clone()
+    for i in range(skip, len(x0)):
+        flow, visible = flows[i - skip : i - skip + 1, :2], flows[i - skip : i - skip + 1, 2:]
+        out[i : i + 1] = fuse(
+            x0[i : i + 1], out[i - 1 : i] if i else previous, flow, visible, strength
+        )
+    return out

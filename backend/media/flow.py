@@ -1,0 +1,160 @@
+"""Motion between consecutive frames for flow-guided consistency (engine/flow.py).
+
+Two sources:
+
+* estimated from a video (the pix2pix source, or a control video) with OpenCV's DIS optical
+  flow (Kroeger et al., "Fast Optical Flow using Dense Inverse Search", ECCV 2016), forward
+  and backward between consecutive frames, the occlusion from their consistency;
+* read from a folder of ``.npy`` motion-vector frames (one a frame, in name order), each
+  (H, W, 2): frame k's motion to frame k - 1, or (H, W, 4): to the previous frame then to
+  the next one; pixels, x right and y down. With 4 channels the visible pixels come from
+  forward-backward consistency, with 2 only from the frame's edges.
+
+Either way the engine gets, per frame k >= 1, a (3, h, w) tensor at the latent grid: the
+backward flow k -> k - 1 in latent pixels and where frame k is visible in frame k - 1.
+Frames are read and estimated only when the engine first asks for them and kept at latent
+size (3 floats a latent pixel, less than the latents the engine keeps anyway).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..engine.flow import inside, resize_flow, resize_mask, visibility
+
+FLOW_SUFFIX = ".npy"
+
+
+class FlowError(ValueError):
+    """A motion-vector folder or file is missing or malformed; the message names it."""
+
+
+def estimate_flow(image: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """(H, W, 2) float32 DIS flow: ``image`` at p matches ``target`` at p + flow[p]."""
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    gray = [cv2.cvtColor(np.ascontiguousarray(i), cv2.COLOR_RGB2GRAY) for i in (image, target)]
+    return dis.calc(gray[0], gray[1], None)
+
+
+def _tensor(flow: np.ndarray) -> torch.Tensor:
+    """(H, W, 2) numpy -> (1, 2, H, W) float32 torch."""
+    return torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)).permute(2, 0, 1)[None]
+
+
+def latent_flow(
+    backward: np.ndarray, forward: np.ndarray | None, size: tuple[int, int]
+) -> torch.Tensor:
+    """(3, h, w): frame k's backward flow at the latent grid ``size`` and its visibility.
+
+    ``backward`` (H, W, 2) is frame k's flow to k - 1, ``forward`` frame k - 1's flow to k
+    (None: visibility only from the frame's edges). Visibility is found at full resolution;
+    a latent pixel counts as visible only when nearly all of its pixels are.
+    """
+    b = _tensor(backward)  # (1, 2, H, W)
+    visible = inside(b) if forward is None else visibility(b, _tensor(forward))  # (1, 1, H, W)
+    small = resize_flow(b, size)  # (1, 2, h, w) in latent pixels
+    return torch.cat([small, resize_mask(visible, size)], dim=1)[0]  # (3, h, w)
+
+
+class _LatentFlows(Mapping[int, torch.Tensor]):
+    """Frame k >= 1 -> (3, h, w) latent flow and visibility, computed on first use."""
+
+    def __init__(self, frames: Sequence[int], size: tuple[int, int]):
+        self.frames = [f for f in frames if f >= 1]
+        self.size = size
+        self.done: dict[int, torch.Tensor] = {}
+
+    def compute(self, frame: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, frame: int) -> torch.Tensor:
+        if frame not in self.frames:
+            raise KeyError(frame)
+        if frame not in self.done:
+            self.done[frame] = self.compute(frame)
+        return self.done[frame]
+
+    def __contains__(self, frame: object) -> bool:
+        return frame in self.frames
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.frames)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+class EstimatedFlows(_LatentFlows):
+    """DIS flow between consecutive frames of ``video`` (frame index -> (H, W, 3) uint8)."""
+
+    def __init__(
+        self, video: Mapping[int, np.ndarray], frames: Sequence[int], size: tuple[int, int]
+    ):
+        super().__init__(frames, size)
+        self.video = video
+
+    def compute(self, frame: int) -> torch.Tensor:
+        current, previous = self.video[frame], self.video[frame - 1]
+        backward = estimate_flow(current, previous)
+        forward = estimate_flow(previous, current)
+        return latent_flow(backward, forward, self.size)
+
+
+def flow_files(folder: str | os.PathLike, count: int) -> list[Path]:
+    """The first ``count`` ``.npy`` files of a motion-vector folder, in name order."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise FlowError(f"flow_source: {path} is not a folder of {FLOW_SUFFIX} flow frames")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() == FLOW_SUFFIX)
+    if len(files) < count:
+        raise FlowError(
+            f"flow_source: {path} holds {len(files)} {FLOW_SUFFIX} frames, the job needs {count}"
+        )
+    return files[:count]
+
+
+def read_vectors(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A (H, W, 2 or 4) float motion-vector frame, rescaled to ``size`` (height, width) pixels."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise FlowError(f"flow_source: cannot read {path}: {exc}") from exc
+    if data.ndim != 3 or data.shape[2] not in (2, 4) or data.dtype.kind != "f":
+        raise FlowError(
+            f"flow_source: {path} must hold (height, width, 2 or 4) floats, got "
+            f"{data.shape} {data.dtype}"
+        )
+    if not np.isfinite(data).all():
+        raise FlowError(f"flow_source: {path} holds NaN or infinite values")
+    h, w = data.shape[:2]
+    if (h, w) != size:  # vectors are in pixels of their own grid: scale them with it
+        data = cv2.resize(data.astype(np.float32), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        data = data * np.tile([size[1] / w, size[0] / h], data.shape[2] // 2).astype(np.float32)
+    return data.astype(np.float32)
+
+
+class FileFlows(_LatentFlows):
+    """Motion vectors read from a folder (see the module docstring), frame k = k-th file."""
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        frames: Sequence[int],
+        size: tuple[int, int],
+        pixels: tuple[int, int],
+    ):
+        super().__init__(frames, size)
+        self.files = flow_files(folder, max(frames) + 1)
+        self.pixels = pixels  # (height, width) of the job's frames
+
+    def compute(self, frame: int) -> torch.Tensor:
+        current = read_vectors(self.files[frame], self.pixels)
+        previous = read_vectors(self.files[frame - 1], self.pixels)
+        forward = previous[..., 2:4] if current.shape[2] == 4 == previous.shape[2] else None
+        return latent_flow(current[..., :2], forward, self.size)
