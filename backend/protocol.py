@@ -157,7 +157,7 @@ class ControlNetSpec:
     # hub id); None: the SD 1.5 ControlNet config shipped with the backend (no network).
     config: str | None = None
     # Hub ids or local folders replacing DETECTOR_MODELS[detector] by role for this
-    # ControlNet (e.g. {"pose": "usyd-community/vitpose-plus-small"}); None: the defaults.
+    # ControlNet (e.g. {"pose": "usyd-community/vitpose-base"}); None: the defaults.
     detector_models: dict[str, str] | None = None
 
 
