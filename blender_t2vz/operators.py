@@ -740,8 +740,8 @@ class T2VZ_OT_take_show(bpy.types.Operator):
         return {"FINISHED"}
 
 
-# Scene passes the add-on can show as a picture (OpenPose is drawn by the backend).
-PREVIEW_PASSES = {"DEPTH", "CANNY"}
+# Scene passes the add-on can show as a picture (OpenPose drawn as the backend draws it).
+PREVIEW_PASSES = {"DEPTH", "CANNY", "OPENPOSE"}
 
 
 def preview_problem(context: Any) -> str:
@@ -755,7 +755,7 @@ def preview_problem(context: Any) -> str:
     if item.source != "SCENE":
         return "Previews show passes rendered from the 3D scene"
     if item.scene_pass not in PREVIEW_PASSES:
-        return "OpenPose is drawn by the backend: no preview yet"
+        return f"No preview of the {item.scene_pass.title()} pass"
     if _scene_control() is None:
         return "Scene control is not installed"
     return ""
@@ -780,6 +780,8 @@ def render_preview(context: Any) -> Path:
         context, item, scene.frame_current, 1, width, height, folder
     )
     path = Path(control["path"])
+    if path.suffix.lower() == ".json":  # OpenPose keypoints: drawn here as the backend would
+        return _scene_control().pose_preview(path, width, height, folder / "pose.png")
     pictures = sorted(path.glob("frame_*.png")) if path.is_dir() else [path]
     if not pictures:
         raise jobs.JobBuildError(f"the pass wrote no picture into {path}")

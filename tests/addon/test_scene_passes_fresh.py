@@ -130,7 +130,7 @@ def test_depth_alone_and_both_passes_generate_from_a_fresh_start(fresh_scene, pa
     assert bpy.context.window_manager.t2vz_status.message.startswith("Added")
 
 
-@pytest.mark.parametrize("scene_pass", ["DEPTH", "CANNY"])
+@pytest.mark.parametrize("scene_pass", ["DEPTH", "CANNY", "OPENPOSE"])
 def test_control_preview_renders_the_current_frame(fresh_scene, scene_pass):
     build_shot(fresh_scene)
     _scene_controlnets(fresh_scene, (scene_pass,))
@@ -146,5 +146,12 @@ def test_control_preview_renders_the_current_frame(fresh_scene, scene_pass):
     finally:
         bpy.data.images.remove(image)
     assert max(pixels[0::4]) > min(pixels[0::4])  # the prop and the rig show: not flat
-    fresh_scene.t2vz.controlnets[0].scene_pass = "OPENPOSE"
+    if scene_pass == "OPENPOSE":  # the skeleton in the backend's colours, frame 5's pose
+        pose = json.loads((path.parent / "pose.json").read_text())["frames"][0]
+        assert len(pose) == 1 and sum(p is not None for p in pose[0]) >= 12
+        colors = {
+            tuple(round(255 * c) for c in pixels[i : i + 3]) for i in range(0, len(pixels), 4)
+        }
+        assert (255, 0, 0) in colors and (0, 0, 255) in colors  # nose and left knee
+    fresh_scene.t2vz.controlnets[0].source = "ACTIVE_STRIP"
     assert not bpy.ops.t2vz.control_preview.poll()

@@ -1,5 +1,6 @@
 """The OpenPose pass: bone presets (``presets``) and projected keypoints (``keypoints``)."""
 
+from .draw import draw_pose, pose_preview
 from .keypoints import (
     POSE_FORMAT,
     Character,
@@ -32,10 +33,12 @@ __all__ = [
     "Character",
     "bone_point_world",
     "detect_preset",
+    "draw_pose",
     "keypoint_frames",
     "mixamo_prefix",
     "parse_override",
     "person_keypoints",
+    "pose_preview",
     "project_point",
     "resolve_bone_map",
     "scene_characters",

@@ -224,7 +224,8 @@ def settings_snapshot(scn):
         layer.use_pass_z,
         scn.display.shading.light,
         len(bpy.data.scenes),
-        len(bpy.data.images),
+        # Blender's own "Render Result" appears with the first render after File > New.
+        len([i for i in bpy.data.images if i.type != "RENDER_RESULT"]),
         len(bpy.data.linestyles),
         tuple(scn.objects["Rig rigify"].location),
     )
