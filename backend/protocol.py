@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
+# Model families (backend/models/families.py reads them from the model): SD 1.x, 2.x, SDXL.
+FAMILIES = ("sd1", "sd2", "sdxl")
 
 MODES = ("text2video", "controlnet", "pix2pix")
 # Detectors that turn a control video into control images in the backend (see README).
@@ -157,7 +159,7 @@ class ControlNetSpec:
     # hub id); None: the SD 1.5 ControlNet config shipped with the backend (no network).
     config: str | None = None
     # Hub ids or local folders replacing DETECTOR_MODELS[detector] by role for this
-    # ControlNet (e.g. {"pose": "usyd-community/vitpose-base"}); None: the defaults.
+    # ControlNet (e.g. {"pose": "usyd-community/vitpose-plus-small"}); None: the defaults.
     detector_models: dict[str, str] | None = None
 
 
@@ -243,6 +245,9 @@ class Job:
     # Recorded in job.json: whether the run allowed pickled weights. Reading it back enables
     # nothing: only --allow-pickle or the add-on preference do (see run_job).
     allow_pickle: bool = False
+    # Recorded in job.json: the family the model was read as (sd1, sd2, sdxl). Given, a model
+    # of another family is refused (a result regenerated on a swapped model). None: any.
+    family: str | None = None
     version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -270,7 +275,7 @@ class Job:
 
 
 # Optional fields left out of a job's dict while unset (jobs written before them stay equal).
-_LEFT_OUT_UNSET = ("indices", "detector_models")
+_LEFT_OUT_UNSET = ("indices", "detector_models", "family")
 
 
 def _dict_without_unset_indices(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -672,6 +677,7 @@ def validate_job(data: Any) -> Job:
         write_mp4=_check_type("write_mp4", d.get("write_mp4", True), bool),
         save_latents=_check_type("save_latents", d.get("save_latents", False), bool),
         allow_pickle=_check_type("allow_pickle", d.get("allow_pickle", False), bool),
+        family=None if d.get("family") is None else _choice("family", d["family"], FAMILIES),
         version=version,
     )
     _check_mode(job)

@@ -39,9 +39,17 @@ from ..media.video_io import (
     writing,
 )
 from ..models.adapters import applied_adapters, convert_prompt
+from ..models.families import FamilyError, check_same_family
 from ..models.hub import DownloadCancelled, DownloadHooks, DownloadProgress
-from ..models.loading import ModelCache, choose_dtype, resolve_device
-from ..models.tiny import BUILTIN_PREFIX, TINY_KINDS
+from ..models.loading import (
+    BaseModel,
+    ModelCache,
+    ModelLoadError,
+    choose_dtype,
+    peek_family,
+    resolve_device,
+)
+from ..models.tiny import ALL_TINY_KINDS, BUILTIN_PREFIX
 from ..protocol import FLOW_ESTIMATE, Job, resolve_size
 
 log = logging.getLogger(__name__)
@@ -176,6 +184,104 @@ def job_size(job: Job, side: int, aspect: float) -> tuple[int, int]:
     return width, height
 
 
+def check_families(job: Job) -> None:
+    """Refuse a ControlNet of another family than the base model before either loads, naming
+    both (read from local configs or tensor names; a hub id not downloaded yet is checked
+    once loaded, still before any denoising)."""
+    base = peek_family(job.model)
+    if base is None:
+        return
+    for spec in job.controlnets:
+        family = peek_family(spec.model)
+        if family is not None:
+            try:
+                check_same_family(base, family, job.model, spec.model)
+            except FamilyError as exc:
+                raise ModelLoadError(str(exc)) from None
+
+
+def load_models(
+    job: Job,
+    cache: ModelCache,
+    download: DownloadHooks,
+    device: torch.device,
+    dtype: torch.dtype,
+    allow_pickle: bool,
+) -> tuple[BaseModel, list[Any]]:
+    """The job's base model and ControlNets (cached): families checked first, a cancelled
+    download raising Cancelled, a model of another family than the job records refused."""
+    check_families(job)
+    try:
+        base = cache.base(
+            job.model,
+            download=download,
+            pix2pix=job.mode == "pix2pix",
+            config=job.model_config,
+            allow_pickle=allow_pickle,
+            device=device,
+            dtype=dtype,
+        )
+        if job.family is not None and job.family != base.family.key:
+            raise ModelLoadError(
+                f"the job was made for an {job.family} model, but {job.model!r} is "
+                f"{base.family.label} ({base.family.key}): pick a model of that family or "
+                "remove the job's family field"
+            )
+        controlnets = [
+            cache.controlnet(
+                c.model,
+                config=c.config,
+                download=download,
+                allow_pickle=allow_pickle,
+                device=device,
+                dtype=dtype,
+            )
+            for c in job.controlnets
+        ]
+    except DownloadCancelled as exc:
+        raise Cancelled() from exc
+    return base, controlnets
+
+
+def write_frames(
+    engine: TextToVideoZero,
+    latents: torch.Tensor,
+    frame_ids: list[int],
+    staging: Path,
+    job: Job,
+    events: JobEvents,
+) -> list[str]:
+    """Decode the latents a few frames at a time into PNGs (and the mp4, streamed), with
+    previews and progress; the names written, in frame order."""
+    total_frames = len(frame_ids)
+    written: list[str] = []
+    movie = Mp4Writer(staging / "video.mp4", job.fps) if job.write_mp4 else None
+    try:
+        for start in range(0, total_frames, DECODE_SLICE):
+            if events.should_cancel is not None and events.should_cancel():
+                raise Cancelled()
+            images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
+            for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
+                path = staging / frame_name(f)
+                write_png(path, rgb)
+                if movie is not None:
+                    movie.write(rgb)
+                written.append(frame_name(f))
+                if events.preview is not None:
+                    events.preview(f, str(path))
+            if events.progress is not None:
+                done = len(written)
+                fraction = 0.9 + 0.1 * done / total_frames
+                events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
+    except BaseException:
+        if movie is not None:
+            movie.abort()
+        raise
+    if movie is not None:
+        movie.close()
+    return written
+
+
 def flow_video(job: Job, image: Any, w: int, h: int, needed: list[int]) -> Any:
     """Frames (index -> (H, W, 3) uint8) the motion is estimated from: the pix2pix source,
     else the first control video that is a video (before its detector)."""
@@ -221,7 +327,7 @@ def run_job(
     out = Path(job.out).expanduser().resolve()
     if out.exists():
         raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
-    if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in TINY_KINDS:
+    if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in ALL_TINY_KINDS:
         log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
     # Everything that can be checked without models is checked first: an unwritable output
     # folder or a missing input must not wait for minutes of model loading to be reported.
@@ -264,29 +370,7 @@ def run_job(
 
     dtype_choice = choose_dtype(job.dtype, device)  # bf16 on CPUs with native bf16 for "auto"
     dtype = dtype_choice.dtype
-    try:
-        base = cache.base(
-            job.model,
-            download=download,
-            pix2pix=job.mode == "pix2pix",
-            config=job.model_config,
-            allow_pickle=allow_pickle,
-            device=device,
-            dtype=dtype,
-        )
-        controlnets = [
-            cache.controlnet(
-                c.model,
-                config=c.config,
-                download=download,
-                allow_pickle=allow_pickle,
-                device=device,
-                dtype=dtype,
-            )
-            for c in job.controlnets
-        ]
-    except DownloadCancelled as exc:
-        raise Cancelled() from exc
+    base, controlnets = load_models(job, cache, download, device, dtype, allow_pickle)
     if not sized:  # the model's native size at the input's aspect
         w, h = job_size(job, native_side(base), aspect)
         control_frames, image, masks = read_inputs(w, h)
@@ -348,32 +432,8 @@ def run_job(
         )
         if previews is not None:
             previews.remove_files()
-        written = []
         # Frames stream into the mp4 as they are decoded (no second pass over the PNGs).
-        movie = Mp4Writer(staging / "video.mp4", job.fps) if job.write_mp4 else None
-        try:
-            for start in range(0, total_frames, DECODE_SLICE):
-                if events.should_cancel is not None and events.should_cancel():
-                    raise Cancelled()
-                images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
-                for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
-                    path = staging / frame_name(f)
-                    write_png(path, rgb)
-                    if movie is not None:
-                        movie.write(rgb)
-                    written.append(frame_name(f))
-                    if events.preview is not None:
-                        events.preview(f, str(path))
-                if events.progress is not None:
-                    done = len(written)
-                    fraction = 0.9 + 0.1 * done / total_frames
-                    events.progress(job.steps, job.steps, done, total_frames, fraction, "decoding")
-        except BaseException:
-            if movie is not None:
-                movie.abort()
-            raise
-        if movie is not None:
-            movie.close()
+        written = write_frames(engine, latents, frame_ids, staging, job, events)
         if job.save_latents:
             latents_file = staging / "latents.npy"
             with writing(latents_file):
@@ -383,6 +443,7 @@ def run_job(
         resolved["out"] = str(out)
         resolved["width"], resolved["height"] = w, h  # the size it ran at, however chosen
         resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
+        resolved["family"] = base.family.key  # what the model was read as (job.family)
         for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
             weights = weights_used(spec.detector, spec.detector_models)
             if weights is not None:  # the detector weights it ran with, defaults included
@@ -394,6 +455,8 @@ def run_job(
             "device": str(device),
             "dtype": dtype_choice.name,
             "dtype_reason": dtype_choice.reason,
+            "family": base.family.key,
+            "family_label": base.family.label,
             "torch": torch.__version__,
             "python": platform.python_version(),
             "seconds": round(seconds, 3),
