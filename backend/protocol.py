@@ -26,6 +26,102 @@ from typing import Any
 SCHEMA_VERSION = 1
 # Model families (backend/models/families.py reads them from the model): SD 1.x, 2.x, SDXL.
 FAMILIES = ("sd1", "sd2", "sdxl")
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# The side of the square of each family's training pixel count (SD 2.x: its 768 px models).
+FAMILY_SIDES = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# A .safetensors header larger than this is not read to tell a family (SDXL's is ~0.3 MB).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+# The rules that tell a family from a model's own files. Plain Python, so the add-on reads
+# them too (its panel's family and native size); backend/models/families.py builds on them.
+
+
+def family_from_config(config: dict[str, Any], has_text_encoder_2: bool = False) -> str:
+    """The family key of a UNet or ControlNet diffusers config.
+
+    SDXL: ``addition_embed_type`` "text_time" (pooled text and size ids), or a pipeline with
+    a second text encoder. SD 2.x: linear projections in the transformer blocks, or
+    1024-wide text (OpenCLIP-H). Otherwise SD 1.x.
+    """
+    if has_text_encoder_2 or config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024:
+        return "sd2"
+    return "sd1"
+
+
+# Tensor-name prefixes of original-format (LDM / SGM) checkpoints, most specific first.
+CHECKPOINT_PREFIXES = (
+    ("conditioner.embedders.1.", "sdxl"),  # SGM: CLIP-L is embedders.0, OpenCLIP-bigG .1
+    ("cond_stage_model.model.", "sd2"),  # LDM with OpenCLIP-H
+    ("cond_stage_model.transformer.", "sd1"),  # LDM with CLIP-L
+)
+# Tensors only SDXL's added embedding has: original format (label_emb), diffusers format.
+XL_TENSOR_SUFFIXES = ("label_emb.0.0.weight", "add_embedding.linear_1.weight")
+
+
+def family_from_tensors(shapes: dict[str, Any]) -> str | None:
+    """The family key of a checkpoint (base model or ControlNet) from tensor names to shapes,
+    or None when they do not tell.
+
+    Text-encoder prefixes decide for a whole checkpoint; a lone UNet or ControlNet is SDXL
+    with the added embedding, else SD 2.x when its cross-attention reads 1024-wide text or
+    every ``proj_in`` is linear (2-D), else SD 1.x.
+    """
+    for prefix, family in CHECKPOINT_PREFIXES:
+        if any(key.startswith(prefix) for key in shapes):
+            return family
+    if any(key.endswith(suffix) for key in shapes for suffix in XL_TENSOR_SUFFIXES):
+        return "sdxl"
+    widths = {tuple(s)[-1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight") and s}
+    if not widths:
+        return None
+    if 1024 in widths:
+        return "sd2"
+    linear = [len(s) == 2 for k, s in shapes.items() if k.endswith("proj_in.weight")]
+    return "sd2" if linear and all(linear) else "sd1"
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]] | None:
+    """Tensor name -> shape from a .safetensors file's JSON header (no tensor is read), or
+    None when it is no readable safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= MAX_HEADER_BYTES:
+                return None
+            header = json.loads(f.read(size).decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    return {
+        k: v.get("shape") or []
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict)
+    }
+
+
+def family_of_path(path: str | Path) -> str | None:
+    """The family key of a local diffusers folder (its configs) or .safetensors file (its
+    tensor names), or None when they do not tell."""
+    root = Path(path)
+    if root.is_dir():
+        for config_file in (root / "unet" / "config.json", root / "config.json"):
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(config, dict):
+                pipeline = config_file.parent.name == "unet"
+                return family_from_config(config, pipeline and (root / "text_encoder_2").is_dir())
+        return None
+    if root.suffix.lower() == ".safetensors":
+        shapes = safetensors_shapes(root)
+        return None if shapes is None else family_from_tensors(shapes)
+    return None
+
 
 MODES = ("text2video", "controlnet", "pix2pix")
 # Detectors that turn a control video into control images in the backend (see README).
@@ -786,6 +882,22 @@ PRESETS: dict[str, Preset] = {
             mode="text2video",
             added_prompt="high quality, HD, 8K, trending on artstation, high focus, "
             "dramatic lighting",
+        ),
+        Preset(
+            name="sdxl",
+            label="SDXL look",
+            description="An SDXL model's usual settings: 30 DDIM steps, guidance 6 (SDXL "
+            "follows the prompt at lower guidance than SD 1.x)",
+            mode="text2video",
+            fields={"steps": 30, "guidance": 6.0},
+        ),
+        Preset(
+            name="sdxl-controlnet",
+            label="SDXL ControlNet look",
+            description="SDXL ControlNets' usual settings: 30 DDIM steps, guidance 5 "
+            "(diffusers' SDXL ControlNet default)",
+            mode="controlnet",
+            fields={"steps": 30, "guidance": 5.0},
         ),
     )
 }

@@ -395,7 +395,10 @@ def draw_size(layout: Any, scene: Any, settings: Any) -> None:
     width, height = settings.size(scene)
     side = settings.native_side()
     ratio = sizing.pixel_ratio(width, height, side)
-    col.label(text=f"{width} x {height} px, {ratio:.1f}x native {side}x{side}", icon="IMAGE_DATA")
+    family = sizing.family_label(settings.size_model())  # None: not on disk (a hub id)
+    of = f" ({family})" if family else ""
+    text = f"{width} x {height} px, {ratio:.1f}x native {side}x{side}{of}"
+    col.label(text=text, icon="IMAGE_DATA")
     if sizing.is_oversize(width, height, side):
         warn = layout.column(align=True)
         warn.alert = True

@@ -9,7 +9,12 @@ add-on cannot load a model to ask (no torch in Blender), so the native side come
 1. a small table for the built-in models (their size is fixed by this repository);
 2. a local diffusers folder's ``unet/config.json`` (``sample_size`` latent pixels times the
    VAE's factor, from ``vae/config.json``), read as plain JSON;
-3. otherwise 512, the SD 1.x size every model this add-on runs is built on.
+3. a local single-file checkpoint's family (its tensor names, read from the .safetensors
+   header by the protocol's ``family_of_path``): 512 (SD 1.x), 768 (SD 2.x), 1024 (SDXL);
+4. otherwise 512, the SD 1.x size.
+
+The model's family (SD 1.x, 2.x, SDXL) comes from the same files (``model_family``), never
+from the model's name: a hub id not on disk has none to show.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from . import backend_paths
 
 # Native square side in pixels of the built-in models, by name prefix.
 BUILTIN_SIDES = {"builtin:tiny": 64, "builtin:shapes": 64}
+# The built-in models' families, longest prefix first (their architecture is fixed here).
+BUILTIN_FAMILIES = (
+    ("builtin:tiny-xl", "sdxl"),
+    ("builtin:tiny-sd2", "sd2"),
+    ("builtin:tiny", "sd1"),
+    ("builtin:shapes", "sd1"),
+)
 DEFAULT_SIDE = 512
 # The smallest side a job may have (the protocol's round_to_8 floor).
 MIN_SIDE = 64
@@ -67,7 +79,32 @@ def native_side(model: str) -> int:
         path = Path(os.path.expanduser(name))
         if path.is_dir():
             return _folder_side(path) or DEFAULT_SIDE
+        if path.is_file():
+            family = backend_paths.load_protocol().family_of_path(path)
+            return backend_paths.load_protocol().FAMILY_SIDES.get(family, DEFAULT_SIDE)
     return DEFAULT_SIDE
+
+
+def model_family(model: str) -> str | None:
+    """The family key (sd1, sd2, sdxl) of a built-in model or a local folder or
+    .safetensors file, read from its files; None when nothing on disk tells."""
+    name = (model or "").strip()
+    for prefix, family in BUILTIN_FAMILIES:
+        if name.startswith(prefix):
+            return family
+    if not name:
+        return None
+    path = Path(os.path.expanduser(name))
+    try:
+        return backend_paths.load_protocol().family_of_path(path)
+    except OSError:
+        return None
+
+
+def family_label(model: str) -> str | None:
+    """The family of ``model`` for people ("SDXL"), or None when it cannot be read."""
+    family = model_family(model)
+    return None if family is None else backend_paths.load_protocol().FAMILY_LABELS[family]
 
 
 def native_size(aspect_x: float, aspect_y: float, side: int) -> tuple[int, int]:

@@ -28,7 +28,16 @@ from typing import Any
 
 import torch
 
-from ..protocol import DEFAULT_MODEL, DEFAULT_PIX2PIX_MODEL
+from ..protocol import (
+    DEFAULT_MODEL,
+    DEFAULT_PIX2PIX_MODEL,
+    FAMILY_LABELS,
+    FAMILY_SIDES,
+    family_from_config,
+    family_from_tensors,
+    family_of_path,
+    safetensors_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +92,37 @@ class Family:
     pix2pix_config_repo: str | None
 
 
-SD1 = Family("sd1", "SD 1.x", 512, -1, False, False, False, DEFAULT_MODEL, DEFAULT_PIX2PIX_MODEL)
-SD2 = Family(
-    "sd2", "SD 2.x", 768, -1, False, False, False, "stabilityai/stable-diffusion-2-1", None
+def _family(key: str, **traits: Any) -> Family:
+    """A family record with the protocol's label and native side for ``key``."""
+    return Family(key=key, label=FAMILY_LABELS[key], native_side=FAMILY_SIDES[key], **traits)
+
+
+SD1 = _family(
+    "sd1",
+    hidden_state=-1,
+    added_conditions=False,
+    zero_empty_negative=False,
+    honours_force_upcast=False,
+    config_repo=DEFAULT_MODEL,
+    pix2pix_config_repo=DEFAULT_PIX2PIX_MODEL,
 )
-SDXL = Family(
+SD2 = _family(
+    "sd2",
+    hidden_state=-1,
+    added_conditions=False,
+    zero_empty_negative=False,
+    honours_force_upcast=False,
+    config_repo="stabilityai/stable-diffusion-2-1",
+    pix2pix_config_repo=None,
+)
+SDXL = _family(
     "sdxl",
-    "SDXL",
-    1024,
-    -2,
-    True,
-    True,
-    True,
-    "stabilityai/stable-diffusion-xl-base-1.0",
-    "diffusers/sdxl-instructpix2pix-768",
+    hidden_state=-2,
+    added_conditions=True,
+    zero_empty_negative=True,
+    honours_force_upcast=True,
+    config_repo="stabilityai/stable-diffusion-xl-base-1.0",
+    pix2pix_config_repo="diffusers/sdxl-instructpix2pix-768",
 )
 FAMILIES = {f.key: f for f in (SD1, SD2, SDXL)}
 
@@ -109,81 +135,33 @@ class FamilyError(ValueError):
 
 
 def family_from_unet_config(config: dict[str, Any]) -> Family:
-    """The family of a UNet (or ControlNet) from its diffusers config.
-
-    SDXL: ``addition_embed_type`` "text_time" (the size and pooled-text embedding). SD 2.x:
-    linear projections in the transformer blocks or 1024-channel text (OpenCLIP-H); SD 1.x
-    has neither. Tiny test models keep these markers at any width.
-    """
-    if config.get("addition_embed_type") == "text_time":
-        return SDXL
-    if config.get("use_linear_projection") or config.get("cross_attention_dim") == 1024:
-        return SD2
-    return SD1
+    """The family of a UNet (or ControlNet) from its diffusers config
+    (``protocol.family_from_config``: SDXL's "text_time" added embedding, SD 2.x's linear
+    projections or 1024-wide text; tiny test models keep these markers at any width)."""
+    return FAMILIES[family_from_config(config)]
 
 
 def family_from_folder(folder: str | Path) -> Family | None:
-    """The family of a diffusers model folder from its configs, or None if it has none.
-
-    A pipeline folder is read from ``unet/config.json`` (and ``text_encoder_2/``); a
-    ControlNet folder from its own ``config.json``.
-    """
-    root = Path(folder)
-    for config_file in (root / "unet" / "config.json", root / "config.json"):
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                return None
-            if isinstance(config, dict):
-                if (root / "text_encoder_2").is_dir() and config_file.parent.name == "unet":
-                    return SDXL
-                return family_from_unet_config(config)
-    return None
-
-
-# Tensor-name prefixes of original-format (LDM / SGM) checkpoints, most specific first.
-_CHECKPOINT_MARKERS = (
-    ("conditioner.embedders.1.", SDXL),  # SGM: CLIP-L is embedders.0, OpenCLIP-bigG .1
-    ("cond_stage_model.model.", SD2),  # LDM with OpenCLIP-H
-    ("cond_stage_model.transformer.", SD1),  # LDM with CLIP-L
-)
-# UNet / ControlNet tensors that only SDXL's size-and-pooled-text embedding has:
-# original format (label_emb) and diffusers format (add_embedding).
-_XL_UNET_KEYS = ("label_emb.0.0.weight", "add_embedding.linear_1.weight")
+    """The family of a diffusers folder (a pipeline's ``unet/config.json`` and
+    ``text_encoder_2/``, a ControlNet's ``config.json``), or None if it has no configs."""
+    key = family_of_path(folder) if Path(folder).is_dir() else None
+    return None if key is None else FAMILIES[key]
 
 
 def family_from_keys(shapes: dict[str, Sequence[int]]) -> Family | None:
-    """The family of a checkpoint (base model or ControlNet) from its tensor names and shapes.
-
-    Text-encoder prefixes decide for a whole checkpoint; a lone UNet or ControlNet is SDXL
-    when it has the added embedding, else SD 2.x when its cross-attention reads 1024-wide
-    text or it projects linearly (2-D ``proj_in`` weights), else SD 1.x.
-    """
-    for prefix, family in _CHECKPOINT_MARKERS:
-        if any(key.startswith(prefix) for key in shapes):
-            return family
-    if any(key.endswith(marker) for key in shapes for marker in _XL_UNET_KEYS):
-        return SDXL
-    text_widths = {tuple(s)[-1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")}
-    if not text_widths:
-        return None
-    if 1024 in text_widths:
-        return SD2
-    linear = [len(s) == 2 for k, s in shapes.items() if k.endswith("proj_in.weight")]
-    return SD2 if linear and all(linear) else SD1
+    """The family of a checkpoint from its tensor names and shapes
+    (``protocol.family_from_tensors``), or None when they do not tell."""
+    key = family_from_tensors(shapes)
+    return None if key is None else FAMILIES[key]
 
 
 def family_from_file(path: str | Path) -> Family | None:
     """The family of a .safetensors checkpoint from its header (no tensor is read), or None
     for another format (a pickle is never opened just to look)."""
-    from safetensors import safe_open
-
     if Path(path).suffix.lower() != ".safetensors":
         return None
-    with safe_open(str(path), framework="pt") as f:
-        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
-    return family_from_keys(shapes)
+    shapes = safetensors_shapes(path)
+    return None if shapes is None else family_from_keys(shapes)
 
 
 def family_of_location(kind: str, location: str) -> Family | None:

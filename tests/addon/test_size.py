@@ -130,3 +130,34 @@ def test_settings_panel_draws_the_size(scene) -> None:
     panels.T2VZ_PT_settings.draw(SimpleNamespace(layout=Layout(log)), bpy.context)
     assert ("prop", "size_mode") in log
     assert any(kind == "label" and "native 64x64" in text for kind, text in log)
+
+
+def _sdxl_checkpoint(path: Path) -> Path:
+    """A .safetensors file whose header names SDXL's tensors (no weights needed to tell)."""
+    header = {"conditioner.embedders.1.model.ln_final.weight": {
+        "dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}  # fmt: skip
+    data = json.dumps(header).encode()
+    path.write_bytes(len(data).to_bytes(8, "little") + data + b"\0\0\0\0")
+    return path
+
+
+def test_native_size_and_family_follow_the_model_family(scene, tmp_path: Path) -> None:
+    """An SDXL single file is 1024 px native (16:9 lands near 1360x768) and the panel names
+    its family; a hub id not on disk shows none (a name never tells)."""
+    checkpoint = _sdxl_checkpoint(tmp_path / "my-sd15-style.safetensors")
+    assert sizing.native_side(str(checkpoint)) == 1024
+    assert sizing.model_family(str(checkpoint)) == "sdxl"
+    assert sizing.native_size(1920, 1080, 1024) == (1368, 768)
+    assert sizing.model_family("builtin:tiny-xl") == "sdxl"
+    assert sizing.model_family("builtin:shapes") == "sd1"
+    assert sizing.model_family("someone/sdxl-model") is None
+    folder = tmp_path / "xl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "text_encoder_2").mkdir()
+    (folder / "unet" / "config.json").write_text(json.dumps({"sample_size": 128}))
+    assert sizing.family_label(str(folder)) == "SDXL"
+    settings = scene.t2vz
+    settings.model = str(checkpoint)
+    scene.render.resolution_x, scene.render.resolution_y = 1920, 1080
+    labels = [text for kind, text in _size_log(scene) if kind == "label"]
+    assert labels == ["1368 x 768 px, 1.0x native 1024x1024 (SDXL)"]
