@@ -1,4 +1,4 @@
-"""Write diffusers SD 1.x components as ONE original-format (LDM / CompVis) checkpoint.
+"""Write diffusers SD 1.x, 2.x and SDXL components as ONE original-format checkpoint.
 
 The inverse of diffusers' single-file conversion (``convert_ldm_unet_checkpoint``,
 ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``): key names as in the
@@ -19,6 +19,10 @@ import torch
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+# SD 2.x's OpenCLIP-H and SDXL's two encoders (SGM's conditioner: CLIP-L, then OpenCLIP-bigG).
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Parts of a ResNet block: diffusers name -> LDM (openaimodel ResBlock) name.
 _UNET_RESNET = {
@@ -32,6 +36,9 @@ _UNET_RESNET = {
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
+    # SDXL's embedding of the pooled text and size ids.
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0",
     "conv_norm_out": "out.0",
     "conv_out": "out.2",
@@ -154,6 +161,89 @@ def ldm_state_dict(unet: Any, vae: Any, text_encoder: Any) -> dict[str, torch.Te
     if len(out) != len(unet.state_dict()) + len(vae.state_dict()) + len(text_encoder.state_dict()):
         raise ValueError("two diffusers keys mapped to the same LDM key")
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+# OpenCLIP's names for the parts of a transformers CLIP text layer.
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def open_clip_state_dict(text_encoder: Any) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder's weights under OpenCLIP's names (SD 2.x, SDXL's
+    second encoder): q/k/v in one ``in_proj``, the projection transposed."""
+    state = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {
+        "token_embedding.weight": state.pop("embeddings.token_embedding.weight"),
+        "positional_embedding": state.pop("embeddings.position_embedding.weight"),
+        "ln_final.weight": state.pop("final_layer_norm.weight"),
+        "ln_final.bias": state.pop("final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in state:
+        out["text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    layers = int(text_encoder.config.num_hidden_layers)
+    for i in range(layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for param in ("weight", "bias"):
+            qkv = [state.pop(f"{src}self_attn.{p}_proj.{param}") for p in ("q", "k", "v")]
+            out[f"{dst}attn.in_proj_{param}"] = torch.cat(qkv)  # (3 * hidden, ...)
+            for ours, theirs in _OPEN_CLIP_LAYER.items():
+                out[f"{dst}{theirs}.{param}"] = state.pop(f"{src}{ours}.{param}")
+    state.pop("embeddings.position_ids", None)
+    if state:
+        raise KeyError(f"no OpenCLIP name for {sorted(state)[:3]}")
+    return out
+
+
+def family_state_dict(
+    unet: Any, vae: Any, text_encoder: Any, text_encoder_2: Any = None, open_clip: bool = False
+) -> dict[str, torch.Tensor]:
+    """One checkpoint's state dict: SD 1.x (``ldm_state_dict``), SD 2.x (``open_clip``: the
+    text encoder under OpenCLIP names) or SDXL (a ``text_encoder_2``: SGM's conditioner)."""
+    out = ldm_state_dict(unet, vae, text_encoder)
+    if text_encoder_2 is None and not open_clip:
+        return out
+    out = {k: v for k, v in out.items() if not k.startswith(CLIP_PREFIX)}
+    if text_encoder_2 is None:
+        for key, value in open_clip_state_dict(text_encoder).items():
+            out[OPEN_CLIP_PREFIX + key] = value
+    else:
+        for key, value in text_encoder.state_dict().items():
+            out[XL_CLIP_PREFIX + clip_key_to_ldm(key)] = value
+        for key, value in open_clip_state_dict(text_encoder_2).items():
+            out[XL_OPEN_CLIP_PREFIX + key] = value
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def export_family_checkpoint(folder: str | Path, path: str | Path) -> Path:
+    """Read the SD 2.x or SDXL diffusers folder ``folder`` and write it as one .safetensors
+    file in its original layout (SD 2.x: a folder whose UNet projects linearly)."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = Path(folder)
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae")
+    text_encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder")
+    text_encoder_2 = None
+    if (folder / "text_encoder_2").is_dir():
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            str(folder), subfolder="text_encoder_2"
+        )
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    state = family_state_dict(
+        unet, vae, text_encoder, text_encoder_2, open_clip=bool(config.get("use_linear_projection"))
+    )
+    path = Path(path)
+    save_file(state, str(path))
+    return path
 
 
 def export_ldm_checkpoint(folder: str | Path, path: str | Path) -> Path:

@@ -76,7 +76,7 @@ def test_an_sdxl_embedding_loads_into_both_text_encoders_and_is_removed(
     save_file(
         {
             "clip_l": torch.randn(2, 32, generator=gen) * 3,
-            "clip_g": torch.randn(2, 32, generator=gen) * 3,
+            "clip_g": torch.randn(2, 48, generator=gen) * 3,
         },
         str(path),
     )

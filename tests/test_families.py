@@ -118,7 +118,7 @@ def test_a_controlnet_of_another_family_is_refused_naming_both() -> None:
 
 
 def test_sdxl_text_is_both_encoders_penultimate_states_and_the_pooled_projection(xl: Any) -> None:
-    """As StableDiffusionXLPipeline.encode_prompt: (77, 32 + 32) hidden states and the second
+    """As StableDiffusionXLPipeline.encode_prompt: (77, 32 + 48) hidden states and the second
     encoder's pooled projection; an empty negative prompt is zeros."""
     from diffusers import StableDiffusionXLPipeline
 
@@ -127,7 +127,7 @@ def test_sdxl_text_is_both_encoders_penultimate_states_and_the_pooled_projection
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
         "a red cat", device=xl.device, do_classifier_free_guidance=True
     )
-    assert text.embeds.shape == (2, 77, 64) and text.pooled.shape == (2, 32)
+    assert text.embeds.shape == (2, 77, 80) and text.pooled.shape == (2, 32)
     torch.testing.assert_close(text.embeds[1:], embeds)
     torch.testing.assert_close(text.pooled[1:], pooled)
     assert not negative.any() and not negative_pooled.any()
@@ -201,3 +201,44 @@ def test_an_sdxl_repo_loads_from_the_hub_stand_in_with_both_text_encoders(
     for module in ("unet", "text_encoder", "text_encoder_2", "vae"):
         want, got = getattr(xl, module).state_dict(), getattr(loaded, module).state_dict()
         assert all(got[k].equal(v) for k, v in want.items()), module
+
+
+# --------------------------------------------------------------------------- single files
+
+
+@pytest.mark.parametrize("kind", ["tiny-xl", "tiny-sd2", "tiny-xl-pix2pix"])
+def test_a_single_file_checkpoint_loads_as_its_family(
+    tiny_family_models: dict, tmp_path: Path, kind: str
+) -> None:
+    """SDXL (SGM layout: CLIP-L and OpenCLIP-bigG) and SD 2.x (OpenCLIP-H) single files load
+    through diffusers' single-file loader with the right pipeline, weights intact."""
+    from ldm_export import export_family_checkpoint
+
+    folder = tiny_family_models[kind]
+    path = export_family_checkpoint(folder, tmp_path / f"{kind}-finetune.safetensors")
+    pix2pix = kind.endswith("pix2pix")
+    want = load_base_model(str(folder), pix2pix=pix2pix)
+    assert family_from_file(path) is want.family
+    got = load_base_model(str(path), config=str(folder), pix2pix=pix2pix)
+    assert got.family is want.family
+    modules = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if want.text_encoder_2 else [])
+    for module in modules:
+        a, b = getattr(want, module).state_dict(), getattr(got, module).state_dict()
+        assert a.keys() == b.keys(), module
+        assert all(b[k].equal(v) for k, v in a.items()), module
+    assert got.zero_empty_negative == want.zero_empty_negative
+    assert got.scheduler_config["prediction_type"] == want.scheduler_config["prediction_type"]
+
+
+def test_a_single_file_without_configs_asks_for_its_familys_configs(
+    tiny_family_models: dict, tmp_path: Path
+) -> None:
+    """Offline and with no --model-config, an SDXL file asks for SDXL's configs repo (not
+    SD 1.5's), by name, in the error."""
+    from ldm_export import export_family_checkpoint
+
+    from backend.models.loading import ModelLoadError
+
+    path = export_family_checkpoint(tiny_family_models["tiny-xl"], tmp_path / "xl.safetensors")
+    with pytest.raises(ModelLoadError, match="stable-diffusion-xl-base-1.0"):
+        load_base_model(str(path))

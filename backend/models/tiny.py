@@ -229,11 +229,14 @@ def _tiny_text_config(tokenizer: Any, **config: Any) -> Any:
 
 # SDXL's size conditions: six ids, each embedded in this many channels (SDXL: 256).
 XL_TIME_EMBED_DIM = 8
+# Width of the tiny SDXL's second text encoder: wider than the first, as OpenCLIP-bigG
+# (1280) is than CLIP-L (768), so a single-file checkpoint's two encoders are told apart.
+XL_TEXT_2_DIM = 48
 
 
 def _tiny_xl_unet_config(in_channels: int) -> dict:
     """SDXL's UNet in miniature: linear projections, two transformer layers in the lower
-    level, text of both encoders (2 x 32 channels), and the added embedding of six size ids
+    level, text of both encoders (32 + 48 channels), and the added embedding of six size ids
     plus the pooled text (``addition_embed_type`` "text_time")."""
     return dict(
         sample_size=8,
@@ -246,7 +249,7 @@ def _tiny_xl_unet_config(in_channels: int) -> dict:
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-        cross_attention_dim=2 * CROSS_DIM,
+        cross_attention_dim=CROSS_DIM + XL_TEXT_2_DIM,
         addition_embed_type="text_time",
         addition_time_embed_dim=XL_TIME_EMBED_DIM,
         projection_class_embeddings_input_dim=6 * XL_TIME_EMBED_DIM + CROSS_DIM,
@@ -325,7 +328,7 @@ def _build_tiny_family(kind: str, folder: Path) -> Path:
         vae=vae,
         text_encoder=CLIPTextModel(_tiny_text_config(tokenizer)),
         text_encoder_2=CLIPTextModelWithProjection(
-            _tiny_text_config(tokenizer_2, hidden_act="gelu")
+            _tiny_text_config(tokenizer_2, hidden_act="gelu", hidden_size=XL_TEXT_2_DIM)
         ),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
