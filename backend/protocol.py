@@ -338,6 +338,9 @@ class Job:
     fps: float = 8.0
     write_mp4: bool = True
     save_latents: bool = False
+    # torch.compile the UNet and ControlNets: the first job of a model and size is slower
+    # (the compile), later ones in the same worker faster; off by default (slower on CPUs).
+    compile: bool = False
     # Recorded in job.json: whether the run allowed pickled weights. Reading it back enables
     # nothing: only --allow-pickle or the add-on preference do (see run_job).
     allow_pickle: bool = False
@@ -772,6 +775,7 @@ def validate_job(data: Any) -> Job:
         fps=_float("fps", d.get("fps", 8.0), lo=0.1, hi=1000.0),
         write_mp4=_check_type("write_mp4", d.get("write_mp4", True), bool),
         save_latents=_check_type("save_latents", d.get("save_latents", False), bool),
+        compile=_check_type("compile", d.get("compile", False), bool),
         allow_pickle=_check_type("allow_pickle", d.get("allow_pickle", False), bool),
         family=None if d.get("family") is None else _choice("family", d["family"], FAMILIES),
         version=version,

@@ -41,11 +41,24 @@ class AnchorState:
         self.branches = 1
         # True while the running batch starts each branch with frame 1: store its K/V.
         self.capture = True
-        self.keys_values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Layer name -> the anchor's (keys, values), None between steps. Every layer's name
+        # is registered when its processor is made and never removed, so the dict's keys
+        # stay the same from call to call: a compiled UNet (torch.compile guards on them)
+        # then does not recompile when the anchor is stored or dropped.
+        self.keys_values: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def register(self, name: str) -> None:
+        """Reserve the anchor slot of the layer ``name``."""
+        self.keys_values.setdefault(name, None)
+
+    def held(self) -> list[str]:
+        """The layers whose anchor keys/values are stored now."""
+        return [name for name, kv in self.keys_values.items() if kv is not None]
 
     def clear(self) -> None:
         """Drop the stored anchor keys/values (end of a step or of a run)."""
-        self.keys_values.clear()
+        for name in self.keys_values:
+            self.keys_values[name] = None
 
 
 class CrossFrameAttnProcessor:
@@ -54,6 +67,7 @@ class CrossFrameAttnProcessor:
     def __init__(self, state: AnchorState, name: str):
         self.state = state
         self.name = name
+        state.register(name)
 
     def __call__(
         self,

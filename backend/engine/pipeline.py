@@ -39,6 +39,7 @@ from ..models.families import (
 )
 from ..models.loading import BaseModel
 from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
+from .compile import CompileOptions, forwards
 from .flow import FlowFusion, fuse_sequence
 from .motion import (
     background_mask,
@@ -160,12 +161,27 @@ class TextToVideoZero:
     Text2Video-Zero. What differs between families (text encoders, added conditions, VAE
     quirks) comes from ``backend.models.families``; the loop is the same for all."""
 
-    def __init__(self, base: BaseModel, controlnets: Sequence[torch.nn.Module] = ()):
+    def __init__(
+        self,
+        base: BaseModel,
+        controlnets: Sequence[torch.nn.Module] = (),
+        compile_options: CompileOptions | None = None,
+    ):
         check_model(base, controlnets)
         self.base = base
         self.controlnets = list(controlnets)
         self.device = base.device
         self.dtype = base.dtype
+        # What runs the UNet and each ControlNet: the modules, or (``compile_options``) their
+        # compiled forwards, made once per module and reused by every engine on it.
+        modules = [base.unet, *self.controlnets]
+        calls, self.compile_skipped = forwards(modules, compile_options, self.device)
+        self._unet_call, self._controlnet_calls = calls[0], calls[1:]
+
+    @property
+    def forward_calls(self) -> list:
+        """What runs the UNet and each ControlNet (compiled wrappers, or the modules)."""
+        return [self._unet_call, *self._controlnet_calls]
 
     # ------------------------------------------------------------------ inputs
 
@@ -257,7 +273,7 @@ class TextToVideoZero:
         added_cond = repeat_conditions(added, n)  # rows as ``text``, or None
 
         down_residuals = mid_residual = None
-        for control, controlnet in zip(controls, self.controlnets, strict=True):
+        for control, controlnet in zip(controls, self._controlnet_calls, strict=True):
             cond = _unit_range(torch.stack([control.frames[f] for f in frames]))
             cond = cond.to(self.device, self.dtype)
             cond = cond.repeat(branches, 1, 1, 1)  # (branches * frames, 3, H, W)
@@ -276,7 +292,7 @@ class TextToVideoZero:
                 down_residuals = [a + b for a, b in zip(down_residuals, down, strict=True)]
                 mid_residual = mid_residual + mid
 
-        noise = self.base.unet(
+        noise = self._unet_call(
             model_input,
             t,
             encoder_hidden_states=text,

@@ -261,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the final latents as latents.npy (frames, 4, H/8, W/8) float32",
     )
     gen.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the UNet and ControlNets: the first job of a model and size takes "
+        "longer (the compile, cached on disk), later jobs in the same worker run faster; "
+        "falls back to uncompiled with a warning where compiling fails",
+    )
+    gen.add_argument(
         "--allow-pickle",
         action="store_true",
         default=None,
@@ -321,6 +329,7 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "save_latents": args.save_latents,
+        "compile": args.compile,
         "allow_pickle": args.allow_pickle,
         "out": args.out,
     }

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..engine.compile import CompileOptions, CompileReport, CompileWatch, finish_report
 from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero
 from ..media.controls import store_control_frames
 from ..media.detectors import DetectorRun, weights_used
@@ -49,7 +50,7 @@ from ..models.loading import (
     peek_family,
     resolve_device,
 )
-from ..models.tiny import ALL_TINY_KINDS, BUILTIN_PREFIX
+from ..models.tiny import ALL_TINY_KINDS, BUILTIN_PREFIX, cache_dir
 from ..protocol import FLOW_ESTIMATE, Job, resolve_size
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,13 @@ def job_flows(
     return FileFlows(job.flow_source, needed, size, (h, w))
 
 
+def job_compile_options(job: Job) -> CompileOptions | None:
+    """How the job compiles its UNet and ControlNets (None: it does not), cache on disk."""
+    if not job.compile:
+        return None
+    return CompileOptions(cache_dir=cache_dir() / "compile")
+
+
 def run_job(
     job: Job,
     cache: ModelCache | None = None,
@@ -386,7 +394,9 @@ def run_job(
             # Denoising is ~90% of the work; decoding and writing the rest.
             events.progress(step, total, 0, total_frames, 0.9 * fraction, "denoising")
 
-    engine = TextToVideoZero(base, controlnets)
+    compiling = job_compile_options(job)
+    engine = TextToVideoZero(base, controlnets, compile_options=compiling)
+    compile_report = CompileReport(requested=job.compile)
     motion = job.effective_motion
     flows = job_flows(job, image, w, h, base.vae_scale_factor, needed)
     # LoRAs and embeddings live on the cached model for this job only (see adapters.py);
@@ -403,6 +413,8 @@ def run_job(
         previews = None
         if events.preview_every is not None:
             previews = DenoisingPreview(engine, staging, events)
+        if compiling is not None:
+            stack.enter_context(CompileWatch(compile_report))
         latents = engine(
             prompt=convert_prompt(pipe, base, job.prompt),
             negative_prompt=convert_prompt(pipe, base, job.negative_prompt),
@@ -461,5 +473,7 @@ def run_job(
             "python": platform.python_version(),
             "seconds": round(seconds, 3),
         }
+        if job.compile:
+            run_info["compile"] = finish_report(compile_report, engine).to_dict()
         write_file(staging / "run.json", json.dumps(run_info, indent=2, sort_keys=True).encode())
     return JobResult(str(out), [str(out / n) for n in written], seconds, run_info)
