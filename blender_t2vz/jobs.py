@@ -36,6 +36,7 @@ REGENERATE_FIELDS = (
     "device",
     "dtype",
     "write_mp4",
+    "compile",
 )
 
 
@@ -199,6 +200,7 @@ def build_job(
         "dtype": str(settings.get("dtype", "auto")),
         "fps": float(fps),
         "write_mp4": bool(settings.get("write_mp4", False)),
+        "compile": bool(settings.get("compile", False)),
     }
     job.update(adapter_fields(settings.get("adapters", ())))
     for side in ("width", "height"):

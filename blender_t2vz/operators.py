@@ -290,11 +290,19 @@ def remove_staging(staging: Path | None) -> None:
             folder.rmdir()  # only when empty
 
 
+def job_values(settings: Any, scene: Any, prefs: Any) -> dict[str, Any]:
+    """The panel's settings as job values, with the preferences' device, precision and
+    compile choice."""
+    values = settings.to_values(scene, prefs.device, prefs.dtype)
+    values["compile"] = bool(getattr(prefs, "compile_unet", False))
+    return values
+
+
 def _plan_from_panel(context: Any, out: Path, staging: Path, input_strip: Any) -> JobPlan:
     scene = context.scene
     settings = scene.t2vz
     prefs = preferences.get_prefs(context)
-    values = settings.to_values(scene, prefs.device, prefs.dtype)
+    values = job_values(settings, scene, prefs)
     if has_source_strip(settings):
         first, count = scene.frame_current, settings.frames
     else:
@@ -401,7 +409,7 @@ def plan_regenerate(context: Any, strip: Any, seed: str = "PANEL") -> JobPlan:
     scene = context.scene
     settings = scene.t2vz
     prefs = preferences.get_prefs(context)
-    values = settings.to_values(scene, prefs.device, prefs.dtype)
+    values = job_values(settings, scene, prefs)
     if seed == "KEEP":
         values["seed"] = int(stored.get("seed", values["seed"]))
     elif seed == "NEW":

@@ -358,7 +358,7 @@ def test_a_job_from_only_a_prompt_takes_the_backend_defaults() -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(PROTOCOL.Job)}
     same = (
         "mode", "negative_prompt", "frames", "fit", "steps", "guidance", "seed", "chunk_size",
-        "smooth_bg", "smooth_alpha", "device", "dtype",
+        "smooth_bg", "smooth_alpha", "device", "dtype", "compile",
     )  # fmt: skip
     assert {k: job[k] for k in same} == {k: defaults[k] for k in same}
     assert (job["width"], job["height"]) == (512, 512)
@@ -372,8 +372,8 @@ def test_job_values_come_from_the_settings() -> None:
     settings = {
         **BASE, "negative_prompt": "blurry", "frames": 5, "fit": "pad", "seed": 9,
         "guidance": 3.0, "chunk_size": 2, "smooth_bg": True, "smooth_alpha": 0.3,
-        "device": "cpu", "dtype": "float32", "write_mp4": True, "motion": (3, -2),
-        "model": "  owner/model  ", "adapters": [{"path": "style.safetensors", "weight": 0.5}],
+        "device": "cpu", "dtype": "float32", "write_mp4": True, "compile": True,
+        "motion": (3, -2), "model": "  owner/model  ", "adapters": [{"path": "style.safetensors", "weight": 0.5}],
     }  # fmt: skip
     job = jobs.build_job(settings, out="/tmp/o", fps=24, defaults=MODELS)
     assert {k: job[k] for k in settings if k not in ("motion", "model", "adapters")} == {
@@ -519,7 +519,7 @@ def test_rebuild_takes_every_regenerate_field_from_the_panel() -> None:
         "prompt": "a dog", "negative_prompt": "blurry", "seed": 5, "steps": 3, "guidance": 2.0,
         "image_guidance": 1.25, "width": 72, "height": 80, "fit": "stretch", "chunk_size": 2,
         "smooth_bg": True, "smooth_alpha": 0.3, "device": "cpu", "dtype": "float32",
-        "write_mp4": True,
+        "write_mp4": True, "compile": True,
     }  # fmt: skip
     assert set(panel) == set(jobs.REGENERATE_FIELDS)
     changed = jobs.rebuild_job(
@@ -617,3 +617,22 @@ def test_every_value_the_panel_allows_makes_a_job_the_backend_accepts(
             checked.append((name, limit))
         setattr(settings, name, default)
     assert len(checked) == 2 * len(numbers)
+
+
+def test_the_compile_preference_reaches_the_job(scene) -> None:
+    """The preference (not the scene) decides whether the backend compiles the UNet."""
+    from blender_t2vz import operators, preferences
+
+    prefs = preferences.get_prefs()
+    settings = scene.t2vz
+    try:
+        for on in (False, True):
+            prefs.compile_unet = on
+            values = operators.job_values(settings, scene, prefs)
+            assert values["compile"] is on
+            job = jobs.build_job(
+                {**values, "prompt": "a cat"}, out="/tmp/o", fps=24, defaults=MODELS
+            )
+            assert job["compile"] is on
+    finally:
+        prefs.compile_unet = False
