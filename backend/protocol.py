@@ -11,6 +11,8 @@ The same validated job runs from the CLI, the worker and the add-on, and is writ
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -18,6 +20,8 @@ import re
 import reprlib
 import shutil
 import socket
+import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -169,6 +173,10 @@ DEFAULT_T0, DEFAULT_T1, DEFAULT_T_STEPS = 44, 47, 50
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 HUB_ID_FORMS = "owner/name, or owner/name/path/file.safetensors for one file of a repo"
+# The Hub's own limit on an owner or repo name, and on a whole id with a file path (a
+# 5000-character "id" would otherwise reach the file system as a path: ENAMETOOLONG).
+MAX_HUB_NAME_CHARS = 96
+MAX_HUB_ID_CHARS = 512
 # An owner or repo name as huggingface_hub validates it: letters, digits, _ . - (no
 # leading or trailing . or -, no "--" or "..").
 _HUB_NAME = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
@@ -596,7 +604,11 @@ def _adapters(d: dict) -> tuple[list[LoraSpec], list[EmbeddingSpec]]:
 def hub_id_problem(name: str) -> str:
     """Why ``name`` is not a hub id (owner/name or owner/name/path/file.safetensors); "" when
     it is one. Says nothing of local paths: a path that exists wins over a hub id."""
+    if len(name) > MAX_HUB_ID_CHARS:
+        return f"a hub id is at most {MAX_HUB_ID_CHARS} characters, this one has {len(name)}"
     parts = name.split("/")
+    if len(parts) >= 2 and max(len(parts[0]), len(parts[1])) > MAX_HUB_NAME_CHARS:
+        return f"a hub owner or repo name is at most {MAX_HUB_NAME_CHARS} characters"
     if len(parts) < 2 or not all(
         _HUB_NAME.fullmatch(p) and "--" not in p and ".." not in p for p in parts[:2]
     ):
@@ -1054,11 +1066,13 @@ def encode_message(kind: str, /, **payload: Any) -> str:
     return json.dumps({"type": kind, **payload}, separators=(",", ":"))
 
 
-def parse_json(data: str | bytes, what: str) -> Any:
+def parse_json(data: str | bytes, what: str, excerpt: bool = True) -> Any:
     """Parse JSON text (or UTF-8 bytes) of at most MAX_LINE_BYTES; ValueError saying why not.
 
     Never raises anything else: invalid UTF-8, nesting too deep for the parser and
-    oversized input all become a ValueError whose message shows at most a short excerpt.
+    oversized input all become a ValueError whose message shows at most a short excerpt,
+    and none with ``excerpt=False`` (a user's file that is not JSON may be anything: a
+    private key given by mistake must not end up in a terminal or a log).
     """
     if len(data) > MAX_LINE_BYTES:
         raise ValueError(f"{what} is {len(data)} bytes long; the limit is {MAX_LINE_BYTES}")
@@ -1072,7 +1086,8 @@ def parse_json(data: str | bytes, what: str) -> Any:
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply to parse") from None
     except ValueError as exc:  # JSONDecodeError
-        raise ValueError(f"{what} is not JSON ({exc}): {shown(data)}") from None
+        shown_data = f": {shown(data)}" if excerpt else ""
+        raise ValueError(f"{what} is not JSON ({exc}){shown_data}") from None
 
 
 def decode_message(line: str | bytes) -> dict[str, Any]:
@@ -1093,15 +1108,56 @@ def decode_message(line: str | bytes) -> dict[str, Any]:
 # A result NAME is written into ".NAME.partial-HOST-PID-TOKEN" beside it and renamed when it
 # is complete. HOST and PID name the writing process, so a folder left by a process that was
 # killed (SIGKILL, the OOM killer, a power cut) can be told from one still being written and
-# swept; folders of other machines (a shared render folder) are never touched.
+# swept; folders of other machines (a shared render folder) are never touched. HOST is the
+# host name AND a tag of this boot of this machine (``boot_tag``): two machines with the
+# same host name (cloned VMs, containers) share a disk, and a PID means something only on
+# the running system that issued it.
 _PARTIAL = re.compile(
     r"^\.(?P<name>.+)\.partial-(?P<host>\w*)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})$"
 )
 
 
+def _boot_identity() -> str:
+    """Text unique to this boot of this machine, or "" where none can be read."""
+    try:  # Linux: a random UUID the kernel draws at every boot
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    if sys.platform == "darwin":  # a UUID per boot session
+        import subprocess
+
+        try:
+            return subprocess.run(
+                ["/usr/sbin/sysctl", "-n", "kern.bootsessionuuid"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=True,
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    if os.name == "nt":  # the boot time to the second, with the machine's name
+        import ctypes
+
+        uptime = ctypes.windll.kernel32.GetTickCount64
+        uptime.restype = ctypes.c_ulonglong
+        return f"{socket.gethostname()}@{round(time.time() - uptime() / 1000)}"
+    return ""
+
+
+@functools.lru_cache(maxsize=1)
+def boot_tag() -> str:
+    """8 hex digits naming this boot of this machine, or "" where that cannot be known."""
+    identity = _boot_identity()
+    return hashlib.sha256(identity.encode()).hexdigest()[:8] if identity else ""
+
+
 def host_tag() -> str:
-    """This machine's name as it appears in staging folder names (letters, digits, _)."""
-    return re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:32]
+    """This machine's name and boot as they appear in staging folder names (letters, digits,
+    _): ``HOSTNAME_BOOTTAG``."""
+    host = re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:32]
+    return f"{host}_{boot_tag()}" if boot_tag() else host
 
 
 def partial_name(out_name: str, pid: int | None = None) -> str:
@@ -1153,7 +1209,10 @@ def _windows_pid_alive(pid: int) -> bool:
 
 
 def stale_partials(folder: str | os.PathLike) -> list[Path]:
-    """Staging folders in ``folder`` left by processes of this machine that are gone."""
+    """Staging folders in ``folder`` left by processes of this boot of this machine that are
+    gone; none where this system's boot cannot be told (see ``boot_tag``)."""
+    if not boot_tag():
+        return []  # a dead-looking PID could be a live process of another machine
     try:
         entries = list(os.scandir(folder))
     except OSError:

@@ -526,3 +526,115 @@ def test_every_vector_of_a_multi_vector_embedding_is_used_in_both_prompts(
             run_job(make_job(tmp_path / f"{field}-{name}", embeddings=embedding, **text), cache)
         difference = latents(tmp_path / f"{field}-two") - latents(tmp_path / f"{field}-one")
         assert np.abs(difference).max() > 1e-3, field
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def short_naming(message: str, name: str) -> None:
+    """An error of at most 3 lines that names ``name`` (a file or a tensor)."""
+    assert name in message, message
+    assert len(message.splitlines()) <= 3, message
+
+
+def _edited_copy(source: Path, target: Path, edit: Any) -> Path:
+    """``source``'s tensors with ``edit(tensors)`` applied, saved as ``target``."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(source))
+    edit(tensors)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(target))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("value", "why"), [(float("nan"), "NaN"), (float("inf"), "infinite"), (1e30, "float16")]
+)
+def test_a_lora_with_nan_inf_or_huge_weights_is_refused_naming_file_and_tensor(
+    tmp_path: Path, tiny_models: dict, lora_file: Path, value: float, why: str
+) -> None:
+    name = sorted(__import__("safetensors.torch").torch.load_file(str(lora_file)))[0]
+
+    def poison(tensors: dict) -> None:
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = value
+
+    bad = _edited_copy(lora_file, tmp_path / "bad" / "lora.safetensors", poison)
+    with pytest.raises(ModelLoadError) as info:
+        run_job(make_job(tmp_path / "out", loras=[str(bad)]))
+    short_naming(str(info.value), str(bad))
+    assert name in str(info.value) and why in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_embedding_with_nan_values_is_refused(
+    tmp_path: Path, tiny_models: dict, embedding_file: Path
+) -> None:
+    def poison(tensors: dict) -> None:
+        tensors[TOKEN] = tensors[TOKEN].clone()
+        tensors[TOKEN][3] = float("nan")
+
+    bad = _edited_copy(embedding_file, tmp_path / "nan.safetensors", poison)
+    with pytest.raises(ModelLoadError) as info:
+        run_job(make_job(tmp_path / "out", embeddings=[{"path": str(bad), "token": TOKEN}]))
+    short_naming(str(info.value), str(bad))
+    assert "NaN" in str(info.value)
+
+
+def test_a_lora_folder_with_several_weight_files_is_refused_listing_them(
+    tmp_path: Path, tiny_models: dict, lora_file: Path
+) -> None:
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("style_a.safetensors", "style_b.safetensors"):
+        (folder / name).write_bytes(lora_file.read_bytes())
+    with pytest.raises(ModelLoadError) as info:
+        run_job(make_job(tmp_path / "out", loras=[str(folder)]))
+    short_naming(str(info.value), str(folder))
+    assert "style_a.safetensors" in str(info.value) and "style_b.safetensors" in str(info.value)
+    # A folder holding one weight file loads that file, as before.
+    single = tmp_path / "one"
+    single.mkdir()
+    (single / "style_a.safetensors").write_bytes(lora_file.read_bytes())
+    run_job(make_job(tmp_path / "ok", loras=[str(single)]))
+    assert (tmp_path / "ok" / "latents.npy").is_file()
+
+
+def test_a_lora_of_another_architecture_is_one_short_error(
+    tmp_path: Path, tiny_models: dict, lora_file: Path
+) -> None:
+    import torch
+
+    def widen(tensors: dict) -> None:  # every up-projection made for 3x wider layers
+        for key in [k for k in tensors if "lora_B" in k or "lora.up" in k]:
+            rows, rank = tensors[key].shape[:2]
+            tensors[key] = torch.zeros(3 * rows, rank)
+
+    other = _edited_copy(lora_file, tmp_path / "other" / "xl_lora.safetensors", widen)
+    with pytest.raises(ModelLoadError) as info:
+        run_job(make_job(tmp_path / "out", loras=[str(other)]))
+    short_naming(str(info.value), str(other))
+    assert "does not fit" in str(info.value)
+
+
+def test_an_embedding_of_another_width_shows_both_sizes(tmp_path: Path, tiny_models: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "sd15_embedding.safetensors"
+    save_file({"emb_params": torch.randn(2, 768)}, str(path))
+    with pytest.raises(ModelLoadError) as info:
+        run_job(make_job(tmp_path / "out", embeddings=[{"path": str(path), "token": TOKEN}]))
+    text = str(info.value)
+    short_naming(text, str(path))
+    assert "768" in text and "32" in text and "{" not in text and "tensor(" not in text
+
+
+def test_a_truncated_lora_is_named(tmp_path: Path, tiny_models: dict, lora_file: Path) -> None:
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(lora_file.read_bytes()[:-100])
+    with pytest.raises(ModelLoadError) as info:
+        run_job(make_job(tmp_path / "out", loras=[str(cut)]))
+    short_naming(str(info.value), str(cut))
+    assert "truncated" in str(info.value)

@@ -458,3 +458,44 @@ def test_controlnet_options_without_controlnets_are_refused(flags: list[str], na
     without a word."""
     with pytest.raises(JobError, match=f"{named} applies to the --controlnet/--control pairs"):
         parse("--mode", "controlnet", "--prompt", "p", *flags)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_a_job_files_own_out_is_printed_before_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A shared job.json may aim anywhere; the user sees where before anything is written."""
+    import backend.service.runner
+
+    seen: list[tuple[str, str]] = []
+
+    def fake_run_job(job, cache=None, events=None, *, allow_pickle=False):
+        seen.append((job.out, capsys.readouterr().err))  # what was printed before the run
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(backend.service.runner, "run_job", fake_run_job)
+    aimed = tmp_path / "autostart" / ".." / "autostart" / "evil_result"
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps({"prompt": "x", "out": str(aimed)}))
+    assert main(["generate", "--job", str(path)]) == 1
+    out, printed = seen[-1]
+    assert out == str(aimed)
+    assert f"job file {path}: writing to {tmp_path / 'autostart' / 'evil_result'}" in printed
+    mine = tmp_path / "mine"
+    assert main(["generate", "--job", str(path), "--out", str(mine)]) == 1
+    assert seen[-1][0] == str(mine) and "writing to" not in seen[-1][1]
+
+
+def test_a_private_key_given_as_job_is_never_echoed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    key = tmp_path / "id_ed25519"
+    key.write_text(
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQ\n"
+    )
+    assert main(["generate", "--job", str(key)]) == 2
+    err = capsys.readouterr().err
+    assert str(key) in err and "not JSON" in err
+    assert "PRIVATE" not in err and "b3Bl" not in err and len(err.splitlines()) == 1

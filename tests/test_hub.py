@@ -806,3 +806,81 @@ def test_a_controlnet_named_as_one_file_of_a_repo_loads_like_the_local_file(
     want, got = tiny_controlnet.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys() and all(got[k].equal(v) for k, v in want.items())
     assert in_process.files_sent() == ["test/cn-files:canny.safetensors"]
+
+
+# --------------------------------------------------------------------------- a hostile cache
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cached_repo(cache: Path, repo: str, ref: str, files: dict[str, bytes]) -> Path:
+    """A hub cache entry written by hand: refs/main holding ``ref`` and a snapshot of
+    ``files`` under snapshots/COMMIT (blobs as the real cache keeps them)."""
+    folder = cache / ("models--" + repo.replace("/", "--"))
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(ref)
+    for name, data in files.items():
+        blob = folder / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(exist_ok=True)
+        blob.write_bytes(data)
+        path = folder / "snapshots" / COMMIT / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(os.path.relpath(blob, path.parent))
+    return folder
+
+
+def test_a_cache_ref_leading_outside_the_cache_is_never_followed(tmp_path: Path) -> None:
+    from backend.models.hub import HubError, fetch_adapter, fetch_model
+
+    cache = tmp_path / "hub"
+    outside = tmp_path / "outside"  # what ../../.. from a snapshot folder reaches
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    (outside / "model_index.json").write_text("{}")
+    (outside / "pytorch_lora_weights.safetensors").write_bytes(b"x")
+    cached_repo(cache, "owner/evil", "../../../outside", {"config.json": b"{}"})
+    for fetch in (
+        lambda: fetch_model("owner/evil", cache_dir=cache),
+        lambda: fetch_adapter("owner/evil", "lora", cache_dir=cache),
+        lambda: fetch_model("owner/evil/pytorch_lora_weights.safetensors", cache_dir=cache),
+    ):
+        with pytest.raises(HubError) as info:
+            fetch()  # offline (the suite's setting): the cache or an error
+        assert "owner/evil" in str(info.value) and str(outside) not in str(info.value)
+
+
+def test_a_cache_snapshot_linked_outside_the_cache_is_refused_naming_it(tmp_path: Path) -> None:
+    from backend.models.hub import HubError, fetch_model
+
+    cache = tmp_path / "hub"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "config.json").write_text("{}")
+    folder = cached_repo(cache, "owner/evil", COMMIT, {})
+    (folder / "snapshots").mkdir()
+    (folder / "snapshots" / COMMIT).symlink_to(outside)
+    with pytest.raises(HubError) as info:
+        fetch_model("owner/evil", cache_dir=cache)
+    assert "outside the hub cache" in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_remove_model_stays_inside_the_cache(tmp_path: Path) -> None:
+    from backend.models.hub import remove_cached
+
+    cache = tmp_path / "hub"
+    elsewhere = tmp_path / "other-disk"
+    elsewhere.mkdir()
+    keep = elsewhere / "big.safetensors"
+    keep.write_bytes(b"k" * 5000)
+    folder = cached_repo(cache, "owner/mixed", COMMIT, {"config.json": b"{}"})
+    (folder / "blobs" / "linked").symlink_to(keep)  # a blob that is a link: not ours to free
+    assert remove_cached("owner/mixed", cache_dir=cache) == 2  # the 2 bytes of "{}" only
+    assert not folder.exists() and keep.read_bytes() == b"k" * 5000
+    moved = elsewhere / "models--owner--moved"  # a model moved to another disk by hand
+    (moved / "blobs").mkdir(parents=True)
+    (moved / "blobs" / "weights").write_bytes(b"w" * 100)
+    (cache / "models--owner--moved").symlink_to(moved)
+    assert remove_cached("owner/moved", cache_dir=cache) == 0
+    assert not (cache / "models--owner--moved").is_symlink()
+    assert (moved / "blobs" / "weights").read_bytes() == b"w" * 100

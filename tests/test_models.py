@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -515,3 +516,162 @@ def test_model_cache_loads_real_models_once(tiny_models: dict) -> None:
         "builtin:tiny-controlnet"
     )
     assert cache.loads == 2
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def short_naming(message: str, name: str) -> None:
+    """An error of at most 3 lines that names ``name`` (a file or a field)."""
+    assert name in message, message
+    assert len(message.splitlines()) <= 3, message
+
+
+HOSTILE_CODE = """
+from pathlib import Path
+Path({marker!r}).write_text("the model's own code ran")
+from transformers import CLIPTextModel as Evil
+"""
+
+
+def hostile_config_folder(tiny: Path, folder: Path, marker: Path) -> Path:
+    """The tiny model's configs as a stranger could ship them: model_index.json names
+    transformers' AutoModel, text_encoder/config.json maps it to a .py file beside it that
+    writes ``marker`` when run."""
+    shutil.copytree(tiny, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["text_encoder"] = ["transformers", "AutoModel"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config_path = folder / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["auto_map"] = {"AutoModel": "evil.Evil", "AutoConfig": "evil.EvilConfig"}
+    config["model_type"] = "evil"  # no class of transformers' own: only the .py could load it
+    config_path.write_text(json.dumps(config))
+    (folder / "text_encoder" / "evil.py").write_text(HOSTILE_CODE.format(marker=str(marker)))
+    return folder
+
+
+def test_a_config_folder_asking_for_custom_code_is_refused_and_runs_nothing(
+    ldm_checkpoint: Path, tiny_models: dict, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker.txt"
+    folder = hostile_config_folder(tiny_models["tiny"], tmp_path / "configs", marker)
+    for load in (
+        lambda: load_base_model(str(ldm_checkpoint), config=str(folder)),  # single file
+        lambda: load_base_model(str(folder)),  # the folder as a model
+    ):
+        with pytest.raises(ModelLoadError) as info:
+            load()
+        short_naming(str(info.value), str(folder / "text_encoder" / "config.json"))
+        assert "auto_map" in str(info.value)
+    assert not marker.exists()
+
+
+def test_transformers_never_prompts_for_custom_code_once_loading_has_run(
+    tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past our own checks, transformers refuses the code instead of asking on stdin."""
+    from transformers import AutoModel
+
+    marker = tmp_path / "marker.txt"
+    folder = hostile_config_folder(tiny_models["tiny"], tmp_path / "configs", marker)
+    models.forbid_remote_code()
+
+    prompts: list[str] = []
+
+    def answer_no(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return "n"
+
+    monkeypatch.setattr("builtins.input", answer_no)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AutoModel.from_pretrained(str(folder / "text_encoder"))
+    assert prompts == []  # refused outright: nothing read stdin
+    assert not marker.exists()
+
+
+def test_a_model_index_naming_any_module_is_refused_before_importing_it(
+    ldm_checkpoint: Path, tiny_models: dict, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    import sys
+
+    folder = tmp_path / "configs"
+    shutil.copytree(tiny_models["tiny"], folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["this", "X"]  # importing `this` prints the Zen of Python
+    (folder / "model_index.json").write_text(json.dumps(index))
+    sys.modules.pop("this", None)
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(str(ldm_checkpoint), config=str(folder))
+    short_naming(str(info.value), str(folder / "model_index.json"))
+    assert "'scheduler'" in str(info.value)
+    assert "this" not in sys.modules
+    assert "Beautiful is better" not in capfd.readouterr().out
+
+
+def test_a_lora_or_embedding_given_as_a_model_says_so(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style.safetensors"
+    save_file(
+        {
+            "lora_unet_down_blocks_0.lora_down.weight": torch.zeros(4, 32),
+            "lora_unet_down_blocks_0.lora_up.weight": torch.zeros(32, 4),
+        },
+        str(lora),
+    )
+    embedding = tmp_path / "shiny.safetensors"
+    save_file({"emb_params": torch.zeros(2, 768)}, str(embedding))
+    for path, switch in ((lora, "--lora"), (embedding, "--embedding")):
+        with pytest.raises(ModelLoadError) as info:
+            load_base_model(str(path))
+        short_naming(str(info.value), str(path))
+        assert switch in str(info.value)
+
+
+def test_broken_safetensors_are_named(ldm_checkpoint: Path, tmp_path: Path) -> None:
+    import struct
+
+    data = ldm_checkpoint.read_bytes()
+    cases = {
+        "empty.safetensors": (b"", "too short"),
+        "bomb.safetensors": (struct.pack("<Q", 1 << 62) + b"{}", "header claims"),
+        "truncated.safetensors": (data[: len(data) // 2], "truncated"),
+    }
+    for name, (content, why) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ModelLoadError) as info:
+            load_base_model(str(path))
+        short_naming(str(info.value), str(path))
+        assert why in str(info.value)
+
+
+def test_a_config_asking_for_an_absurd_unet_is_refused_before_allocating(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    folder = tmp_path / "huge"
+    shutil.copytree(tiny_models["tiny"], folder)
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [16384, 16384]  # 90.7 G parameters, 363 GB in float32
+    config["norm_num_groups"] = 8
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as info:
+        load_base_model(str(folder))
+    short_naming(str(info.value), str(config_path))
+    assert "G parameters" in str(info.value)
+    config["block_out_channels"], config["layers_per_block"] = [32, 64], 10_000_000
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="layers_per_block") as info:
+        load_base_model(str(folder))
+    short_naming(str(info.value), str(config_path))
+
+
+def test_a_5000_character_hub_id_is_one_line_naming_the_limit() -> None:
+    for name in ("a" * 5000, "owner/" + "n" * 5000, "a/" * 2500):
+        with pytest.raises(ModelLoadError) as info:
+            load_base_model(name)
+        text = str(info.value)
+        assert len(text.splitlines()) == 1 and len(text) < 300, text
+        assert "512 characters" in text or "File name too long" in text

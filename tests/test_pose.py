@@ -137,3 +137,54 @@ def test_unreadable_files_are_refused(tmp_path):
         load_pose_file(tmp_path / "broken.json")
     with pytest.raises(ValueError, match="size"):
         draw_openpose([], 0, 10)
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_a_pose_file_linked_to_dev_zero_is_refused_unread(tmp_path):
+    import os
+
+    link = tmp_path / "pose.json"
+    os.symlink("/dev/zero", link)
+    with pytest.raises(ValueError) as info:
+        load_pose_file(link)
+    assert str(link) in str(info.value) and "not a regular file" in str(info.value)
+
+
+def test_a_fifo_pose_file_is_refused_without_blocking(tmp_path):
+    import os
+    import time
+
+    fifo = tmp_path / "pose.json"
+    os.mkfifo(fifo)  # nobody ever writes to it: a blocking open or read would hang forever
+    started = time.monotonic()
+    with pytest.raises(ValueError) as info:
+        load_pose_file(fifo)
+    assert time.monotonic() - started < 2.0
+    assert str(fifo) in str(info.value) and "FIFO" in str(info.value)
+
+
+def test_a_pose_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    import backend.media.pose as pose
+
+    path = write_pose_file(tmp_path / "big.json", [[person(nose=(0.5, 0.5))]] * 50)
+    monkeypatch.setattr(pose, "MAX_POSE_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ValueError) as info:
+        load_pose_file(path)
+    assert str(path) in str(info.value) and "limit" in str(info.value)
+
+
+def test_pose_errors_echo_only_a_short_printable_excerpt(tmp_path):
+    secret = "\x1b[2J" + "k" * 5000  # a terminal escape and a long value
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "openpose18", "frames": [[[secret] + [None] * 17]]}))
+    with pytest.raises(ValueError) as info:
+        load_pose_file(path)
+    text = str(info.value)
+    assert str(path) in text and "\x1b" not in text and "k" * 100 not in text
+    assert len(text.splitlines()) == 1
+    (tmp_path / "key.json").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk")
+    with pytest.raises(ValueError) as info:
+        load_pose_file(tmp_path / "key.json")  # not JSON: no excerpt at all
+    assert "PRIVATE" not in str(info.value) and "b3Bl" not in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from backend.protocol import (
     decode_message,
     encode_message,
     host_tag,
+    hub_id_problem,
+    parse_json,
     partial_name,
     partial_owner,
     pid_alive,
@@ -365,6 +368,47 @@ def test_only_stale_staging_folders_of_this_machine_are_swept(tmp_path: Path) ->
         p.name for p in (live, mine, elsewhere, legacy, result, not_a_folder)
     )
     assert stale_partials(tmp_path / "missing") == []
+
+
+def test_a_machine_with_the_same_host_name_keeps_its_staging_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two VMs named alike share a render disk: a PID dead here may live there."""
+    import socket
+
+    import backend.protocol as protocol
+
+    dead = _dead_pid()
+    host = re.sub(r"\W", "_", socket.gethostname(), flags=re.ASCII)[:32]
+    other_boot = "ffffffff" if protocol.boot_tag() != "ffffffff" else "eeeeeeee"
+    twin = tmp_path / f".shot.partial-{host}_{other_boot}-{dead}-0123abcd"
+    old_style = tmp_path / f".shot.partial-{host}-{dead}-0123abcd"  # host name alone
+    ours = tmp_path / partial_name("shot", pid=dead)
+    for folder in (twin, old_style, ours):
+        folder.mkdir()
+    assert protocol.boot_tag() and host_tag() == f"{host}_{protocol.boot_tag()}"
+    assert sweep_stale_partials(tmp_path) == [ours]
+    assert twin.is_dir() and old_style.is_dir()
+    # Where this system's boot cannot be told, nothing is swept: no PID can be trusted.
+    monkeypatch.setattr(protocol, "boot_tag", lambda: "")
+    ours.mkdir()
+    assert stale_partials(tmp_path) == []
+
+
+def test_hub_ids_longer_than_the_hubs_limits_are_refused_in_one_line() -> None:
+    assert hub_id_problem("o/" + "n" * 96) == ""
+    assert "96 characters" in hub_id_problem("o/" + "n" * 97)
+    assert "512 characters" in hub_id_problem("o/n/" + "f" * 5000 + ".safetensors")
+    assert "512 characters" in hub_id_problem("a" * 5000)
+
+
+def test_a_file_that_is_not_json_is_never_quoted() -> None:
+    key = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA"
+    with pytest.raises(ValueError) as info:
+        parse_json(key, "job file x", excerpt=False)
+    assert "job file x" in str(info.value) and "PRIVATE" not in str(info.value)
+    with pytest.raises(ValueError, match="PRIVATE"):  # protocol lines keep their excerpt
+        parse_json(key, "protocol line")
 
 
 def test_encode_refuses_unknown_types() -> None:

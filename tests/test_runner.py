@@ -1056,3 +1056,31 @@ def test_no_movie_unless_asked_and_run_json_names_the_versions(
     assert text.startswith('{\n  "') and list(saved) == sorted(saved)
     run_text = (tmp_path / "run" / "run.json").read_text()
     assert run_text.startswith('{\n  "') and list(info) == sorted(info)
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_a_dangling_symlink_as_out_is_refused_and_its_target_never_made(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    target = tmp_path / "autostart" / "evil_result"
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    with pytest.raises(OutputExistsError, match="symbolic link") as info:
+        run_job(make_job(link), cache)
+    assert str(link) in str(info.value)
+    assert not target.exists() and not target.parent.exists() and link.is_symlink()
+
+
+def test_non_finite_final_latents_are_an_error_and_write_nothing(tmp_path: Path) -> None:
+    """NaN weights (a broken LoRA, fp16 overflow) made black PNGs with exit 0."""
+    own = ModelCache()
+    run_job(make_job(tmp_path / "first", frames=2), own)
+    (base,) = own._bases.values()
+    with torch.no_grad():
+        base.unet.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(runner.NonFiniteError, match="NaN or infinite") as info:
+        run_job(make_job(tmp_path / "second", frames=2), own)
+    assert len(str(info.value).splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["first"]  # no folder, no partial

@@ -560,3 +560,57 @@ class _WriteFails:
 
     def __getattr__(self, name: str):
         return getattr(self._real, name)
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims width x height (what a decompression bomb shows
+    before its compressed rows)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side", [9000, 20000, 60000])
+def test_images_over_the_pixel_limit_are_refused_from_their_header(
+    tmp_path: Path, side: int
+) -> None:
+    bomb = png_header_only(tmp_path / f"bomb{side}.png", side, side)
+    for read in (
+        lambda: video_io.frame_size(VideoInput(str(bomb))),
+        lambda: read_frames(VideoInput(str(bomb)), [0], 64, 64),
+    ):
+        with pytest.raises(VideoInputError) as info:
+            read()
+        text = str(info.value)
+        assert str(bomb) in text and str(video_io.MAX_INPUT_PIXELS) in text
+        assert len(text.splitlines()) == 1
+
+
+def test_an_image_at_the_pixel_limit_is_read(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(video_io, "MAX_INPUT_PIXELS", 32 * 32)
+    cv2.imwrite(str(tmp_path / "ok.png"), solid(100))
+    assert video_io.frame_size(VideoInput(str(tmp_path / "ok.png"))) == (32, 32)
+    cv2.imwrite(str(tmp_path / "big.png"), solid(100, 33, 32))
+    with pytest.raises(VideoInputError, match="33x32"):
+        video_io.frame_size(VideoInput(str(tmp_path / "big.png")))
+
+
+def test_staged_output_refuses_a_dangling_symlink(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere" / "evil_result"
+    link = tmp_path / "out"
+    link.symlink_to(target)  # dangling: the target does not exist
+    with pytest.raises(OutputExistsError, match="symbolic link"), staged_output(link):
+        pass
+    assert not target.exists() and not target.parent.exists()
+    assert link.is_symlink()

@@ -1214,3 +1214,52 @@ def test_in_process_preview_detector_answers_with_the_control_image(tmp_path: Pa
 
 
 # --------------------------------------------------------------------------- hostile input
+
+
+def test_in_process_replies_echo_request_ids_as_sent(tmp_path: Path) -> None:
+    with in_process(tmp_path) as w:
+        w.send("generate", id=7, job=job(tmp_path / "x", width=100))
+        w.send("generate", id=None, job=job(tmp_path / "y", width=100))
+        w.send("remove_model", id=8, model="owner/not-cached")
+        replies = [w.next(), w.next(), w.next()]
+    assert [(m["type"], m["id"]) for m in replies] == [("error", 7), ("error", None), ("error", 8)]
+    assert type(replies[0]["id"]) is int
+
+
+def test_the_worker_keeps_stdin_from_libraries(backend_env: dict) -> None:
+    """A library prompt (input()) reads the null device, never the protocol pipe."""
+    code = (
+        "import os, sys\n"
+        "from backend.service.worker import _claim_stdin\n"
+        "requests = _claim_stdin()\n"
+        "try:\n"
+        "    answer = input('run the custom code? [y/N] ')\n"
+        "except EOFError:\n"
+        "    answer = 'EOF'\n"
+        "print(answer, os.read(0, 10), requests.readline(), file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        input=b"y\n",
+        capture_output=True,
+        env=backend_env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.decode().strip().endswith("EOF b'' b'y\\n'"), done.stderr
+
+
+def test_a_model_asking_for_custom_code_is_an_error_and_the_worker_answers_on(
+    worker: WorkerProcess, tiny_models: dict, tmp_path: Path
+) -> None:
+    from test_models import hostile_config_folder
+
+    marker = tmp_path / "marker.txt"
+    folder = hostile_config_folder(tiny_models["tiny"], tmp_path / "evil-model", marker)
+    worker.send("generate", id="evil", job=job(tmp_path / "out", model=str(folder)))
+    worker.send("generate", id="after", job=job(tmp_path / "x", width=100))
+    evil = worker.until_terminal("evil", timeout=60)[-1]
+    assert evil["type"] == "error" and "auto_map" in evil["message"], evil
+    assert str(folder / "text_encoder" / "config.json") in evil["message"]
+    assert worker.until_terminal("after", timeout=60)[-1]["type"] == "error"
+    assert not marker.exists() and not (tmp_path / "out").exists()

@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-from ..protocol import KEYPOINT_NAMES, POSE_FORMAT
+from ..protocol import KEYPOINT_NAMES, POSE_FORMAT, shown
+
+# The largest pose file read: 18 keypoints of 4 people a frame, as JSON, come to ~1 KB a
+# frame, so 64 MB holds tens of thousands of frames; a link to /dev/zero or a 7 GB file is
+# refused before it is read.
+MAX_POSE_BYTES = 64 << 20
 
 # Limbs as (keypoint, keypoint) pairs, 0-based, in the annotator's drawing order.
 LIMBS = (
@@ -76,11 +83,11 @@ def _keypoint(where: str, value: object) -> tuple[float, float] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise _bad(where, f"expected null or [x, y], got {value!r}")
+        raise _bad(where, f"expected null or [x, y], got {shown(value)}")
     coords = []
     for axis, v in zip("xy", value, strict=True):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise _bad(f"{where}.{axis}", f"expected a finite number, got {v!r}")
+            raise _bad(f"{where}.{axis}", f"expected a finite number, got {shown(v)}")
         if not 0.0 <= v <= 1.0:
             raise _bad(f"{where}.{axis}", f"must be within 0..1 (leave it null instead), got {v!r}")
         coords.append(float(v))
@@ -90,7 +97,7 @@ def _keypoint(where: str, value: object) -> tuple[float, float] | None:
 def _person(where: str, value: object) -> list[tuple[float, float] | None]:
     """One person: exactly 18 keypoints in COCO-18 order."""
     if not isinstance(value, list) or len(value) != len(KEYPOINT_NAMES):
-        got = f"{len(value)} entries" if isinstance(value, list) else repr(value)[:80]
+        got = f"{len(value)} entries" if isinstance(value, list) else shown(value)
         raise _bad(where, f"expected a list of {len(KEYPOINT_NAMES)} keypoints, got {got}")
     return [_keypoint(f"{where}[{i}] ({KEYPOINT_NAMES[i]})", v) for i, v in enumerate(value)]
 
@@ -102,30 +109,55 @@ def parse_pose_data(data: object, where: str = "") -> list[list[list[tuple[float
         raise _bad(f"{prefix}root", f"expected an object, got {type(data).__name__}")
     unknown = sorted(set(data) - {"format", "frames"})
     if unknown:
-        raise _bad(f"{prefix}{unknown[0]}", "unknown field")
+        raise _bad(f"{prefix}{shown(unknown[0])}", "unknown field")
     if data.get("format") != POSE_FORMAT:
-        raise _bad(f"{prefix}format", f"expected {POSE_FORMAT!r}, got {data.get('format')!r}")
+        raise _bad(f"{prefix}format", f"expected {POSE_FORMAT!r}, got {shown(data.get('format'))}")
     frames = data.get("frames")
     if not isinstance(frames, list) or not frames:
-        raise _bad(f"{prefix}frames", f"expected a non-empty list of frames, got {frames!r:.80}")
+        raise _bad(f"{prefix}frames", f"expected a non-empty list of frames, got {shown(frames)}")
     result = []
     for f, people in enumerate(frames):
         if not isinstance(people, list):
-            raise _bad(f"{prefix}frames[{f}]", f"expected a list of people, got {people!r:.80}")
+            raise _bad(f"{prefix}frames[{f}]", f"expected a list of people, got {shown(people)}")
         result.append([_person(f"{prefix}frames[{f}][{p}]", v) for p, v in enumerate(people)])
     return result
 
 
-def load_pose_file(path: str | Path) -> list[list[list[tuple[float, float] | None]]]:
-    """Read and validate a pose file; ValueError names the bad value."""
-    path = Path(path)
+def read_regular_file(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; ValueError
+    naming it otherwise. Never blocks on a FIFO, never reads a device (/dev/zero) endlessly."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # O_NONBLOCK: opening a FIFO with no writer would wait forever; a regular file ignores it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise ValueError(f"pose file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"pose file {path} is not valid JSON: {exc}") from exc
-    return parse_pose_data(data, where=str(path))
+        raise ValueError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)  # of what was opened, links followed: no swap after a check
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{what} {path} is not a regular file (a device, FIFO or folder)")
+        if info.st_size > limit:
+            raise ValueError(f"{what} {path} is {info.st_size} bytes; the limit is {limit} bytes")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew while being read
+        raise ValueError(f"{what} {path} is larger than the limit of {limit} bytes")
+    return data
+
+
+def load_pose_file(path: str | Path) -> list[list[list[tuple[float, float] | None]]]:
+    """Read and validate a pose file; ValueError names the file and the bad value."""
+    path = Path(path)
+    data = read_regular_file(path, MAX_POSE_BYTES, "pose file")
+    try:
+        parsed = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"pose file {path} is not UTF-8 text (byte {exc.start})") from None
+    except RecursionError:
+        raise ValueError(f"pose file {path} is nested too deeply to be JSON") from None
+    except json.JSONDecodeError as exc:  # its message holds a position, never the content
+        raise ValueError(f"pose file {path} is not valid JSON: {exc}") from None
+    return parse_pose_data(parsed, where=str(path))
 
 
 def stroke_width(width: int, height: int) -> int:

@@ -38,6 +38,42 @@ class OutputExistsError(FileExistsError):
     """The output folder already exists; results never overwrite anything."""
 
 
+# The most pixels an input image or movie frame may have: 8192 x 8192 (the largest job side
+# is 4096, so twice that each way). A 389 KB PNG can claim 20000 x 20000 and decode to 1.6 GB;
+# its size is read from the header and refused before anything is decoded.
+MAX_INPUT_PIXELS = 8192 * 8192
+
+
+def check_pixels(path: Path, width: int, height: int) -> None:
+    """VideoInputError naming ``path`` when a frame of width x height is over the limit."""
+    if width * height > MAX_INPUT_PIXELS:
+        raise VideoInputError(
+            f"{path} is {width}x{height} pixels; inputs are limited to {MAX_INPUT_PIXELS} "
+            "pixels (8192x8192): scale it down first"
+        )
+
+
+def _image_header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) an image file's header claims, read without decoding; None when
+    Pillow cannot tell (OpenEXR, a broken file: OpenCV's own limit then applies)."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ours decides
+            with Image.open(path) as image:
+                return image.size
+    except Image.DecompressionBombError:  # Pillow's own limit, far above ours
+        raise VideoInputError(
+            f"{path} claims more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; inputs are "
+            f"limited to {MAX_INPUT_PIXELS} pixels (8192x8192)"
+        ) from None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
 def frame_name(index: int) -> str:
     """File name of 0-based frame ``index``: frame_00001.png for the first frame."""
     return f"frame_{index + 1:05d}.png"
@@ -131,6 +167,7 @@ def frame_size(spec: VideoInput) -> tuple[int, int]:
             capture.release()
         if min(size) <= 0:
             raise VideoInputError(f"cannot open movie {path}")
+        check_pixels(path, *size)
         return size
     else:
         raise VideoInputError(f"video input {path} does not exist")
@@ -138,6 +175,9 @@ def frame_size(spec: VideoInput) -> tuple[int, int]:
 
 
 def _read_image(path: Path) -> np.ndarray:
+    size = _image_header_size(path)
+    if size is not None:
+        check_pixels(path, *size)  # before decoding: a decompression bomb is never unpacked
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise VideoInputError(f"cannot read image {path}")
@@ -168,6 +208,7 @@ def _iter_movie(path: Path, wanted: set[int]) -> Iterator[tuple[int, np.ndarray]
         if not container.streams.video:
             raise VideoInputError(f"movie {path} has no video stream")
         stream = container.streams.video[0]
+        check_pixels(path, stream.codec_context.width or 0, stream.codec_context.height or 0)
         rate = stream.guessed_rate or stream.average_rate
         if rate and stream.time_base is not None:
             try:
@@ -225,6 +266,13 @@ def _iter_movie_in_order(path: Path, wanted: set[int]) -> Iterator[tuple[int, np
     capture = cv2.VideoCapture(str(path))
     if not capture.isOpened():
         raise VideoInputError(f"cannot open movie {path}")
+    width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+    height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+    try:
+        check_pixels(path, width, height)
+    except VideoInputError:
+        capture.release()
+        raise
     found: set[int] = set()
     last = max(wanted)
     index = 0
@@ -533,6 +581,10 @@ def check_output_writable(out: Path) -> None:
 def staged_output(out: Path) -> Iterator[Path]:
     """A temporary folder beside ``out``, renamed to ``out`` when the block succeeds."""
     out = Path(out)
+    if out.is_symlink():
+        raise OutputExistsError(
+            f"output folder {out} is a symbolic link; results are never written through one"
+        )
     if out.exists():
         raise OutputExistsError(f"output folder {out} already exists; results never overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -542,7 +594,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
-        if out.exists():
+        if os.path.lexists(out):
             raise OutputExistsError(f"output folder {out} appeared while the job ran; kept it")
         os.rename(staging, out)
     finally:

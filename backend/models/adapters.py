@@ -21,9 +21,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..protocol import EmbeddingSpec, LoraSpec, hub_id_problem
-from .hub import ADAPTERS, DownloadHooks, HubError, fetch_adapter
+from ..protocol import EmbeddingSpec, LoraSpec, hub_id_problem, shown
+from .hub import ADAPTERS, DownloadHooks, HubError, adapter_candidates, fetch_adapter
 from .loading import BaseModel, ModelLoadError, _check_pickle_file
+from .safety import ModelFileError, check_adapter_tensors, embedding_width, first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,15 @@ def _source(
     what = ADAPTERS[kind].label  # "LoRA", "embedding"
     local = Path(path).expanduser()
     kwargs: dict[str, Any] = {"use_safetensors": None if allow_pickle else True}
-    if local.is_dir():
-        return str(local), {**kwargs, "local_files_only": True}
-    if not local.is_file():
+    try:
+        is_dir, is_file = local.is_dir(), local.is_file()
+    except OSError as exc:  # a name too long for a path (ENAMETOOLONG), a loop of links
+        raise ModelLoadError(
+            f"{what} {shown(path)} is not a usable path ({exc.strerror})"
+        ) from None
+    if is_dir:
+        local = _folder_weight(local, kind, allow_pickle)
+    elif not is_file:
         problem = hub_id_problem(path)
         if problem:
             raise ModelLoadError(
@@ -53,7 +60,31 @@ def _source(
         except HubError as exc:
             raise ModelLoadError(str(exc)) from exc
     _check_pickle_file(str(local), allow_pickle)
+    if local.suffix.lower() == ".safetensors":
+        try:  # NaN, inf or huge weights would make black frames with exit 0
+            check_adapter_tensors(local, what)
+        except ModelFileError as exc:
+            raise ModelLoadError(str(exc)) from None
     return str(local.parent), {**kwargs, "weight_name": local.name, "local_files_only": True}
+
+
+def _folder_weight(folder: Path, kind: str, allow_pickle: bool) -> Path:
+    """The one weight file of adapter folder ``folder``, chosen as for a hub repo (see
+    ``hub.adapter_candidates``); ModelLoadError listing the files when there are several."""
+    what = ADAPTERS[kind].label
+    files = sorted(p.name for p in folder.iterdir() if p.is_file())
+    found = adapter_candidates(files, kind, allow_pickle)
+    if len(found) == 1:
+        return folder / found[0]
+    if found:
+        listed = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+        raise ModelLoadError(
+            f"{what} folder {folder} holds {len(found)} weight files ({listed}): cannot tell "
+            f"which to load; give the file itself, e.g. {folder / found[0]}"
+        )
+    pickled = adapter_candidates(files, kind, allow_pickle=True)
+    hint = f" (it has pickled weights, {pickled[0]}: see --allow-pickle)" if pickled else ""
+    raise ModelLoadError(f"{what} folder {folder} holds no .safetensors weights{hint}")
 
 
 def _pipeline(base: BaseModel) -> Any:
@@ -136,18 +167,20 @@ def applied_adapters(
             name = f"{ADAPTER_PREFIX}{i}"
             try:
                 pipe.load_lora_weights(location, adapter_name=name, **kwargs)
-            except (OSError, ValueError, KeyError) as exc:
-                raise ModelLoadError(f"could not load LoRA {lora.path!r}: {exc}") from exc
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise ModelLoadError(lora_error(lora.path, kwargs, exc)) from exc
             names.append(name)
         if names:
             pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
         for embedding, (location, kwargs) in zip(embeddings, embedding_sources, strict=True):
+            check_embedding_width(base, embedding.path, Path(location) / kwargs["weight_name"])
             before = len(base.tokenizer)
             try:
                 _load_embedding(pipe, base, location, kwargs, embedding.token)
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise ModelLoadError(
-                    f"could not load embedding {embedding.path!r} as {embedding.token!r}: {exc}"
+                    f"could not load embedding {embedding.path} as {embedding.token!r}: "
+                    f"{first_line(exc)}"
                 ) from exc
             finally:
                 tokens += _added_tokens(base.tokenizer, before)
@@ -160,6 +193,35 @@ def applied_adapters(
         yield pipe
     finally:
         _remove(pipe, base, names, tokens)
+
+
+def lora_error(path: str, kwargs: dict[str, Any], exc: BaseException) -> str:
+    """One or two lines for a LoRA that failed to load: the file and, for a LoRA of another
+    architecture, how many of its tensors do not fit (not peft's line per tensor)."""
+    where = Path(path) / kwargs["weight_name"] if Path(path).is_dir() else path
+    mismatches = str(exc).count("size mismatch")
+    if mismatches:
+        return (
+            f"LoRA {where} does not fit this base model: {mismatches} of its "
+            "tensors have other shapes (a LoRA made for another architecture, e.g. SDXL "
+            "for SD 1.5?)"
+        )
+    return f"could not load LoRA {where}: {first_line(exc)}"
+
+
+def check_embedding_width(base: BaseModel, name: str, path: Path) -> None:
+    """ModelLoadError with both sizes when an embedding's vectors do not match the text
+    encoder's token embeddings (diffusers' own message shows a placeholder instead)."""
+    try:
+        width = embedding_width(path)
+    except ModelFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+    expected = int(base.text_encoder.get_input_embeddings().weight.shape[-1])
+    if width is not None and width != expected:
+        raise ModelLoadError(
+            f"embedding {path} has vectors of size {width}; this model's text encoder takes "
+            f"{expected} (an embedding made for another model family)"
+        )
 
 
 def _remove(pipe: Any, base: BaseModel, names: list[str], tokens: list[str]) -> None:

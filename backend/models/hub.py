@@ -27,6 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -260,14 +261,46 @@ class _Tracker:
         return TrackerBar
 
 
+def inside_cache(path: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """``path`` resolved (links and ``..`` followed), if it lies inside the hub cache;
+    HubError naming it otherwise (a ``refs/main`` of ``../../..`` must lead nowhere)."""
+    root = cache_location(cache_dir).resolve()
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise HubError(f"{path} leads to {resolved}, outside the hub cache {root}: not used")
+    return resolved
+
+
+# A cache ref (refs/main) holds a commit hash; anything else is not followed.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _main_ref(repo_folder: Path) -> str | None:
+    """The commit a cached repo's refs/main names, or None when it names none (or is no
+    commit hash: a path like ``../../..`` is never followed)."""
+    ref = repo_folder / "refs" / "main"
+    try:
+        text = ref.read_text(encoding="utf-8").strip() if ref.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return None
+    if _COMMIT.fullmatch(text):
+        return text
+    if text:
+        log.warning("%s holds no commit hash; the cached copy is not used", ref)
+    return None
+
+
 def cached_snapshot(model: str, cache_dir: str | Path | None = None) -> Path | None:
     """The cached snapshot folder of hub model ``model`` (its main revision), or None."""
     from huggingface_hub import try_to_load_from_cache
 
+    if _main_ref(_repo_folder(model, cache_dir)) is None:
+        return None
     for marker in ("model_index.json", "config.json"):
         found = try_to_load_from_cache(model, marker, cache_dir=cache_dir)
         if isinstance(found, str):
-            return Path(found).parent
+            inside_cache(found, cache_dir)
+            return inside_cache(Path(found).parent, cache_dir)
     return None
 
 
@@ -445,8 +478,13 @@ def _cached_file(repo: str, filename: str, cache_dir: str | Path | None) -> Path
     """The cached copy of file ``filename`` of ``repo``'s main revision, or None."""
     from huggingface_hub import try_to_load_from_cache
 
+    if _main_ref(_repo_folder(repo, cache_dir)) is None:
+        return None
     found = try_to_load_from_cache(repo, filename, cache_dir=cache_dir)
-    return Path(found) if isinstance(found, str) else None
+    if not isinstance(found, str):
+        return None
+    inside_cache(found, cache_dir)
+    return Path(found)
 
 
 def _weight_files(files: list[str]) -> list[str]:
@@ -610,17 +648,14 @@ def adapter_weight(files: list[str], kind: str, repo: str, allow_pickle: bool = 
 
 def _cached_files(model: str, cache_dir: str | Path | None) -> tuple[Path, list[str]] | None:
     """The cached snapshot of ``model``'s main revision and the files in it, or None."""
-    from huggingface_hub.constants import REPO_ID_SEPARATOR
-
-    folder = cache_location(cache_dir) / (
-        "models" + REPO_ID_SEPARATOR + model.replace("/", REPO_ID_SEPARATOR)
-    )
-    ref = folder / "refs" / "main"
-    if not ref.is_file():
+    folder = _repo_folder(model, cache_dir)
+    commit = _main_ref(folder)
+    if commit is None:
         return None
-    snapshot = folder / "snapshots" / ref.read_text(encoding="utf-8").strip()
+    snapshot = folder / "snapshots" / commit
     if not snapshot.is_dir():
         return None
+    inside_cache(snapshot, cache_dir)
     files = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
     return snapshot, sorted(files)
 
@@ -719,15 +754,38 @@ def list_cached(cache_dir: str | Path | None = None) -> list[dict[str, Any]]:
     return sorted(models, key=lambda m: (-m["size"], m["model"]))
 
 
-def remove_cached(model: str, cache_dir: str | Path | None = None) -> int:
-    """Delete hub model ``model`` from the cache (partial downloads too); bytes freed."""
+def _repo_folder(model: str, cache_dir: str | Path | None = None) -> Path:
+    """The cache folder of hub repo ``model`` (models--owner--name), not checked."""
     from huggingface_hub.constants import REPO_ID_SEPARATOR
 
-    folder = cache_location(cache_dir) / (
+    return cache_location(cache_dir) / (
         "models" + REPO_ID_SEPARATOR + model.replace("/", REPO_ID_SEPARATOR)
     )
-    if "/" not in model or ".." in model or not folder.is_dir():
+
+
+def remove_cached(model: str, cache_dir: str | Path | None = None) -> int:
+    """Delete hub model ``model`` from the cache (partial downloads too); bytes freed.
+
+    Only what lies inside the cache goes: a model folder that is a link (moved to another
+    disk by hand) loses the link, never its target, and frees nothing counted; blobs that
+    are links are removed as links and not counted.
+    """
+    folder = _repo_folder(model, cache_dir)
+    if "/" not in model or ".." in model or not (folder.is_dir() or folder.is_symlink()):
         raise HubError(f"model {model!r} is not in the cache {cache_location(cache_dir)}")
-    freed = sum(p.stat().st_size for p in (folder / "blobs").glob("*") if p.is_file())
-    shutil.rmtree(folder)
+    if folder.is_symlink():
+        target = folder.resolve()
+        folder.unlink()
+        log.info("removed the link %s of %s (its target %s stays)", folder, model, target)
+        return 0
+    blobs = folder / "blobs"
+    freed = 0
+    if blobs.is_dir() and not blobs.is_symlink():
+        for entry in os.scandir(blobs):
+            if entry.is_file(follow_symlinks=False):
+                freed += entry.stat(follow_symlinks=False).st_size
+    try:
+        shutil.rmtree(folder)
+    except OSError as exc:
+        raise HubError(f"could not remove model {model!r} from the cache: {exc}") from exc
     return freed

@@ -289,12 +289,18 @@ def read_job_file(path: str) -> dict[str, Any]:
             data = f.read(MAX_LINE_BYTES + 1)  # never more: a huge file is refused unread
         if len(data) > MAX_LINE_BYTES:
             raise ValueError(f"it is larger than the limit of {MAX_LINE_BYTES} bytes")
-        job = parse_json(data, "the file")
+        job = parse_json(data, "the file", excerpt=False)
     except (OSError, ValueError) as exc:
         raise JobError("job", f"cannot read job file {path}: {exc}") from None
     if not isinstance(job, dict):
         raise JobError("job", f"job file {path} must hold a JSON object")
     return job
+
+
+def job_out_notice(job_file: str, out: str) -> str:
+    """The line saying where a job file's own ``out`` puts the result (resolved)."""
+    where = os.path.realpath(os.path.expanduser(out))
+    return f"job file {job_file}: writing to {where} (the file's out; --out chooses another)"
 
 
 def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -392,6 +398,10 @@ def _generate(args: argparse.Namespace) -> int:
     except JobError as exc:
         print(f"error: bad job: {clip_text(str(exc))}", file=sys.stderr)
         return 2
+    if args.job and args.out is None:
+        # The job file chose the output folder: say where, before anything is written (a
+        # job file from someone else may aim anywhere; --out chooses instead).
+        print(f"{job_out_notice(args.job, job.out)}", file=sys.stderr)
     from .runner import JobEvents, run_job  # torch and diffusers: only for a valid job
 
     def progress(step: int, total: int, written: int, frames: int, fraction: float, stage: str):

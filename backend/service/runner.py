@@ -185,6 +185,21 @@ def job_size(job: Job, side: int, aspect: float) -> tuple[int, int]:
     return width, height
 
 
+class NonFiniteError(RuntimeError):
+    """The denoised latents hold NaN or infinite values: the frames would be black."""
+
+
+def check_finite_latents(latents: torch.Tensor) -> None:
+    """NonFiniteError when the final latents are not all finite (nothing is written then)."""
+    bad = int((~torch.isfinite(latents)).sum())
+    if bad:
+        raise NonFiniteError(
+            f"the final latents hold {bad} NaN or infinite values of {latents.numel()}: the "
+            "frames would be black, so none were written (a LoRA or embedding with huge "
+            "weights, or float16 overflow: try --dtype float32)"
+        )
+
+
 def check_families(job: Job) -> None:
     """Refuse a ControlNet of another family than the base model before either loads, naming
     both (read from local configs or tensor names; a hub id not downloaded yet is checked
@@ -332,7 +347,12 @@ def run_job(
         )
     events = events or JobEvents()
     cache = cache or ModelCache()
-    out = Path(job.out).expanduser().resolve()
+    given = Path(job.out).expanduser()
+    if given.is_symlink():  # resolve() would follow it, a dangling one too, to its target
+        raise OutputExistsError(
+            f"out: {given} is a symbolic link; results are never written through one"
+        )
+    out = given.resolve()
     if out.exists():
         raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
     if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in ALL_TINY_KINDS:
@@ -444,6 +464,7 @@ def run_job(
         )
         if previews is not None:
             previews.remove_files()
+        check_finite_latents(latents)
         # Frames stream into the mp4 as they are decoded (no second pass over the PNGs).
         written = write_frames(engine, latents, frame_ids, staging, job, events)
         if job.save_latents:

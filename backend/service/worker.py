@@ -68,6 +68,18 @@ def _claim_stdout() -> TextIO:
     return os.fdopen(protocol_fd, "w", encoding="utf-8", buffering=1)
 
 
+def _claim_stdin() -> IO[bytes]:
+    """Keep the real stdin for protocol lines and point fd 0 (and sys.stdin) at the null
+    device, so that no library can prompt on the protocol pipe and read it (transformers'
+    "run the custom code? [y/N]" would take a request line for its answer)."""
+    protocol_fd = os.dup(0)
+    null_fd = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null_fd, 0)
+    os.close(null_fd)
+    sys.stdin = open(os.devnull, encoding="utf-8")  # noqa: SIM115 (for the process's life)
+    return os.fdopen(protocol_fd, "rb")
+
+
 # Marks a request line longer than MAX_LINE_BYTES (skipped without being kept in memory).
 TOO_LONG = b""
 
@@ -99,10 +111,12 @@ class Worker:
         self.cancel = threading.Event()
         # Set by shutdown or the end of input: the running job stops, queued ones never start.
         self.stopping = threading.Event()
-        self.current_id: str | None = None
+        # Request ids are echoed exactly as sent (a string, an integer or null: see
+        # protocol.decode_message), never turned into text: 7 stays 7, null stays null.
+        self.current_id: str | int | None = None
         # Jobs waiting in the queue, and those of them cancelled before they started.
-        self.queued_ids: set[str] = set()
-        self.cancelled_ids: set[str] = set()
+        self.queued_ids: set[str | int | None] = set()
+        self.cancelled_ids: set[str | int | None] = set()
         self.lock = threading.Lock()
         self.cache = ModelCache(max_bases=max_models)
         # Where preview_detector writes its PNGs (made on first use).
@@ -151,7 +165,7 @@ class Worker:
             return False
         if message["type"] in QUEUED_REQUESTS:
             with self.lock:
-                self.queued_ids.add(str(message.get("id", "")))
+                self.queued_ids.add(message.get("id"))
         if message["type"] == "shutdown":
             self.stop()
             self.requests.put(message)
@@ -170,8 +184,8 @@ class Worker:
         with self.lock:
             if job_id is None or job_id == self.current_id:
                 self.cancel.set()
-            elif str(job_id) in self.queued_ids:
-                self.cancelled_ids.add(str(job_id))
+            elif job_id in self.queued_ids:
+                self.cancelled_ids.add(job_id)
             # A cancel for a finished or unknown job has nothing to stop.
 
     def run_one(self, message: dict[str, Any]) -> None:
@@ -179,7 +193,7 @@ class Worker:
         from ..engine.pipeline import Cancelled
         from .runner import JobEvents, run_job
 
-        job_id = str(message.get("id", ""))
+        job_id = message.get("id")
         # The request's own switch (the add-on sets it from its preference), never the job's.
         allow_pickle = message.get("allow_pickle", False)
         try:
@@ -252,7 +266,7 @@ class Worker:
 
     # ------------------------------------------------------------------ the model cache
 
-    def download_reporter(self, request_id: str) -> Any:
+    def download_reporter(self, request_id: str | int | None) -> Any:
         """A DownloadHooks.progress callback sending ``download`` messages for ``request_id``."""
 
         def report(progress: Any) -> None:
@@ -294,7 +308,7 @@ class Worker:
             remove_cached,
         )
 
-        request_id = str(message.get("id", ""))
+        request_id = message.get("id")
         model = message.get("model")
         with self.lock:
             self.queued_ids.discard(request_id)
@@ -404,12 +418,13 @@ def fetch_request(message: dict[str, Any]) -> tuple[str, str]:
     return model, kind
 
 
-def serve(max_models: int = 1, stdin: TextIO | None = None) -> int:
+def serve(max_models: int = 1, stdin: IO[bytes] | TextIO | None = None) -> int:
     """Run the worker until ``shutdown`` or the end of stdin."""
     writer = ProtocolWriter(_claim_stdout())
+    requests = stdin if stdin is not None else _claim_stdin()
     worker = Worker(writer, max_models=max_models)
     reader = threading.Thread(
-        target=worker.read_requests, args=(stdin or sys.stdin,), daemon=True, name="t2vz-stdin"
+        target=worker.read_requests, args=(requests,), daemon=True, name="t2vz-stdin"
     )
     reader.start()
     writer.send("ready", version=__version__, pid=os.getpid())
