@@ -614,3 +614,19 @@ def test_staged_output_refuses_a_dangling_symlink(tmp_path: Path) -> None:
         pass
     assert not target.exists() and not target.parent.exists()
     assert link.is_symlink()
+
+
+def test_movies_over_the_pixel_limit_are_refused_before_decoding(
+    movie: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(video_io, "MAX_INPUT_PIXELS", 63 * 64)  # the clip is 64x64
+    for read in (
+        lambda: video_io.frame_size(VideoInput(str(movie))),
+        lambda: read_frames(VideoInput(str(movie)), [0], 32, 32),  # PyAV
+    ):
+        with pytest.raises(VideoInputError, match="64x64 pixels") as info:
+            read()
+        assert str(movie) in str(info.value)
+    monkeypatch.setitem(sys.modules, "av", None)  # OpenCV's reader, without PyAV
+    with pytest.raises(VideoInputError, match=str(63 * 64)):
+        read_frames(VideoInput(str(movie)), [0], 32, 32)
