@@ -187,6 +187,85 @@ def test_several_sdxl_controlnets_sum_their_weighted_residuals(xl: Any, xl_contr
     close(ours, theirs)
 
 
+@pytest.fixture(scope="module")
+def xl_union(tiny_family_models: dict) -> Any:
+    return load_controlnet(str(tiny_family_models["tiny-xl-union"]))
+
+
+def test_a_union_controlnet_loads_as_one(xl_union: Any) -> None:
+    from diffusers import ControlNetUnionModel
+
+    assert isinstance(xl_union, ControlNetUnionModel)
+
+
+def test_every_frame_is_plain_sdxl_union_controlnet(xl: Any, xl_union: Any) -> None:
+    """A union ControlNet with a control type: each frame is diffusers'
+    StableDiffusionXLControlNetUnionPipeline on its own control image."""
+    from diffusers import StableDiffusionXLControlNetUnionPipeline
+
+    images = [random_image(s) for s in (5, 6)]
+    controls = [ControlInput(xl_union, dict(enumerate(images)), weight=0.7, control_type=1)]
+    ours = plain(TextToVideoZero(xl, [xl_union]), frames=2, chunk_size=2, controls=controls)
+    pipe = pipeline(StableDiffusionXLControlNetUnionPipeline, xl, controlnet=xl_union)
+    for frame, image in zip(ours, images, strict=True):
+        theirs = pipe(
+            "a cat",
+            control_image=[image[None]],
+            control_mode=[1],
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=STEPS,
+            controlnet_conditioning_scale=0.7,
+            guidance_scale=7.5,
+            latents=x_t(3),
+            output_type="latent",
+        ).images
+        close(frame[None], theirs)
+    other_type = [ControlInput(xl_union, dict(enumerate(images)), weight=0.7, control_type=3)]
+    assert differ(plain(TextToVideoZero(xl, [xl_union]), controls=other_type), ours[:1])
+
+
+def test_two_union_inputs_are_diffusers_multi_union(xl: Any, xl_union: Any) -> None:
+    """Two control videos on one union model, each its type and weight: diffusers'
+    MultiControlNetUnionModel with one type per entry (residuals summed)."""
+    from diffusers import StableDiffusionXLControlNetUnionPipeline
+
+    images, types, weights = [random_image(5), random_image(6)], [1, 3], [0.7, 0.4]
+    controls = [
+        ControlInput(xl_union, {0: image}, weight=w, control_type=k)
+        for image, k, w in zip(images, types, weights, strict=True)
+    ]
+    ours = plain(TextToVideoZero(xl, [xl_union, xl_union]), controls=controls)
+    pipe = pipeline(StableDiffusionXLControlNetUnionPipeline, xl, controlnet=[xl_union, xl_union])
+    theirs = pipe(
+        "a cat",
+        control_image=[image[None] for image in images],  # one per union model
+        control_mode=types,
+        controlnet_conditioning_scale=weights,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        latents=x_t(3),
+        output_type="latent",
+    ).images
+    close(ours, theirs)
+
+
+def test_a_union_controlnet_video_does_not_depend_on_the_chunk_size(xl: Any, xl_union: Any) -> None:
+    """Its condition transformer attends across the batch: called a frame at a time, a
+    frame's result does not depend on which frames share its chunk."""
+    images = {f: random_image(10 + f) for f in range(3)}
+    engine = TextToVideoZero(xl, [xl_union])
+    args = dict(prompt="a cat", num_frames=3, height=SIZE, width=SIZE, num_inference_steps=3,
+                motion_dynamics=False)  # fmt: skip
+    controls = [ControlInput(xl_union, images, weight=1.0, control_type=0)]
+    close(engine(**args, chunk_size=1, controls=controls),
+          engine(**args, chunk_size=3, controls=controls))  # fmt: skip
+    with pytest.raises(ValueError, match="control_type must be one of 0..5, got None"):
+        engine(**args, controls=[ControlInput(xl_union, images)])
+
+
 @pytest.mark.parametrize(("text", "image_scale"), [(6.0, 1.7), (1.0, 1.7)])
 def test_every_frame_is_plain_sdxl_instruct_pix2pix(
     xl_pix2pix: Any, text: float, image_scale: float

@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,15 @@ class ControlInput:
     # flat in video length.
     frames: Mapping[int, torch.Tensor]
     weight: float = 1.0
+    # A union ControlNet (ControlNetUnionModel: one model, many kinds of control): which
+    # kind these frames are, as the model numbers them (xinsir's: 0 openpose, 1 depth,
+    # 2 soft edges, 3 canny/lineart/mlsd, 4 normal, 5 segmentation, 6 tile). None otherwise.
+    control_type: int | None = None
+
+
+def is_union(model: torch.nn.Module) -> bool:
+    """True for a union ControlNet (its config numbers the control types it knows)."""
+    return hasattr(model.config, "num_control_type")
 
 
 @dataclass
@@ -220,6 +230,19 @@ class TextToVideoZero:
             missing = [f for f in needed if f not in control.frames]
             if missing:
                 raise ValueError(f"control video {i} has no frame for frames {missing[:5]}")
+            kinds = int(getattr(control.model.config, "num_control_type", 0))
+            if is_union(control.model) and not (
+                control.control_type is not None and 0 <= control.control_type < kinds
+            ):
+                raise ValueError(
+                    f"controls[{i}] is for a union ControlNet: its control_type must be one of "
+                    f"0..{kinds - 1}, got {control.control_type}"
+                )
+            if not is_union(control.model) and control.control_type is not None:
+                raise ValueError(
+                    f"controls[{i}].control_type is {control.control_type}, but its ControlNet "
+                    "is not a union ControlNet (it knows one kind of control)"
+                )
         if self.base.in_channels == 8:
             if image is None:
                 raise ValueError("an InstructPix2Pix model needs a source video (image)")
@@ -277,15 +300,20 @@ class TextToVideoZero:
             cond = _unit_range(torch.stack([control.frames[f] for f in frames]))
             cond = cond.to(self.device, self.dtype)
             cond = cond.repeat(branches, 1, 1, 1)  # (branches * frames, 3, H, W)
-            down, mid = controlnet(
-                model_input,
-                t,
-                encoder_hidden_states=text,
-                controlnet_cond=cond,
-                conditioning_scale=control.weight,
-                added_cond_kwargs=added_cond,
-                return_dict=False,
-            )
+            if is_union(control.model):
+                down, mid = _union_residuals(
+                    controlnet, control, cond, model_input, t, text, added_cond, self._anchors
+                )
+            else:
+                down, mid = controlnet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=text,
+                    controlnet_cond=cond,
+                    conditioning_scale=control.weight,
+                    added_cond_kwargs=added_cond,
+                    return_dict=False,
+                )
             if down_residuals is None:
                 down_residuals, mid_residual = list(down), mid
             else:
@@ -432,6 +460,7 @@ class TextToVideoZero:
 
         state = AnchorState()
         state.branches = branches
+        self._anchors = state  # union ControlNets call a frame at a time (_union_residuals)
         recorder = None
         if smooth_bg and masks is None:
             recorder = CrossAttnMapRecorder((lat_h, lat_w), own_tokens, cond_branch)
@@ -670,6 +699,59 @@ def _decode_in_float32(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 _SCHEDULERS: dict[str, object] = {}  # scheduler config (JSON) -> unused DDIM scheduler
+
+
+def _union_residuals(
+    controlnet: Any,
+    control: ControlInput,
+    cond: torch.Tensor,
+    model_input: torch.Tensor,
+    t: torch.Tensor,
+    text: torch.Tensor,
+    added: dict[str, torch.Tensor] | None,
+    anchors: AnchorState,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A union ControlNet's residuals for a chunk, one frame (all its guidance branches) a
+    call, as diffusers' union pipeline calls it for one image.
+
+    Its condition transformer (``nn.MultiheadAttention`` without ``batch_first``) attends
+    across the batch: a chunk of frames in one call would mix the frames, and a frame's
+    result would depend on the chunk it is in. In the chunk holding frame 1, only the
+    first call (frame 1) stores the anchor keys/values its layers' later calls read.
+    """
+    branches = anchors.branches
+    frames = cond.shape[0] // branches
+    kinds = int(controlnet.config.num_control_type)
+    one_hot = torch.zeros(branches, kinds, device=cond.device, dtype=cond.dtype)
+    one_hot[:, control.control_type] = 1
+    downs, mids = [], []
+    capture = anchors.capture
+    try:
+        for j in range(frames):
+            anchors.capture = capture and j == 0
+            rows = torch.arange(branches, device=cond.device) * frames + j  # frame j, each branch
+            down, mid = controlnet(
+                model_input[rows],
+                t,
+                encoder_hidden_states=text[rows],
+                controlnet_cond=[cond[rows]],
+                control_type=one_hot,
+                control_type_idx=[control.control_type],
+                conditioning_scale=[control.weight],
+                added_cond_kwargs=None if added is None else {k: v[rows] for k, v in added.items()},
+                return_dict=False,
+            )
+            downs.append(down)
+            mids.append(mid)
+    finally:
+        anchors.capture = capture  # the UNet's layers store their own anchor next
+
+    def batch(parts: list[torch.Tensor]) -> torch.Tensor:
+        """Per-frame (branches, ...) outputs back in the chunk's branch-major order."""
+        stacked = torch.stack(parts, dim=1)  # (branches, frames, ...)
+        return stacked.reshape(branches * frames, *stacked.shape[2:])
+
+    return [batch(list(level)) for level in zip(*downs, strict=True)], batch(mids)
 
 
 def _unit_range(images: torch.Tensor) -> torch.Tensor:

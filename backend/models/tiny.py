@@ -27,7 +27,13 @@ TINY_KINDS = ("tiny", "tiny-controlnet", "tiny-pix2pix")
 # The other families in miniature, shaped as diffusers' own tests build them: SDXL (two
 # text encoders, pooled text and size conditions, several transformer layers per block)
 # and SD 2.x (linear projections, an OpenCLIP-style tokenizer, v-prediction).
-TINY_FAMILY_KINDS = ("tiny-xl", "tiny-xl-controlnet", "tiny-xl-pix2pix", "tiny-sd2")
+TINY_FAMILY_KINDS = (
+    "tiny-xl",
+    "tiny-xl-controlnet",
+    "tiny-xl-union",
+    "tiny-xl-pix2pix",
+    "tiny-sd2",
+)
 ALL_TINY_KINDS = TINY_KINDS + TINY_FAMILY_KINDS
 SHAPES_KINDS = ("shapes", "shapes-controlnet", "shapes-pix2pix")
 BUILTIN_KINDS = ALL_TINY_KINDS + SHAPES_KINDS
@@ -258,9 +264,10 @@ def _tiny_xl_unet_config(in_channels: int) -> dict:
 
 
 def _build_tiny_family(kind: str, folder: Path) -> Path:
-    """Build tiny-xl, tiny-xl-controlnet, tiny-xl-pix2pix or tiny-sd2 into ``folder``."""
+    """Build tiny-xl, tiny-xl-controlnet, tiny-xl-union, tiny-xl-pix2pix or tiny-sd2."""
     from diffusers import (
         ControlNetModel,
+        ControlNetUnionModel,
         DDIMScheduler,
         EulerDiscreteScheduler,
         StableDiffusionPipeline,
@@ -300,10 +307,20 @@ def _build_tiny_family(kind: str, folder: Path) -> Path:
         return folder
 
     unet = UNet2DConditionModel(**_tiny_xl_unet_config(8 if kind == "tiny-xl-pix2pix" else 4))
-    if kind == "tiny-xl-controlnet":
-        controlnet = ControlNetModel.from_unet(
-            unet, conditioning_embedding_out_channels=(8, 16, 16, 32)
-        )
+    if kind in ("tiny-xl-controlnet", "tiny-xl-union"):
+        # The union kind: one ControlNet for several kinds of control (ControlNetUnionModel).
+        cls = ControlNetUnionModel if kind == "tiny-xl-union" else ControlNetModel
+        controlnet = cls.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+        if kind == "tiny-xl-union":  # its condition transformer at the UNet's first width
+            width = unet.config.block_out_channels[0]
+            config = {k: v for k, v in controlnet.config.items() if k != "_use_default_values"}
+            sized = cls.from_config(
+                {**config, "num_trans_channel": width, "num_proj_channel": width}
+            )
+            shapes = {k: v.shape for k, v in sized.state_dict().items()}
+            copied = {k: v for k, v in controlnet.state_dict().items() if shapes.get(k) == v.shape}
+            sized.load_state_dict(copied, strict=False)
+            controlnet = sized
         _randomize_zero_convs(controlnet)
         controlnet.save_pretrained(str(folder), safe_serialization=True)
         return folder
