@@ -636,3 +636,17 @@ def test_the_compile_preference_reaches_the_job(scene) -> None:
             assert job["compile"] is on
     finally:
         prefs.compile_unet = False
+
+
+def test_a_stored_job_never_chooses_where_its_regeneration_goes(tmp_path: Path) -> None:
+    """A .blend from someone else carries jobs on its strips: their out is not honoured."""
+    stored = jobs.build_job(
+        {"prompt": "a cat", "width": 64, "height": 64, "steps": 3, "seed": 1},
+        out=tmp_path / "mine" / "first",
+        fps=24,
+        defaults={"model": "builtin:tiny"},
+    )
+    stored["out"] = "~/.config/autostart/../autostart/evil_result"  # edited in the .blend
+    mine = tmp_path / "mine" / "take 2"
+    rebuilt = jobs.rebuild_job(stored, {"seed": 2}, out=mine)
+    assert rebuilt["out"] == str(mine)
