@@ -9,6 +9,14 @@ by its frame_ids recipe. All variants get a warm-up, then ``--repeats`` interlea
     python -m bench.run --model sd15 --size 128 --frames 4 --steps 4 --chunk-size 2
     python -m bench.run --model sd15 --device cuda --dtype float16 --size 512 \\
         --frames 8 64 --steps 50 --chunk-size 8
+
+``--compile`` adds our engine with a compiled UNet / ControlNet ("compiled cN" rows, timed
+warm, beside eager and the floor) and, before any warm-up, a compile report: the first job
+(compile included) and the second job of the same shape, and the graphs compiled by jobs of
+``--compile-frames`` frames run one after the other in the same process:
+
+    python -m bench.run --model sd15 --device cuda --dtype float16 --size 512 --frames 8 \\
+        --steps 50 --chunk-size 8 --modes text2video --compile --compile-frames 8 16 64
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.compile import CompileOptions, CompileReport, CompileWatch
 from backend.models.loading import TORCH_DTYPES, ModelCache, choose_dtype, resolve_device
 
-from .measure import Measurement, device_name, interleaved, warm_up
+from .measure import Measurement, device_name, interleaved, synchronize, warm_up
 from .models import MODEL_KINDS, BenchModels, build_models
 from .workloads import (
     MODES,
@@ -75,6 +84,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-diffusers", action="store_true", help="skip TextToVideoZeroPipeline")
     parser.add_argument("--no-plain", action="store_true", help="skip plain Stable Diffusion")
     parser.add_argument("--json", type=Path, help="also write all measurements here")
+    parser.add_argument(
+        "--compile", action="store_true", help="add the compiled engine and a compile report"
+    )
+    parser.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend (aot_eager: tracing and guards without code generation)",
+    )
+    parser.add_argument(
+        "--compile-frames",
+        nargs="+",
+        type=int,
+        default=[8, 16, 64],
+        help="frame counts of the jobs whose compiles the report counts",
+    )
     return parser.parse_args(argv)
 
 
@@ -110,6 +134,8 @@ def variants_for(
     for c in chunk_sizes(workload.frames, args.chunk_size):
         w = replace(workload, chunk_size=c)
         out[f"ours c{c}"] = ours_variant(models, w)
+        if args.compile:
+            out[f"compiled c{c}"] = ours_variant(models, w, compile_options=compile_options(args))
         out[f"floor c{c}"] = floor_variant(models, w)
         if reference is not None:
             out[f"floor fp32 c{c}"] = floor_variant(reference, w)
@@ -135,6 +161,8 @@ def ratio_lines(results: dict[str, Measurement], frames: int, chunk: int) -> lis
 
     for c in chunk_sizes(frames, chunk):
         add(f"ours / floor (chunk {c})", f"ours c{c}", f"floor c{c}")
+        add(f"compiled / ours (chunk {c})", f"compiled c{c}", f"ours c{c}")
+        add(f"compiled / floor (chunk {c})", f"compiled c{c}", f"floor c{c}")
     text = results.get("text encoding")
     for c in chunk_sizes(frames, chunk):
         if text is not None and f"ours c{c}" in results:
@@ -176,6 +204,44 @@ def cache_check(models: BenchModels, device: torch.device, dtype: torch.dtype) -
     cache.base(str(folder), device=device, dtype=dtype)
     second = time.perf_counter() - started
     return f"model cache: first job loads in {first:.3f} s, second job {second * 1e3:.3f} ms (loads={cache.loads})"
+
+
+def compile_options(args: argparse.Namespace) -> CompileOptions:
+    """The compile the "compiled" rows and the compile report use."""
+    return CompileOptions(backend=args.compile_backend)
+
+
+def compile_report(
+    models: BenchModels, workload: Workload, args: argparse.Namespace, device: torch.device
+) -> list[str]:
+    """First and second job of a fresh process, then the graphs compiled per frame count."""
+    torch._dynamo.reset()
+    options = compile_options(args)
+
+    def job(frames: int) -> tuple[float, CompileReport]:
+        report = CompileReport(requested=True)
+        run = ours_variant(models, replace(workload, frames=frames), compile_options=options)
+        with CompileWatch(report):
+            started = time.perf_counter()
+            run()
+            synchronize(device)
+            return time.perf_counter() - started, report
+
+    lines = [f"  compile report ({args.compile_backend}, chunk {workload.chunk_size}):"]
+    for label in ("first job", "second job"):
+        seconds, report = job(workload.frames)
+        lines.append(
+            f"  {label + f' ({workload.frames} frames)':<26} {seconds:9.3f} s, of it compiling "
+            f"{report.compile_seconds:.3f} s; {report.compiles} graphs"
+        )
+    for frames in args.compile_frames:
+        seconds, report = job(frames)
+        reasons = "; ".join(report.reasons) or "-"
+        lines.append(
+            f"  {f'then {frames} frames':<26} {seconds:9.3f} s, {report.compiles} graphs "
+            f"compiled ({report.recompiles} recompiles: {reasons})"
+        )
+    return lines
 
 
 def run_mode(
@@ -220,8 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         for frames in args.frames:
             for mode in args.modes:
                 workload = Workload(mode, frames, args.size, args.steps, frames, args.seed)
+                compiled = []
+                if args.compile:  # before any warm-up: the first job pays the compile
+                    chunked = replace(workload, chunk_size=min(args.chunk_size, frames))
+                    compiled = compile_report(models, chunked, args, device)
                 results = run_mode(models, workload, args, device, reference)
                 print(f"\n{mode}: {frames} frames, {args.size}x{args.size}, {args.steps} steps")
+                if compiled:
+                    print("\n".join(compiled))
                 print(
                     "\n".join(
                         table(results, frames) + ratio_lines(results, frames, args.chunk_size)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from backend.engine.compile import CompileOptions
 from backend.engine.pipeline import ControlInput, TextToVideoZero, plan_generation
 from backend.models.loading import BaseModel
 from backend.protocol import resolve_t0_t1
@@ -81,13 +82,16 @@ def _decode_slices(base: BaseModel, latents: torch.Tensor) -> None:
 
 
 def ours_variant(
-    models: BenchModels, workload: Workload, inputs: FrameInputs | None = None
+    models: BenchModels,
+    workload: Workload,
+    inputs: FrameInputs | None = None,
+    compile_options: CompileOptions | None = None,
 ) -> Runner:
     """Our engine as the runner drives it: generate, then decode in slices to uint8 frames.
 
     ``inputs`` makes the control (controlnet) or source (pix2pix) frames inside the run,
     e.g. read from files (see ``file_inputs``); by default they are made beforehand and
-    held in memory.
+    held in memory. ``compile_options``: the UNet / ControlNet compiled (engine/compile.py).
     """
     base = workload.base(models)
     controlnets = [models.controlnet] if workload.mode == "controlnet" else []
@@ -97,7 +101,7 @@ def ours_variant(
     t0, t1 = workload.t0_t1
 
     def run() -> None:
-        engine = TextToVideoZero(base, controlnets)
+        engine = TextToVideoZero(base, controlnets, compile_options=compile_options)
         frames = inputs() if inputs is not None else None
         controls = [ControlInput(models.controlnet, frames)] if controlnets else []
         latents = engine(

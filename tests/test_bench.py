@@ -123,3 +123,25 @@ def test_demo_pan_varies_only_the_flags_it_removes() -> None:
     assert without(args, "--t0", "--t1") == ["--model", "m", "--steps", "20", "--seed", "1"]
     assert without(args) == args
     assert demo_flag(args, "--steps") == "20"
+
+
+def test_run_adds_compiled_rows_and_their_ratios_only_when_asked(tiny_base: Any) -> None:
+    from bench import run
+    from bench.measure import Measurement
+    from bench.models import BenchModels
+
+    workload = Workload("text2video", 8, 64, 2, 8)
+    for flag, present in (([], False), (["--compile", "--compile-backend", "aot_eager"], True)):
+        args = run.parse_args(["--chunk-size", "4", "--no-diffusers", "--no-plain", *flag])
+        labels = set(run.variants_for(BenchModels(tiny_base), workload, args))
+        assert ({"compiled c8", "compiled c4"} <= labels) is present
+        assert {"ours c8", "ours c4", "floor c8", "floor c4"} <= labels
+    assert run.compile_options(args).backend == "aot_eager"
+    results = {
+        "ours c8": Measurement([2.0]),
+        "compiled c8": Measurement([1.5]),
+        "floor c8": Measurement([1.0]),
+    }
+    lines = "\n".join(run.ratio_lines(results, 8, 8))
+    assert "compiled / ours (chunk 8)" in lines and "0.750" in lines
+    assert "compiled / floor (chunk 8)" in lines and "1.500" in lines
