@@ -3,7 +3,9 @@ backend/media/flow.py (DIS estimation, motion-vector files) and the engine's "fl
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -28,6 +30,11 @@ from backend.media.flow import (
     estimate_flow,
     latent_flow,
 )
+from backend.media.video_io import write_png
+from backend.models.loading import ModelCache
+from backend.protocol import JobError, validate_job
+from backend.service.cli import build_parser, job_from_args
+from backend.service.runner import run_job
 
 FRAMES, SIZE, STEPS = 4, 64, 4
 LATENT = SIZE // 8
@@ -342,3 +349,119 @@ def test_controlnet_flow_runs_and_differs_from_paper(tiny_base, tiny_controlnet)
     flow = run(engine, controls=controls, consistency="flow", flow=still_flows(1.0, 0.5))
     torch.testing.assert_close(flow[0], paper[0])
     assert all((flow[k] - paper[k]).abs().max() > 1e-2 for k in range(1, FRAMES))
+
+
+# --------------------------------------------------------------------------- job, CLI, runner
+
+
+def job_fields(out: Path, **fields: Any) -> dict[str, Any]:
+    return {
+        "prompt": "make it snow",
+        "out": str(out),
+        "mode": "pix2pix",
+        "model": "builtin:tiny-pix2pix",
+        "frames": 4,
+        "width": 64,
+        "height": 64,
+        "steps": 3,
+        "device": "cpu",
+        "dtype": "float32",
+        "write_mp4": False,
+        "save_latents": True,
+        **fields,
+    }
+
+
+def test_consistency_is_validated_naming_the_field(tmp_path: Path) -> None:
+    video = {"path": str(tmp_path)}
+    job = validate_job(job_fields(tmp_path / "o", video=video))
+    assert job.consistency == "paper" and job.to_dict()["consistency"] == "paper"
+    with pytest.raises(JobError, match=r"^consistency: .*'rerender'"):
+        validate_job(job_fields(tmp_path / "o", video=video, consistency="rerender"))
+    with pytest.raises(JobError, match="^consistency: .*controlnet or pix2pix"):
+        validate_job({"prompt": "a cat", "out": "o", "consistency": "flow"})
+    with pytest.raises(JobError, match='^flow_source: applies only with consistency "flow"'):
+        validate_job(job_fields(tmp_path / "o", video=video, flow_source="estimate"))
+    keypoints = {"model": "m", "control": {"path": "pose.json"}}
+    with pytest.raises(JobError, match="^flow_source: OpenPose keypoint files"):
+        validate_job(
+            {"prompt": "p", "out": "o", "mode": "controlnet", "controlnets": [keypoints],
+             "consistency": "flow"}
+        )  # fmt: skip
+    folder = {"prompt": "p", "out": "o", "mode": "controlnet", "controlnets": [keypoints]}
+    flows = validate_job({**folder, "consistency": "flow", "flow_source": "vectors"})
+    assert flows.to_dict()["flow_source"] == "vectors"
+
+
+def test_cli_flags_fill_consistency_and_flow_source() -> None:
+    args = build_parser().parse_args(
+        ["generate", "--prompt", "p", "--out", "o", "--mode", "pix2pix", "--video", "v",
+         "--consistency", "flow", "--flow-source", "estimate"]
+    )  # fmt: skip
+    job = job_from_args(args)
+    assert job["consistency"] == "flow" and job["flow_source"] == "estimate"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--consistency", "rerender"])
+
+
+def square_video(folder: Path, frames: int) -> Path:
+    """A white square moving 4 px right a frame over a textured background, 64x64 PNGs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    texture = (textured(200, seed=2)[:64, :64] * 120).astype(np.uint8)
+    for i in range(frames):
+        image = np.repeat(texture[..., None], 3, axis=2)
+        image[20:44, 8 + 4 * i : 32 + 4 * i] = 255
+        write_png(folder / f"v{i:02d}.png", image)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def job_cache(tiny_models: dict) -> ModelCache:
+    return ModelCache(max_bases=2)
+
+
+def test_flow_job_is_exact_over_frame_ranges_and_recorded(tmp_path: Path, job_cache) -> None:
+    video = str(square_video(tmp_path / "video", 4))
+    flow = {"video": video, "consistency": "flow"}
+    run_job(validate_job(job_fields(tmp_path / "paper", video=video)), job_cache)
+    run_job(validate_job(job_fields(tmp_path / "full", **flow)), job_cache)
+    run_job(
+        validate_job(job_fields(tmp_path / "part", frame_range=[3, 4], chunk_size=1, **flow)),
+        job_cache,
+    )
+    full, part = np.load(tmp_path / "full/latents.npy"), np.load(tmp_path / "part/latents.npy")
+    paper = np.load(tmp_path / "paper/latents.npy")
+    np.testing.assert_allclose(part, full[2:], rtol=1e-5, atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "part").glob("*.png")) == [
+        "frame_00003.png",
+        "frame_00004.png",
+    ]
+    np.testing.assert_array_equal(full[0], paper[0])  # frame 1 has no predecessor
+    assert np.abs(full[1:] - paper[1:]).max() > 1e-2
+    saved = json.loads((tmp_path / "full/job.json").read_text())
+    assert saved["consistency"] == "flow" and saved["flow_source"] is None
+
+
+def test_flow_job_reads_motion_vector_files(tmp_path: Path, job_cache) -> None:
+    video = str(square_video(tmp_path / "video", 3))
+    vectors = tmp_path / "vectors"
+    vectors.mkdir()
+    for k in range(3):
+        np.save(vectors / f"{k:04d}.npy", np.zeros((32, 32, 2), np.float32))
+    fields = {"video": video, "consistency": "flow", "frames": 3}
+    run_job(validate_job(job_fields(tmp_path / "est", **fields)), job_cache)
+    run_job(
+        validate_job(job_fields(tmp_path / "npy", flow_source=str(vectors), **fields)), job_cache
+    )
+    # Zero motion from the files differs from the square's estimated motion.
+    assert (
+        np.abs(np.load(tmp_path / "est/latents.npy") - np.load(tmp_path / "npy/latents.npy")).max()
+        > 1e-3
+    )
+    (vectors / "0002.npy").unlink()
+    with pytest.raises(FlowError, match="holds 2 .npy frames, the job needs 3"):
+        run_job(
+            validate_job(job_fields(tmp_path / "bad", flow_source=str(vectors), **fields)),
+            job_cache,
+        )
+    assert not (tmp_path / "bad").exists()

@@ -48,10 +48,12 @@ class FlowFusion:
     strength: float = 1.0
 
     def active(self, step: int, first: int, total: int) -> bool:
-        """Whether joint step ``step`` (``first`` .. ``total`` - 1) fuses."""
+        """Whether joint step ``step`` (``first`` .. ``total`` - 1) fuses: the part of the
+        schedule it ends, (step - first + 1) / joint steps, lies in (start, end]; so the
+        last step fuses with any end of 1, however few the steps."""
         joint = max(total - first, 1)
-        position = (step - first) / joint  # in [0, 1)
-        return self.start <= position < self.end
+        position = (step - first + 1) / joint  # in (0, 1]
+        return self.start < position <= self.end
 
 
 def check_flow(flow: torch.Tensor, name: str = "flow") -> None:

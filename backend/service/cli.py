@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from ..protocol import (
+    CONSISTENCIES,
     DEFAULT_MODEL,
     DEFAULT_MOTION,
     DETECTORS,
@@ -187,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--masks", help="foreground masks (folder or movie, white = foreground) for --smooth-bg"
     )
     gen.add_argument(
+        "--consistency",
+        choices=CONSISTENCIES,
+        help="controlnet and pix2pix: paper (cross-frame attention to frame 1) or flow (also "
+        "each frame tied to the previous one along the input's motion; a --frame-range then "
+        "computes the frames before it too) [default: paper]",
+    )
+    gen.add_argument(
+        "--flow-source",
+        metavar="estimate|FOLDER",
+        help="where --consistency flow gets the motion: estimate (optical flow of the source "
+        "or control video) or a folder of .npy motion-vector frames (H x W x 2: to the "
+        "previous frame, or x 4: previous then next; pixels, y down) [default: estimate]",
+    )
+    gen.add_argument(
         "--controlnet",
         action="append",
         default=[],
@@ -329,6 +344,8 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "smooth_bg": args.smooth_bg,
         "smooth_alpha": args.smooth_alpha,
         "masks": args.masks,
+        "consistency": args.consistency,
+        "flow_source": args.flow_source,
         "video": args.video,
         "image_guidance": args.image_guidance,
         "fps": args.fps,
