@@ -33,6 +33,22 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
 # The side of the square of each family's training pixel count (SD 2.x: its 768 px models).
 FAMILY_SIDES = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# A union ControlNet's control types (xinsir's controlnet-union-sdxl-1.0 and ProMax
+# numbering; ControlNetUnionModel's control_mode): the name a job gives -> the index.
+UNION_CONTROL_TYPES = {
+    "openpose": 0,
+    "depth": 1,
+    "softedge": 2,
+    "hed": 2,
+    "scribble": 2,
+    "canny": 3,
+    "lineart": 3,
+    "mlsd": 3,
+    "normal": 4,
+    "segment": 5,
+    "tile": 6,
+    "inpaint": 7,
+}
 # A .safetensors header larger than this is not read to tell a family (SDXL's is ~0.3 MB).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -265,6 +281,9 @@ class ControlNetSpec:
     # Hub ids or local folders replacing DETECTOR_MODELS[detector] by role for this
     # ControlNet (e.g. {"pose": "usyd-community/vitpose-plus-small"}); None: the defaults.
     detector_models: dict[str, str] | None = None
+    # For a union ControlNet (one model, many kinds of control): which kind this video is
+    # (UNION_CONTROL_TYPES); None: the detector's kind (canny, depth, openpose...).
+    control_type: str | None = None
 
 
 @dataclass
@@ -382,7 +401,7 @@ class Job:
 
 
 # Optional fields left out of a job's dict while unset (jobs written before them stay equal).
-_LEFT_OUT_UNSET = ("indices", "detector_models", "family")
+_LEFT_OUT_UNSET = ("indices", "detector_models", "family", "control_type")
 
 
 def _dict_without_unset_indices(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -530,6 +549,9 @@ def _controlnet(name: str, value: Any) -> ControlNetSpec:
         if value.get("config") is None
         else _str(f"{name}.config", value["config"], nonempty=True),
         detector_models=_detector_models(name, value),
+        control_type=None
+        if value.get("control_type") is None
+        else _choice(f"{name}.control_type", value["control_type"], tuple(UNION_CONTROL_TYPES)),
     )
 
 

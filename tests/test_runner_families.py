@@ -98,3 +98,29 @@ def test_an_sdxl_pix2pix_job_follows_its_source(tmp_path: Path, tiny_family_mode
     latents = np.load(tmp_path / "out" / "latents.npy")
     assert latents.shape == (3, 4, 8, 8)
     assert np.abs(latents[0] - latents[1]).mean() > 1e-3  # each frame its own source frame
+
+
+def test_a_union_controlnet_job_takes_its_control_type_from_the_spec_or_detector(
+    tmp_path: Path, tiny_family_models: dict
+) -> None:
+    control = write_video(tmp_path / "control")
+    cache = ModelCache()
+
+    def run(name: str, **spec: Any) -> np.ndarray:
+        entry = {"model": "builtin:tiny-xl-union", "control": control, **spec}
+        run_job(make_job(tmp_path / name, mode="controlnet", controlnets=[entry]), cache)
+        recorded = json.loads((tmp_path / name / "job.json").read_text())
+        assert recorded["controlnets"][0].get("control_type") == spec.get("control_type")
+        return np.load(tmp_path / name / "latents.npy")
+
+    depth, canny = run("depth", control_type="depth"), run("canny", control_type="canny")
+    assert np.abs(depth - canny).mean() > 1e-4  # the type reaches the model
+    with pytest.raises(ModelLoadError, match="give its control_type, one of openpose, depth"):
+        run("none")
+    with pytest.raises(ModelLoadError, match="knows 6 control types; 'tile' is number 6"):
+        run("tile", control_type="tile")
+    plain = {"model": "builtin:tiny-xl-controlnet", "control": control, "control_type": "depth"}
+    with pytest.raises(ModelLoadError, match="not a union ControlNet"):
+        run_job(make_job(tmp_path / "plain", mode="controlnet", controlnets=[plain]), cache)
+    with pytest.raises(JobError, match=r"controlnets\[0\]\.control_type: must be one of"):
+        make_job(tmp_path / "x", mode="controlnet", controlnets=[{**plain, "control_type": "x"}])

@@ -22,7 +22,7 @@ import torch
 
 from .. import __version__
 from ..engine.compile import CompileOptions, CompileReport, CompileWatch, finish_report
-from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero
+from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero, is_union
 from ..media.controls import store_control_frames
 from ..media.detectors import DetectorRun, weights_used
 from ..media.flow import EstimatedFlows, FileFlows
@@ -51,7 +51,7 @@ from ..models.loading import (
     resolve_device,
 )
 from ..models.tiny import ALL_TINY_KINDS, BUILTIN_PREFIX, cache_dir
-from ..protocol import FLOW_ESTIMATE, Job, resolve_size
+from ..protocol import FLOW_ESTIMATE, UNION_CONTROL_TYPES, ControlNetSpec, Job, resolve_size
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,32 @@ def check_families(job: Job) -> None:
                 check_same_family(base, family, job.model, spec.model)
             except FamilyError as exc:
                 raise ModelLoadError(str(exc)) from None
+
+
+def union_control_type(spec: ControlNetSpec, model: Any) -> int | None:
+    """The control type index a union ControlNet reads this video as (the spec's
+    control_type, else its detector's kind), None for a plain ControlNet; ModelLoadError
+    naming the ControlNet when it cannot be told or does not fit."""
+    if not is_union(model):
+        if spec.control_type is not None:
+            raise ModelLoadError(
+                f"controlnet {spec.model!r} is not a union ControlNet: control_type "
+                f"{spec.control_type!r} applies only to union models (ControlNetUnionModel)"
+            )
+        return None
+    name = spec.control_type or (spec.detector if spec.detector in UNION_CONTROL_TYPES else None)
+    if name is None:
+        raise ModelLoadError(
+            f"controlnet {spec.model!r} is a union ControlNet: give its control_type, one of "
+            f"{', '.join(UNION_CONTROL_TYPES)} (detector {spec.detector!r} does not say which)"
+        )
+    index = UNION_CONTROL_TYPES[name]
+    kinds = int(model.config.num_control_type)
+    if index >= kinds:
+        raise ModelLoadError(
+            f"controlnet {spec.model!r} knows {kinds} control types; {name!r} is number {index}"
+        )
+    return index
 
 
 def load_models(
@@ -403,7 +429,7 @@ def run_job(
         w, h = job_size(job, native_side(base), aspect)
         control_frames, image, masks = read_inputs(w, h)
     controls = [
-        ControlInput(model, TensorFrames(frames), spec.weight)
+        ControlInput(model, TensorFrames(frames), spec.weight, union_control_type(spec, model))
         for spec, model, frames in zip(job.controlnets, controlnets, control_frames, strict=True)
     ]
 
