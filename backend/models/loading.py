@@ -27,6 +27,7 @@ from ..protocol import (
     PICKLE_SUFFIXES,
     SAFE_SUFFIXES,
     hub_id_problem,
+    shown,
     split_hub_id,
 )
 from .families import (
@@ -48,6 +49,14 @@ from .hub import (
     cached_snapshot,
     fetch_model,
     pickle_refusal,
+)
+from .safety import (
+    NO_REMOTE_CODE,
+    ModelFileError,
+    adapter_like,
+    check_config_folder,
+    forbid_remote_code,
+    read_safetensors_header,
 )
 from .tiny import BUILTIN_PREFIX, ensure_builtin
 
@@ -255,10 +264,15 @@ def resolve_source(name: str) -> tuple[str, str]:
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from exc
     path = Path(os.path.expanduser(name))
-    if path.is_dir():
-        return "folder", str(path)
-    if path.is_file():
-        return "file", str(path)
+    try:
+        if path.is_dir():
+            return "folder", str(path)
+        if path.is_file():
+            return "file", str(path)
+    except OSError as exc:  # a name too long for a path (ENAMETOOLONG), a loop of links
+        raise ModelLoadError(
+            f"model {shown(name)} is not a usable path ({exc.strerror}) nor a hub id"
+        ) from None
     problem = hub_id_problem(name)
     if problem:
         raise ModelLoadError(
@@ -267,9 +281,18 @@ def resolve_source(name: str) -> tuple[str, str]:
     return "hub", name
 
 
+def _checked(check: Any, *args: Any) -> Any:
+    """``check(*args)``, a safety.ModelFileError becoming a ModelLoadError (same message)."""
+    try:
+        return check(*args)
+    except ModelFileError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
 def _check_pickle_file(path: str, allow_pickle: bool) -> None:
     suffix = Path(path).suffix.lower()
     if suffix in SAFE_SUFFIXES:
+        _checked(read_safetensors_header, path)  # empty, truncated, header bomb: named here
         return
     if suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
@@ -286,6 +309,9 @@ def _check_folder_weights(folder: Path, allow_pickle: bool) -> None:
     files = [p for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
     has_safe = any(p.suffix == ".safetensors" for p in files)
     has_pickle = any(p.suffix in PICKLE_SUFFIXES for p in files)
+    for path in files:
+        if path.suffix == ".safetensors":
+            _checked(read_safetensors_header, path)
     if not has_safe and has_pickle and not allow_pickle:
         raise ModelLoadError(
             f"{folder} holds only pickled weights (.bin/.ckpt): loading them can run arbitrary "
@@ -321,7 +347,24 @@ def _local_source(name: str, allow_pickle: bool, download: DownloadHooks | None)
     if kind == "hub":
         location = _fetch(name, allow_pickle, download)
         kind = "file" if Path(location).is_file() else "folder"
+    _check_source(kind, location)
     return kind, location
+
+
+def _check_source(kind: str, location: str) -> None:
+    """Refuse a folder whose configs ask for custom code or unknown classes, and a
+    .safetensors file that is broken or is a LoRA or embedding, before any library reads it."""
+    forbid_remote_code()  # whatever slips past: an error, never a prompt on stdin
+    if kind == "folder":
+        _checked(check_config_folder, location)
+    elif Path(location).suffix.lower() in SAFE_SUFFIXES:
+        adapter = adapter_like(_checked(read_safetensors_header, location))
+        if adapter:
+            switch = "--lora" if adapter == "LoRA" else "--embedding"
+            raise ModelLoadError(
+                f"{location} holds a {adapter}, not a model: give it with {switch} "
+                "(or the add-on's LoRAs & Embeddings list) on top of a base model"
+            )
 
 
 def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
@@ -334,6 +377,8 @@ def _config_folder(name: str, what: str, download: DownloadHooks | None) -> str:
         )
     if kind == "hub":
         location = _fetch(location, False, download, configs_only=True)
+    forbid_remote_code()
+    _checked(check_config_folder, location)
     return location
 
 
@@ -433,10 +478,17 @@ def load_base_model(
         try:
             components = {
                 "tokenizer": CLIPTokenizer.from_pretrained(
-                    location, subfolder="tokenizer", local_files_only=kind == "folder"
+                    location,
+                    subfolder="tokenizer",
+                    local_files_only=kind == "folder",
+                    **NO_REMOTE_CODE,
                 ),
                 "text_encoder": CLIPTextModel.from_pretrained(
-                    location, subfolder="text_encoder", torch_dtype=dtype, **kwargs
+                    location,
+                    subfolder="text_encoder",
+                    torch_dtype=dtype,
+                    **kwargs,
+                    **NO_REMOTE_CODE,
                 ),
                 "unet": UNet2DConditionModel.from_pretrained(
                     location, subfolder="unet", torch_dtype=dtype, **kwargs
@@ -448,10 +500,17 @@ def load_base_model(
             }
             if second:
                 components["tokenizer_2"] = CLIPTokenizer.from_pretrained(
-                    location, subfolder="tokenizer_2", local_files_only=kind == "folder"
+                    location,
+                    subfolder="tokenizer_2",
+                    local_files_only=kind == "folder",
+                    **NO_REMOTE_CODE,
                 )
                 components["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
-                    location, subfolder="text_encoder_2", torch_dtype=dtype, **kwargs
+                    location,
+                    subfolder="text_encoder_2",
+                    torch_dtype=dtype,
+                    **kwargs,
+                    **NO_REMOTE_CODE,
                 )
         except (OSError, ValueError) as exc:
             raise _wrap_load_error(name, allow_pickle, exc) from exc
@@ -708,6 +767,7 @@ class ModelCache:
             store.popitem(last=False)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        forbid_remote_code()  # every model a job loads (detectors too): no prompt, no code
         value = load()
         self.loads += 1
         store[key] = value
