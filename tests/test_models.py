@@ -675,3 +675,18 @@ def test_a_5000_character_hub_id_is_one_line_naming_the_limit() -> None:
         text = str(info.value)
         assert len(text.splitlines()) == 1 and len(text) < 300, text
         assert "512 characters" in text or "File name too long" in text
+
+
+def test_a_controlnet_config_asking_for_an_absurd_size_is_refused(
+    tiny_models: dict, tmp_path: Path
+) -> None:
+    folder = tmp_path / "huge-controlnet"
+    shutil.copytree(tiny_models["tiny-controlnet"], folder)
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["block_out_channels"] = [16384] * len(config["block_out_channels"])
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError) as info:
+        load_controlnet(str(folder))
+    short_naming(str(info.value), str(config_path))
+    assert "ControlNetModel of" in str(info.value)

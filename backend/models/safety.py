@@ -156,7 +156,7 @@ def check_config_folder(folder: str | Path) -> None:
 # The largest UNet of the supported families is SDXL's, 2.57 G parameters (10.3 GB in
 # float32); a config asking for more than 4 G is refused before memory is allocated.
 MAX_UNET_PARAMS = 4_000_000_000
-MODEL_SIZE_CLASSES = ("UNet2DConditionModel", "ControlNetModel")
+MODEL_SIZE_CLASSES = ("UNet2DConditionModel", "ControlNetModel", "ControlNetUnionModel")
 # Layer counts beyond these take long even to build empty (SDXL: 2 and 10).
 MAX_LAYER_COUNTS = {"layers_per_block": 8, "transformer_layers_per_block": 32}
 MAX_BLOCKS = 8
