@@ -282,6 +282,8 @@ def progress_text(job: ActiveJob, message: dict[str, Any]) -> str:
         return f"Denoising {what}: step {job.step_shown} of {steps}"
     if stage == "decoding":
         return f"Writing frames: {int(message.get('frames_done') or 0)} of {frames}"
+    if stage == "detecting":  # the control video's frames through a detector, before denoising
+        return f"Detecting control frames: {message.get('step')} of {message.get('total')}"
     return f"{stage}: step {message.get('step')} of {message.get('total')}"
 
 

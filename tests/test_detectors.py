@@ -286,6 +286,8 @@ def test_control_frames_run_through_the_detector_in_batches(
         return real(detector, models, images)
 
     run._run = counting
+    done: list[int] = []
+    run.progress = done.append
     spec = ControlNetSpec(
         "m",
         VideoInput(str(folder)),
@@ -293,7 +295,7 @@ def test_control_frames_run_through_the_detector_in_batches(
         detector_models={"depth": str(tiny["depth"])},
     )
     frames = load_control_frames(spec, [0, 1, 2, 3, 4], 48, 32, run=run)
-    assert batches == [2, 2, 1]
+    assert batches == [2, 2, 1] and done == [2, 4, 5]
     assert all(frames[i].shape == (32, 48, 3) for i in range(5))
 
 
@@ -374,7 +376,7 @@ def test_job_json_records_the_detector_weights(
     tmp_path: Path, tiny: dict[str, Path], tiny_models: dict
 ) -> None:
     from backend.protocol import validate_job
-    from backend.service.runner import run_job
+    from backend.service.runner import JobEvents, run_job
 
     control = tmp_path / "control"
     control.mkdir()
@@ -405,8 +407,46 @@ def test_job_json_records_the_detector_weights(
             ],
         }
     )
-    run_job(job, ModelCache())
+    stages: list[tuple] = []
+    events = JobEvents(progress=lambda *a: stages.append((a[-1], a[0], a[1], a[3])))
+    run_job(job, ModelCache(), events)
+    assert [s for s in stages if s[0] == "detecting"] == [("detecting", 2, 2, 2)]
     saved = json.loads((tmp_path / "out" / "job.json").read_text())
     assert saved["controlnets"][0]["detector_models"] == weights
     assert "detector_models" not in saved["controlnets"][1]
     assert validate_job(saved).controlnets[0].detector_models == weights
+
+
+def test_a_cancel_stops_detection_before_the_next_batch(
+    tmp_path: Path, tiny: dict[str, Path], tiny_models: dict
+) -> None:
+    from backend.engine.pipeline import Cancelled
+    from backend.protocol import validate_job
+    from backend.service.runner import JobEvents, run_job
+
+    batches: list[int] = []
+    asked = iter([False, True])  # the second batch is cancelled
+    run = DetectorRun(outputs=OutputCache(), batch=1, should_cancel=lambda: next(asked))
+    run.progress = batches.append
+    with pytest.raises(detectors.DetectionCancelled):
+        run("depth", {"depth": str(tiny["depth"])}, [frame(0), frame(1), frame(2)])
+    assert batches == [1]
+    control = tmp_path / "control.png"
+    write_png(control, frame(0, 64, 64))
+    spec = {"model": "builtin:tiny-controlnet", "control": str(control), "detector": "depth"}
+    job = validate_job(
+        {
+            "prompt": "a cat",
+            "out": str(tmp_path / "out"),
+            "model": "builtin:tiny",
+            "mode": "controlnet",
+            "frames": 2,
+            "width": 64,
+            "height": 64,
+            "device": "cpu",
+            "controlnets": [{**spec, "detector_models": {"depth": str(tiny["depth"])}}],
+        }
+    )
+    with pytest.raises(Cancelled):
+        run_job(job, ModelCache(), JobEvents(should_cancel=lambda: True))
+    assert not (tmp_path / "out").exists()

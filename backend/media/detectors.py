@@ -117,7 +117,7 @@ def _pil(image: np.ndarray) -> Any:
     return Image.fromarray(np.ascontiguousarray(image))
 
 
-def _person_boxes(models: Any, images: list[np.ndarray]) -> list[np.ndarray]:
+def person_boxes(models: Any, images: list[np.ndarray]) -> list[np.ndarray]:
     """RT-DETR person boxes of each image as COCO (x, y, width, height) pixels, (n, 4)."""
     import torch
 
@@ -144,7 +144,7 @@ def detect_poses(models: Any, images: list[np.ndarray]) -> list[list[tuple]]:
     """Per image, (keypoints (17, 2) pixels, scores (17,)) of every person found."""
     import torch
 
-    boxes = _person_boxes(models, images)
+    boxes = person_boxes(models, images)
     found = [i for i, b in enumerate(boxes) if len(b)]
     poses: list[list[tuple]] = [[] for _ in images]
     if not found:
@@ -243,6 +243,10 @@ def frame_digest(image: np.ndarray) -> str:
     return digest.hexdigest()
 
 
+class DetectionCancelled(Exception):
+    """The job was cancelled while its control frames were being detected."""
+
+
 @dataclass
 class DetectorRun:
     """What a job's detectors run with: loaded models (from the worker's cache), device and
@@ -253,6 +257,11 @@ class DetectorRun:
     outputs: OutputCache = field(default_factory=lambda: OUTPUTS)
     batch: int = DETECT_BATCH
     warned: set[str] = field(default_factory=set)
+    # Asked before each batch: True stops the run with DetectionCancelled.
+    should_cancel: Callable[[], bool] | None = None
+    # Told after each batch how many frames this run has put through a model so far.
+    progress: Callable[[int], None] | None = None
+    detected: int = 0
 
     def models(self, detector: str, weights: dict[str, str]) -> Any:
         """The loaded models of ``detector`` with ``weights``."""
@@ -277,11 +286,16 @@ class DetectorRun:
         if todo:
             models = self.models(detector, weights)
         for start in range(0, len(todo), self.batch):
+            if self.should_cancel is not None and self.should_cancel():
+                raise DetectionCancelled()
             part = todo[start : start + self.batch]
             outs = self._run(detector, models, [images[i] for i in part])
             for i, (out, warning) in zip(part, outs, strict=True):
                 self.outputs.put(keys[i], out, warning)
                 results[i] = (out, warning)
+            self.detected += len(part)
+            if self.progress is not None:
+                self.progress(self.detected)
         for _, warning in results:
             if warning is not None:
                 self.warn_once(warning)

@@ -24,7 +24,7 @@ from .. import __version__
 from ..engine.compile import CompileOptions, CompileReport, CompileWatch, finish_report
 from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero, is_union
 from ..media.controls import store_control_frames
-from ..media.detectors import DetectorRun, weights_used
+from ..media.detectors import DetectionCancelled, DetectorRun, weights_used
 from ..media.flow import EstimatedFlows, FileFlows
 from ..media.video_io import (
     FrameStore,
@@ -403,7 +403,7 @@ def run_job(
                 store_control_frames(spec, needed, w, h, fit, detectors, allow_pickle)
                 for spec in job.controlnets
             ]
-        except DownloadCancelled as exc:  # a detector's weights were downloading
+        except (DownloadCancelled, DetectionCancelled) as exc:  # downloading or detecting
             raise Cancelled() from exc
         image = masks = None
         if job.video is not None:
@@ -414,9 +414,16 @@ def run_job(
 
     device = resolve_device(job.device)
     download = DownloadHooks(progress=events.download, should_cancel=events.should_cancel)
+
+    def detecting(done: int) -> None:
+        if events.progress is not None:  # before denoising: no fraction of the work yet
+            events.progress(done, len(needed), 0, len(frame_ids), 0.0, "detecting")
+
     # openpose / depth detectors: models from the worker's cache, a warning once per job.
     detectors = DetectorRun(
-        load=lambda name, models: cache.detector(name, models, device, download)
+        load=lambda name, models: cache.detector(name, models, device, download),
+        should_cancel=events.should_cancel,
+        progress=detecting,
     )
     if sized:  # inputs first: a short video must not wait for the model to load
         w, h = job.width, job.height

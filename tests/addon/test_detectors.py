@@ -397,3 +397,10 @@ def test_a_movie_strip_through_openpose_into_a_controlnet_job(
     (controlnet,) = job["controlnets"]
     assert controlnet["detector"] == "openpose" and controlnet["detector_models"] == defaults
     assert Path(bpy.path.abspath(result.directory), "frame_00003.png").is_file()
+
+
+def test_the_status_line_counts_detected_control_frames() -> None:
+    job = SimpleNamespace(job={"frames": 8, "steps": 10}, step_shown=0)
+    message = {"stage": "detecting", "step": 3, "total": 8, "fraction": 0.0}
+    assert runtime.progress_text(job, message) == "Detecting control frames: 3 of 8"
+    assert job.step_shown == 0  # detection is not a denoising step
