@@ -100,6 +100,15 @@ def _model(settings: Mapping[str, Any], defaults: Mapping[str, Any], mode: str) 
     return model
 
 
+# ControlNets trained on the controlnet-aux detectors' images: the preferences name none, so
+# a ControlNet fed by one must name its model (the canny default would be the wrong one).
+AUX_CONTROLNETS = {
+    "hed": "lllyasviel/control_v11p_sd15_softedge",
+    "lineart": "lllyasviel/control_v11p_sd15_lineart",
+    "mlsd": "lllyasviel/control_v11p_sd15_mlsd",
+}
+
+
 def _controlnet_model(entry: Mapping[str, Any], defaults: Mapping[str, Any], index: int) -> str:
     model = str(entry.get("model") or "").strip()
     if model:
@@ -107,6 +116,11 @@ def _controlnet_model(entry: Mapping[str, Any], defaults: Mapping[str, Any], ind
     by_detector = defaults.get("controlnet_models") or {}
     # Scene passes name their kind (depth, openpose, canny) apart from the backend detector.
     detector = entry.get("model_kind") or entry.get("detector", "none")
+    if detector in AUX_CONTROLNETS and not by_detector.get(detector):
+        raise JobBuildError(
+            f"ControlNet {index + 1}: detector {detector!r} needs a ControlNet trained on its "
+            f"images: set the Model, e.g. {AUX_CONTROLNETS[detector]}"
+        )
     model = str(by_detector.get(detector) or by_detector.get("canny") or "").strip()
     if not model:
         raise JobBuildError(

@@ -176,6 +176,9 @@ def test_panel_says_why_the_controlnet_aux_detectors_are_off(
         operators.plan_from_panel(bpy.context)
     prefs.allow_pickle = True
     try:
+        with pytest.raises(jobs.JobBuildError, match="set the Model, e.g. .*softedge"):
+            operators.plan_from_panel(bpy.context)  # no canny ControlNet for HED images
+        item.model = "builtin:tiny-controlnet"
         job = operators.plan_from_panel(bpy.context).job
         assert job["controlnets"][0]["detector"] == "hed"
         log = _draw_controlnets()
