@@ -249,6 +249,30 @@ def test_depth_model_gives_near_bright_frames(tiny: dict[str, Path], no_torch_lo
     assert no_torch_load == []
 
 
+def test_a_metric_depth_model_is_turned_so_near_stays_bright(
+    tiny: dict[str, Path], tmp_path: Path
+) -> None:
+    """Metric models predict distance (larger is farther): their maps are inverted."""
+    import shutil
+
+    metric = tmp_path / "metric"
+    shutil.copytree(tiny["depth"], metric)
+    config = json.loads((metric / "config.json").read_text())
+    config["depth_estimation_type"], config["max_depth"] = "metric", 20
+    (metric / "config.json").write_text(json.dumps(config))
+    relative = load_detector("depth", {"depth": str(tiny["depth"])}, CPU)
+    model = load_detector("depth", {"depth": str(metric)}, CPU)
+    assert relative.near_is_larger and not model.near_is_larger
+    image = frame(3)
+    (distance,) = detectors.estimate_depth(model, [image])
+    (out,) = DetectorRun(load=lambda *_: model, outputs=OutputCache())(
+        "depth", {"depth": str(metric)}, [image]
+    )
+    assert np.array_equal(out, depth_to_image(-distance))
+    far = np.unravel_index(np.argmax(distance), distance.shape)
+    assert out[far][0] == 0  # the farthest point is black
+
+
 def test_outputs_are_cached_by_frame_size_and_weights(tiny: dict[str, Path]) -> None:
     loads: list = []
 

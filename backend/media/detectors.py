@@ -306,7 +306,8 @@ class DetectorRun:
     ) -> list[tuple[np.ndarray, str | None]]:
         """One batch through the models: each output with its warning (None: none)."""
         if detector == "depth":
-            return [(depth_to_image(d), None) for d in estimate_depth(models, images)]
+            sign = 1.0 if getattr(models, "near_is_larger", True) else -1.0  # metric: far is larger
+            return [(depth_to_image(sign * d), None) for d in estimate_depth(models, images)]
         out = []
         for image, poses in zip(images, detect_poses(models, images), strict=True):
             height, width = image.shape[:2]

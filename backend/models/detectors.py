@@ -39,12 +39,15 @@ class PoseModels:
 
 @dataclass
 class DepthModel:
-    """The depth detector's model: relative inverse depth (larger is nearer)."""
+    """The depth detector's model and which way its output points."""
 
     model: Any  # DepthAnythingForDepthEstimation (or DPT)
     processor: Any  # DPTImageProcessor (PIL)
     device: torch.device
     dtype: torch.dtype
+    # Relative models (Depth Anything, DPT/MiDaS) predict inverse depth: larger is nearer.
+    # Metric ones (depth_estimation_type "metric") predict metres: larger is farther.
+    near_is_larger: bool = True
 
 
 def detector_dtype(device: torch.device) -> torch.dtype:
@@ -134,11 +137,13 @@ def load_depth_model(
 
     dtype = detector_dtype(device)
     folder = detector_folder(models["depth"], "depth", download)
+    model = _model(AutoModelForDepthEstimation, folder, models["depth"], device, dtype)
     return DepthModel(
-        model=_model(AutoModelForDepthEstimation, folder, models["depth"], device, dtype),
+        model=model,
         processor=pil_processor("DPTImageProcessor").from_pretrained(folder),
         device=device,
         dtype=dtype,
+        near_is_larger=getattr(model.config, "depth_estimation_type", None) != "metric",
     )
 
 
