@@ -387,6 +387,19 @@ def test_a_folder_without_safetensors_is_refused(tmp_path: Path, tiny: dict[str,
         load_detector("openpose", {**local(tiny), "pose": "owner/repo/model.safetensors"}, CPU)
 
 
+def test_a_config_asking_for_custom_code_is_refused(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    import shutil
+
+    sneaky = tmp_path / "sneaky"
+    shutil.copytree(tiny["depth"], sneaky)
+    config = json.loads((sneaky / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForDepthEstimation": "evil.Model"}
+    (sneaky / "config.json").write_text(json.dumps(config))
+    (sneaky / "evil.py").write_text("raise SystemExit('custom code ran')\n")
+    with pytest.raises(ModelLoadError, match=r"'depth'.*config\.json asks for custom code"):
+        load_detector("depth", {"depth": str(sneaky)}, CPU)
+
+
 def test_default_weights_are_named_once_and_filled_in() -> None:
     assert weights_used("openpose", None) == DETECTOR_MODELS["openpose"]
     assert weights_used("openpose", {"pose": "me/pose"}) == {

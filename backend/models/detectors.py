@@ -19,6 +19,7 @@ import torch
 from ..protocol import SAFE_SUFFIXES, detector_models, split_hub_id
 from .hub import DownloadHooks, HubError, fetch_model
 from .loading import ModelLoadError, resolve_source
+from .safety import ModelFileError, check_config_folder, forbid_remote_code
 
 # Keyword arguments of every detector from_pretrained: local files, safetensors, no remote code.
 SAFE_LOAD = {"use_safetensors": True, "trust_remote_code": False, "local_files_only": True}
@@ -83,6 +84,10 @@ def detector_folder(name: str, role: str, download: DownloadHooks | None = None)
                 f"instead: the ControlNet's detector_models.{role})"
             ) from exc
     folder = Path(location)
+    try:  # configs asking for custom code (auto_map) are refused before transformers reads them
+        check_config_folder(folder)
+    except ModelFileError as exc:
+        raise ModelLoadError(f"detector model {role!r}: {exc}") from exc
     if not any(p.suffix in SAFE_SUFFIXES for p in folder.iterdir()):
         raise ModelLoadError(
             f"detector model {role!r} ({name}) has no .safetensors weights in {folder}: "
@@ -155,6 +160,7 @@ def load_detector(
 ) -> PoseModels | DepthModel:
     """The loaded models of model detector ``detector`` (defaults with ``overrides``)."""
     models = detector_models(detector, overrides)
+    forbid_remote_code()  # whatever slips past the config check: an error, never a prompt
     if detector == "openpose":
         return load_pose_models(models, device, download)
     if detector == "depth":
