@@ -357,6 +357,15 @@ def test_weights_download_with_progress_from_safetensors_only(
     assert no_torch_load == []
 
 
+def test_a_cancelled_download_stops_the_detector_load(hub: FakeHub, tmp_path: Path) -> None:
+    from backend.models.hub import DownloadCancelled
+
+    hooks = DownloadHooks(should_cancel=lambda: True)
+    with pytest.raises(DownloadCancelled):
+        load_detector("depth", {"depth": "tiny/depth"}, CPU, hooks)
+    assert list((tmp_path / "hub-cache").rglob("model.safetensors")) == []  # no half weights
+
+
 def test_offline_uses_the_cache_and_fails_fast_without_it(
     hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
