@@ -5,6 +5,7 @@
     python3 install_deps.py --demo             # ... then generate a demo video (offline)
     python3 install_deps.py --dev --run-tests  # ... with test tools, then run the test suite
     python3 install_deps.py --detectors        # ... with the HED/lineart/MLSD detectors (controlnet-aux)
+    python3 install_deps.py --cluster          # ... with Ray, to run jobs on a cluster (--cluster)
 
 The backend runs in its own virtual environment (torch, diffusers, transformers, ...),
 never inside Blender. PyTorch is chosen for the machine: a CUDA build on Linux/Windows
@@ -43,6 +44,9 @@ BACKEND_CONSTRAINTS = HERE / "backend" / "constraints.txt"
 # belong to the environment itself: never pinned.
 UNPINNED_PREFIXES = ("torch", "nvidia-", "triton", "pip", "setuptools", "wheel")
 DEV_REQUIREMENTS = HERE / "requirements-dev.txt"
+# Ray for `generate --cluster` (backend/service/cluster.py): an optional extra, also part of
+# --dev so the test suite runs the cluster tests. 2.52 brought token authentication.
+CLUSTER_REQUIREMENT = "ray>=2.52,<3"
 # Blender's platform tags where this installer can set up the backend (PyTorch 2.13 has
 # wheels there); blender_manifest.toml lists the same in ``platforms``.
 SUPPORTED_PLATFORMS = ("windows-x64", "linux-x64", "macos-arm64")
@@ -177,8 +181,9 @@ def missing_bpy_libraries() -> list[str]:
     return [lib for lib in BPY_LIBRARIES if ctypes.util.find_library(lib) is None]
 
 
-def install_packages(python: Path, dev: bool, pinned: bool = True) -> None:
-    """The backend's packages (and the test tools with ``dev``), keeping the chosen torch.
+def install_packages(python: Path, dev: bool, pinned: bool = True, cluster: bool = False) -> None:
+    """The backend's packages (the test tools with ``dev``, Ray with ``cluster`` or ``dev``),
+    keeping the chosen torch.
 
     ``pinned``: hold every package to the tested version in backend/constraints.txt.
     """
@@ -193,6 +198,8 @@ def install_packages(python: Path, dev: bool, pinned: bool = True) -> None:
     constraints.write_text(f"torch=={torch_version}\n", encoding="utf-8")
     cmd = [str(python), "-m", "pip", "install", "-c", str(constraints)]
     cmd += ["-r", str(BACKEND_REQUIREMENTS)]
+    if cluster or dev:
+        cmd += [CLUSTER_REQUIREMENT]
     if dev:
         cmd += ["-r", str(DEV_REQUIREMENTS)]
         if sys.version_info[:2] == BPY_PYTHON:
@@ -406,6 +413,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--run-tests", action="store_true", help="then run the whole test suite (implies --dev)"
     )
     parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also install Ray, to run jobs on a Ray cluster (generate --cluster; "
+        "included with --dev)",
+    )
+    parser.add_argument(
         "--detectors",
         action="store_true",
         help="also install the HED, lineart and MLSD detectors (controlnet-aux with a "
@@ -444,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     python = ensure_venv(venv)
     ensure_torch(python, args.torch, args.torch_version)
-    install_packages(python, dev, pinned=not args.unpinned)
+    install_packages(python, dev, pinned=not args.unpinned, cluster=args.cluster)
     if args.detectors:
         install_detectors(python, pinned=not args.unpinned)
     say(f"backend environment ready: {python}")

@@ -990,6 +990,12 @@ def apply_preset(job: dict[str, Any], name: str) -> dict[str, Any]:
 #                                   path or {path, start, stride, indices}, as in a job) fitted
 #                                   to width x height; queued like a job (its weights may
 #                                   download: ``download`` replies, ``cancel`` stops it)
+#   cluster_info  {"id", "cluster": {"address", "token"?}?}   the Ray cluster's GPUs (its own
+#                                   thread; a clear error within 15 s when it is unreachable).
+#                                   A generate request may carry "cluster" {"address",
+#                                   "token"?, "shard_size"?} too: its frames run there
+#                                   ("address": "" runs it in the worker; no field: the
+#                                   worker's own --cluster)
 REQUESTS = (
     "generate",
     "cancel",
@@ -998,6 +1004,7 @@ REQUESTS = (
     "list_models",
     "remove_model",
     "preview_detector",
+    "cluster_info",
 )
 # What a fetch_model request downloads ("kind"): the model loaders' files or an adapter's.
 FETCH_KINDS = ("model", "controlnet", "lora", "embedding")
@@ -1021,6 +1028,8 @@ FETCH_KINDS = ("model", "controlnet", "lora", "embedding")
 #   detected   {"id", "detector", "frame", "path"}      preview_detector: the control image,
 #                                                     a PNG in the worker's temporary folder
 #                                                     (its last few are kept)
+#   cluster    {"id", "address", "gpus", "free_gpus", "cpus", "nodes": [{"host", "address",
+#               "gpus", "cpus"}]}                      cluster_info's answer
 #   error      {"id", "kind", "message", "traceback"}   kind: the exception's class name
 #   cancelled  {"id"}                                   a job or fetch_model stopped
 REPLIES = (
@@ -1034,6 +1043,7 @@ REPLIES = (
     "models",
     "removed",
     "detected",
+    "cluster",
     "error",
     "cancelled",
 )

@@ -214,3 +214,32 @@ def test_detectors_option_runs_the_detector_install(
     calls.clear()
     assert install_deps.main(["--venv", str(tmp_path)]) == 0
     assert calls == ["pkgs"]
+
+
+def test_ray_comes_with_cluster_and_with_dev_and_is_pinned(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "bin").mkdir()
+    assert install_deps.CLUSTER_REQUIREMENT not in fake_install(monkeypatch, tmp_path)
+    assert install_deps.CLUSTER_REQUIREMENT in fake_install(monkeypatch, tmp_path, cluster=True)
+    # The README's test command (--dev --run-tests) installs it, so the cluster tests run.
+    ran: list[list[str]] = []
+    monkeypatch.setattr(install_deps, "run", lambda cmd, **kw: ran.append(cmd))
+    install_deps.install_packages(tmp_path / "bin" / "python", dev=True)
+    assert install_deps.CLUSTER_REQUIREMENT in ran[0]
+    pinned = install_deps.read_constraints()["ray"]
+    assert Requirement(install_deps.CLUSTER_REQUIREMENT).specifier.contains(pinned)
+
+
+def test_cluster_option_reaches_the_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    calls: list[bool] = []
+    monkeypatch.setattr(install_deps, "ensure_venv", lambda venv: tmp_path / "python")
+    monkeypatch.setattr(install_deps, "ensure_torch", lambda *a: None)
+    monkeypatch.setattr(
+        install_deps, "install_packages", lambda *a, cluster=False, **k: calls.append(cluster)
+    )
+    assert install_deps.main(["--venv", str(tmp_path), "--cluster"]) == 0
+    assert install_deps.main(["--venv", str(tmp_path)]) == 0
+    assert calls == [True, False]

@@ -291,10 +291,34 @@ def build_parser() -> argparse.ArgumentParser:
         "trust); only this flag enables them, never a job file's allow_pickle field",
     )
     gen.add_argument("--out", help="output folder; must not exist yet")
+    add_cluster_arguments(gen)
 
     serve = sub.add_parser("serve", help="run the JSON-lines worker on stdin/stdout")
     serve.add_argument("--max-models", type=int, default=1, help="base models kept loaded")
+    add_cluster_arguments(serve)
     return parser
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """--cluster, --cluster-token, --shard-size: where jobs run (not part of the job)."""
+    parser.add_argument(
+        "--cluster",
+        metavar="HOST:PORT",
+        help="run the frames on this Ray cluster (the head's address) instead of here "
+        "[default: $T2VZ_CLUSTER; unset: run locally]",
+    )
+    parser.add_argument(
+        "--cluster-token",
+        metavar="TOKEN",
+        help="the cluster's Ray auth token, required for an address other than this "
+        "machine [default: $T2VZ_CLUSTER_TOKEN or $RAY_AUTH_TOKEN]",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        metavar="FRAMES",
+        help="frames per shard on the cluster [default: the frames over the cluster's GPUs]",
+    )
 
 
 def read_job_file(path: str) -> dict[str, Any]:
@@ -409,6 +433,17 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return job
 
 
+def cluster_config(args: argparse.Namespace) -> Any:
+    """The ClusterConfig the arguments (or $T2VZ_CLUSTER) give; None: run locally."""
+    if not (args.cluster or os.environ.get("T2VZ_CLUSTER")):
+        if args.shard_size is not None:
+            raise ValueError("--shard-size needs a cluster (--cluster or $T2VZ_CLUSTER)")
+        return None
+    from .cluster import config_from_env
+
+    return config_from_env(args.cluster, args.cluster_token, args.shard_size)
+
+
 def _generate(args: argparse.Namespace) -> int:
     try:
         job = validate_job(job_from_args(args))
@@ -435,11 +470,14 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"\r{state.describe()}\033[K", end=end, file=sys.stderr, flush=True)
 
     try:
-        result = run_job(
-            job,
-            events=JobEvents(progress=progress, download=download),
-            allow_pickle=args.allow_pickle is True,
-        )
+        events = JobEvents(progress=progress, download=download)
+        cluster = cluster_config(args)
+        if cluster is None:
+            result = run_job(job, events=events, allow_pickle=args.allow_pickle is True)
+        else:
+            from .cluster import run_on_cluster
+
+            result = run_on_cluster(job, cluster, events, allow_pickle=args.allow_pickle is True)
     except Exception as exc:  # one clear line for the user; -v shows the traceback
         print(file=sys.stderr)
         logging.getLogger(__name__).debug("job failed", exc_info=True)
@@ -500,5 +538,5 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "serve":
         from .worker import serve
 
-        return serve(max_models=args.max_models)
+        return serve(max_models=args.max_models, cluster=cluster_config(args))
     return _generate(args)

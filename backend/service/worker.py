@@ -103,10 +103,13 @@ def bounded_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[by
 class Worker:
     """Request loop state: the queue, the job being run and its cancel flag."""
 
-    def __init__(self, writer: ProtocolWriter, max_models: int = 1):
+    def __init__(self, writer: ProtocolWriter, max_models: int = 1, cluster: Any = None):
         from ..models.loading import ModelCache
 
         self.writer = writer
+        # The Ray cluster jobs go to (serve --cluster, $T2VZ_CLUSTER); a request's own
+        # "cluster" replaces it. None: jobs run in this process.
+        self.cluster = cluster
         self.requests: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.cancel = threading.Event()
         # Set by shutdown or the end of input: the running job stops, queued ones never start.
@@ -162,6 +165,9 @@ class Worker:
             return False
         if message["type"] == "list_models":
             self.list_models(message)  # read-only and quick: answered even while a job runs
+            return False
+        if message["type"] == "cluster_info":  # up to 15 s: its own thread, never the queue
+            threading.Thread(target=self.cluster_info, args=(message,), daemon=True).start()
             return False
         if message["type"] in QUEUED_REQUESTS:
             with self.lock:
@@ -240,7 +246,13 @@ class Worker:
             preview_every=DENOISING_PREVIEW_SECONDS,
         )
         try:
-            result = run_job(job, self.cache, events, allow_pickle=allow_pickle)
+            cluster = self.cluster_for(message)
+            if cluster is None:
+                result = run_job(job, self.cache, events, allow_pickle=allow_pickle)
+            else:
+                from .cluster import run_on_cluster
+
+                result = run_on_cluster(job, cluster, events, allow_pickle=allow_pickle)
         except Cancelled:
             self.writer.send("cancelled", id=job_id)
         except Exception as exc:
@@ -285,6 +297,45 @@ class Worker:
             message=clip_text(str(exc)),
             traceback=clip_text(traceback.format_exc(), MAX_TRACEBACK_CHARS),
         )
+
+    def cluster_for(self, message: dict[str, Any]) -> Any:
+        """The ClusterConfig of a request: its "cluster" {address, token?, shard_size?}, an
+        empty address for this process, or (no field) the worker's own."""
+        given = message.get("cluster")
+        if given is None:
+            return self.cluster
+        if not isinstance(given, dict) or not isinstance(given.get("address", ""), str):
+            raise JobError(
+                "cluster", f"expected {{address, token, shard_size}}, got {shown(given)}"
+            )
+        if not given.get("address"):
+            return None
+        from .cluster import ClusterConfig
+
+        shard_size = given.get("shard_size")
+        if shard_size is not None and (
+            isinstance(shard_size, bool) or not isinstance(shard_size, int)
+        ):
+            raise JobError("cluster.shard_size", f"expected an integer, got {shown(shard_size)}")
+        token = given.get("token") or None
+        if token is not None and not isinstance(token, str):
+            raise JobError("cluster.token", "expected a string")
+        return ClusterConfig(given["address"].strip(), token, shard_size)
+
+    def cluster_info(self, message: dict[str, Any]) -> None:
+        """Answer cluster_info: the GPUs, CPUs and nodes the cluster shows (or an error)."""
+        request_id = message.get("id")
+        try:
+            config = self.cluster_for(message)
+            if config is None:
+                raise ValueError(
+                    "cluster: no cluster address given (serve --cluster or a request's)"
+                )
+            from .cluster import cluster_info
+
+            self.writer.send("cluster", id=request_id, **cluster_info(config))
+        except Exception as exc:  # noqa: BLE001 (reported to the add-on; the worker goes on)
+            self._fail(request_id, exc)
 
     def list_models(self, message: dict[str, Any]) -> None:
         """Answer list_models: the hub cache's models and sizes."""
@@ -418,11 +469,11 @@ def fetch_request(message: dict[str, Any]) -> tuple[str, str]:
     return model, kind
 
 
-def serve(max_models: int = 1, stdin: IO[bytes] | TextIO | None = None) -> int:
-    """Run the worker until ``shutdown`` or the end of stdin."""
+def serve(max_models: int = 1, stdin: IO[bytes] | TextIO | None = None, cluster: Any = None) -> int:
+    """Run the worker until ``shutdown`` or the end of stdin (jobs on ``cluster`` if given)."""
     writer = ProtocolWriter(_claim_stdout())
     requests = stdin if stdin is not None else _claim_stdin()
-    worker = Worker(writer, max_models=max_models)
+    worker = Worker(writer, max_models=max_models, cluster=cluster)
     reader = threading.Thread(
         target=worker.read_requests, args=(requests,), daemon=True, name="t2vz-stdin"
     )
