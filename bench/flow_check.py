@@ -38,7 +38,9 @@ from . import quality
 from . import shape_metrics as sm
 from .measure import cpu_name
 
-CONFIGS = ("paper", "flow, true motion", "flow, estimated")
+# "flow, reversed" is a control row: the true motion with its sign flipped (the flow applied
+# the wrong way round), which must not beat the right one.
+CONFIGS = ("paper", "flow, true motion", "flow, estimated", "flow, reversed")
 
 
 def true_flows(
@@ -93,10 +95,12 @@ def flow_inputs(
     n, size = len(video), video.shape[1]
     if config == "paper":
         return {}
-    if config == "flow, true motion":
+    if config in ("flow, true motion", "flow, reversed"):
         backward, forward, _ = true_flows(scene, velocity, n, size)
+        sign = -1 if config == "flow, reversed" else 1
         flow = {
-            k: latent_flow(backward[k - 1], forward[k - 1], (latent, latent)) for k in range(1, n)
+            k: latent_flow(sign * backward[k - 1], sign * forward[k - 1], (latent, latent))
+            for k in range(1, n)
         }
     else:
         flow = EstimatedFlows(dict(enumerate(video)), range(n), (latent, latent))

@@ -244,7 +244,7 @@ def test_latent_flow_without_a_forward_flow_sees_all_but_the_edges():
 
 # Fusion at every step: the default window (the last fifth of the steps) holds no step of
 # these 4-step runs, so a test of the default would not be testing the fusion.
-EVERY_STEP = FlowFusion(start=0.0, end=1.0)
+EVERY_STEP = FlowFusion(start=0.0, end=1.0, strength=1.0)
 
 
 def run(engine: TextToVideoZero, **kwargs: Any) -> torch.Tensor:

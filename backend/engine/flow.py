@@ -37,15 +37,18 @@ OCC_ABSOLUTE = 0.5
 class FlowFusion:
     """When and how strongly predicted clean latents are fused along the flow."""
 
-    # Fraction of the joint denoising steps where fusion starts and stops. Early steps
-    # decide layout, late ones texture; Rerender's default period is (0.5, 0.8) of the
-    # steps. On the shapes ControlNet (bench/flow_check.py, 2 seeds, true motion, warp
-    # Delta E; paper 5.95) (0, 0.8) at strength 0.5 gave 6.01, (0.5, 0.8) 9.58 and (0.8, 1)
-    # 4.88, the only one below the paper's: the default. QUALITY.md has the full figures.
-    start: float = 0.8
+    # Part of the joint denoising steps where fusion acts, (start, end]. Early steps decide
+    # layout, late ones texture; Rerender's default period is (0.5, 0.8) of the steps. On the
+    # shapes ControlNet (bench/flow_check.py, seeds 0-1, estimated flow; warp Delta E of
+    # the paper 5.95, silhouette IoU 0.623, colour drift 2.23): (0.5, 0.8) at strength 1
+    # gave 9.58 (true motion); (0.8, 1) at 1 gave 4.88 (true motion), IoU 0.53, drift 17.6:
+    # a chain of full copies blurs the shape away; (0.8, 1) at 0.5 gave 3.11, IoU 0.658,
+    # drift 3.18; (0.6, 1) at 0.5 gave 2.51, IoU 0.648, drift 1.47: the default.
+    start: float = 0.6
     end: float = 1.0
-    # s above: 1 replaces the visible pixels by the warped previous frame.
-    strength: float = 1.0
+    # s above: 1 replaces the visible pixels by the warped previous frame; 0.5 lets frame
+    # k - j weigh 0.5^j in frame k, so the chain's blur (a bilinear warp a frame) fades.
+    strength: float = 0.5
 
     def active(self, step: int, first: int, total: int) -> bool:
         """Whether joint step ``step`` (``first`` .. ``total`` - 1) fuses: the part of the
