@@ -99,6 +99,18 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         "run faster. Best on a GPU; on a CPU it measured slower. Falls back to uncompiled "
         "with a warning where compiling fails",
     )
+    cluster_address: StringProperty(
+        name="Cluster Address",
+        description="host:port of a Ray cluster's head (python3 install_deps.py --cluster; "
+        "README: Long videos on a Ray cluster): jobs' frames then run on its GPUs. Empty: "
+        "jobs run on this machine",
+    )
+    cluster_token: StringProperty(
+        name="Cluster Token",
+        subtype="PASSWORD",
+        description="The cluster's Ray auth token (`ray get-auth-token` on the head); needed "
+        "for any address but this machine's. Whoever reaches a cluster can run code on it",
+    )
     # The speed of the last jobs by model and device (runtime.remember_speed), saved with the
     # preferences so the first long job of the next session shows its estimate too.
     job_speeds: StringProperty(name="Job Speeds", default="{}", options={"HIDDEN"})
@@ -148,6 +160,9 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         row.prop(self, "device")
         row.prop(self, "dtype")
         layout.prop(self, "compile_unet")
+        from . import cluster_connection
+
+        cluster_connection.draw(layout, self)
 
     def draw_cache(self, layout: Any, status: Any) -> None:
         """The models in the backend's hub cache, a download in progress, Remove buttons."""
@@ -290,6 +305,12 @@ def worker_env(prefs: Any, online: bool | None = None) -> dict[str, str]:
         env["HF_HOME"] = str(Path(bpy.path.abspath(prefs.models_dir)).resolve())
     if not (online_access() if online is None else online):
         env["HF_HUB_OFFLINE"] = "1"
+    address = getattr(prefs, "cluster_address", "").strip()
+    if address:  # the worker sends the jobs' frames there (serve reads $T2VZ_CLUSTER)
+        env["T2VZ_CLUSTER"] = address
+        token = getattr(prefs, "cluster_token", "").strip()
+        if token:
+            env["T2VZ_CLUSTER_TOKEN"] = token
     return env
 
 
@@ -299,10 +320,16 @@ def venv_dir() -> Path:
 
 
 def register() -> None:
-    """Register the preferences class."""
+    """Register the preferences class (and the cluster's Test Connection)."""
+    from . import cluster_connection
+
     bpy.utils.register_class(T2VZ_Preferences)
+    cluster_connection.register()
 
 
 def unregister() -> None:
-    """Unregister the preferences class."""
+    """Unregister the preferences class (and the cluster's Test Connection)."""
+    from . import cluster_connection
+
+    cluster_connection.unregister()
     bpy.utils.unregister_class(T2VZ_Preferences)
