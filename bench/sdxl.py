@@ -17,8 +17,9 @@ Printed, measured in one run with the order rotated each round:
 and, each in a fresh process, the peak resident memory of ours at every ``--frames`` count
 (chunks of ``--chunk-size``).
 
-    .venv/bin/python -m bench.sdxl --scale 4 --size 128 --frames 8 --steps 4 --threads 2
-    .venv/bin/python -m bench.sdxl --scale 4 --size 128 --memory 8 64 --steps 4 --threads 2
+    .venv/bin/python -m bench.sdxl --scale 4 --size 128 --frames 8 --steps 4 --threads 1
+    .venv/bin/python -m bench.sdxl --scale 4 --size 128 --memory 8 64 --steps 4 --threads 1
+    python -m bench.sdxl --scale 1 --size 1024 --frames 8 --steps 30 --device cuda --dtype float16
 """
 
 from __future__ import annotations
@@ -35,11 +36,11 @@ import torch
 
 from backend.engine.pipeline import TextToVideoZero, plan_generation
 from backend.models.families import added_conditions, encode_text
-from backend.models.loading import BaseModel, _place
+from backend.models.loading import TORCH_DTYPES, BaseModel, _place, resolve_device
 from backend.models.tiny import write_tiny_tokenizer
 from backend.protocol import resolve_t0_t1
 
-from .measure import MIB, Measurement, cpu_name, interleaved, measure_once, peak_rss, warm_up
+from .measure import MIB, Measurement, device_name, interleaved, measure_once, peak_rss, warm_up
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl"
 PROMPT = "a horse galloping on a street"
@@ -208,12 +209,14 @@ def memory_child(spec: dict[str, Any]) -> dict[str, float]:
     """One run of ours at ``spec["frames"]`` frames in this fresh process: peak RSS."""
     torch.set_num_threads(spec["threads"])
     args = argparse.Namespace(**spec["args"])
-    base = build_base(args.scale, torch.device("cpu"), torch.float32)
+    device = resolve_device(args.device)
+    base = build_base(args.scale, device, TORCH_DTYPES[args.dtype])
     result = Measurement()
-    measure_once(ours(base, args, spec["frames"]), torch.device("cpu"), result)
+    measure_once(ours(base, args, spec["frames"]), device, result)
     return {
         "growth_mib": result.growth[0] / MIB,
-        "process_peak_mib": peak_rss() / MIB,
+        # on CUDA the peak of allocated GPU memory, else the process's resident peak
+        "process_peak_mib": result.peak[0] / MIB if device.type == "cuda" else peak_rss() / MIB,
         "seconds": result.seconds[0],
     }
 
@@ -228,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--memory", type=int, nargs="*", help="frame counts for peak memory")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -239,12 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    base = build_base(args.scale, device, torch.float32)
+    device = resolve_device(args.device)
+    dtype = TORCH_DTYPES[args.dtype]
+    base = build_base(args.scale, device, dtype)
     params = sum(p.numel() for m in (base.unet, base.text_encoder, base.text_encoder_2, base.vae)
                  for p in m.parameters())  # fmt: skip
     print(f"SDXL architecture / {args.scale} widths, random weights: {params / 1e6:.0f} M "
-          f"parameters; {cpu_name()}, {torch.get_num_threads()} threads, float32")  # fmt: skip
+          f"parameters; {device_name(device)}, {torch.get_num_threads()} threads, "
+          f"{args.dtype}")  # fmt: skip
     print(f"text2video {args.frames} frames {args.size}x{args.size}, {args.steps} steps, "
           f"chunks of {args.chunk_size}, guidance {GUIDANCE}")  # fmt: skip
     if args.memory:
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "bench.sdxl", "--child", json.dumps(spec)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows[frames] = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"  ours {frames:4d} frames: peak RSS {rows[frames]['process_peak_mib']:.0f} "
+            print(f"  ours {frames:4d} frames: peak {rows[frames]['process_peak_mib']:.0f} "
                   f"MiB, growth {rows[frames]['growth_mib']:.0f} MiB, "
                   f"{rows[frames]['seconds']:.1f} s")  # fmt: skip
         first, last = rows[args.memory[0]], rows[args.memory[-1]]
