@@ -17,6 +17,7 @@ Quality kept: silhouette IoU and colour drift (ControlNet), edit success and str
 
     .venv/bin/python -m bench.flow_check               # 32 seeds
     .venv/bin/python -m bench.flow_check --seeds 4     # a smoke run
+    .venv/bin/python -m bench.flow_check --sheets bench/results/quality   # + contact sheets
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,14 +220,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=32)
     parser.add_argument("--modes", nargs="+", default=["controlnet", "pix2pix"])
     parser.add_argument("--steps", type=int, default=quality.Settings.steps)
+    parser.add_argument("--sheets", type=Path, help="folder for contact sheets (seed 0)")
     args = parser.parse_args(argv)
     settings = quality.Settings(steps=args.steps)
     torch.manual_seed(0)
     models = quality.load_models(quality.SHAPES_MODELS, args.modes)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; {settings.steps} steps")
+    sheets: dict[str, list] = {}
     for mode in args.modes:
         engine = models.controlnet if mode == "controlnet" else models.pix2pix
-        report(mode, run_mode(mode, engine, settings, args.seeds), print)
+        report(mode, run_mode(mode, engine, settings, args.seeds, sheets=sheets), print)
+    if args.sheets:
+        images = {f"flow-{m}": quality.labelled_rows(rows) for m, rows in sheets.items()}
+        for path in quality.write_sheets(images, args.sheets):
+            print(f"sheet: {path}")
     return 0
 
 
