@@ -437,3 +437,26 @@ def test_every_frame_is_plain_sd2_v_prediction(sd2: Any) -> None:
     eps = copy.copy(sd2)
     eps.scheduler_config = {**sd2.scheduler_config, "prediction_type": "epsilon"}
     assert differ(plain(TextToVideoZero(eps)), ours[:1])
+
+
+def test_cross_frame_attention_covers_the_sdxl_controlnets_layers(
+    xl: Any, xl_controlnet: Any
+) -> None:
+    """The ControlNet's self-attention layers attend to frame 1 too, every one of them."""
+    seen: dict[str, type] = {}
+
+    def spy(*args: Any) -> None:
+        seen.update({n: type(p) for n, p in xl_controlnet.attn_processors.items()})
+
+    images = {f: random_image(20 + f) for f in range(2)}
+    TextToVideoZero(xl, [xl_controlnet])(
+        "a cat", num_frames=2, height=SIZE, width=SIZE, num_inference_steps=2,
+        motion_dynamics=False, controls=[ControlInput(xl_controlnet, images)],
+        callbacks=Callbacks(progress=spy),
+    )  # fmt: skip
+    self_attention = [n for n in seen if n.endswith("attn1.processor")]
+    assert any(".transformer_blocks.1.attn1" in n for n in self_attention)
+    assert all(seen[n] is CrossFrameAttnProcessor for n in self_attention)
+    assert all(
+        type(p) is not CrossFrameAttnProcessor for p in xl_controlnet.attn_processors.values()
+    )

@@ -242,3 +242,33 @@ def test_a_single_file_without_configs_asks_for_its_familys_configs(
     path = export_family_checkpoint(tiny_family_models["tiny-xl"], tmp_path / "xl.safetensors")
     with pytest.raises(ModelLoadError, match="stable-diffusion-xl-base-1.0"):
         load_base_model(str(path))
+
+
+def test_a_single_file_sdxl_controlnet_loads_and_defaults_to_the_shipped_sdxl_config(
+    tiny_family_models: dict, tmp_path: Path
+) -> None:
+    """An SDXL ControlNet shipped as one .safetensors loads with its folder's config; given
+    none, the shipped SDXL ControlNet config (SDXL's architecture, 1.25 B parameters) is
+    the one tried, not SD 1.5's, and the error says so."""
+    from diffusers import ControlNetModel
+
+    from backend.models.loading import (
+        SDXL_CONTROLNET_CONFIG,
+        ModelLoadError,
+        load_controlnet,
+    )
+
+    folder = tiny_family_models["tiny-xl-controlnet"]
+    path = tmp_path / "controlnet-xl.safetensors"
+    shutil.copy(folder / "diffusion_pytorch_model.safetensors", path)
+    assert family_from_file(path) is SDXL
+    want = load_controlnet(str(folder))
+    got = load_controlnet(str(path), config=str(folder))
+    assert all(got.state_dict()[k].equal(v) for k, v in want.state_dict().items())
+    with pytest.raises(ModelLoadError, match="with the SDXL ControlNet config"):
+        load_controlnet(str(path))  # the tiny weights do not fit SDXL's full architecture
+    config = json.loads((SDXL_CONTROLNET_CONFIG / "config.json").read_text())
+    assert family_from_unet_config(config) is SDXL
+    with torch.device("meta"):
+        full = ControlNetModel.from_config(config)
+    assert 1.2e9 < sum(p.numel() for p in full.parameters()) < 1.3e9

@@ -79,6 +79,9 @@ SD1X_SCHEDULER = {
 # UNet, 361 M parameters): the config a single-file ControlNet loads with unless given
 # another, so a local .safetensors never needs the network.
 SD15_CONTROLNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sd15-controlnet"
+# SDXL's ControlNet architecture (ControlNetModel.from_unet of SDXL base's UNet, 1.25 B
+# parameters, as diffusers/controlnet-canny-sdxl-1.0): an SDXL single file's default config.
+SDXL_CONTROLNET_CONFIG = Path(__file__).resolve().parent / "configs" / "sdxl-controlnet"
 
 
 class ModelLoadError(RuntimeError):
@@ -678,11 +681,13 @@ def _load_single_file_controlnet(
     path: str, config: str | None, dtype: torch.dtype, download: DownloadHooks | None = None
 ) -> Any:
     """A ControlNet from one checkpoint file, its config from ``config`` (a diffusers
-    ControlNet folder, or a hub id fetched like a model, configs only) or the shipped SD 1.5
-    ControlNet config (no network)."""
+    ControlNet folder, or a hub id fetched like a model, configs only) or the shipped config
+    of its family, read from its tensor names: SDXL's or SD 1.5's (no network)."""
     from diffusers import ControlNetModel
 
-    config_name = config or str(SD15_CONTROLNET_CONFIG)
+    family = family_from_file(path)
+    shipped = SDXL_CONTROLNET_CONFIG if family is SDXL else SD15_CONTROLNET_CONFIG
+    config_name = config or str(shipped)
     try:
         config_location = _config_folder(config_name, "a ControlNet config", download)
     except ModelLoadError as exc:
@@ -696,7 +701,8 @@ def _load_single_file_controlnet(
             low_cpu_mem_usage=low_cpu_mem_usage(),
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        where = "the SD 1.5 ControlNet config" if config is None else repr(config)
+        shipped_label = "SDXL" if family is SDXL else "SD 1.5"
+        where = f"the {shipped_label} ControlNet config" if config is None else repr(config)
         raise ModelLoadError(
             f"could not load single-file ControlNet {path} with {where}: {exc} (a ControlNet "
             "of another architecture? give --controlnet-config / controlnets[].config a "
