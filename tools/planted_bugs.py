@@ -43,9 +43,9 @@ PLANTS = (
     ),
     Plant(
         "decode without dividing by the VAE's scaling factor",
-        "backend/engine/pipeline.py",
-        "x = latents.to(self.device) / vae.config.scaling_factor",
-        "x = latents.to(self.device)",
+        "backend/models/families.py",
+        "    return latents / config.scaling_factor\n",
+        "    return latents\n",
         "tests/test_engine.py::test_decode_matches_diffusers_decoding",
     ),
     Plant(
