@@ -44,6 +44,7 @@ from ..models.families import FamilyError, check_same_family
 from ..models.hub import DownloadCancelled, DownloadHooks, DownloadProgress
 from ..models.loading import (
     BaseModel,
+    DtypeChoice,
     ModelCache,
     ModelLoadError,
     choose_dtype,
@@ -198,6 +199,87 @@ def check_finite_latents(latents: torch.Tensor) -> None:
             "frames would be black, so none were written (a LoRA or embedding with huge "
             "weights, or float16 overflow: try --dtype float32)"
         )
+
+
+def engine_arguments(
+    job: Job, size: tuple[int, int], frame_ids: list[int], motion: tuple[float, float]
+) -> dict[str, Any]:
+    """The engine's settings for ``job`` at ``size`` (width, height): everything but the
+    prompts, the inputs and the callbacks."""
+    width, height = size
+    return {
+        "num_frames": job.frames,
+        "height": height,
+        "width": width,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.guidance,
+        "seed": job.seed,
+        "chunk_size": job.chunk_size,
+        "frame_ids": frame_ids,
+        "motion": motion,
+        "motion_dynamics": job.t0 is not None,
+        "t0": job.t0,
+        "t1": job.t1,
+        "smooth_bg": job.smooth_bg,
+        "smooth_alpha": job.smooth_alpha,
+        "image_guidance_scale": job.image_guidance,
+        "consistency": job.consistency,
+    }
+
+
+def output_folder(job: Job) -> Path:
+    """The job's result folder, resolved; OutputExistsError when it exists or is a link,
+    an error naming it when it cannot be written (checked before any model loads)."""
+    given = Path(job.out).expanduser()
+    if given.is_symlink():  # resolve() would follow it, a dangling one too, to its target
+        raise OutputExistsError(
+            f"out: {given} is a symbolic link; results are never written through one"
+        )
+    out = given.resolve()
+    if out.exists():
+        raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
+    check_output_writable(out)
+    return out
+
+
+def resolved_job(
+    job: Job,
+    out: Path,
+    size: tuple[int, int],
+    motion: tuple[float, float],
+    allow_pickle: bool,
+    base: BaseModel,
+) -> dict[str, Any]:
+    """What job.json holds: the job as it ran (its size, motion, family, what it allowed,
+    the detector weights it used), so it regenerates the same result."""
+    resolved = job.to_dict()
+    resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
+    resolved["out"] = str(out)
+    resolved["width"], resolved["height"] = size  # the size it ran at, however chosen
+    resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
+    resolved["family"] = base.family.key  # what the model was read as (job.family)
+    for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
+        weights = weights_used(spec.detector, spec.detector_models)
+        if weights is not None:  # the detector weights it ran with, defaults included
+            entry["detector_models"] = weights
+    return resolved
+
+
+def run_record(
+    device: torch.device, dtype_choice: DtypeChoice, base: BaseModel, seconds: float
+) -> dict[str, Any]:
+    """What run.json holds: where and how the job ran (not needed to regenerate it)."""
+    return {
+        "backend": __version__,
+        "device": str(device),
+        "dtype": dtype_choice.name,
+        "dtype_reason": dtype_choice.reason,
+        "family": base.family.key,
+        "family_label": base.family.label,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "seconds": round(seconds, 3),
+    }
 
 
 def check_families(job: Job) -> None:
@@ -373,19 +455,11 @@ def run_job(
         )
     events = events or JobEvents()
     cache = cache or ModelCache()
-    given = Path(job.out).expanduser()
-    if given.is_symlink():  # resolve() would follow it, a dangling one too, to its target
-        raise OutputExistsError(
-            f"out: {given} is a symbolic link; results are never written through one"
-        )
-    out = given.resolve()
-    if out.exists():
-        raise OutputExistsError(f"out: {out} already exists; results never overwrite a folder")
     if job.model.startswith(BUILTIN_PREFIX) and job.model[len(BUILTIN_PREFIX) :] in ALL_TINY_KINDS:
         log.warning("%s is a tiny random-weight smoke-test model: expect noise", job.model)
     # Everything that can be checked without models is checked first: an unwritable output
     # folder or a missing input must not wait for minutes of model loading to be reported.
-    check_output_writable(out)
+    out = output_folder(job)
     frame_ids = job.frame_indices
     needed = sorted(set(frame_ids) | {0})
     if job.consistency == "flow":  # frame k depends on k - 1: every frame up to the last
@@ -471,29 +545,14 @@ def run_job(
         latents = engine(
             prompt=convert_prompt(pipe, base, job.prompt),
             negative_prompt=convert_prompt(pipe, base, job.negative_prompt),
-            num_frames=job.frames,
-            height=h,
-            width=w,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance,
-            seed=job.seed,
-            chunk_size=job.chunk_size,
-            frame_ids=frame_ids,
-            motion=motion,
-            motion_dynamics=job.t0 is not None,
-            t0=job.t0,
-            t1=job.t1,
-            smooth_bg=job.smooth_bg,
-            smooth_alpha=job.smooth_alpha,
-            masks=masks,
-            controls=controls,
-            image=image,
-            image_guidance_scale=job.image_guidance,
-            consistency=job.consistency,
-            flow=flows,
             callbacks=Callbacks(
                 progress=on_step, should_cancel=events.should_cancel, anchor_preview=previews
             ),
+            **engine_arguments(job, (w, h), frame_ids, motion),
+            masks=masks,
+            controls=controls,
+            image=image,
+            flow=flows,
         )
         if previews is not None:
             previews.remove_files()
@@ -504,29 +563,10 @@ def run_job(
             latents_file = staging / "latents.npy"
             with writing(latents_file):
                 np.save(latents_file, latents.numpy().astype(np.float32))
-        resolved = job.to_dict()
-        resolved["motion"] = list(motion) if job.mode != "pix2pix" else None
-        resolved["out"] = str(out)
-        resolved["width"], resolved["height"] = w, h  # the size it ran at, however chosen
-        resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
-        resolved["family"] = base.family.key  # what the model was read as (job.family)
-        for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
-            weights = weights_used(spec.detector, spec.detector_models)
-            if weights is not None:  # the detector weights it ran with, defaults included
-                entry["detector_models"] = weights
+        resolved = resolved_job(job, out, (w, h), motion, allow_pickle, base)
         write_file(staging / "job.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
         seconds = time.perf_counter() - started
-        run_info = {
-            "backend": __version__,
-            "device": str(device),
-            "dtype": dtype_choice.name,
-            "dtype_reason": dtype_choice.reason,
-            "family": base.family.key,
-            "family_label": base.family.label,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "seconds": round(seconds, 3),
-        }
+        run_info = run_record(device, dtype_choice, base, seconds)
         if job.compile:
             run_info["compile"] = finish_report(compile_report, engine).to_dict()
         write_file(staging / "run.json", json.dumps(run_info, indent=2, sort_keys=True).encode())
