@@ -389,6 +389,22 @@ def test_controlnet_weights_and_paths_with_colons() -> None:
         parse("--controlnet", "m", "--control", "a", "--detector", "canny", "--detector", "none")
 
 
+def test_union_control_types_pair_with_the_controls() -> None:
+    job = parse(
+        "--controlnet", "xinsir/union", "--control", "a", "--controlnet", "xinsir/union",
+        "--control", "b", "--control-type", "depth", "--control-type", "canny",
+    )  # fmt: skip
+    assert [c["control_type"] for c in job["controlnets"]] == ["depth", "canny"]
+    assert [c.control_type for c in validate_job({**job, "prompt": "p", "out": "o",
+                                                   "mode": "controlnet"}).controlnets] == [
+        "depth", "canny"]  # fmt: skip
+    with pytest.raises(JobError, match="no --control-type or one per --control"):
+        parse("--controlnet", "m", "--control", "a", "--control-type", "depth",
+              "--control-type", "canny")  # fmt: skip
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--control-type", "sketchy"])
+
+
 def test_loras_and_embeddings_parse_with_windows_paths() -> None:
     job = parse(
         "--lora", "C:\\loras\\style.safetensors", "--lora", "owner/lora:0.5",
@@ -451,6 +467,7 @@ def test_fit_and_one_side_parse() -> None:
     [
         (["--controlnet-config", "cfg"], "--controlnet-config"),
         (["--detector", "canny"], "--detector"),
+        (["--control-type", "depth"], "--control-type"),
     ],
 )
 def test_controlnet_options_without_controlnets_are_refused(flags: list[str], named: str) -> None:

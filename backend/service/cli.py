@@ -24,6 +24,7 @@ from ..protocol import (
     MAX_LINE_BYTES,
     MODES,
     PRESETS,
+    UNION_CONTROL_TYPES,
     JobError,
     apply_preset,
     clip_text,
@@ -235,6 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn the matching --control into control images in the backend [default: none]",
     )
     gen.add_argument(
+        "--control-type",
+        action="append",
+        default=[],
+        choices=list(UNION_CONTROL_TYPES),
+        help="for a union ControlNet: which kind of control the matching --control is; none "
+        "or one per --control [default: the --detector's kind]",
+    )
+    gen.add_argument(
         "--lora",
         action="append",
         default=[],
@@ -421,8 +430,20 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         ]
         for spec, config in zip(job["controlnets"], configs, strict=False):
             spec["config"] = config
-    elif args.controlnet_config or args.detector:
-        given = "--controlnet-config" if args.controlnet_config else "--detector"
+        if args.control_type and len(args.control_type) != len(args.control):
+            raise JobError(
+                "controlnets",
+                f"give no --control-type or one per --control, got {len(args.control_type)} "
+                f"for {len(args.control)} controls",
+            )
+        for spec, kind in zip(job["controlnets"], args.control_type, strict=False):
+            spec["control_type"] = kind
+    elif args.controlnet_config or args.detector or args.control_type:
+        given = (
+            "--controlnet-config"
+            if args.controlnet_config
+            else ("--detector" if args.detector else "--control-type")
+        )
         raise JobError(
             "controlnets",
             f"{given} applies to the --controlnet/--control pairs of the command line, "
