@@ -222,6 +222,54 @@ KEYPOINT_NAMES = (
     "l_ear",
 )
 
+# How an OpenPose picture is drawn (the SD 1.5 / SDXL OpenPose ControlNets' annotator), for
+# the backend's control images and the add-on's preview alike. Limbs as (keypoint,
+# keypoint) pairs, 0-based in KEYPOINT_NAMES order, in the annotator's drawing order.
+POSE_LIMBS = (
+    (1, 2),
+    (1, 5),
+    (2, 3),
+    (3, 4),
+    (5, 6),
+    (6, 7),
+    (1, 8),
+    (8, 9),
+    (9, 10),
+    (1, 11),
+    (11, 12),
+    (12, 13),
+    (1, 0),
+    (0, 14),
+    (14, 16),
+    (0, 15),
+    (15, 17),
+)
+# RGB; limb i and keypoint i share colour i.
+POSE_COLORS = (
+    (255, 0, 0),
+    (255, 85, 0),
+    (255, 170, 0),
+    (255, 255, 0),
+    (170, 255, 0),
+    (85, 255, 0),
+    (0, 255, 0),
+    (0, 255, 85),
+    (0, 255, 170),
+    (0, 255, 255),
+    (0, 170, 255),
+    (0, 85, 255),
+    (0, 0, 255),
+    (85, 0, 255),
+    (170, 0, 255),
+    (255, 0, 255),
+    (255, 0, 170),
+    (255, 0, 85),
+)
+POSE_LIMB_ALPHA = 0.6
+# Stick half-width and keypoint radius of the annotator at its 512 px detect resolution.
+POSE_BASE_WIDTH = 4
+POSE_BASE_SIDE = 512
+
 MAX_SIDE = 4096
 MAX_FRAMES = 100_000
 # DDIM steps: with the SD schedule's steps_offset of 1, 1000 steps would ask for timestep

@@ -18,60 +18,24 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..protocol import KEYPOINT_NAMES, POSE_FORMAT, shown
+from ..protocol import (
+    KEYPOINT_NAMES,
+    POSE_BASE_SIDE,
+    POSE_BASE_WIDTH,
+    POSE_COLORS,
+    POSE_FORMAT,
+    POSE_LIMB_ALPHA,
+    POSE_LIMBS,
+    shown,
+)
 
 # The largest pose file read: 18 keypoints of 4 people a frame, as JSON, come to ~1 KB a
 # frame, so 64 MB holds tens of thousands of frames; a link to /dev/zero or a 7 GB file is
 # refused before it is read.
 MAX_POSE_BYTES = 64 << 20
 
-# Limbs as (keypoint, keypoint) pairs, 0-based, in the annotator's drawing order.
-LIMBS = (
-    (1, 2),
-    (1, 5),
-    (2, 3),
-    (3, 4),
-    (5, 6),
-    (6, 7),
-    (1, 8),
-    (8, 9),
-    (9, 10),
-    (1, 11),
-    (11, 12),
-    (12, 13),
-    (1, 0),
-    (0, 14),
-    (14, 16),
-    (0, 15),
-    (15, 17),
-)
-
-# RGB; limb i and keypoint i share colour i.
-COLORS = (
-    (255, 0, 0),
-    (255, 85, 0),
-    (255, 170, 0),
-    (255, 255, 0),
-    (170, 255, 0),
-    (85, 255, 0),
-    (0, 255, 0),
-    (0, 255, 85),
-    (0, 255, 170),
-    (0, 255, 255),
-    (0, 170, 255),
-    (0, 85, 255),
-    (0, 0, 255),
-    (85, 0, 255),
-    (170, 0, 255),
-    (255, 0, 255),
-    (255, 0, 170),
-    (255, 0, 85),
-)
-
-LIMB_ALPHA = 0.6
-# Stick half-width and keypoint radius of the annotator at its 512 px detect resolution.
-_BASE_WIDTH = 4
-_BASE_SIDE = 512
+# The drawing's tables live in the protocol, which the add-on's preview reads too.
+LIMBS, COLORS, LIMB_ALPHA = POSE_LIMBS, POSE_COLORS, POSE_LIMB_ALPHA
 
 
 def _bad(where: str, message: str) -> ValueError:
@@ -162,7 +126,7 @@ def load_pose_file(path: str | Path) -> list[list[list[tuple[float, float] | Non
 
 def stroke_width(width: int, height: int) -> int:
     """Limb half-width and keypoint radius in pixels, scaled like the 512 px annotator."""
-    return max(1, round(_BASE_WIDTH * min(width, height) / _BASE_SIDE))
+    return max(1, round(POSE_BASE_WIDTH * min(width, height) / POSE_BASE_SIDE))
 
 
 def _to_pixels(point: tuple[float, float], width: int, height: int) -> tuple[float, float]:

@@ -2,8 +2,8 @@
 Blender): the backend's drawing (backend/media/pose.py) rasterised the same way.
 
 The backend draws the control image the model sees; this is only what the artist checks
-before a generation. Its tables are the backend's, kept as data here (the add-on never
-imports the backend's drawing, which needs cv2); tests compare the two.
+before a generation. Its tables are the protocol's, as the backend's drawing uses them (the
+add-on never imports that drawing, which needs cv2); tests compare the two pictures.
 """
 
 from __future__ import annotations
@@ -15,54 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ... import backend_paths
 from ..errors import SceneControlError
 from ..files import write_png
 
-# Limbs as (keypoint, keypoint) pairs, 0-based COCO-18, in the annotator's drawing order.
-LIMBS = (
-    (1, 2),
-    (1, 5),
-    (2, 3),
-    (3, 4),
-    (5, 6),
-    (6, 7),
-    (1, 8),
-    (8, 9),
-    (9, 10),
-    (1, 11),
-    (11, 12),
-    (12, 13),
-    (1, 0),
-    (0, 14),
-    (14, 16),
-    (0, 15),
-    (15, 17),
-)
-# RGB; limb i and keypoint i share colour i.
-COLORS = (
-    (255, 0, 0),
-    (255, 85, 0),
-    (255, 170, 0),
-    (255, 255, 0),
-    (170, 255, 0),
-    (85, 255, 0),
-    (0, 255, 0),
-    (0, 255, 85),
-    (0, 255, 170),
-    (0, 255, 255),
-    (0, 170, 255),
-    (0, 85, 255),
-    (0, 0, 255),
-    (85, 0, 255),
-    (170, 0, 255),
-    (255, 0, 255),
-    (255, 0, 170),
-    (255, 0, 85),
-)
-LIMB_ALPHA = 0.6
-# Stick half-width and keypoint radius at the annotator's 512 px detect resolution.
-BASE_WIDTH = 4
-BASE_SIDE = 512
+# The backend's drawing tables, read from the protocol (standard library only).
+_PROTOCOL = backend_paths.load_protocol()
+LIMBS, COLORS, LIMB_ALPHA = _PROTOCOL.POSE_LIMBS, _PROTOCOL.POSE_COLORS, _PROTOCOL.POSE_LIMB_ALPHA
+BASE_WIDTH, BASE_SIDE = _PROTOCOL.POSE_BASE_WIDTH, _PROTOCOL.POSE_BASE_SIDE
 # cv2's filled polygon also takes the pixels its outline crosses: the ellipse reaches
 # about this much further (see tests/addon/scene_control/test_pose_preview.py).
 GROW = 0.5
