@@ -62,19 +62,6 @@ from .tiny import BUILTIN_PREFIX, ensure_builtin
 
 log = logging.getLogger(__name__)
 
-# Stable Diffusion 1.x's noise schedule: the DDIM configuration of a model that ships none
-# (DDIMScheduler's own defaults, linear betas and clip_sample on, ruin SD 1.x output).
-SD1X_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "steps_offset": 1,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "prediction_type": "epsilon",
-}
-
 # Stable Diffusion 1.5's ControlNet architecture (ControlNetModel.from_unet of SD 1.5's
 # UNet, 361 M parameters): the config a single-file ControlNet loads with unless given
 # another, so a local .safetensors never needs the network.
