@@ -278,6 +278,17 @@ def run_in_thread(target: Any) -> tuple[threading.Thread, list]:
     return thread, outcome
 
 
+def test_actors_keep_their_models_loaded_between_jobs(head: ClusterConfig, tmp_path: Path) -> None:
+    def states() -> list[tuple[int, int]]:
+        described = [a.handle.describe.remote() for a in cluster.worker_actors(ray)]
+        return [(d["pid"], d["model_loads"]) for d in ray.get(described, timeout=60)]
+
+    run_on_cluster(make_job(tmp_path / "a", write_mp4=False), head)
+    before = states()
+    run_on_cluster(make_job(tmp_path / "b", seed=3, write_mp4=False), head)
+    assert states() == before  # the same processes, not one model loaded again
+
+
 def test_two_concurrent_jobs_do_not_mix_their_frames(
     head: ClusterConfig, cache: ModelCache, tmp_path: Path
 ) -> None:

@@ -217,6 +217,7 @@ def connect(config: ClusterConfig) -> Any:
         if ray.is_initialized():
             ray.shutdown()
         _connected = None
+        _handles.clear()
         os.environ["RAY_AUTH_MODE"] = "token"  # never a cluster without authentication
         if config.token:
             os.environ["RAY_AUTH_TOKEN"] = config.token
@@ -391,7 +392,7 @@ class PackedPath:
     name: str  # the file or folder name
     is_file: bool
     digest: str
-    files: list[tuple[str, Any]] = field(default_factory=list)  # (relative name, ObjectRef)
+    files: list[tuple[str, bytes]] = field(default_factory=list)  # (relative name, bytes)
 
 
 def job_paths(job: Job) -> list[tuple[str, str, Path]]:
@@ -422,32 +423,30 @@ def check_sendable(job: Job) -> dict[str, tuple[Path, list[tuple[str, Path]]]]:
     return found
 
 
-def pack_paths(
-    ray: Any, found: dict[str, tuple[Path, list[tuple[str, Path]]]]
-) -> dict[str, PackedPath]:
-    """Put every file into the object store once: the job's path -> PackedPath."""
+def pack_paths(found: dict[str, tuple[Path, list[tuple[str, Path]]]]) -> dict[str, PackedPath]:
+    """Every file's bytes, read once: the job's path -> PackedPath."""
     packed = {}
     for name, (path, files) in found.items():
         packed[name] = PackedPath(
             path.name,
             path.is_file(),
             _digest(files),
-            [(rel, ray.put(p.read_bytes())) for rel, p in files],
+            [(rel, p.read_bytes()) for rel, p in files],
         )
     return packed
 
 
-def unpack_path(ray: Any, packed: PackedPath, root: Path) -> str:
+def unpack_path(packed: PackedPath, root: Path) -> str:
     """Write a PackedPath under ``root/digest`` (once per content); its local path."""
     folder = root / packed.digest
     if not (folder / ".complete").is_file():
         partial = root / f".{packed.digest}.{uuid.uuid4().hex[:8]}"
-        for rel, ref in packed.files:
+        for rel, data in packed.files:
             target = (partial / packed.name / rel).resolve()
             if partial.resolve() not in target.parents:  # no ../ out of the folder
                 raise ClusterError(f"refusing file name {rel!r} of {packed.name}")
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(ray.get(ref))
+            target.write_bytes(data)
         (partial / ".complete").write_text("ok")
         try:
             partial.rename(folder)
@@ -482,20 +481,16 @@ def _mask_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image.mean(axis=2, dtype=np.float32) / 255.0)[None]
 
 
-def _fetched(ray: Any, refs: Mapping[int, Any] | None, convert: Callable) -> dict | None:
-    """frame -> tensor of the object-store frames a shard needs (fetched once)."""
-    if refs is None:
-        return None
-    keys = list(refs)
-    return {
-        f: convert(image) for f, image in zip(keys, ray.get([refs[f] for f in keys]), strict=True)
-    }
+def _tensors(images: Mapping[int, np.ndarray] | None, convert: Callable) -> dict | None:
+    """frame -> tensor of the frames a shard was sent."""
+    return None if images is None else {f: convert(image) for f, image in images.items()}
 
 
 def compute_shard(
-    ray: Any,
     cache: ModelCache,
     payload: dict[str, Any],
+    inputs: dict[str, Any],
+    files: dict[str, PackedPath],
     emit: Callable[[dict[str, Any]], None],
     should_cancel: Callable[[], bool],
     files_root: Path,
@@ -503,7 +498,7 @@ def compute_shard(
     """Run one shard: the engine on its frames and the anchor, then decode as the local run
     does; every finished frame goes to ``emit`` as {"frame", "rgb"[, "latent"]}."""
     allow_pickle = bool(payload["allow_pickle"])
-    paths = {name: unpack_path(ray, p, files_root) for name, p in payload["files"].items()}
+    paths = {name: unpack_path(p, files_root) for name, p in files.items()}
     job = validate_job(localise_job(payload["job"], paths))
     width, height = payload["size"]
     frame_ids = list(payload["frames"])  # delivered
@@ -526,11 +521,13 @@ def compute_shard(
         }
     )
     controls = [
-        ControlInput(model, _fetched(ray, refs, _rgb_tensor), spec.weight)
-        for spec, model, refs in zip(job.controlnets, controlnets, payload["controls"], strict=True)
+        ControlInput(model, _tensors(images, _rgb_tensor), spec.weight)
+        for spec, model, images in zip(
+            job.controlnets, controlnets, inputs["controls"], strict=True
+        )
     ]
-    image = _fetched(ray, payload["image"], _rgb_tensor)
-    masks = _fetched(ray, payload["masks"], _mask_tensor)
+    image = _tensors(inputs["image"], _rgb_tensor)
+    masks = _tensors(inputs["masks"], _mask_tensor)
     engine = TextToVideoZero(base, controlnets)
 
     def on_step(step: int, total: int, fraction: float) -> None:
@@ -609,13 +606,12 @@ class ShardWorker:
             "pid": os.getpid(),
             "gpus": [str(g) for g in ray.get_gpu_ids()],
             "cuda": torch.cuda.is_available(),
+            "model_loads": self.cache.loads,  # models loaded since it started
         }
 
     def native_side(self, files: dict[str, PackedPath], spec: dict, allow_pickle: bool) -> int:
         """The base model's native side (for a job without a size): loads it here."""
-        import ray
-
-        paths = {name: unpack_path(ray, p, self.files_root) for name, p in files.items()}
+        paths = {name: unpack_path(p, self.files_root) for name, p in files.items()}
         job = validate_job(localise_job(spec, paths))
         device = resolve_device(job.device)
         try:
@@ -636,11 +632,14 @@ class ShardWorker:
         """Stop the shard ``token`` at its next model call (or before it starts)."""
         self.cancelled.add(token)
 
-    def run_shard(self, token: str, payload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def run_shard(
+        self, token: str, payload: dict[str, Any], inputs: dict, files: dict
+    ) -> Iterator[dict[str, Any]]:
         """Compute a shard, yielding {"info"}, {"progress"}, {"frame"} and a final
-        {"end": "done"|"cancelled"|"error"} (errors as text naming this host)."""
-        import ray
+        {"end": "done"|"cancelled"|"error"} (errors as text naming this host).
 
+        ``inputs`` (its frames) and ``files`` come as top-level object-store arguments, which
+        Ray hands over as values (refs nested in a payload stalled live actors here)."""
         events: queue.Queue[dict[str, Any] | None] = queue.Queue()
 
         def work() -> None:
@@ -650,9 +649,10 @@ class ShardWorker:
                         raise Cancelled()
                     started = time.perf_counter()
                     compute_shard(
-                        ray,
                         self.cache,
                         payload,
+                        inputs,
+                        files,
                         events.put,
                         lambda: token in self.cancelled,
                         self.files_root,
@@ -690,6 +690,11 @@ def code_fingerprint() -> str:
 
 
 _actor_class: Any = None
+# A handle of each worker actor this process made or found, by name, kept for as long as
+# it is connected: Ray ends an actor its maker holds no handle to any more, and with it
+# the loaded models (measured: every job loaded its models again without this). Each job
+# still calls through handles of its own (get_if_exists).
+_handles: dict[str, Any] = {}
 
 
 @dataclass
@@ -730,6 +735,7 @@ def worker_actors(ray: Any) -> list[Actor]:
             max_restarts=1,  # a killed actor comes back for later shards
             max_task_retries=0,  # a lost shard is resubmitted by run_on_cluster instead
         ).remote()
+        _handles.setdefault(name, handle)  # the first handle keeps the actor alive
         actors.append(Actor(name, handle))
     return actors
 
@@ -763,8 +769,11 @@ class _Progress:
 class _Submission:
     """One job's shards on the cluster: dispatch, stream back, resubmit, cancel."""
 
-    def __init__(self, ray: Any, actors: list[Actor], shards: list[Shard], payload: Callable):
+    def __init__(
+        self, ray: Any, actors: list[Actor], shards: list[Shard], payload: Callable, files: Any
+    ):
         self.ray = ray
+        self.files = files  # ObjectRef of the job's PackedPaths, shared by its shards
         self.alive = list(actors)
         self.pending = collections.deque(shards)
         self.payload = payload
@@ -778,11 +787,11 @@ class _Submission:
         # seconds the actor spent computing it (the difference: dispatch and transfer).
         self.timings: list[dict[str, Any]] = []
 
-    def _stream(self, actor: Actor, shard: Shard, token: str) -> None:
+    def _stream(self, actor: Actor, shard: Shard, token: str, payload: dict, inputs: Any) -> None:
         """Thread: forward a shard's events into the queue."""
         try:
             refs = actor.handle.run_shard.options(num_returns="streaming").remote(
-                token, self.payload(shard)
+                token, payload, inputs, self.files
             )
             for ref in refs:
                 self.events.put(("event", shard, actor, self.ray.get(ref)))
@@ -803,8 +812,14 @@ class _Submission:
             self.busy[actor.name] = (shard, token)
             self.started[actor.name] = time.perf_counter()
             self.attempts[shard] += 1
+            # Built here, on the job's thread: the input stores are files read by seeking,
+            # which two threads must not do at once (measured: mixed-up source frames).
+            payload, inputs = self.payload(shard)
             threading.Thread(
-                target=self._stream, args=(actor, shard, token), daemon=True, name="t2vz-shard"
+                target=self._stream,
+                args=(actor, shard, token, payload, inputs),
+                daemon=True,
+                name="t2vz-shard",
             ).start()
 
     def cancel_all(self) -> None:
@@ -818,6 +833,7 @@ class _Submission:
         """An actor died mid-shard: drop it for this job and resubmit the shard."""
         self.busy.pop(actor.name, None)
         self.alive = [a for a in self.alive if a.name != actor.name]
+        _handles.pop(actor.name, None)  # next time by name: restarted by Ray, or a new one
         if self.attempts[shard] >= SHARD_ATTEMPTS:
             raise ClusterError(
                 f"shard {shard.label} lost its worker {SHARD_ATTEMPTS} times; last: {exc}"
@@ -845,11 +861,9 @@ class _Submission:
                 self.busy.pop(actor.name, None)
 
 
-def _frame_refs(ray: Any, store: FrameStore | None, frames: Sequence[int]) -> dict | None:
-    """frame -> ObjectRef of its (H, W, 3) uint8 image, each frame put once."""
-    if store is None:
-        return None
-    return {f: ray.put(store[f]) for f in frames}
+def _pick(store: FrameStore | None, frames: Sequence[int]) -> dict | None:
+    """frame -> (H, W, 3) uint8 image of the frames a shard needs."""
+    return None if store is None else {f: store[f] for f in frames}
 
 
 def run_on_cluster(
@@ -905,7 +919,7 @@ def run_on_cluster(
             control_frames, image, masks = read_inputs(w, h)
         ray = connect(config)
         actors = worker_actors(ray)
-        files = pack_paths(ray, found)
+        files = ray.put(pack_paths(found))  # once a job, fetched once a node
         spec = job.to_dict()
         if not sized:
             try:
@@ -914,37 +928,29 @@ def run_on_cluster(
                 raise ClusterError(str(exc.cause) if exc.cause else str(exc)) from None
             w, h = job_size(job, side, aspect)
             control_frames, image, masks = read_inputs(w, h)
-        inputs = {
-            "controls": [_frame_refs(ray, s, needed) for s in control_frames],
-            "image": _frame_refs(ray, image, needed),
-            "masks": _frame_refs(ray, masks, needed),
-        }
         shard_size = config.shard_size or default_shard_size(len(frame_ids), len(actors))
         encode_batch = PIX2PIX_ENCODE_BATCH if job.mode == "pix2pix" else 1
         shards = plan_shards(frame_ids, shard_size, job.chunk_size, encode_batch)
         log.info("%d frames in %d shards on %d workers", len(frame_ids), len(shards), len(actors))
 
-        def payload(shard: Shard) -> dict[str, Any]:
+        def payload(shard: Shard) -> tuple[dict[str, Any], Any]:
             want = sorted(set(shard.frames) | set(shard.computed) | {0})
-
-            def pick(refs: dict | None) -> dict | None:
-                return None if refs is None else {f: refs[f] for f in want}
-
+            inputs = {
+                "controls": [_pick(s, want) for s in control_frames],
+                "image": _pick(image, want),
+                "masks": _pick(masks, want),
+            }
             return {
                 "job": spec,
-                "files": files,
                 "size": (w, h),
                 "frames": list(shard.frames),
                 "computed": list(shard.computed or shard.frames),
                 "decode_groups": decode_groups(shard, frame_ids),
                 "save_latents": job.save_latents,
                 "allow_pickle": allow_pickle,
-                "controls": [pick(r) for r in inputs["controls"]],
-                "image": pick(inputs["image"]),
-                "masks": pick(inputs["masks"]),
-            }
+            }, ray.put(inputs)
 
-        submission = _Submission(ray, actors, shards, payload)
+        submission = _Submission(ray, actors, shards, payload, files)
         with staged_output(out) as staging:
             latents = _collect(submission, job, frame_ids, staging, events)
             info = submission.infos[0] if submission.infos else {}
