@@ -210,6 +210,10 @@ def build_job(
         # pix2pix follows its moving source: the backend refuses smoothing there.
         "smooth_bg": bool(settings.get("smooth_bg", False)) and mode != "pix2pix",
         "smooth_alpha": float(settings.get("smooth_alpha", 0.6)),
+        # Flow follows an input video's motion: not for text2video (the backend refuses it).
+        "consistency": "paper"
+        if mode == "text2video"
+        else str(settings.get("consistency", "paper")),
         "device": str(settings.get("device", "auto")),
         "dtype": str(settings.get("dtype", "auto")),
         "fps": float(fps),
@@ -317,6 +321,8 @@ def rebuild_job(
         job["prompt"] = stored.get("prompt", "")  # an empty panel prompt keeps the old one
     if mode == "pix2pix":
         job["smooth_bg"] = False  # pix2pix follows its moving source: the backend refuses it
+    if "consistency" in settings and mode != "text2video":  # flow follows an input video
+        job["consistency"] = str(settings["consistency"])
     # An empty model field means "the default": keep the model the result was made with.
     if str(settings.get("model") or "").strip():
         job["model"] = str(settings["model"]).strip()

@@ -289,6 +289,8 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
         if settings.mode != "text2video":  # a source or control strip meets the size
             layout.prop(settings, "fit")
         layout.prop(settings, "chunk_size")
+        if settings.mode != "text2video":  # flow follows the source or control video
+            layout.prop(settings, "consistency")
         if settings.mode != "pix2pix":  # pix2pix follows its source: no smoothing
             row = layout.row(heading="Background")
             row.prop(settings, "smooth_bg", text="Smooth")

@@ -304,6 +304,21 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         "Steps. Frame 1 alone runs the steps before it",
     )
     smooth_bg: BoolProperty(name="Background Smoothing", default=False)
+    consistency: EnumProperty(
+        name="Consistency",
+        items=(
+            ("paper", "Paper", "Cross-frame attention to frame 1 only (Text2Video-Zero)"),
+            (
+                "flow",
+                "Flow",
+                "Also tie each frame to the previous one along the motion of the source or "
+                "control video: steadier textures; a partial frame range also computes the "
+                "frames before it",
+            ),
+        ),
+        default="paper",
+        description="How frames are kept consistent with each other",
+    )
     smooth_alpha: FloatProperty(name="Smoothing", default=0.6, min=0.0, max=1.0)
     output_dir: StringProperty(
         name="Output",
@@ -374,6 +389,7 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
             "t1": self.t1 if self.custom_timesteps else None,
             "smooth_bg": self.smooth_bg,
             "smooth_alpha": self.smooth_alpha,
+            "consistency": self.consistency,
             "device": device,
             "dtype": dtype,
             "write_mp4": self.write_mp4,
