@@ -77,10 +77,10 @@ def head(backend_env: dict, tiny_models: dict) -> Iterator[ClusterConfig]:
     start = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}"]
     start += ["--num-cpus=2", "--num-gpus=0", "--include-dashboard=false"]
     start += ["--disable-usage-stats", f"--temp-dir={folder}"]
-    done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
     config = ClusterConfig(f"127.0.0.1:{port}", token)
-    try:
+    try:  # a start that fails half-way leaves processes too: they are ended below
+        done = subprocess.run(start, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
         cluster.connect(config)
         yield config
     finally:
