@@ -71,6 +71,12 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         "torchvision matching the installed PyTorch; their weights are pickled). OpenPose and "
         "Depth need nothing extra",
     )
+    install_cluster: BoolProperty(
+        name="Ray",
+        default=False,
+        description="Also install Ray, to send jobs to a Ray cluster (see Ray Cluster below). "
+        "Not needed to generate on this computer",
+    )
     model: StringProperty(name="Base Model", default=_DEFAULTS["model"])
     pix2pix_model: StringProperty(name="Pix2Pix Model", default=_DEFAULTS["pix2pix"])
     controlnet_canny: StringProperty(name="ControlNet Canny", default=DEFAULT_CONTROLNETS["canny"])
@@ -133,6 +139,7 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
             box.label(text=status.install_message or "Installing...", icon="SORTTIME")
         else:
             row.prop(self, "install_detectors")
+            row.prop(self, "install_cluster")
             row.operator("t2vz.install_backend", icon="IMPORT")
             if not online_access():
                 box.label(text=OFFLINE_INSTALL, icon="INTERNET_OFFLINE")

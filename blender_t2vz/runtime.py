@@ -936,10 +936,12 @@ class Installer:
         torch: str = "auto",
         script: Path | None = None,
         detectors: bool = False,
+        cluster: bool = False,
     ) -> None:
         """Run the installer with Blender's python, creating the environment at ``venv``.
 
-        ``detectors``: also install the OpenPose/Depth detectors (``--detectors``).
+        ``detectors``: also install the pickled extra detectors (``--detectors``);
+        ``cluster``: also install Ray, for jobs on a Ray cluster (``--cluster``).
         """
         if self.proc is not None:
             raise RunnerBusyError("the installer is already running")
@@ -949,6 +951,8 @@ class Installer:
         argv = [sys.executable, str(script), "--venv", str(venv), "--torch", torch]
         if detectors:
             argv.append("--detectors")
+        if cluster:
+            argv.append("--cluster")
         proc = LineProcess(argv, cwd=script.parent)
         proc.start()
         self.proc = proc

@@ -203,17 +203,18 @@ def test_a_missing_detector_is_refused_before_the_job(
     assert job["controlnets"][0]["detector"] == "depth"
 
 
-def test_install_backend_passes_the_detectors_checkbox(
+def test_install_backend_passes_the_detectors_and_ray_checkboxes(
     addon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     prefs = preferences.get_prefs()
     calls: list[dict] = []
     monkeypatch.setattr(preferences, "online_access", lambda: True)  # off in headless bpy
     monkeypatch.setattr(runtime.INSTALLER, "start", lambda venv, **kw: calls.append(kw))
-    for ticked in (True, False):
-        prefs.install_detectors = ticked
+    for detectors, cluster in ((True, False), (False, True)):
+        prefs.install_detectors, prefs.install_cluster = detectors, cluster
         assert bpy.ops.t2vz.install_backend() == {"FINISHED"}
-    assert [c["detectors"] for c in calls] == [True, False]
+    prefs.install_cluster = False
+    assert [(c["detectors"], c["cluster"]) for c in calls] == [(True, False), (False, True)]
     log: list = []
 
     class Self:
@@ -223,7 +224,7 @@ def test_install_backend_passes_the_detectors_checkbox(
             return getattr(prefs, name)
 
     preferences.T2VZ_Preferences.draw(Self(), bpy.context)
-    assert ("prop", "install_detectors") in log
+    assert ("prop", "install_detectors") in log and ("prop", "install_cluster") in log
 
 
 def test_installer_runs_with_detectors_and_forgets_the_probe(
@@ -237,12 +238,14 @@ def test_installer_runs_with_detectors_and_forgets_the_probe(
         "print('[t2vz] done', flush=True)\n"
     )
     fresh_cache["some python"] = {"openpose": False}
-    runtime.INSTALLER.start(tmp_path / "venv", torch="cpu", script=script, detectors=True)
+    runtime.INSTALLER.start(
+        tmp_path / "venv", torch="cpu", script=script, detectors=True, cluster=True
+    )
     deadline = time.monotonic() + 30
     while runtime.INSTALLER.step() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not runtime.INSTALLER.running
-    assert argv_file.read_text() == f"--venv {tmp_path / 'venv'} --torch cpu --detectors"
+    assert argv_file.read_text() == f"--venv {tmp_path / 'venv'} --torch cpu --detectors --cluster"
     assert bpy.context.window_manager.t2vz_status.install_message == "Backend installed"
     assert fresh_cache == {}  # asked again after an install
 
