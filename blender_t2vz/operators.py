@@ -10,6 +10,7 @@ import contextlib
 import importlib
 import json
 import tempfile
+import textwrap
 import uuid
 from pathlib import Path
 from typing import Any
@@ -592,7 +593,7 @@ class T2VZ_OT_generate(_JobOperator, bpy.types.Operator):
 
     def draw(self, context: Any) -> None:
         layout = self.layout
-        for line in _wrap_text(source_question(context), 60):
+        for line in textwrap.wrap(source_question(context), 60, break_long_words=False):
             layout.label(text=line)
         layout.prop(self, "use_source", expand=True)
         estimate = runtime.estimate_text(*panel_estimate(context))
@@ -866,19 +867,6 @@ class T2VZ_OT_detector_preview(bpy.types.Operator):
         self.report({"INFO"}, f"Running the {item.detector} detector on frame "
                     f"{context.scene.frame_current}...")  # fmt: skip
         return {"FINISHED"}
-
-
-def _wrap_text(text: str, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    if line:
-        lines.append(line)
-    return lines
 
 
 class T2VZ_OT_cancel(bpy.types.Operator):

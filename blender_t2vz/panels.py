@@ -1,6 +1,7 @@
 """The sidebar tab in the Video Sequence Editor."""
 
 import os
+import textwrap
 from typing import Any
 
 import bpy
@@ -113,7 +114,7 @@ class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
         if status.error:
             col = layout.column(align=True)
             col.alert = True
-            for i, line in enumerate(_wrap(status.error, 60)):
+            for i, line in enumerate(textwrap.wrap(status.error, 60, break_long_words=False)):
                 col.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
         draw_queue(layout)
         icon_id = runtime.RUNNER.preview_icon_id()
@@ -370,7 +371,9 @@ def draw_detectors(layout: Any, context: Any, item: Any) -> None:
         note = col.column(align=True)
         note.alert = item.detector in pickled
         names = ", ".join(name for _, name in extras)
-        for i, line in enumerate(_wrap(f"{names} {capabilities.PICKLE_HINT}", 60)):
+        for i, line in enumerate(
+            textwrap.wrap(f"{names} {capabilities.PICKLE_HINT}", 60, break_long_words=False)
+        ):
             note.label(text=line, icon="INFO" if i == 0 else "BLANK1")
     missing = [(i, name) for i, name, _ in DETECTOR_ITEMS if not available.get(i, True)]
     if not missing:
@@ -383,7 +386,7 @@ def draw_detectors(layout: Any, context: Any, item: Any) -> None:
         by_needs.setdefault(needs, []).append(name)
     for needs, names in by_needs.items():
         box.label(text=f"{', '.join(names)}: need {needs}", icon="INFO")
-    for line in _wrap(capabilities.INSTALL_HINT, 60):
+    for line in textwrap.wrap(capabilities.INSTALL_HINT, 60, break_long_words=False):
         box.label(text=line, icon="BLANK1")
 
 
@@ -406,19 +409,6 @@ def draw_size(layout: Any, scene: Any, settings: Any) -> None:
         warn.alert = True
         warn.label(text=f"{ratio:.1f}x the model's native pixel count:", icon="ERROR")
         warn.label(text="expect repeated subjects, more memory and time", icon="BLANK1")
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    words, lines, line = text.split(), [], ""
-    for word in words:
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    if line:
-        lines.append(line)
-    return lines
 
 
 classes = (
