@@ -171,15 +171,16 @@ def build_tiny(kind: str, folder: Path) -> Path:
         if kind == "tiny-pix2pix"
         else StableDiffusionPipeline
     )
+    return _save_sd_pipeline(
+        pipeline_cls, folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=unet, scheduler=scheduler,
+    )  # fmt: skip
+
+
+def _save_sd_pipeline(pipeline_cls: Any, folder: Path, **components: Any) -> Path:
+    """Save an SD-layout pipeline of ``components`` (no safety checker) as safetensors."""
     pipeline = pipeline_cls(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipeline.save_pretrained(str(folder), safe_serialization=True)
     return folder
@@ -293,18 +294,10 @@ def _build_tiny_family(kind: str, folder: Path) -> Path:
             steps_offset=1,
             prediction_type="v_prediction",
         )
-        pipeline = StableDiffusionPipeline(
-            vae=_tiny_vae(),
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(str(folder), safe_serialization=True)
-        return folder
+        return _save_sd_pipeline(
+            StableDiffusionPipeline, folder, vae=_tiny_vae(), text_encoder=text_encoder,
+            tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        )  # fmt: skip
 
     unet = UNet2DConditionModel(**_tiny_xl_unet_config(8 if kind == "tiny-xl-pix2pix" else 4))
     if kind in ("tiny-xl-controlnet", "tiny-xl-union"):
