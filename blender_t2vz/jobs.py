@@ -159,6 +159,7 @@ def build_job(
     source_frames: int | None = None,
     video: Mapping[str, Any] | None = None,
     controls: Sequence[Mapping[str, Any]] = (),
+    flow_source: str | None = None,
 ) -> dict[str, Any]:
     """A validated job dict from the panel's settings and the inputs found on the timeline.
 
@@ -169,6 +170,8 @@ def build_job(
     (dicts with kind "lora" or "embedding", path, and weight or token).
     ``video`` is the pix2pix source and ``controls`` one VideoInput dict per ControlNet,
     both ``{"path", "start", "stride"}``; ``source_frames`` is how many frames they hold.
+    ``flow_source`` is the folder of motion-vector frames rendered from the 3D scene for
+    consistency "flow" (None: the backend estimates the motion from the input video).
     """
     protocol = backend_paths.load_protocol()
     defaults = defaults or {}
@@ -247,6 +250,8 @@ def build_job(
             }
             for i, (entry, control) in enumerate(zip(entries, controls, strict=True))
         ]
+        if flow_source is not None and job["consistency"] == "flow":
+            job["flow_source"] = str(flow_source)
     else:
         if video is None:
             raise JobBuildError("video: Video Instruct-Pix2Pix needs a source strip")
@@ -257,8 +262,11 @@ def build_job(
 
 def map_input_paths(job: Mapping[str, Any], convert: Callable[[str], str]) -> dict[str, Any]:
     """A copy of ``job`` with ``convert`` applied to the path of every input it reads from
-    disk: the pix2pix source ``video``, each ControlNet's ``control`` and the ``masks``."""
+    disk: the pix2pix source ``video``, each ControlNet's ``control``, the ``masks`` and a
+    ``flow_source`` folder (not "estimate")."""
     out = dict(job)
+    if isinstance(out.get("flow_source"), str) and out["flow_source"] != "estimate":
+        out["flow_source"] = convert(out["flow_source"])
     for name in ("video", "masks"):
         if isinstance(out.get(name), Mapping) and isinstance(out[name].get("path"), str):
             out[name] = {**out[name], "path": convert(out[name]["path"])}

@@ -316,6 +316,7 @@ def _plan_from_panel(context: Any, out: Path, staging: Path, input_strip: Any) -
     source_frames = None
     controls: list[dict | None] = []
     masks = None  # foreground masks rendered from the scene, for background smoothing
+    flow_source = None  # the scene's motion vectors (consistency "flow"); None: estimate
 
     if settings.mode == "pix2pix":
         video, source_frames = strips.video_input(active, staging / "video")
@@ -349,6 +350,13 @@ def _plan_from_panel(context: Any, out: Path, staging: Path, input_strip: Any) -
             start = source.frame_final_start if source else first
             width, height = values["width"], values["height"]
             module = _scene_control()
+            first_scene_item = next(item for item in entries if item.source == "SCENE")
+            if values.get("consistency") == "flow" and hasattr(module, "render_flow"):
+                # Blender's exact motion vectors instead of estimating them; rendered first,
+                # with the Z pass, so the depth and mask controls reuse those renders.
+                flow_source = module.render_flow(
+                    context, first_scene_item, start, frames, width, height, staging / "flow"
+                )
             for i, item in enumerate(entries):
                 if controls[i] is not None:
                     continue
@@ -360,7 +368,6 @@ def _plan_from_panel(context: Any, out: Path, staging: Path, input_strip: Any) -
                 controls[i] = module.render_control(
                     context, item, start, frames, width, height, folder
                 )
-            first_scene_item = next(item for item in entries if item.source == "SCENE")
             if values.get("smooth_bg") and hasattr(module, "render_masks"):
                 masks = module.render_masks(
                     context, first_scene_item, start, frames, width, height, staging / "masks"
@@ -374,6 +381,7 @@ def _plan_from_panel(context: Any, out: Path, staging: Path, input_strip: Any) -
         source_frames=source_frames,
         video=video,
         controls=[c for c in controls if c is not None],
+        flow_source=flow_source,
     )
     if masks is not None:
         job = jobs.validate({**job, "masks": masks})

@@ -312,8 +312,8 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
                 "flow",
                 "Flow",
                 "Also tie each frame to the previous one along the motion of the source or "
-                "control video: steadier textures; a partial frame range also computes the "
-                "frames before it",
+                "control video (a 3D scene control: Blender's exact motion vectors): steadier "
+                "textures; a partial frame range also computes the frames before it",
             ),
         ),
         default="paper",

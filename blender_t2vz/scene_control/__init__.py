@@ -16,6 +16,8 @@ One module per pass:
 * ``edges``: a Workbench flat-shaded pass the backend runs canny on ("canny"), or
   Freestyle lines rendered as a pass, white on black ("lines").
 * ``masks``: foreground masks (white) for background smoothing, from the alpha and Z passes.
+* ``vectors``: Blender's Vector pass (exact screen-space motion, rendered with the Z pass)
+  as the folder of ``.npy`` frames a job with consistency "flow" reads as ``flow_source``.
 
 and the parts they share: ``passes`` (the raw Z / lines / flat renders), ``cache`` (rendered
 passes cached under ``<folder>/cache`` by a hash of what affects them: frame, camera,
@@ -35,6 +37,7 @@ from .addon import (
     parse_overrides,
     register,
     render_control,
+    render_flow,
     render_masks,
     scene_frames,
     unregister,
@@ -69,6 +72,7 @@ from .openpose import (
 )
 from .passes import BACKGROUND_Z, PASSES, render_pass_frames
 from .scene import temporary_scene
+from .vectors import render_flow_frames, render_vector_frames, vector_flow
 
 __all__ = [
     "BACKGROUND_Z",
@@ -112,16 +116,20 @@ __all__ = [
     "render_control",
     "render_depth_frames",
     "render_edge_frames",
+    "render_flow",
+    "render_flow_frames",
     "render_mask_frames",
     "render_masks",
     "scene_frames",
     "render_pass_frames",
     "render_scene_control",
+    "render_vector_frames",
     "resolve_bone_map",
     "scene_characters",
     "scene_state_key",
     "temporary_scene",
     "unregister",
+    "vector_flow",
     "write_png",
     "write_pose_json",
 ]

@@ -15,6 +15,7 @@ from .errors import SceneControlError
 from .files import _abs
 from .masks import render_mask_frames
 from .openpose import Character
+from .vectors import render_flow_frames
 
 # Shared pass cache beside the jobs' staging folders; entries unused this long are removed.
 CACHE_FOLDER = "scene_cache"
@@ -180,6 +181,23 @@ def render_masks(context, item, start: int, frames: int, width: int, height: int
         cache=_shared_cache(folder),
     )
     return {"path": str(paths[0].parent), "start": 0, "stride": 1.0}
+
+
+def render_flow(context, item, start: int, frames: int, width: int, height: int, folder) -> str:
+    """Add-on hook: the scene's motion vectors (the Vector pass, exact) for a job with
+    consistency "flow"; the folder of .npy frames its ``flow_source`` names. Rendered with the
+    Z pass into the shared cache, so the job's depth and masks reuse the same renders."""
+    settings = _settings(item)
+    path = render_flow_frames(
+        _source_scene(context, item),
+        folder,
+        scene_frames(context, item, start, frames),
+        width,
+        height,
+        settings.camera if settings is not None else None,
+        cache=_shared_cache(folder),
+    )
+    return str(path)
 
 
 def draw_control_settings(layout, context, item) -> None:

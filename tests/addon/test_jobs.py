@@ -467,6 +467,28 @@ def test_controlnet_models_by_detector_and_scene_pass() -> None:
     assert [c["detector"] for c in job["controlnets"]] == ["openpose", "none", "none", "none"]
 
 
+def test_scene_motion_vectors_only_for_flow_controlnet_jobs() -> None:
+    """A scene-driven flow job names the rendered vectors; paper jobs and pix2pix never do,
+    and the stored path follows the .blend (map_input_paths) unless it is "estimate"."""
+    build = functools.partial(
+        jobs.build_job,
+        out="/o",
+        fps=24,
+        source_frames=3,
+        defaults=MODELS,
+        flow_source="/staged/flow",
+    )
+    cn = {**BASE, "mode": "controlnet", "controlnets": [{"model": "a"}]}
+    assert build({**cn, "consistency": "flow"}, controls=[CLIP])["flow_source"] == "/staged/flow"
+    assert build({**cn, "consistency": "paper"}, controls=[CLIP])["flow_source"] is None
+    pix = {**BASE, "mode": "pix2pix", "consistency": "flow"}
+    assert build(pix, video=CLIP)["flow_source"] is None  # estimated from its source
+    moved = jobs.map_input_paths({"flow_source": "/staged/flow"}, lambda p: "//" + p[1:])
+    assert moved["flow_source"] == "//staged/flow"
+    kept = jobs.map_input_paths({"flow_source": "estimate"}, lambda p: "//" + p)
+    assert kept["flow_source"] == "estimate"
+
+
 def test_controlnet_problems_name_the_entry() -> None:
     build = functools.partial(
         jobs.build_job, out="/o", fps=24, source_frames=3, controls=[CLIP, CLIP]
