@@ -107,6 +107,29 @@ def test_a_flow_job_carries_the_scene_motion_vectors(fresh_scene, renders) -> No
         runtime.remove_tree(again.staging)
 
 
+def test_a_frame_renders_again_when_its_neighbour_moves(fresh_scene, renders) -> None:
+    """Frame 3's vectors point to frame 4: moving the cube at frame 4 alone (not a job
+    frame) renders frame 3 again, and only it."""
+    _moving_cube_shot(fresh_scene)
+    _depth_job(fresh_scene, "flow")
+    runtime.remove_tree(operators.plan_from_panel(bpy.context).staging)
+    assert len(renders) == FRAMES
+    cube = bpy.data.objects["Moving cube"]
+    fresh_scene.frame_set(FRAMES + 1)
+    cube.location.x += 1.0
+    cube.keyframe_insert("location", frame=FRAMES + 1)
+    fresh_scene.frame_set(1)
+    plan = operators.plan_from_panel(bpy.context)
+    try:
+        assert len(renders) == FRAMES + 1
+        v = np.load(Path(plan.job["flow_source"]) / f"frame_{FRAMES:05d}.npy")
+        cube_px = np.abs(v[..., :2]).sum(axis=-1) > 1e-3  # where it came from frame 2
+        step_px = 2.0 * STEP[0] * plan.job["width"] / ORTHO_SCALE  # now twice the step
+        assert abs(np.median(v[cube_px][:, 2]) - step_px) < 0.5
+    finally:
+        runtime.remove_tree(plan.staging)
+
+
 def test_a_paper_job_renders_no_vectors(fresh_scene, renders) -> None:
     _moving_cube_shot(fresh_scene)
     _depth_job(fresh_scene, "paper")
