@@ -113,6 +113,10 @@ def test_vector_pass_channels_units_and_signs(rendered) -> None:
 
 def test_vector_pass_agrees_with_the_optical_flow_estimate(rendered) -> None:
     cv2 = pytest.importorskip("cv2")
+    # The estimate is the backend's (torch): absent where these tests run under another
+    # Blender version's bpy environment (T2VZ_TEST_BACKEND_PYTHON); the units test above
+    # still checks the pass there.
+    pytest.importorskip("torch", reason="the backend's flow estimate needs torch")
     from backend.media.flow import estimate_flow
 
     frames, vectors = rendered
