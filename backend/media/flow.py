@@ -12,7 +12,11 @@ Two sources:
   (Cycles, ``ViewLayer.Vector.X/Y/Z/W``, pixels, y up) maps onto it as (X, -Y, -Z, W): X/Y
   is the offset to the previous frame's position, Z/W the current position minus the next
   one (measured on a rendered moving cube, where it agrees with the DIS estimate within
-  half a pixel: tests/addon/scene_control/test_vector_pass.py).
+  half a pixel: tests/addon/scene_control/test_vector_pass.py);
+* or from a folder of OpenEXR frames as Blender saves that pass (read by ``media/exr.py``,
+  mapped the same way): a multilayer file's Vector layer (``ViewLayer.Vector.X/Y/Z/W`` from
+  the render output, ``Vector.X/Y/Z/W`` or ``Vector.R/G/B/A`` from a File Output node), or a
+  single-layer file whose channels X, Y, Z, W or R, G, B, A are the pass.
 
 Either way the engine gets, per frame k >= 1, a (3, h, w) tensor at the latent grid: the
 backward flow k -> k - 1 in latent pixels and where frame k is visible in frame k - 1.
@@ -31,8 +35,10 @@ import numpy as np
 import torch
 
 from ..engine.flow import inside, resize_flow, resize_mask, visibility
+from .exr import channel_names, read_channels
+from .video_io import MAX_INPUT_PIXELS
 
-FLOW_SUFFIX = ".npy"
+FLOW_SUFFIXES = (".npy", ".exr")
 
 
 class FlowError(ValueError):
@@ -111,24 +117,83 @@ class EstimatedFlows(_LatentFlows):
 
 
 def flow_files(folder: str | os.PathLike, count: int) -> list[Path]:
-    """The first ``count`` ``.npy`` files of a motion-vector folder, in name order."""
+    """The first ``count`` ``.npy`` or ``.exr`` files of a motion-vector folder, in name order;
+    one kind a folder."""
     path = Path(folder).expanduser()
     if not path.is_dir():
-        raise FlowError(f"flow_source: {path} is not a folder of {FLOW_SUFFIX} flow frames")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() == FLOW_SUFFIX)
-    if len(files) < count:
+        raise FlowError(f"flow_source: {path} is not a folder of .npy or .exr flow frames")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in FLOW_SUFFIXES)
+    kinds = sorted({p.suffix.lower() for p in files})
+    if len(kinds) > 1:
         raise FlowError(
-            f"flow_source: {path} holds {len(files)} {FLOW_SUFFIX} frames, the job needs {count}"
+            f"flow_source: {path} holds both .npy and .exr frames ({files[0].name}, ...); "
+            "keep one kind in the folder"
+        )
+    if len(files) < count:
+        kind = kinds[0] if kinds else ".npy or .exr"
+        raise FlowError(
+            f"flow_source: {path} holds {len(files)} {kind} frames, the job needs {count}"
         )
     return files[:count]
 
 
-def read_vectors(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """A (H, W, 2 or 4) float motion-vector frame, rescaled to ``size`` (height, width) pixels."""
+def _complete(prefixes: list[str], names: set[str]) -> list[tuple[str, str, str, str]]:
+    """Each prefix's X, Y, Z, W or R, G, B, A channel names that are all in ``names``."""
+    return [
+        (p + letters[0], p + letters[1], p + letters[2], p + letters[3])
+        for p in prefixes
+        for letters in ("XYZW", "RGBA")
+        if all(p + c in names for c in letters)
+    ]
+
+
+def _vector_layer(parts: list[list[str]]) -> tuple[str, str, str, str]:
+    """The 4 channel names of the Vector pass among an OpenEXR file's channels (see the
+    module docstring); ValueError saying what is there when there is none or several."""
+    names = {n for part in parts for n in part}
+    layers = sorted({n.rsplit(".", 1)[0] + "." for n in names if "." in n})
+    layers = [p for p in layers if p == "Vector." or p.endswith(".Vector.")]
+    found = _complete(layers or [""], names)
+    if len(found) > 1:
+        raise ValueError(f"it holds several Vector passes ({', '.join(f[0] for f in found)})")
+    if found:
+        return found[0]
+    partial = layers or ([""] if {"X", "Y", "Z"} <= names else [])
+    if partial:  # a File Output node's vector input keeps 3 dimensions unless told 4
+        held = sorted(n for n in names if n.startswith(tuple(partial)))
+        raise ValueError(
+            f"its Vector pass has the channels {', '.join(held)}; the pass has 4 (X, Y, Z, "
+            "W): in a File Output node set the input's dimensions to 4"
+        )
+    raise ValueError(
+        f"it holds no Vector pass (channels: {', '.join(sorted(names)[:12])}); save Blender's "
+        "Vector pass as OpenEXR MultiLayer (the render output, or a File Output node), or as "
+        "a single-layer float OpenEXR whose 4 channels are the pass"
+    )
+
+
+def read_exr_vectors(path: Path) -> np.ndarray:
+    """(H, W, 4) float32 (X, -Y, -Z, W) from the Vector pass of an OpenEXR frame."""
     try:
-        data = np.load(path, allow_pickle=False)
+        names = _vector_layer(channel_names(path))
+        channels = read_channels(path, names, MAX_INPUT_PIXELS)
+    except (OSError, ValueError) as exc:  # ExrError is a ValueError
+        raise FlowError(f"flow_source: cannot read {path}: {exc}") from exc
+    x, y, z, w = (channels[n] for n in names)
+    return np.stack([x, -y, -z, w], axis=-1)
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A (H, W, 2 or 4) float array from a .npy frame."""
+    try:
+        return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise FlowError(f"flow_source: cannot read {path}: {exc}") from exc
+
+
+def read_vectors(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A (H, W, 2 or 4) float motion-vector frame, rescaled to ``size`` (height, width) pixels."""
+    data = read_exr_vectors(path) if path.suffix.lower() == ".exr" else _read_npy(path)
     if data.ndim != 3 or data.shape[2] not in (2, 4) or data.dtype.kind != "f":
         raise FlowError(
             f"flow_source: {path} must hold (height, width, 2 or 4) floats, got "

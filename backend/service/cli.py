@@ -200,7 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="estimate|FOLDER",
         help="where --consistency flow gets the motion: estimate (optical flow of the source "
         "or control video) or a folder of .npy motion-vector frames (H x W x 2: to the "
-        "previous frame, or x 4: previous then next; pixels, y down) [default: estimate]",
+        "previous frame, or x 4: previous then next; pixels, y down) or of OpenEXR frames "
+        "of Blender's Vector pass (multilayer or single-layer) [default: estimate]",
     )
     gen.add_argument(
         "--controlnet",

@@ -10,6 +10,7 @@ DIS estimate between the rendered frames.
 
 import os
 import tempfile
+from pathlib import Path
 
 import bpy
 import numpy as np
@@ -48,7 +49,8 @@ def _textured_material() -> bpy.types.Material:
 
 @pytest.fixture(scope="module")
 def rendered():
-    """Frames 1-3 of the moving cube: Combined RGB (uint8) and the Vector pass per frame."""
+    """Frames 1-3 of the moving cube: Combined RGB (uint8), the Vector pass per frame, and
+    a folder of the same renders saved as Blender's default OpenEXR MultiLayer (ZIP)."""
     scene = bpy.data.scenes.new("t2vz_vector_test")
     scene.render.engine = "CYCLES"
     scene.cycles.samples = 4
@@ -80,6 +82,8 @@ def rendered():
         cube.location = (-1.0 + STEP[0] * (frame - 1), -0.25 + STEP[1] * (frame - 1), 0.0)
         cube.keyframe_insert("location", frame=frame)
     folder = tempfile.mkdtemp(prefix="t2vz_vector_")
+    zipped = os.path.join(folder, "zip")
+    os.mkdir(zipped)
     frames, vectors = [], []
     try:
         for frame in (1, 2, 3):
@@ -87,6 +91,10 @@ def rendered():
             scene.render.filepath = os.path.join(folder, f"f{frame}.exr")
             with bpy.context.temp_override(scene=scene):
                 bpy.ops.render.render(write_still=True)
+            settings.exr_codec = "ZIP"  # the render again, as Blender saves it by default
+            result = bpy.data.images["Render Result"]
+            result.save_render(os.path.join(zipped, f"{frame:04d}.exr"), scene=scene)
+            settings.exr_codec = "NONE"
             channels = read_exr(scene.render.filepath)
             rgb = np.stack([channels[f"ViewLayer.Combined.{c}"] for c in "RGB"], axis=-1)
             frames.append((np.clip(rgb, 0, 1) * 255).round().astype(np.uint8))
@@ -95,11 +103,11 @@ def rendered():
         bpy.data.scenes.remove(scene)
         bpy.data.objects.remove(cube)
         bpy.data.objects.remove(cam)
-    return frames, vectors
+    return frames, vectors, zipped
 
 
 def test_vector_pass_channels_units_and_signs(rendered) -> None:
-    _, vectors = rendered
+    _, vectors, _ = rendered
     v = vectors[1]  # frame 2: came from frame 1, goes on to frame 3 by the same step
     cube = np.abs(v).sum(axis=-1) > 1e-3
     assert cube.sum() > 300
@@ -119,7 +127,7 @@ def test_vector_pass_agrees_with_the_optical_flow_estimate(rendered) -> None:
     pytest.importorskip("torch", reason="the backend's flow estimate needs torch")
     from backend.media.flow import estimate_flow
 
-    frames, vectors = rendered
+    frames, vectors, _ = rendered
     v = vectors[1]
     inner = cv2.erode((np.abs(v).sum(axis=-1) > 1e-3).astype(np.uint8), np.ones((9, 9))) > 0
     backward = estimate_flow(frames[1], frames[0])  # frame 2 -> frame 1, as v[..., :2]
@@ -128,3 +136,22 @@ def test_vector_pass_agrees_with_the_optical_flow_estimate(rendered) -> None:
     for estimate, truth in ((backward, v[..., :2]), (forward, v[..., 2:])):
         error = np.median(estimate[inner] - truth[inner], axis=0)
         assert np.abs(error).max() < 0.5, error
+
+
+def test_blender_exr_frames_give_the_flow_of_the_npy_frames(rendered, tmp_path) -> None:
+    """The backend reads Blender's multilayer OpenEXR (multipart, ZIP) as a flow source and
+    gets what the add-on's .npy route gives for the same renders."""
+    pytest.importorskip("torch", reason="the backend's flow reader needs torch")
+    import torch
+
+    from backend.media.flow import FileFlows, read_exr_vectors
+
+    _, vectors, zipped = rendered
+    for k, v in enumerate(vectors):
+        np.save(tmp_path / f"frame_{k + 1:05d}.npy", v)
+        np.testing.assert_array_equal(read_exr_vectors(Path(zipped) / f"{k + 1:04d}.exr"), v)
+    from_exr = FileFlows(zipped, range(3), (HEIGHT // 8, WIDTH // 8), (HEIGHT, WIDTH))
+    from_npy = FileFlows(tmp_path, range(3), (HEIGHT // 8, WIDTH // 8), (HEIGHT, WIDTH))
+    for k in (1, 2):
+        torch.testing.assert_close(from_exr[k], from_npy[k], rtol=0, atol=0)
+    assert from_exr[1][0].abs().max() > 1  # the cube moved 12.8 px: 1.6 latent px
