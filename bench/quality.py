@@ -12,11 +12,18 @@ the same seeds and the same prompts, so the figures of a table are side by side:
   attention; without motion dynamics, i.e. motion 0; without both, i.e. independent
   one-frame runs with their own seeds; with background smoothing);
 * ControlNet video on Canny edges of a moving shape, with and without cross-frame attention;
-* Video Instruct-Pix2Pix of a moving-shape video against per-frame Pix2Pix.
+* Video Instruct-Pix2Pix of a moving-shape video against per-frame Pix2Pix;
+* flow: flow-guided consistency (``consistency="flow"``) against the paper's, on the
+  ControlNet and Pix2Pix scenes, whose true motion is known exactly: the paper; flow given
+  the true motion; flow estimated from the frames (and with --flow-reversed a control row,
+  the true motion reversed). Warp error (frame k against frame k - 1 warped by the true
+  motion, over pixels visible in both) in Delta E and pixel MSE as a ratio to the paper's,
+  and the quality figures of the two sections above as paired differences from the paper's.
 
     .venv/bin/python -m bench.quality --json bench/results/quality-cpu.json \\
         --sheets bench/results/quality
     .venv/bin/python -m bench.quality --quick          # 4 seeds, a smoke run
+    .venv/bin/python -m bench.quality --sections flow --flow-modes pix2pix --seeds 8
 
 Not a timed test: it prints a table and writes JSON (and contact sheets with --sheets).
 """
@@ -41,9 +48,11 @@ import numpy as np
 import torch
 
 import backend.engine.pipeline as engine_module
+from backend.engine.flow import warp as flow_warp
 from backend.engine.motion import latent_shift
 from backend.engine.pipeline import ControlInput, TextToVideoZero
 from backend.media.controls import canny
+from backend.media.flow import EstimatedFlows, latent_flow
 from backend.models import shapes
 from backend.models.loading import choose_dtype, load_base_model, load_controlnet, resolve_device
 from backend.protocol import resolve_t0_t1
@@ -52,7 +61,12 @@ from . import shape_metrics as sm
 from .measure import device_name
 from .warp_check import legacy_translate
 
-SECTIONS = ("fidelity", "text2video", "controlnet", "pix2pix")
+SECTIONS = ("fidelity", "text2video", "controlnet", "pix2pix", "flow")
+FLOW_MODES = ("controlnet", "pix2pix")  # the flow section's modes (engines)
+# A run without --sections runs them all, flow included: its 32 seeds are 192 videos of
+# ~0.5-1 s each on a 2-core EPYC at 1 thread (bench/results/quality-flow-cpu.txt), about
+# 3 minutes, a fraction of the text2video section.
+DEFAULT_SECTIONS = SECTIONS
 SHAPES_MODELS = ("builtin:shapes", "builtin:shapes-controlnet", "builtin:shapes-pix2pix")
 TINY_MODELS = ("builtin:tiny", "builtin:tiny-controlnet", "builtin:tiny-pix2pix")
 # Seeds of the scenes (prompts, moving sources) are offset from the generation seeds so the
@@ -81,6 +95,9 @@ class Settings:
     strong_motion: float = 32.0
     seeds: int = 32
     rows: tuple[str, ...] = ()  # text2video rows whose name contains one of these (all if empty)
+    flow_modes: tuple[str, ...] = FLOW_MODES  # the flow section's modes
+    flow_reversed: bool = False  # the flow section's control row (the true motion reversed)
+    sheet_seeds: int = 2  # seeds whose videos the flow section's contact sheets show
 
 
 @dataclass(frozen=True)
@@ -347,10 +364,14 @@ def load_models(
     sections: Sequence[str],
     dtype: torch.dtype = torch.float32,
     device: torch.device | None = None,
+    flow_modes: Sequence[str] = FLOW_MODES,
 ) -> Models:
-    """Engines for the sections asked for, through the same loading code as user models."""
+    """Engines for the sections asked for (the flow section: for ``flow_modes``), through
+    the same loading code as user models."""
     base = load_base_model(names[0], dtype=dtype, device=device)
     controlnet = pix2pix = None
+    if "flow" in sections:
+        sections = [*sections, *flow_modes]
     if "controlnet" in sections:
         controlnet = TextToVideoZero(base, [load_controlnet(names[1], dtype=dtype, device=device)])
     if "pix2pix" in sections:
@@ -579,6 +600,338 @@ def edit_figures(
     }
 
 
+# ---------------------------------------------------------------------------- flow
+#
+# Flow-guided consistency against the paper's, where the true motion is known exactly: the
+# ControlNet and Pix2Pix scenes above (a shape moving over a static background), each seed
+# run per configuration on the same models. Warp error: the colour difference between frame
+# k and frame k - 1 warped by the TRUE motion, over pixels visible in both (away from the
+# shape's edge), as CIE76 Delta E and pixel MSE (RGB in [0, 1]).
+
+# The judged configurations; "flow, reversed" (the true motion with its sign flipped: the
+# flow applied the wrong way round, which must not beat the right one) is a control row
+# that --flow-reversed adds.
+FLOW_CONFIGS = ("paper", "flow, true motion", "flow, estimated")
+FLOW_REVERSED = "flow, reversed"
+WARP_FIGURES = ("warp_de", "warp_mse")
+FLOW_QUALITY: dict[str, tuple[str, ...]] = {
+    "controlnet": ("silhouette_iou", "colour_drift"),
+    "pix2pix": ("edit_success", "structure_iou", "colour_drift"),
+}
+BOOTSTRAP = 2000  # resamples of the seeds for the warp error ratio's interval
+
+
+def true_flows(
+    scene: shapes.Scene, velocity: tuple, frames: int, size: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per frame k >= 1 (index k - 1): the world's backward flow k -> k - 1 and forward flow
+    k - 1 -> k, (size, size, 2) pixels, and where frame k is surely visible in k - 1.
+
+    A pixel inside the shape moved with it; a background pixel did not move. Visible: inside
+    the shape at k (it was inside at k - 1 too), or background at both; pixels within one
+    pixel of either frame's edge of the shape are left out (antialiased, ambiguous).
+    """
+    step = np.array([velocity[0] * size, velocity[1] * size], dtype=np.float32)
+    sils = [
+        shapes.silhouette(shapes.moving_scene(scene, k, velocity), size, size)
+        for k in range(frames)
+    ]
+    backward, forward, visible = [], [], []
+    for k in range(1, frames):
+        now, before = sils[k] >= 0.5, sils[k - 1] >= 0.5
+        backward.append(np.where(now[..., None], -step, 0).astype(np.float32))
+        forward.append(np.where(before[..., None], step, 0).astype(np.float32))
+        edge = ~sm.erode(sils[k] >= 1.0) & ~sm.erode(sils[k] <= 0.0)
+        edge |= ~sm.erode(sils[k - 1] >= 1.0) & ~sm.erode(sils[k - 1] <= 0.0)
+        visible.append((now | ~before) & ~edge)
+    return backward, forward, visible
+
+
+def warp_errors(
+    frames: np.ndarray, backward: list[np.ndarray], visible: list[np.ndarray]
+) -> tuple[float, float]:
+    """Mean Delta E and pixel MSE between frame k and frame k - 1 warped along ``backward``,
+    over ``visible`` pixels, averaged over k."""
+    de, mse = [], []
+    for k in range(1, len(frames)):
+        mask = visible[k - 1]
+        if not mask.any():
+            continue
+        prev = torch.from_numpy(frames[k - 1]).permute(2, 0, 1)[None].float()  # (1, 3, H, W)
+        flow = torch.from_numpy(backward[k - 1]).permute(2, 0, 1)[None]  # (1, 2, H, W)
+        warped = flow_warp(prev, flow)[0].permute(1, 2, 0).numpy()  # (H, W, 3) in [0, 255]
+        now = frames[k].astype(np.float64)
+        de.append(float(sm.delta_e(sm.srgb_to_lab(now), sm.srgb_to_lab(warped))[mask].mean()))
+        mse.append(float((((now - warped) / 255.0) ** 2).mean(axis=-1)[mask].mean()))
+    return _nanmean(de), _nanmean(mse)
+
+
+def flow_inputs(
+    config: str, scene: shapes.Scene, velocity: tuple, video: np.ndarray, latent: int
+) -> dict:
+    """Engine keywords of a flow configuration for one moving-shape video."""
+    n, size = len(video), video.shape[1]
+    if config == "paper":
+        return {}
+    if config in ("flow, true motion", FLOW_REVERSED):
+        backward, forward, _ = true_flows(scene, velocity, n, size)
+        sign = -1 if config == FLOW_REVERSED else 1
+        flow = {
+            k: latent_flow(sign * backward[k - 1], sign * forward[k - 1], (latent, latent))
+            for k in range(1, n)
+        }
+    elif config == "flow, estimated":
+        flow = EstimatedFlows(dict(enumerate(video)), range(n), (latent, latent))
+    else:
+        raise ValueError(f"unknown flow configuration {config!r}")
+    return {"consistency": "flow", "flow": flow}
+
+
+def flow_video(
+    mode: str, engine: TextToVideoZero, settings: Settings, seed: int, config: str
+) -> np.ndarray:
+    """Decoded frames of one seed's ControlNet or Pix2Pix video under a flow configuration."""
+    n, size = settings.control_frames, settings.size
+    scene, velocity, video = moving_source(seed, n, size)
+    common = dict(
+        num_frames=n,
+        height=size,
+        width=size,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        seed=seed,
+        chunk_size=n,
+        motion_dynamics=False,
+        **flow_inputs(config, scene, velocity, video, size // engine.base.vae_scale_factor),
+    )
+    if mode == "controlnet":
+        control = {k: _tensor(canny(video[k])) for k in range(n)}
+        latents = engine(
+            prompt=scene.prompt(),
+            controls=[ControlInput(engine.controlnets[0], control, 1.0)],
+            **common,
+        )
+    elif mode == "pix2pix":
+        latents = engine(
+            prompt=edit_for(seed, scene).instruction,
+            image={k: _tensor(video[k]) for k in range(n)},
+            image_guidance_scale=settings.image_guidance,
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown flow mode {mode!r}: expected one of {FLOW_MODES}")
+    return decode(engine, latents)
+
+
+def flow_figures(mode: str, frames: np.ndarray, seed: int, size: int) -> dict[str, float]:
+    """Warp error against the true motion and the mode's quality figures of one video."""
+    scene, velocity, video = moving_source(seed, len(frames), size)
+    backward, _, visible = true_flows(scene, velocity, len(frames), size)
+    de, mse = warp_errors(frames, backward, visible)
+    row = {"warp_de": de, "warp_mse": mse}
+    if mode == "pix2pix":
+        row.update(edit_figures(frames, video, edit_for(seed, scene), velocity, size))
+        return row
+    truth = [
+        shapes.silhouette(shapes.moving_scene(scene, k, velocity), size, size) >= 0.5
+        for k in range(len(frames))
+    ]
+    readings = [sm.read_image(f, classify=False) for f in frames]
+    row["silhouette_iou"] = _nanmean(
+        [sm.iou(r.mask, s) for r, s in zip(readings, truth, strict=True)]
+    )
+    row["colour_drift"] = video_figures(frames, [(0.0, 0.0)] * len(frames))[len(frames)][
+        "colour_drift"
+    ]
+    return row
+
+
+def flow_mode(
+    mode: str,
+    engine: TextToVideoZero,
+    settings: Settings,
+    configs: Sequence[str] = FLOW_CONFIGS,
+    sheet_rows: list | None = None,
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
+    """Per-seed figures of each configuration and its seconds per video (one mode); the
+    first ``settings.sheet_seeds`` seeds' frames go into ``sheet_rows``."""
+    n, size = settings.control_frames, settings.size
+    per_seed: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
+    seconds = dict.fromkeys(configs, 0.0)
+    for seed in range(settings.seeds):
+        for config in configs:
+            started = time.perf_counter()
+            frames = flow_video(mode, engine, settings, seed, config)
+            seconds[config] += time.perf_counter() - started
+            per_seed[config].append(flow_figures(mode, frames, seed, size))
+            if sheet_rows is not None and seed < settings.sheet_seeds:
+                if config == configs[0]:
+                    sheet_rows.append(_flow_source_row(mode, seed, n, size))
+                sheet_rows.append((f"{seed}: {config}", frames))
+        progress(f"flow {mode} seed {seed + 1}/{settings.seeds}")
+    return per_seed, {c: s / settings.seeds for c, s in seconds.items()}
+
+
+def _flow_source_row(mode: str, seed: int, n: int, size: int) -> tuple[str, np.ndarray]:
+    """The contact sheet's row of what a seed's videos follow: edges or the source video."""
+    scene, _, video = moving_source(seed, n, size)
+    if mode == "controlnet":
+        return f"{seed}: control (canny)", np.stack([canny(f) for f in video])
+    return f"{seed}: {edit_for(seed, scene).instruction}", video
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, ...]:
+    """Mean of values - baseline over the seeds where both are numbers, and its 95 %
+    t-interval (NaN bounds with fewer than two seeds)."""
+    from scipy.stats import t
+
+    pairs = np.array(
+        [(v, b) for v, b in zip(values, baseline, strict=True) if np.isfinite(v) and np.isfinite(b)]
+    ).reshape(-1, 2)
+    diff = pairs[:, 0] - pairs[:, 1]
+    if len(diff) == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(diff.mean())
+    if len(diff) < 2:
+        return mean, math.nan, math.nan
+    half = float(t.ppf(0.975, len(diff) - 1) * diff.std(ddof=1) / math.sqrt(len(diff)))
+    return mean, mean - half, mean + half
+
+
+def ratio_interval(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, ...]:
+    """mean(values) / mean(baseline) over the seeds where both are numbers, and its 95 %
+    interval from resampling those seeds (paired; the same resamples every run; NaN bounds
+    with fewer than two seeds)."""
+    pairs = np.array(
+        [(v, b) for v, b in zip(values, baseline, strict=True) if np.isfinite(v) and np.isfinite(b)]
+    ).reshape(-1, 2)
+    if len(pairs) == 0:
+        return math.nan, math.nan, math.nan
+    ratio = float(pairs[:, 0].mean() / pairs[:, 1].mean())
+    if len(pairs) < 2:
+        return ratio, math.nan, math.nan
+    index = np.random.default_rng(0).integers(0, len(pairs), (BOOTSTRAP, len(pairs)))
+    resampled = pairs[index].mean(axis=1)  # (BOOTSTRAP, 2)
+    low, high = np.percentile(resampled[:, 0] / resampled[:, 1], [2.5, 97.5])
+    return ratio, float(low), float(high)
+
+
+def standard_error(values: Sequence[float]) -> float:
+    """Standard error of the mean over the values that are numbers (NaN with fewer than 2)."""
+    kept = [v for v in values if np.isfinite(v)]
+    return float(np.std(kept, ddof=1) / math.sqrt(len(kept))) if len(kept) > 1 else math.nan
+
+
+def flow_rows(
+    mode: str, per_seed: dict[str, list[dict[str, float]]], seconds: dict[str, float]
+) -> list[dict]:
+    """One row a configuration: each figure's mean and standard error over seeds; warp
+    errors as a ratio to the paper's, the quality figures as a paired difference from the
+    paper's, each with its 95 % interval."""
+    paper = per_seed["paper"]
+    rows = []
+    for config, seeds in per_seed.items():
+        row: dict = {"mode": mode, "variant": config, **summarise(seeds)}
+        for name in (*WARP_FIGURES, *FLOW_QUALITY[mode]):
+            values, baseline = [s[name] for s in seeds], [s[name] for s in paper]
+            row[f"{name}_se"] = standard_error(values)
+            if name in WARP_FIGURES:
+                keys = (f"{name}_ratio", f"{name}_ratio_lo", f"{name}_ratio_hi")
+                row.update(zip(keys, ratio_interval(values, baseline), strict=True))
+            elif config != "paper":
+                keys = (f"{name}_diff", f"{name}_diff_lo", f"{name}_diff_hi")
+                row.update(zip(keys, paired_difference(values, baseline), strict=True))
+        row["s_per_video"] = seconds[config]
+        rows.append(row)
+    return rows
+
+
+def run_flow(models: Models, settings: Settings, out: Outputs) -> list[dict]:
+    """Flow-guided consistency against the paper, per mode and configuration."""
+    configs = FLOW_CONFIGS + ((FLOW_REVERSED,) if settings.flow_reversed else ())
+    rows = []
+    for mode in settings.flow_modes:
+        engine = models.controlnet if mode == "controlnet" else models.pix2pix
+        sheet_rows: list = []
+        started = time.perf_counter()
+        per_seed, seconds = flow_mode(mode, engine, settings, configs, sheet_rows)
+        progress(f"flow {mode}: {time.perf_counter() - started:.0f} s")
+        out.per_seed.setdefault("flow", {}).update(
+            {f"{mode}, {config}": figures for config, figures in per_seed.items()}
+        )
+        rows.extend(flow_rows(mode, per_seed, seconds))
+        if sheet_rows:
+            out.sheets[f"flow-{mode}"] = labelled_rows(sheet_rows, label_width=180)
+    return rows
+
+
+def flow_table(rows: list[dict]) -> str:
+    """Two fixed-width tables a mode: warp errors (ratio to paper), quality kept
+    (difference from paper); mean +- standard error over seeds, [95 % interval]."""
+    blocks = []
+    for mode in dict.fromkeys(r["mode"] for r in rows):
+        part = [r for r in rows if r["mode"] == mode]
+        warp = [
+            ["configuration", "warp dE", "x paper [95%]", "warp MSE", "x paper [95%]", "s/video"]
+        ]
+        kept = [["configuration"]]
+        for name in FLOW_QUALITY[mode]:
+            kept[0] += [HEADERS.get(name, name), "- paper [95%]"]
+        for r in part:
+            warp.append(
+                [
+                    r["variant"],
+                    f"{r['warp_de']:.3f} ± {r['warp_de_se']:.3f}",
+                    _ratio_cell(r, "warp_de"),
+                    f"{r['warp_mse']:.5f} ± {r['warp_mse_se']:.5f}",
+                    _ratio_cell(r, "warp_mse"),
+                    f"{r['s_per_video']:.1f}",
+                ]
+            )
+            line = [r["variant"]]
+            for name in FLOW_QUALITY[mode]:
+                digits = 2 if name == "colour_drift" else 3
+                line.append(f"{r[name]:.{digits}f} ± {r[f'{name}_se']:.{digits}f}")
+                line.append(_diff_cell(r, name, digits))
+            kept.append(line)
+        seeds = int(part[0]["seeds"])
+        blocks.append(f"{mode}, {seeds} seeds\n{_grid(warp)}\n{_grid(kept)}")
+    legend = (
+        "mean ± standard error over seeds; x paper: ratio of the means, [95 % interval] from "
+        "resampling seeds; - paper: mean paired difference, [95 % t-interval]"
+    )
+    return "\n\n".join([legend, *blocks])
+
+
+def _ratio_cell(row: dict, name: str) -> str:
+    """'ratio [low, high]' of a warp figure, '1' for the paper."""
+    if row["variant"] == "paper":
+        return "1"
+    return (
+        f"{row[f'{name}_ratio']:.2f} [{row[f'{name}_ratio_lo']:.2f}, {row[f'{name}_ratio_hi']:.2f}]"
+    )
+
+
+def _diff_cell(row: dict, name: str, digits: int) -> str:
+    """'difference [low, high]' of a quality figure from the paper's, empty for the paper."""
+    if f"{name}_diff" not in row:
+        return ""
+    low, mean, high = (row[f"{name}_diff{s}"] for s in ("_lo", "", "_hi"))
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def _grid(lines: list[list[str]]) -> str:
+    """Cells in columns: the first left-aligned, the rest right-aligned."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join(
+        "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
+
+
 # ---------------------------------------------------------------------------- sheets
 
 
@@ -698,7 +1051,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.quality", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(DEFAULT_SECTIONS),
+        help=f"default: {' '.join(DEFAULT_SECTIONS)}",
+    )
     parser.add_argument("--seeds", type=int, default=Settings.seeds, help="seeds per configuration")
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--guidance", type=float, default=Settings.guidance)
@@ -708,6 +1067,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[],
         help="only the text2video rows whose name contains one of these words",
+    )
+    parser.add_argument(
+        "--flow-modes",
+        nargs="+",
+        choices=FLOW_MODES,
+        default=list(FLOW_MODES),
+        help="the flow section's modes",
+    )
+    parser.add_argument(
+        "--flow-reversed",
+        action="store_true",
+        help="the flow section's control row too: the true motion applied the wrong way round",
+    )
+    parser.add_argument(
+        "--sheet-seeds",
+        type=int,
+        default=Settings.sheet_seeds,
+        help="seeds whose videos the flow section's contact sheets show",
     )
     parser.add_argument("--tiny", action="store_true", help="builtin:tiny* models (plumbing only)")
     parser.add_argument(
@@ -743,6 +1120,7 @@ RUNNERS: dict[str, Callable] = {
     "text2video": run_text2video,
     "controlnet": run_controlnet,
     "pix2pix": run_pix2pix,
+    "flow": run_flow,
 }
 
 
@@ -755,12 +1133,15 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps,
         guidance=args.guidance,
         rows=tuple(args.rows),
+        flow_modes=tuple(dict.fromkeys(args.flow_modes)),
+        flow_reversed=args.flow_reversed,
+        sheet_seeds=args.sheet_seeds,
     )
     names = tuple(args.models) if args.models else TINY_MODELS if args.tiny else SHAPES_MODELS
     started = time.perf_counter()
     device = resolve_device(args.device)
     dtype = choose_dtype(args.dtype, device)
-    models = load_models(names, args.sections, dtype.dtype, device)
+    models = load_models(names, args.sections, dtype.dtype, device, settings.flow_modes)
     command = "python -m bench.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     header = (
         f"command: {command}\n"
@@ -787,6 +1168,8 @@ def main(argv: list[str] | None = None) -> int:
                     for k, v in result.items()
                 )
             )
+        elif section == "flow":
+            print(flow_table(result))
         else:
             print(table(section, result))
         sys.stdout.flush()

@@ -472,7 +472,7 @@ def test_flow_job_reads_motion_vector_files(tmp_path: Path, job_cache) -> None:
 
 @pytest.fixture(scope="module")
 def shapes_controlnet(_single_threaded_torch: None) -> TextToVideoZero:
-    """The trained shapes ControlNet on the shapes base model (as bench.flow_check loads it)."""
+    """The trained shapes ControlNet on the shapes base model (as bench.quality loads it)."""
     from backend.models.loading import load_base_model, load_controlnet
 
     base = load_base_model("builtin:shapes", dtype=torch.float32)
@@ -484,20 +484,19 @@ def shapes_controlnet(_single_threaded_torch: None) -> TextToVideoZero:
 def test_flow_lowers_the_warp_error_of_pictures_and_only_the_right_way_round(
     shapes_controlnet: TextToVideoZero,
 ) -> None:
-    """Decoded ControlNet videos of a moving shape (bench.flow_check, seeds 0-1): warp error
-    (Delta E against the true motion) of the paper, of flow estimated from the frames, and
-    of the true motion reversed. Measured: 5.95, 2.51 (0.42x the paper's) and 3.45 (flow
-    is 0.73x the reversed one's). Ignoring the flow gives the paper's figure; applying it
-    the wrong way round swaps the last two."""
-    from bench import flow_check, quality
+    """Decoded ControlNet videos of a moving shape (bench.quality's flow section, seeds
+    0-1): warp error (Delta E against the true motion) of the paper, of flow estimated from
+    the frames, and of the true motion reversed. Measured: 5.95, 2.51 (0.42x the paper's)
+    and 3.45 (flow is 0.73x the reversed one's). Ignoring the flow gives the paper's
+    figure; applying it the wrong way round swaps the last two."""
+    from bench import quality
 
-    rows = flow_check.run_mode(
+    per_seed, _ = quality.flow_mode(
         "controlnet",
         shapes_controlnet,
-        quality.Settings(),
-        2,
+        quality.Settings(seeds=2),
         configs=("paper", "flow, estimated", "flow, reversed"),
     )
-    paper, flow, reversed_ = (rows[c]["warp_de"] for c in rows)
+    paper, flow, reversed_ = (np.mean([s["warp_de"] for s in per_seed[c]]) for c in per_seed)
     assert flow < 0.6 * paper  # measured 0.42x
     assert flow < 0.85 * reversed_  # measured 0.73x

@@ -39,7 +39,7 @@ class FlowFusion:
 
     # Part of the joint denoising steps where fusion acts, (start, end]. Early steps decide
     # layout, late ones texture; Rerender's default period is (0.5, 0.8) of the steps. On the
-    # shapes ControlNet (bench/flow_check.py, seeds 0-1, estimated flow; warp Delta E of
+    # shapes ControlNet (bench/quality.py, flow, seeds 0-1, estimated flow; warp Delta E of
     # the paper 5.95, silhouette IoU 0.623, colour drift 2.23): (0.5, 0.8) at strength 1
     # gave 9.58 (true motion); (0.8, 1) at 1 gave 4.88 (true motion), IoU 0.53, drift 17.6:
     # a chain of full copies blurs the shape away; (0.8, 1) at 0.5 gave 3.11, IoU 0.658,
