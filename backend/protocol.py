@@ -179,6 +179,83 @@ FLOW_ESTIMATE = "estimate"
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DEFAULT_PIX2PIX_MODEL = "timbrooks/instruct-pix2pix"
+
+
+@dataclass(frozen=True)
+class KnownControlNet:
+    """A ControlNet repo on the Hub: its family, and the control it was trained on."""
+
+    family: str  # FAMILIES
+    kind: str  # a detector or scene pass kind (canny, openpose, depth, hed...), or "union"
+    # The repo holds only pickled .bin weights: it loads only where pickles are allowed.
+    pickled: bool = False
+
+
+# The one table of ControlNets the add-on knows by hub id, each tagged with its family (a
+# hub id not downloaded has no files to read it from). Its panel offers those of the base
+# model's family, and DEFAULT_CONTROLNETS picks each family's own per kind.
+KNOWN_CONTROLNETS = {
+    "lllyasviel/sd-controlnet-canny": KnownControlNet("sd1", "canny"),
+    "lllyasviel/sd-controlnet-openpose": KnownControlNet("sd1", "openpose"),
+    "lllyasviel/sd-controlnet-depth": KnownControlNet("sd1", "depth"),
+    "lllyasviel/control_v11p_sd15_canny": KnownControlNet("sd1", "canny"),
+    "lllyasviel/control_v11p_sd15_openpose": KnownControlNet("sd1", "openpose"),
+    "lllyasviel/control_v11f1p_sd15_depth": KnownControlNet("sd1", "depth"),
+    "lllyasviel/control_v11p_sd15_softedge": KnownControlNet("sd1", "hed"),
+    "lllyasviel/control_v11p_sd15_lineart": KnownControlNet("sd1", "lineart"),
+    "lllyasviel/control_v11p_sd15_mlsd": KnownControlNet("sd1", "mlsd"),
+    # Thibaud Zamora's SD 2.1 ControlNets in diffusers format (.bin weights only).
+    "thibaud/controlnet-sd21-canny-diffusers": KnownControlNet("sd2", "canny", pickled=True),
+    "thibaud/controlnet-sd21-openpose-diffusers": KnownControlNet("sd2", "openpose", pickled=True),
+    "thibaud/controlnet-sd21-depth-diffusers": KnownControlNet("sd2", "depth", pickled=True),
+    "thibaud/controlnet-sd21-hed-diffusers": KnownControlNet("sd2", "hed", pickled=True),
+    "diffusers/controlnet-canny-sdxl-1.0": KnownControlNet("sdxl", "canny"),
+    "diffusers/controlnet-depth-sdxl-1.0": KnownControlNet("sdxl", "depth"),
+    # Its folder's weights are .bin; OpenPoseXL2.safetensors beside them is the same model.
+    "thibaud/controlnet-openpose-sdxl-1.0": KnownControlNet("sdxl", "openpose", pickled=True),
+    "xinsir/controlnet-union-sdxl-1.0": KnownControlNet("sdxl", "union"),
+}
+# Each family's default ControlNet per control kind: what an entry with no model of its own
+# gets when the preferences' model for its kind is of another family.
+DEFAULT_CONTROLNETS = {
+    "sd1": {
+        "canny": "lllyasviel/sd-controlnet-canny",
+        "openpose": "lllyasviel/sd-controlnet-openpose",
+        "depth": "lllyasviel/sd-controlnet-depth",
+    },
+    "sd2": {
+        "canny": "thibaud/controlnet-sd21-canny-diffusers",
+        "openpose": "thibaud/controlnet-sd21-openpose-diffusers",
+        "depth": "thibaud/controlnet-sd21-depth-diffusers",
+    },
+    "sdxl": {
+        "canny": "diffusers/controlnet-canny-sdxl-1.0",
+        "openpose": "thibaud/controlnet-openpose-sdxl-1.0",
+        "depth": "diffusers/controlnet-depth-sdxl-1.0",
+    },
+}
+# Base models the add-on knows by hub id (the defaults and their families' reference repos).
+KNOWN_MODELS = {
+    DEFAULT_MODEL: "sd1",
+    "runwayml/stable-diffusion-v1-5": "sd1",
+    "CompVis/stable-diffusion-v1-4": "sd1",
+    DEFAULT_PIX2PIX_MODEL: "sd1",
+    "stabilityai/stable-diffusion-2-1": "sd2",
+    "stabilityai/stable-diffusion-2-1-base": "sd2",
+    "stabilityai/stable-diffusion-2": "sd2",
+    "stabilityai/stable-diffusion-2-base": "sd2",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
+    "diffusers/sdxl-instructpix2pix-768": "sdxl",
+}
+
+
+def known_family(name: str) -> str | None:
+    """The family key of a base model or ControlNet in the known-hub-id tables, else None."""
+    name = (name or "").strip()
+    known = KNOWN_CONTROLNETS.get(name)
+    return known.family if known is not None else KNOWN_MODELS.get(name)
+
+
 # Official Text2Video-Zero defaults, in 1/512 of the frame per frame (Sect. 3.3.1).
 DEFAULT_MOTION = (12.0, 12.0)
 # Official t0/t1 for 50 DDIM steps; ``resolve_t0_t1`` scales them to other step counts.

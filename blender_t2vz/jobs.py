@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import backend_paths
+from . import backend_paths, model_families
 from .sizing import round_to_8, scene_size  # noqa: F401  (the job size helpers)
 
 MODES = ("text2video", "controlnet", "pix2pix")
@@ -100,34 +100,89 @@ def _model(settings: Mapping[str, Any], defaults: Mapping[str, Any], mode: str) 
     return model
 
 
-# ControlNets trained on the controlnet-aux detectors' images: the preferences name none, so
-# a ControlNet fed by one must name its model (the canny default would be the wrong one).
-AUX_CONTROLNETS = {
-    "hed": "lllyasviel/control_v11p_sd15_softedge",
-    "lineart": "lllyasviel/control_v11p_sd15_lineart",
-    "mlsd": "lllyasviel/control_v11p_sd15_mlsd",
-}
+# The controlnet-aux detectors: the preferences name no ControlNet for them, so an entry fed
+# by one must name its model (the canny default would be the wrong one); the message names
+# one of the base model's family (KNOWN_CONTROLNETS), else of SD 1.x.
+AUX_DETECTORS = ("hed", "lineart", "mlsd")
 
 
-def _controlnet_model(entry: Mapping[str, Any], defaults: Mapping[str, Any], index: int) -> str:
+def _aux_example(detector: str, family: str | None) -> str:
+    """A known ControlNet for controlnet-aux ``detector`` of ``family`` (SD 1.x when it
+    cannot be told), or a union one of that family; "" when the table has none."""
+    known = backend_paths.load_protocol().KNOWN_CONTROLNETS
+    for wanted in (detector, "union"):
+        for model, entry in known.items():
+            if entry.family == (family or "sd1") and entry.kind == wanted:
+                return f", e.g. {model}"
+    return ""
+
+
+def _controlnet_model(
+    entry: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    index: int,
+    family: str | None = None,
+) -> str:
+    """The entry's model, else the preferences' for its kind, else ``family``'s own default.
+
+    A preferences' model of another family than the base model's (``family``, when it can
+    be told) gives way to the base family's default for the kind: the SD 1.5 ControlNets
+    the preferences start with are never sent with an SDXL base.
+    """
     model = str(entry.get("model") or "").strip()
     if model:
         return model
     by_detector = defaults.get("controlnet_models") or {}
     # Scene passes name their kind (depth, openpose, canny) apart from the backend detector.
-    detector = entry.get("model_kind") or entry.get("detector", "none")
-    if detector in AUX_CONTROLNETS and not by_detector.get(detector):
+    detector = model_families.kind_of(entry)
+    if detector in AUX_DETECTORS and not by_detector.get(detector):
         raise JobBuildError(
             f"ControlNet {index + 1}: detector {detector!r} needs a ControlNet trained on its "
-            f"images: set the Model, e.g. {AUX_CONTROLNETS[detector]}"
+            f"images: set the Model{_aux_example(detector, family)}"
         )
     model = str(by_detector.get(detector) or by_detector.get("canny") or "").strip()
+    own_family = model_families.model_family(model) if model else None
+    if family is not None and (not model or own_family not in (None, family)):
+        model = model_families.default_controlnet(family, detector) or model
     if not model:
         raise JobBuildError(
             f"ControlNet {index + 1}: no model set (detector {detector!r}); "
             "set one in the panel or preferences"
         )
     return model
+
+
+def resolve_controlnet(
+    entry: Mapping[str, Any], defaults: Mapping[str, Any], index: int, family: str | None
+) -> str | None:
+    """The model a ControlNet entry will use (``_controlnet_model``), or None when the job
+    would be refused for it (the message comes at Generate)."""
+    try:
+        return _controlnet_model(entry, defaults, index, family)
+    except JobBuildError:
+        return None
+
+
+def family_problem(base: str, models: Sequence[str | None]) -> str:
+    """Why the job's ControlNets ``models`` (None: one whose model cannot be resolved)
+    cannot run on base model ``base``: the first of another family, naming both models and
+    families; "" when none is of another family (or their families cannot be told)."""
+    base_family = model_families.model_family(base)
+    for i, model in enumerate(models):
+        if not model:
+            continue
+        family = model_families.model_family(model)
+        problem = model_families.mismatch(model, family, base, base_family, i)
+        if problem:
+            return problem
+    return ""
+
+
+def _controlnet_fields(entry: Mapping[str, Any], model: str) -> dict[str, Any]:
+    """A union ControlNet's ``control_type`` for the entry's kind (a scene pass sends no
+    detector the backend could take it from); nothing for a plain ControlNet."""
+    kind = model_families.control_type(model, model_families.kind_of(entry))
+    return {} if kind is None else {"control_type": kind}
 
 
 def adapter_fields(entries: Sequence[Mapping[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -241,15 +296,20 @@ def build_job(
             raise JobBuildError(
                 f"controlnets: {len(entries)} ControlNets but {len(controls)} control videos"
             )
-        job["controlnets"] = [
-            {
-                "model": _controlnet_model(entry, defaults, i),
-                "weight": float(entry.get("weight", 1.0)),
-                "detector": str(entry.get("detector", "none")),
-                "control": dict(control),
-            }
-            for i, (entry, control) in enumerate(zip(entries, controls, strict=True))
-        ]
+        family = model_families.model_family(job["model"])
+        job["controlnets"] = []
+        for i, (entry, control) in enumerate(zip(entries, controls, strict=True)):
+            model = _controlnet_model(entry, defaults, i, family)
+            job["controlnets"].append(
+                {
+                    "model": model,
+                    "weight": float(entry.get("weight", 1.0)),
+                    "detector": str(entry.get("detector", "none")),
+                    "control": dict(control),
+                    **_controlnet_fields(entry, model),
+                }
+            )
+        _check_families(job)
         if flow_source is not None and job["consistency"] == "flow":
             job["flow_source"] = str(flow_source)
     else:
@@ -289,17 +349,33 @@ def validate(job: Mapping[str, Any]) -> dict[str, Any]:
     return protocol.validate_job(dict(job)).to_dict()
 
 
+def _check_families(job: Mapping[str, Any]) -> None:
+    """Refuse a ControlNet of another family than the base model, naming both (the backend
+    refuses it too, but only once the worker has the job)."""
+    problem = family_problem(job["model"], [c["model"] for c in job.get("controlnets") or ()])
+    if problem:
+        raise JobBuildError(problem)
+
+
 def _rebuilt_controlnet(
-    entry: Mapping[str, Any], old: Mapping[str, Any], defaults: Mapping[str, Any], index: int
+    entry: Mapping[str, Any],
+    old: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    index: int,
+    family: str | None = None,
 ) -> dict[str, Any]:
     """A stored ControlNet with the panel entry's model, weight and detector applied."""
     detector = str(entry.get("detector", old.get("detector", "none")))
+    out = dict(old)
     if str(entry.get("model") or "").strip() or detector != old.get("detector", "none"):
-        model = _controlnet_model({**entry, "detector": detector}, defaults, index)
+        values = {**entry, "detector": detector}
+        model = _controlnet_model(values, defaults, index, family)
+        out.pop("control_type", None)
+        out.update(_controlnet_fields(values, model))
     else:
         model = old["model"]
     weight = float(entry.get("weight", old.get("weight", 1.0)))
-    return {**dict(old), "model": model, "weight": weight, "detector": detector}
+    return {**out, "model": model, "weight": weight, "detector": detector}
 
 
 def rebuild_job(
@@ -343,10 +419,13 @@ def rebuild_job(
         job.update(adapter_fields(settings["adapters"]))
     entries = list(settings.get("controlnets", ()))
     if mode == "controlnet" and len(entries) == len(job.get("controlnets", [])):
+        family = model_families.model_family(job["model"])
         job["controlnets"] = [
-            _rebuilt_controlnet(entry, old, defaults, i)
+            _rebuilt_controlnet(entry, old, defaults, i, family)
             for i, (entry, old) in enumerate(zip(entries, job["controlnets"], strict=True))
         ]
+    if mode == "controlnet":
+        _check_families(job)
     job["out"] = str(out)
     job["frame_range"] = None
     # t0/t1 are the panel's (Advanced); unset, they follow the step count.

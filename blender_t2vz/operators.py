@@ -18,7 +18,7 @@ from typing import Any
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
-from . import backend_paths, capabilities, jobs, preferences, runtime, strips
+from . import backend_paths, capabilities, jobs, model_families, preferences, runtime, strips
 from .properties import ADAPTER_KIND_ITEMS
 from .worker_client import WorkerError
 
@@ -550,7 +550,30 @@ def _input_problem(context: Any) -> str:
         return "Make a movie or image strip active: it is the job's input"
     if settings.mode == "controlnet" and not settings.enabled_controlnets():
         return "Add a ControlNet first"
-    return ""
+    return controlnet_family_problem(context)
+
+
+def controlnet_model(context: Any, values: dict[str, Any], index: int = 0) -> str | None:
+    """The model a ControlNet entry (its ``to_values()``) will use: its own, else the
+    preferences' for its kind or the base model family's default
+    (``jobs.resolve_controlnet``); None when there is none."""
+    settings = context.scene.t2vz
+    defaults = preferences.model_defaults(preferences.get_prefs(context))
+    family = model_families.model_family(settings.size_model())
+    return jobs.resolve_controlnet(values, defaults, index, family)
+
+
+def controlnet_family_problem(context: Any) -> str:
+    """Why the panel's ControlNets cannot run on its base model: the first of another
+    family, naming both models and families; "" outside ControlNet mode or when none is."""
+    settings = context.scene.t2vz
+    if settings.mode != "controlnet":
+        return ""
+    models = [
+        controlnet_model(context, item.to_values(), i)
+        for i, item in enumerate(settings.enabled_controlnets())
+    ]
+    return jobs.family_problem(settings.size_model(), models)
 
 
 def source_question(context: Any) -> str:
@@ -950,6 +973,35 @@ class T2VZ_OT_controlnet_remove(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class T2VZ_OT_controlnet_use(bpy.types.Operator):
+    """Use this model for the selected ControlNet"""
+
+    bl_idname = "t2vz.controlnet_use"
+    bl_label = "Use ControlNet Model"
+    bl_options = {"REGISTER", "UNDO"}
+
+    model: StringProperty(name="Model", options={"SKIP_SAVE"})
+
+    @classmethod
+    def poll(cls, context: Any) -> bool:
+        settings = getattr(context.scene, "t2vz", None)
+        if settings is None or not 0 <= settings.controlnet_index < len(settings.controlnets):
+            cls.poll_message_set("Select a ControlNet")
+            return False
+        return True
+
+    @classmethod
+    def description(cls, context: Any, properties: Any) -> str:
+        if not properties.model:
+            return "Clear the Model: the default ControlNet for the entry's kind"
+        return f"Use {properties.model} for the selected ControlNet"
+
+    def execute(self, context: Any) -> set[str]:
+        settings = context.scene.t2vz
+        settings.controlnets[settings.controlnet_index].model = self.model.strip()
+        return {"FINISHED"}
+
+
 class T2VZ_OT_adapter_add(bpy.types.Operator):
     """Add a LoRA or a textual inversion embedding to the job"""
 
@@ -1236,6 +1288,7 @@ classes = (
     T2VZ_OT_randomize_seed,
     T2VZ_OT_controlnet_add,
     T2VZ_OT_controlnet_remove,
+    T2VZ_OT_controlnet_use,
     T2VZ_OT_adapter_add,
     T2VZ_OT_adapter_remove,
     T2VZ_OT_load_settings,

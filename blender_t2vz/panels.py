@@ -6,7 +6,16 @@ from typing import Any
 
 import bpy
 
-from . import capabilities, operators, preferences, presets, runtime, sizing, strips
+from . import (
+    capabilities,
+    model_families,
+    operators,
+    preferences,
+    presets,
+    runtime,
+    sizing,
+    strips,
+)
 from .properties import DETECTOR_ITEMS
 
 CATEGORY = "T2VZ"
@@ -35,7 +44,8 @@ class T2VZ_UL_controlnets(bpy.types.UIList):
         else:
             source = item.bl_rna.properties["source"].enum_items[item.source].name
         detail = item.scene_pass.title() if item.source == "SCENE" else item.detector
-        row.label(text=f"{source} ({detail})")
+        icon = "ERROR" if controlnet_mismatch(context, item) else "NONE"
+        row.label(text=f"{source} ({detail})", icon=icon)
         row.prop(item, "weight", text="")
 
 
@@ -85,6 +95,7 @@ class T2VZ_PT_main(_SequencerPanel, bpy.types.Panel):
             else:
                 box.label(text="Select a movie or image strip", icon="ERROR")
         draw_frames(layout, context)
+        draw_wrapped(layout, operators.controlnet_family_problem(context), "ERROR", alert=True)
 
         busy = runtime.RUNNER.busy
         row = layout.row(align=True)
@@ -215,8 +226,41 @@ class T2VZ_PT_controlnets(_SequencerPanel, bpy.types.Panel):
                 col.label(text="Scene control is not installed", icon="ERROR")
         else:
             draw_detectors(col, context, item)
-        preferences.draw_hub_field(col, item, "model", "controlnet")
+        row = preferences.draw_hub_field(col, item, "model", "controlnet")
+        row.menu(T2VZ_MT_controlnet_models.bl_idname, text="", icon="DOWNARROW_HLT")
+        draw_controlnet_family(col, context, item)
         col.prop(item, "weight")
+
+
+class T2VZ_MT_controlnet_models(bpy.types.Menu):
+    """ControlNets for the selected entry: the base model's family's, the entry's kind first."""
+
+    bl_idname = "T2VZ_MT_controlnet_models"
+    bl_label = "ControlNets"
+
+    def draw(self, context: Any) -> None:
+        layout = self.layout
+        settings = context.scene.t2vz
+        if not 0 <= settings.controlnet_index < len(settings.controlnets):
+            layout.label(text="Select a ControlNet")
+            return
+        item = settings.controlnets[settings.controlnet_index]
+        prefs = preferences.get_prefs(context)
+        base = settings.size_model()
+        family = model_families.model_family(base)
+        if family is None:
+            layout.label(text=f"Every family's (the base model {base}'s cannot be told)")
+        else:
+            layout.label(text=f"{model_families.label(family)}, as the base model {base}")
+        kind = model_families.kind_of(item.to_values())
+        default = operators.controlnet_model(context, {**item.to_values(), "model": ""})
+        text = f"Default: {default}" if default else "Default (none set for this kind)"
+        layout.operator("t2vz.controlnet_use", text=text, icon="LOOP_BACK").model = ""
+        own = [prefs.controlnet_canny, prefs.controlnet_openpose, prefs.controlnet_depth]
+        own += [c.model for c in settings.controlnets]
+        for offer in model_families.offered_controlnets(family, kind, own):
+            icon = "QUESTION" if offer.family is None else "NONE"
+            layout.operator("t2vz.controlnet_use", text=offer.text, icon=icon).model = offer.model
 
 
 class T2VZ_PT_adapters(_SequencerPanel, bpy.types.Panel):
@@ -342,6 +386,54 @@ class T2VZ_PT_output(_SequencerPanel, bpy.types.Panel):
         layout.operator("t2vz.restart_worker", icon="X")
 
 
+def draw_wrapped(layout: Any, text: str, icon: str, alert: bool = False) -> None:
+    """``text`` wrapped at 60 characters, ``icon`` on its first line; nothing when empty."""
+    if not text:
+        return
+    col = layout.column(align=True)
+    col.alert = alert
+    for i, line in enumerate(textwrap.wrap(text, 60, break_long_words=False)):
+        col.label(text=line, icon=icon if i == 0 else "BLANK1")
+
+
+def controlnet_mismatch(context: Any, item: Any) -> str:
+    """Why ControlNet entry ``item`` cannot run on the panel's base model; "" if it can."""
+    model = operators.controlnet_model(context, item.to_values())
+    if not model:
+        return ""
+    base = context.scene.t2vz.size_model()
+    return model_families.mismatch(
+        model, model_families.model_family(model), base, model_families.model_family(base)
+    )
+
+
+def draw_controlnet_family(layout: Any, context: Any, item: Any) -> None:
+    """The model the entry will use, its family against the base model's (a warning naming
+    both when they differ), and a pickled known model's need for Allow Pickled Weights."""
+    model = operators.controlnet_model(context, item.to_values())
+    if not model:
+        return
+    if not item.model.strip():
+        layout.label(text=f"Uses {model}", icon="INFO")
+    problem = controlnet_mismatch(context, item)
+    family = model_families.model_family(model)
+    if problem:
+        draw_wrapped(layout, problem, "ERROR", alert=True)
+    elif family is None:
+        draw_wrapped(
+            layout, "Family unknown until it is downloaded: the backend checks it", "QUESTION"
+        )
+    else:
+        layout.label(text=f"{model_families.label(family)} ControlNet", icon="CHECKMARK")
+    prefs = preferences.get_prefs(context)
+    if model_families.is_pickled(model) and not getattr(prefs, "allow_pickle", False):
+        draw_wrapped(
+            layout,
+            "Its weights are pickled (.bin): it loads only with Allow Pickled Weights",
+            "ERROR",
+        )
+
+
 def draw_detectors(layout: Any, context: Any, item: Any) -> None:
     """The detector choice with Preview Detector; detectors the backend environment lacks,
     and controlnet-aux's while pickled weights are not allowed, are greyed out."""
@@ -416,6 +508,7 @@ classes = (
     T2VZ_UL_adapters,
     T2VZ_PT_main,
     T2VZ_PT_controlnets,
+    T2VZ_MT_controlnet_models,
     T2VZ_PT_adapters,
     T2VZ_PT_settings,
     T2VZ_PT_advanced,

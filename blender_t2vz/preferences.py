@@ -28,11 +28,18 @@ TORCH_ITEMS = [
     ("cuda", "CUDA", "CUDA build of PyTorch"),
     ("cpu", "CPU", "CPU-only build of PyTorch (smaller download)"),
 ]
-DEFAULT_CONTROLNETS = {
+# The preferences' ControlNet per kind starts as the default model's family's (SD 1.x).
+_SD1_CONTROLNETS = {
     "canny": "lllyasviel/sd-controlnet-canny",
     "openpose": "lllyasviel/sd-controlnet-openpose",
     "depth": "lllyasviel/sd-controlnet-depth",
 }
+# A preferences' ControlNet of another family than the job's base model gives way to the
+# base family's own (the protocol's DEFAULT_CONTROLNETS): see jobs._controlnet_model.
+CONTROLNET_DESCRIPTION = (
+    "ControlNet hub id, folder or file for {kind} control. With a base model of another "
+    "family (SD 1.x, 2.x, SDXL) the base family's own {kind} ControlNet is used instead"
+)
 
 
 class EnvironmentMissingError(RuntimeError):
@@ -42,15 +49,21 @@ class EnvironmentMissingError(RuntimeError):
 def _defaults() -> dict[str, str]:
     try:
         protocol = backend_paths.load_protocol()
-        return {"model": protocol.DEFAULT_MODEL, "pix2pix": protocol.DEFAULT_PIX2PIX_MODEL}
+        return {
+            "model": protocol.DEFAULT_MODEL,
+            "pix2pix": protocol.DEFAULT_PIX2PIX_MODEL,
+            **protocol.DEFAULT_CONTROLNETS[protocol.KNOWN_MODELS[protocol.DEFAULT_MODEL]],
+        }
     except (backend_paths.BackendNotFoundError, ImportError):
         return {
             "model": "stable-diffusion-v1-5/stable-diffusion-v1-5",
             "pix2pix": "timbrooks/instruct-pix2pix",
+            **_SD1_CONTROLNETS,
         }
 
 
 _DEFAULTS = _defaults()
+DEFAULT_CONTROLNETS = {kind: _DEFAULTS[kind] for kind in ("canny", "openpose", "depth")}
 
 
 class T2VZ_Preferences(bpy.types.AddonPreferences):
@@ -79,11 +92,21 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
     )
     model: StringProperty(name="Base Model", default=_DEFAULTS["model"])
     pix2pix_model: StringProperty(name="Pix2Pix Model", default=_DEFAULTS["pix2pix"])
-    controlnet_canny: StringProperty(name="ControlNet Canny", default=DEFAULT_CONTROLNETS["canny"])
-    controlnet_openpose: StringProperty(
-        name="ControlNet OpenPose", default=DEFAULT_CONTROLNETS["openpose"]
+    controlnet_canny: StringProperty(
+        name="ControlNet Canny",
+        default=DEFAULT_CONTROLNETS["canny"],
+        description=CONTROLNET_DESCRIPTION.format(kind="Canny"),
     )
-    controlnet_depth: StringProperty(name="ControlNet Depth", default=DEFAULT_CONTROLNETS["depth"])
+    controlnet_openpose: StringProperty(
+        name="ControlNet OpenPose",
+        default=DEFAULT_CONTROLNETS["openpose"],
+        description=CONTROLNET_DESCRIPTION.format(kind="OpenPose"),
+    )
+    controlnet_depth: StringProperty(
+        name="ControlNet Depth",
+        default=DEFAULT_CONTROLNETS["depth"],
+        description=CONTROLNET_DESCRIPTION.format(kind="Depth"),
+    )
     models_dir: StringProperty(
         name="Model Cache",
         subtype="DIR_PATH",
@@ -232,9 +255,9 @@ def is_hub_id(name: str) -> bool:
     return not problem and not Path(bpy.path.abspath(name)).exists()
 
 
-def draw_hub_field(layout: Any, data: Any, name: str, kind: str) -> None:
+def draw_hub_field(layout: Any, data: Any, name: str, kind: str) -> Any:
     """Field ``name`` of ``data``, with a download button when it holds a hub id: fetched
-    now, with progress and ESC, rather than at the start of the next job."""
+    now, with progress and ESC, rather than at the start of the next job. Returns its row."""
     row = layout.row(align=True)
     row.prop(data, name)
     value = getattr(data, name)
@@ -242,6 +265,7 @@ def draw_hub_field(layout: Any, data: Any, name: str, kind: str) -> None:
         download = row.operator("t2vz.model_download", text="", icon="IMPORT")
         download.model = value.strip()
         download.kind = kind
+    return row
 
 
 def get_prefs(context: Any = None) -> Any:
