@@ -51,6 +51,23 @@ UNION_CONTROL_TYPES = {
 }
 # A .safetensors header larger than this is not read to tell a family (SDXL's is ~0.3 MB).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
+# What the UNet predicts (the scheduler's prediction_type): the noise ("epsilon": SD 1.x,
+# SDXL, SD 2.x at 512 px) or v ("v_prediction": SD 2.x at 768 px). The tensors cannot tell
+# them apart; a job's prediction_type overrides the model's scheduler config, and for an
+# SD 2.x single file it also picks the 512 px or the 768 px configs repo.
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+# A single file's own word for it, in its safetensors ``__metadata__``: Stability's model
+# spec (sai_model_spec 1.0: modelspec.prediction_type "v" / "epsilon"; modelspec.architecture
+# "stable-diffusion-v2-768-v" / "stable-diffusion-v2-512", as kohya's sd-scripts write them)
+# and the LDM configs' ``parameterization`` ("v" / "eps"). Most specific key first.
+PREDICTION_HINTS = (
+    ("modelspec.prediction_type", {"v": "v_prediction", "epsilon": "epsilon"}),
+    (
+        "modelspec.architecture",
+        {"stable-diffusion-v2-768-v": "v_prediction", "stable-diffusion-v2-512": "epsilon"},
+    ),
+    ("parameterization", {"v": "v_prediction", "eps": "epsilon", "epsilon": "epsilon"}),
+)
 
 
 # The rules that tell a family from a model's own files. Plain Python, so the add-on reads
@@ -103,9 +120,9 @@ def family_from_tensors(shapes: dict[str, Any]) -> str | None:
     return "sd2" if linear and all(linear) else "sd1"
 
 
-def safetensors_shapes(path: str | Path) -> dict[str, list[int]] | None:
-    """Tensor name -> shape from a .safetensors file's JSON header (no tensor is read), or
-    None when it is no readable safetensors file."""
+def safetensors_header(path: str | Path) -> dict[str, Any] | None:
+    """A .safetensors file's JSON header (tensor entries and ``__metadata__``; no tensor is
+    read), or None when it is no readable safetensors file."""
     try:
         with open(path, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -114,7 +131,35 @@ def safetensors_shapes(path: str | Path) -> dict[str, list[int]] | None:
             header = json.loads(f.read(size).decode("utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(header, dict):
+    return header if isinstance(header, dict) else None
+
+
+def prediction_type_hint(metadata: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(prediction type, the metadata key that says so) from a single file's safetensors
+    ``__metadata__`` (PREDICTION_HINTS, most specific key first), or None when it says
+    nothing this reads (a value outside a key's table is not guessed at)."""
+    if not isinstance(metadata, dict):
+        return None
+    for key, values in PREDICTION_HINTS:
+        value = metadata.get(key)
+        if isinstance(value, str) and value.strip().lower() in values:
+            return values[value.strip().lower()], key
+    return None
+
+
+def file_prediction_type(path: str | Path) -> tuple[str, str] | None:
+    """``prediction_type_hint`` of a .safetensors file's metadata; None for other files."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    header = safetensors_header(path)
+    return None if header is None else prediction_type_hint(header.get("__metadata__"))
+
+
+def safetensors_shapes(path: str | Path) -> dict[str, list[int]] | None:
+    """Tensor name -> shape from a .safetensors file's JSON header (no tensor is read), or
+    None when it is no readable safetensors file."""
+    header = safetensors_header(path)
+    if header is None:
         return None
     return {
         k: v.get("shape") or []
@@ -442,6 +487,11 @@ class Job:
     # Where a single-file checkpoint gets its component configs and tokenizer
     # (a diffusers folder or hub id of the same architecture); None: the SD 1.5 configs.
     model_config: str | None = None
+    # What the UNet predicts (PREDICTION_TYPES), replacing its scheduler config's; for an
+    # SD 2.x single file also its default configs (epsilon: 2-1-base, 512 px; v: 2-1, 768
+    # px). None: the model's own (a single file's metadata hint, else its configs'). job.json
+    # records what ran.
+    prediction_type: str | None = None
     negative_prompt: str = ""
     frames: int = 8
     # Pixels, multiples of 8. None: the model's native pixel count (SD 1.x: 512x512) at the
@@ -526,7 +576,7 @@ class Job:
 
 
 # Optional fields left out of a job's dict while unset (jobs written before them stay equal).
-_LEFT_OUT_UNSET = ("indices", "detector_models", "family", "control_type")
+_LEFT_OUT_UNSET = ("indices", "detector_models", "family", "control_type", "prediction_type")
 
 
 def _dict_without_unset_indices(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -894,6 +944,9 @@ def validate_job(data: Any) -> Job:
     model_config = d.get("model_config")
     if model_config is not None:
         _str("model_config", model_config, nonempty=True)
+    prediction_type = d.get("prediction_type")
+    if prediction_type is not None:
+        _choice("prediction_type", prediction_type, PREDICTION_TYPES)
     flow_source = d.get("flow_source")
     if flow_source is not None:
         _str("flow_source", flow_source, nonempty=True)
@@ -904,6 +957,7 @@ def validate_job(data: Any) -> Job:
         mode=mode,
         model=_str("model", d.get("model", default_model), nonempty=True),
         model_config=model_config,
+        prediction_type=prediction_type,
         negative_prompt=_str(
             "negative_prompt", d.get("negative_prompt", ""), max_chars=MAX_PROMPT_CHARS
         ),

@@ -279,6 +279,8 @@ def build_job(
         "compile": bool(settings.get("compile", False)),
     }
     job.update(adapter_fields(settings.get("adapters", ())))
+    if settings.get("prediction_type"):  # None: the model's own
+        job["prediction_type"] = str(settings["prediction_type"])
     for side in ("width", "height"):
         if job[side] % 8:
             raise JobBuildError(f"{side}: must be a multiple of 8, got {job[side]}")
@@ -407,9 +409,12 @@ def rebuild_job(
         job["smooth_bg"] = False  # pix2pix follows its moving source: the backend refuses it
     if "consistency" in settings and mode != "text2video":  # flow follows an input video
         job["consistency"] = str(settings["consistency"])
-    # An empty model field means "the default": keep the model the result was made with.
+    # An empty model field means "the default": keep the model the result was made with;
+    # so does the model's own prediction type (a stored one stays).
     if str(settings.get("model") or "").strip():
         job["model"] = str(settings["model"]).strip()
+    if settings.get("prediction_type"):
+        job["prediction_type"] = str(settings["prediction_type"])
     if mode == "text2video":
         if "motion" in settings:
             job["motion"] = [float(v) for v in settings["motion"]]

@@ -64,6 +64,27 @@ def model_family(name: str) -> str | None:
     return _protocol().known_family(name)
 
 
+# The native side of an SD 2.x model that predicts epsilon (2-1-base; FAMILY_SIDES["sd2"]
+# is its 768 px v-prediction sibling's).
+SD2_EPSILON_SIDE = 512
+
+
+def native_side(model: str, prediction_type: str | None = None) -> int:
+    """``sizing.native_side`` of ``model``, but 512 for an SD 2.x single file that runs as
+    an epsilon model (the job's ``prediction_type``, else its metadata's word), as the
+    backend then loads it with 2-1-base's configs."""
+    side = sizing.native_side(model)
+    path = Path(os.path.expanduser((model or "").strip()))
+    if side != _protocol().FAMILY_SIDES["sd2"] or not path.is_file():
+        return side
+    if model_family(str(path)) != "sd2":
+        return side
+    if prediction_type is None:
+        hint = _protocol().file_prediction_type(path)
+        prediction_type = None if hint is None else hint[0]
+    return SD2_EPSILON_SIDE if prediction_type == "epsilon" else side
+
+
 def label(family: str | None) -> str:
     """A family for people ("SDXL"); "unknown family" for None."""
     return "unknown family" if family is None else _protocol().FAMILY_LABELS[family]

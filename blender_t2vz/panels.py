@@ -345,21 +345,20 @@ class T2VZ_PT_settings(_SequencerPanel, bpy.types.Panel):
 
 
 class T2VZ_PT_advanced(_SequencerPanel, bpy.types.Panel):
-    """When text to video's motion is applied (t0, t1)."""
+    """What the model predicts (epsilon or v); when text to video's motion is applied."""
 
     bl_label = "Advanced"
     bl_parent_id = "T2VZ_PT_settings"
     bl_options = {"DEFAULT_CLOSED"}
-
-    @classmethod
-    def poll(cls, context: Any) -> bool:
-        return context.scene is not None and context.scene.t2vz.mode == "text2video"
 
     def draw(self, context: Any) -> None:
         layout = self.layout
         layout.use_property_split = True
         layout.use_property_decorate = False
         settings = context.scene.t2vz
+        layout.prop(settings, "prediction_type")
+        if settings.mode != "text2video":
+            return
         layout.prop(settings, "custom_timesteps")
         col = layout.column(align=True)
         col.active = settings.custom_timesteps

@@ -15,7 +15,7 @@ from bpy.props import (
     StringProperty,
 )
 
-from . import backend_paths, preferences, sizing
+from . import backend_paths, model_families, preferences, sizing
 
 MODE_ITEMS = [
     ("text2video", "Text to Video", "Generate from the prompt alone, with motion dynamics"),
@@ -128,6 +128,29 @@ FIT_ITEMS = [
     ("crop", "Crop", "Scale the input to cover the frame and crop what sticks out (centred)"),
     ("pad", "Pad", "Fit the whole input inside the frame, centred on black"),
     ("stretch", "Stretch", "Scale width and height separately (distorts the input)"),
+]
+
+# The job's ``prediction_type`` (backend/protocol.py PREDICTION_TYPES), "AUTO": none sent.
+PREDICTION_ITEMS = [
+    (
+        "AUTO",
+        "Model's Own",
+        "What the model says: its scheduler config, or a single file's metadata "
+        "(modelspec.prediction_type); an SD 2.x single file that says nothing runs as the "
+        "768 px v-prediction model",
+    ),
+    (
+        "epsilon",
+        "Epsilon",
+        "The UNet predicts the noise: SD 1.x, SDXL and SD 2.x at 512 px (2-1-base). An SD 2.x "
+        "single file loads with the 512 px configs",
+    ),
+    (
+        "v_prediction",
+        "V-Prediction",
+        "The UNet predicts v: SD 2.x at 768 px (2-1). An SD 2.x single file loads with the "
+        "768 px configs",
+    ),
 ]
 
 ADAPTER_KIND_ITEMS = [
@@ -303,6 +326,14 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         description="Step from which all frames are denoised together; above t0, below "
         "Steps. Frame 1 alone runs the steps before it",
     )
+    prediction_type: EnumProperty(
+        name="Prediction",
+        items=PREDICTION_ITEMS,
+        default="AUTO",
+        description="What the model's UNet predicts. The weights cannot tell: a wrong choice "
+        "gives washed-out or noisy pictures. Needed for an SD 2.x single file at 512 px "
+        "(2-1-base fine-tunes) whose file does not say",
+    )
     smooth_bg: BoolProperty(name="Background Smoothing", default=False)
     consistency: EnumProperty(
         name="Consistency",
@@ -343,8 +374,13 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
         return prefs.pix2pix_model if self.mode == "pix2pix" else prefs.model
 
     def native_side(self) -> int:
-        """The side of the square the job's model was trained at, in pixels."""
-        return sizing.native_side(self.size_model())
+        """The side of the square the job's model was trained at, in pixels (an SD 2.x
+        single file: 512 when it runs as an epsilon model)."""
+        return model_families.native_side(self.size_model(), self.job_prediction_type())
+
+    def job_prediction_type(self) -> str | None:
+        """The job's ``prediction_type``: None for the model's own."""
+        return None if self.prediction_type == "AUTO" else self.prediction_type
 
     def native_size(self, scene: Any) -> tuple[int, int]:
         """The model's native pixel count at the scene's aspect ratio, multiples of 8."""
@@ -390,6 +426,7 @@ class T2VZ_SceneSettings(bpy.types.PropertyGroup):
             "smooth_bg": self.smooth_bg,
             "smooth_alpha": self.smooth_alpha,
             "consistency": self.consistency,
+            "prediction_type": self.job_prediction_type(),
             "device": device,
             "dtype": dtype,
             "write_mp4": self.write_mp4,

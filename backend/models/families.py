@@ -90,6 +90,9 @@ class Family:
     # with when the job names none (text-to-image, InstructPix2Pix; configs only).
     config_repo: str
     pix2pix_config_repo: str | None
+    # The configs repo of the family's epsilon-prediction (512 px) model where config_repo is
+    # a v-prediction one (SD 2.x: 2-1-base beside 2-1); None: config_repo serves both.
+    epsilon_config_repo: str | None = None
 
 
 def _family(key: str, **traits: Any) -> Family:
@@ -114,6 +117,7 @@ SD2 = _family(
     honours_force_upcast=False,
     config_repo="stabilityai/stable-diffusion-2-1",
     pix2pix_config_repo=None,
+    epsilon_config_repo="stabilityai/stable-diffusion-2-1-base",
 )
 SDXL = _family(
     "sdxl",
@@ -125,6 +129,19 @@ SDXL = _family(
     pix2pix_config_repo="diffusers/sdxl-instructpix2pix-768",
 )
 FAMILIES = {f.key: f for f in (SD1, SD2, SDXL)}
+
+
+def single_file_config_repo(
+    family: Family, pix2pix: bool = False, prediction_type: str | None = None
+) -> str | None:
+    """The hub repo whose configs and tokenizers a single-file checkpoint of ``family`` loads
+    with when the job names none: the family's InstructPix2Pix repo, its epsilon (512 px)
+    repo for an epsilon model where the default is v-prediction (SD 2.x), else its own."""
+    if pix2pix:
+        return family.pix2pix_config_repo
+    if prediction_type == "epsilon" and family.epsilon_config_repo is not None:
+        return family.epsilon_config_repo
+    return family.config_repo
 
 
 class FamilyError(ValueError):

@@ -25,7 +25,9 @@ import torch
 
 from ..protocol import (
     PICKLE_SUFFIXES,
+    PREDICTION_TYPES,
     SAFE_SUFFIXES,
+    file_prediction_type,
     hub_id_problem,
     shown,
     split_hub_id,
@@ -40,6 +42,7 @@ from .families import (
     family_from_folder,
     family_from_unet_config,
     family_of_location,
+    single_file_config_repo,
     zeros_for_empty_negative,
 )
 from .hub import (
@@ -435,6 +438,7 @@ def load_base_model(
     device: torch.device | None = None,
     dtype: torch.dtype = torch.float32,
     download: DownloadHooks | None = None,
+    prediction_type: str | None = None,
 ) -> BaseModel:
     """Load SD 1.x, 2.x or SDXL components from a hub id, a diffusers folder or a single-file
     checkpoint; the family is read from the model (``families``), never from its name.
@@ -442,16 +446,21 @@ def load_base_model(
     A hub id is first downloaded into the hub cache (progress and cancel through
     ``download``), then loaded from there like a local folder, or, for one checkpoint file of
     a repo, like a local single-file checkpoint (configs from ``config``, else the family's
-    own configs repo).
+    own configs repo). ``prediction_type`` (PREDICTION_TYPES) replaces the scheduler
+    config's; None keeps the model's own (a single file's metadata hint, else its configs').
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ModelLoadError(
+            f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}"
+        )
     device = device or torch.device("cpu")
     kind, location = _local_source(name, allow_pickle, download)
     if kind == "file":
         _check_pickle_file(location, allow_pickle)
-        components = _load_single_file(location, pix2pix, config, dtype, download)
+        components = _load_single_file(location, pix2pix, config, dtype, download, prediction_type)
     else:
         root = Path(location)
         if kind == "folder":
@@ -507,6 +516,8 @@ def load_base_model(
         family = family_from_folder(location)
         components["family"] = family
         components["zero_empty_negative"] = zeros_for_empty_negative(location, family)
+        if prediction_type is not None:
+            components["scheduler_config"]["prediction_type"] = prediction_type
     text_encoder_2 = components.get("text_encoder_2")
     base = BaseModel(
         tokenizer=components["tokenizer"],
@@ -522,7 +533,9 @@ def load_base_model(
         family=components.get("family"),
         zero_empty_negative=components.get("zero_empty_negative"),
     )
-    log.info("%s: %s model", name, base.family.label)
+    log.info(
+        "%s: %s model, %s", name, base.family.label, base.scheduler_config.get("prediction_type")
+    )
     if pix2pix and base.in_channels != 8:
         raise ModelLoadError(
             f"pix2pix needs an InstructPix2Pix model (UNet with 8 input channels); "
@@ -554,19 +567,35 @@ def _scheduler_config(location: str, kind: str) -> dict:
     return ddim_config(dict(config))
 
 
+def single_file_prediction_type(path: str, prediction_type: str | None) -> str | None:
+    """The prediction type a single file runs with: the job's, else its safetensors
+    metadata's (``protocol.PREDICTION_HINTS``), else None (its configs decide)."""
+    if prediction_type is not None:
+        return prediction_type
+    hint = file_prediction_type(path)
+    if hint is None:
+        return None
+    log.info("%s: %s, as its metadata's %s says", path, hint[0], hint[1])
+    return hint[0]
+
+
 def _load_single_file(
     path: str,
     pix2pix: bool,
     config: str | None,
     dtype: torch.dtype,
     download: DownloadHooks | None = None,
+    prediction_type: str | None = None,
 ) -> dict:
     """Components of an original-format SD 1.x, 2.x or SDXL checkpoint through diffusers'
     single-file loader; the family from its tensor names (``families.family_from_file``).
 
     Its configs and tokenizer come from ``config`` (a folder, or a hub id fetched like a
-    model, configs only; by default the family's own configs repo), and diffusers reads them
-    from that folder: no network of its own.
+    model, configs only; by default the family's own configs repo, for SD 2.x the 512 px
+    epsilon one or the 768 px v-prediction one as ``prediction_type`` or the file's
+    metadata says, v-prediction when neither does, as diffusers guesses), and diffusers
+    reads them from that folder: no network of its own. The tensors cannot tell epsilon from
+    v-prediction.
     """
     from diffusers import (
         StableDiffusionInstructPix2PixPipeline,
@@ -584,7 +613,8 @@ def _load_single_file(
         pipeline_cls = (
             StableDiffusionInstructPix2PixPipeline if pix2pix else StableDiffusionPipeline
         )
-    default = family.pix2pix_config_repo if pix2pix else family.config_repo
+    prediction_type = single_file_prediction_type(path, prediction_type)
+    default = single_file_config_repo(family, pix2pix, prediction_type)
     if config is None and default is None:
         raise ModelLoadError(
             f"{path} is an {family.label} checkpoint and there is no default {family.label} "
@@ -609,12 +639,15 @@ def _load_single_file(
             f"{exc} (another architecture? give --model-config / model_config a diffusers "
             "folder or hub id of the same architecture)"
         ) from exc
+    scheduler_config = ddim_config(dict(pipeline.scheduler.config))
+    if prediction_type is not None:
+        scheduler_config["prediction_type"] = prediction_type
     return {
         "tokenizer": pipeline.tokenizer,
         "text_encoder": pipeline.text_encoder,
         "unet": pipeline.unet,
         "vae": pipeline.vae,
-        "scheduler_config": ddim_config(dict(pipeline.scheduler.config)),
+        "scheduler_config": scheduler_config,
         "tokenizer_2": getattr(pipeline, "tokenizer_2", None),
         "text_encoder_2": getattr(pipeline, "text_encoder_2", None),
         "family": family,

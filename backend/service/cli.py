@@ -23,6 +23,7 @@ from ..protocol import (
     FITS,
     MAX_LINE_BYTES,
     MODES,
+    PREDICTION_TYPES,
     PRESETS,
     UNION_CONTROL_TYPES,
     JobError,
@@ -106,7 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--model-config",
         help="diffusers folder or hub id giving configs and "
-        "tokenizer for a single-file checkpoint [default: the SD 1.5 configs]",
+        "tokenizer for a single-file checkpoint [default: its family's: "
+        "stable-diffusion-v1-5, stable-diffusion-2-1 (2-1-base with --prediction-type "
+        "epsilon) or stable-diffusion-xl-base-1.0]",
+    )
+    gen.add_argument(
+        "--prediction-type",
+        choices=PREDICTION_TYPES,
+        help="what the UNet predicts, replacing its scheduler config's: epsilon (SD 1.x, "
+        "SDXL, SD 2.x 512 px) or v_prediction (SD 2.x 768 px); for an SD 2.x single file "
+        "it also picks the 512 px or 768 px configs [default: the model's own; a single "
+        "file's safetensors metadata (modelspec.prediction_type) where it says, else its "
+        "configs']",
     )
     gen.add_argument(
         "--preset",
@@ -361,6 +373,7 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "model": args.model,
         "model_config": args.model_config,
+        "prediction_type": args.prediction_type,
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "frames": args.frames,

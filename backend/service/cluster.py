@@ -516,6 +516,7 @@ def compute_shard(
                 "dtype_reason": dtype_choice.reason,
                 "family": base.family.key,
                 "family_label": base.family.label,
+                "prediction_type": base.scheduler_config.get("prediction_type", "epsilon"),
                 "torch": torch.__version__,
             }
         }
@@ -623,6 +624,7 @@ class ShardWorker:
                     allow_pickle=allow_pickle,
                     device=device,
                     dtype=choose_dtype(job.dtype, device).dtype,
+                    prediction_type=job.prediction_type,
                 )
         except Exception as exc:
             raise ClusterError(f"worker {platform.node()}: {type(exc).__name__}: {exc}") from None
@@ -1096,6 +1098,7 @@ def _finish(
     resolved["width"], resolved["height"] = size
     resolved["allow_pickle"] = allow_pickle
     resolved["family"] = info.get("family")  # what the workers read the model as
+    resolved["prediction_type"] = info.get("prediction_type", job.prediction_type)
     for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
         weights = weights_used(spec.detector, spec.detector_models)
         if weights is not None:

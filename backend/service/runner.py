@@ -258,6 +258,9 @@ def resolved_job(
     resolved["width"], resolved["height"] = size  # the size it ran at, however chosen
     resolved["allow_pickle"] = allow_pickle  # what this run allowed, not what was asked
     resolved["family"] = base.family.key  # what the model was read as (job.family)
+    # What the UNet was run as predicting: the job's, a single file's metadata's or the
+    # configs' (an SD 2.x single file then reloads with the same configs repo).
+    resolved["prediction_type"] = base.scheduler_config.get("prediction_type", "epsilon")
     for entry, spec in zip(resolved["controlnets"], job.controlnets, strict=True):
         weights = weights_used(spec.detector, spec.detector_models)
         if weights is not None:  # the detector weights it ran with, defaults included
@@ -344,6 +347,7 @@ def load_models(
             allow_pickle=allow_pickle,
             device=device,
             dtype=dtype,
+            prediction_type=job.prediction_type,
         )
         if job.family is not None and job.family != base.family.key:
             raise ModelLoadError(

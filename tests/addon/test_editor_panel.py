@@ -63,8 +63,9 @@ def test_tooltips_and_the_advanced_panel_for_t0_t1(scene) -> None:
     settings.custom_timesteps = False
     job = operators.plan_from_panel(bpy.context).job
     assert (job["t0"], job["t1"]) != (8, 10)  # the defaults, scaled to the steps
-    settings.mode = "pix2pix"
-    assert not panels.T2VZ_PT_advanced.poll(bpy.context)
+    settings.mode = "pix2pix"  # t0/t1 are text to video's; the prediction type is any mode's
+    drawn = {e[1] for e in _draw(panels.T2VZ_PT_advanced)}
+    assert "prediction_type" in drawn and not {"custom_timesteps", "t0", "t1"} & drawn
 
 
 def _scene_controlnet(scene) -> None:
