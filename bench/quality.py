@@ -816,6 +816,13 @@ def ratio_interval(values: Sequence[float], baseline: Sequence[float]) -> tuple[
     return ratio, float(low), float(high)
 
 
+def seeds_above(values: Sequence[float], baseline: Sequence[float]) -> tuple[int, int]:
+    """How many seeds' value is above, and how many below, the baseline's (NaNs left out):
+    whether a difference of means is most seeds or a few far ones."""
+    pairs = [(v, b) for v, b in zip(values, baseline, strict=True) if np.isfinite(v - b)]
+    return sum(v > b for v, b in pairs), sum(v < b for v, b in pairs)
+
+
 def standard_error(values: Sequence[float]) -> float:
     """Standard error of the mean over the values that are numbers (NaN with fewer than 2)."""
     kept = [v for v in values if np.isfinite(v)]
@@ -841,6 +848,7 @@ def flow_rows(
             elif config != "paper":
                 keys = (f"{name}_diff", f"{name}_diff_lo", f"{name}_diff_hi")
                 row.update(zip(keys, paired_difference(values, baseline), strict=True))
+                row[f"{name}_above"], row[f"{name}_below"] = seeds_above(values, baseline)
         row["s_per_video"] = seconds[config]
         rows.append(row)
     return rows
@@ -866,8 +874,9 @@ def run_flow(models: Models, settings: Settings, out: Outputs) -> list[dict]:
 
 
 def flow_table(rows: list[dict]) -> str:
-    """Two fixed-width tables a mode: warp errors (ratio to paper), quality kept
-    (difference from paper); mean +- standard error over seeds, [95 % interval]."""
+    """Three fixed-width tables a mode: warp errors (ratio to paper), quality kept
+    (difference from paper; mean +- standard error over seeds, [95 % interval]) and how
+    many seeds' quality figures lie above and below the paper's."""
     blocks = []
     for mode in dict.fromkeys(r["mode"] for r in rows):
         part = [r for r in rows if r["mode"] == mode]
@@ -875,8 +884,10 @@ def flow_table(rows: list[dict]) -> str:
             ["configuration", "warp dE", "x paper [95%]", "warp MSE", "x paper [95%]", "s/video"]
         ]
         kept = [["configuration"]]
+        signs = [["seeds above / below paper"]]
         for name in FLOW_QUALITY[mode]:
             kept[0] += [HEADERS.get(name, name), "- paper [95%]"]
+            signs[0].append(HEADERS.get(name, name))
         for r in part:
             warp.append(
                 [
@@ -894,8 +905,13 @@ def flow_table(rows: list[dict]) -> str:
                 line.append(f"{r[name]:.{digits}f} ± {r[f'{name}_se']:.{digits}f}")
                 line.append(_diff_cell(r, name, digits))
             kept.append(line)
+            if r["variant"] != "paper":
+                signs.append(
+                    [r["variant"]]
+                    + [f"{r[f'{n}_above']} / {r[f'{n}_below']}" for n in FLOW_QUALITY[mode]]
+                )
         seeds = int(part[0]["seeds"])
-        blocks.append(f"{mode}, {seeds} seeds\n{_grid(warp)}\n{_grid(kept)}")
+        blocks.append(f"{mode}, {seeds} seeds\n{_grid(warp)}\n{_grid(kept)}\n{_grid(signs)}")
     legend = (
         "mean ± standard error over seeds; x paper: ratio of the means, [95 % interval] from "
         "resampling seeds; - paper: mean paired difference, [95 % t-interval]"

@@ -43,7 +43,8 @@ def test_reversed_flow_is_the_true_flow_negated() -> None:
 
 def test_paired_difference_and_ratio_intervals() -> None:
     """Mean paired difference with its t-interval (t(0.975, 3) = 3.182), seeds with a NaN
-    left out; ratio of means with an interval that a constant ratio pins."""
+    left out; ratio of means with an interval that a constant ratio pins; seeds above and
+    below (ties and NaNs in neither)."""
     mean, low, high = quality.paired_difference([1, 2, 3, 4, 9], [0, 0, 0, 0, math.nan])
     half = 3.182446 * np.std([1, 2, 3, 4], ddof=1) / 2
     assert mean == pytest.approx(2.5)
@@ -54,6 +55,7 @@ def test_paired_difference_and_ratio_intervals() -> None:
     ratio, low, high = quality.ratio_interval([1, 4, 2, 3], [2, 2, 2, 2])
     assert ratio == pytest.approx(1.25)
     assert low < ratio < high
+    assert quality.seeds_above([1, 2, 3, math.nan, 5], [2, 2, 2, 2, 1]) == (2, 1)
 
 
 def test_flow_section_runs_on_the_tiny_models(
@@ -75,6 +77,7 @@ def test_flow_section_runs_on_the_tiny_models(
         assert flow["warp_de_ratio"] == pytest.approx(flow["warp_de"] / paper["warp_de"])
         for name in quality.FLOW_QUALITY[mode]:
             assert flow[f"{name}_diff_lo"] <= flow[f"{name}_diff"] <= flow[f"{name}_diff_hi"]
+            assert flow[f"{name}_above"] + flow[f"{name}_below"] <= 2
         assert len(results["per_seed"]["flow"][f"{mode}, flow, estimated"]) == 2
         # Two seeds, each its source row and the three configurations: 8 rows of 64 + 2 px.
         sheet = cv2.imread(str(tmp_path / "sheets" / f"flow-{mode}.png"))
