@@ -32,6 +32,7 @@ BUILTIN_FAMILIES = (
     ("builtin:tiny-xl", "sdxl"),
     ("builtin:tiny-sd2", "sd2"),
     ("builtin:tiny", "sd1"),
+    ("builtin:shapes-xl", "sdxl"),
     ("builtin:shapes", "sd1"),
 )
 DEFAULT_SIDE = 512

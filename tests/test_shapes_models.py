@@ -61,6 +61,10 @@ def test_shipped_configs_carry_no_loading_history() -> None:
 SHIPPED = tuple(k for k in SHAPES_KINDS if (SHIPPED_DIR / k).is_dir())
 
 
+def _shipped(kind: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(kind not in SHIPPED, reason=f"{kind} not trained yet")
+
+
 def test_the_base_model_is_shipped() -> None:
     assert "shapes" in SHIPPED
 
@@ -104,12 +108,36 @@ def border_colour(frame) -> str:
     return names[np.bincount(nearest).argmax()]
 
 
-def test_base_model_generates_the_prompted_background() -> None:
+# Text-to-image bases and their ControlNets, by family (SD 1.x, SDXL in miniature).
+BASES = [pytest.param(k, marks=_shipped(k)) for k in ("shapes", "shapes-xl")]
+CONTROLNET_PAIRS = [
+    pytest.param(base, cn, marks=_shipped(cn))
+    for base, cn in (("shapes", "shapes-controlnet"), ("shapes-xl", "shapes-xl-controlnet"))
+]
+
+
+def test_the_xl_models_are_sdxl_in_miniature() -> None:
+    if "shapes-xl" not in SHIPPED:
+        pytest.skip("shapes-xl not trained yet")
+    from backend.models.loading import load_base_model, load_controlnet
+
+    base = load_base_model("builtin:shapes-xl")
+    assert base.family.key == "sdxl"
+    assert base.text_encoder_2 is not None
+    # SDXL's layout: no attention at the full latent resolution, stacked blocks below.
+    assert base.unet.config.down_block_types[0] == "DownBlock2D"
+    assert base.unet.config.addition_embed_type == "text_time"
+    controlnet = load_controlnet("builtin:shapes-xl-controlnet")
+    assert controlnet.config.addition_embed_type == "text_time"
+
+
+@pytest.mark.parametrize("kind", BASES)
+def test_base_model_generates_the_prompted_background(kind: str) -> None:
     from backend.engine.pipeline import TextToVideoZero
     from backend.models.loading import load_base_model
     from backend.protocol import resolve_t0_t1
 
-    engine = TextToVideoZero(load_base_model("builtin:shapes"))
+    engine = TextToVideoZero(load_base_model(f"builtin:{kind}"))
     t0, t1 = resolve_t0_t1(20)
     for background in ("blue", "yellow"):
         latents = engine(
@@ -143,8 +171,8 @@ def palette_mask(frame, colour: str):
     return (nearest == names.index(colour)).reshape(frame.shape[:2])
 
 
-@pytest.mark.skipif("shapes-controlnet" not in SHIPPED, reason="ControlNet not trained yet")
-def test_controlnet_video_on_a_moving_shape() -> None:
+@pytest.mark.parametrize(("base", "kind"), CONTROLNET_PAIRS)
+def test_controlnet_video_on_a_moving_shape(base: str, kind: str) -> None:
     import torch
 
     from backend.engine.pipeline import ControlInput, TextToVideoZero
@@ -152,9 +180,9 @@ def test_controlnet_video_on_a_moving_shape() -> None:
     from backend.models import shapes
     from backend.models.loading import load_base_model, load_controlnet
 
-    controlnet = load_controlnet("builtin:shapes-controlnet")
+    controlnet = load_controlnet(f"builtin:{kind}")
     assert controlnet.config.cross_attention_dim == 64
-    engine = TextToVideoZero(load_base_model("builtin:shapes"), [controlnet])
+    engine = TextToVideoZero(load_base_model(f"builtin:{base}"), [controlnet])
     scene = shapes.Scene("blue", "checks", (shapes.Shape("square", "white", 0.3, 0.5, 0.2),))
     video = shapes.render_video(scene, 2, velocity=(0.2, 0.0))
     controls = {k: torch.from_numpy(canny(frame)).permute(2, 0, 1) for k, frame in enumerate(video)}
@@ -174,8 +202,8 @@ def test_controlnet_video_on_a_moving_shape() -> None:
     assert torch.isfinite(latents).all()
 
 
-@pytest.mark.skipif("shapes-controlnet" not in SHIPPED, reason="ControlNet not trained yet")
-def test_controlnet_puts_the_shape_where_the_control_has_it() -> None:
+@pytest.mark.parametrize(("base", "kind"), CONTROLNET_PAIRS)
+def test_controlnet_puts_the_shape_where_the_control_has_it(base: str, kind: str) -> None:
     import numpy as np
     import torch
 
@@ -184,8 +212,8 @@ def test_controlnet_puts_the_shape_where_the_control_has_it() -> None:
     from backend.models import shapes
     from backend.models.loading import load_base_model, load_controlnet
 
-    controlnet = load_controlnet("builtin:shapes-controlnet")
-    engine = TextToVideoZero(load_base_model("builtin:shapes"), [controlnet])
+    controlnet = load_controlnet(f"builtin:{kind}")
+    engine = TextToVideoZero(load_base_model(f"builtin:{base}"), [controlnet])
     centres = []
     for x in (0.28, 0.72):
         scene = shapes.Scene("blue", "checks", (shapes.Shape("square", "white", x, 0.5, 0.2),))

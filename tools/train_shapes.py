@@ -18,6 +18,18 @@ each (both only read the base):
   trained on ``shapes.random_edit`` pairs with InstructPix2Pix conditioning dropout
   -> ``OUT/shapes-pix2pix`` (tokenizer, text encoder and VAE are the base's, byte for byte).
 
+``xl`` trains the SDXL architecture in miniature on the same world, from the ``vae`` stage's
+autoencoder and tokenizer (SDXL's VAE is SD's architecture; it and the tokenizers are copied
+byte for byte), in one command:
+
+* ``base-xl``: CLIPTextModel + CLIPTextModelWithProjection (penultimate hidden states
+  concatenated as the cross-attention input, the second encoder's pooled projection as an
+  added condition) and a UNet with SDXL's layout: no attention at the full latent resolution,
+  stacked transformer blocks below it, linear projections, the ``text_time`` added embedding
+  of pooled text and the six size/crop ids -> ``OUT/shapes-xl``;
+* ``controlnet-xl``: ``ControlNetModel.from_unet`` on the frozen XL base, the same canny
+  controls -> ``OUT/shapes-xl-controlnet``.
+
 Everything is seeded (``--seed``); weights are stored as fp16 safetensors (loading upcasts
 to the job's dtype). Nothing here runs in tests or CI: the trained folders are committed.
 """
@@ -47,12 +59,13 @@ from backend.media.controls import canny
 from backend.models import shapes
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "backend" / "builtin"
+DEFAULT_OUT = ROOT / "backend" / "models" / "builtin"
 # Rendered training images, reused by the stages (each runs in its own process if asked).
 DATA_CACHE = Path(tempfile.gettempdir()) / "t2vz-train-shapes"
 # Share of ControlNet training controls drawn from the silhouette (see control_images).
 SILHOUETTE_CONTROLS = 0.3
 STAGES = ("vae", "base", "controlnet", "pix2pix")
+XL_STAGES = ("base-xl", "controlnet-xl")
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 # Words of every prompt and instruction the world makes (see shapes.Scene.prompt, shapes.Edit).
 WORLD_WORDS = ("a", "and", "on", "background", "make", "the", *shapes.COLOURS, *shapes.SHAPES)
@@ -90,6 +103,10 @@ class TrainConfig:
     drop_text: float = 0.05  # InstructPix2Pix conditioning dropout (Brooks et al. 2023, 3.2)
     drop_image: float = 0.05
     warmup: int = 100
+    # SDXL in miniature: the base's step count and recipe (the world and its difficulty are
+    # the same; the ControlNet too).
+    base_xl_steps: int = 10000
+    controlnet_xl_steps: int = 2700
 
 
 def log(message: str) -> None:
@@ -267,7 +284,8 @@ def unet_config(in_channels: int, cross_dim: int) -> dict:
 
 
 def text_config(tokenizer, cross_dim: int):
-    """A two-layer CLIP text encoder; its hidden states are the UNet's cross-attention input."""
+    """A two-layer CLIP text encoder; its hidden states are the UNet's cross-attention input
+    (both layers: SDXL's encoders give their penultimate state, the first layer's)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -281,6 +299,51 @@ def text_config(tokenizer, cross_dim: int):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=cross_dim,
+    )
+
+
+# SDXL in miniature: two text encoders whose penultimate hidden states are concatenated
+# (SDXL Sect. 2.1; 768 + 1280 = 2048 there, 32 + 32 = 64 here) and six size/crop ids of
+# ADDED_TIME_DIM each beside the pooled text (Sect. 2.2).
+XL_TEXT_DIMS = (32, 32)
+ADDED_TIME_DIM = 8
+
+
+def unet_xl_config(in_channels: int = 4) -> dict:
+    """SDXL's UNet layout in miniature: a plain first level (no attention at 8x8, as SDXL has
+    none at 128x128), two stacked transformer blocks at 4x4 and in the middle, linear
+    projections, and the ``text_time`` added embedding of the pooled text and size ids."""
+    return dict(
+        sample_size=8,
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),  # diffusers' legacy name: heads per level
+        use_linear_projection=True,
+        cross_attention_dim=sum(XL_TEXT_DIMS),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=ADDED_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * ADDED_TIME_DIM + XL_TEXT_DIMS[1],
+        norm_num_groups=8,
+    )
+
+
+def scheduler_xl():
+    """SDXL's scheduler as its model_index names it: Euler on SD's noise schedule (the
+    engine runs DDIM on the same betas)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
     )
 
 
@@ -345,7 +408,7 @@ class Trainer:
 
     def seed(self, stage: str) -> torch.Generator:
         """Seed torch for a stage (its own offset, so stages re-run alone reproduce)."""
-        offset = STAGES.index(stage) + 1
+        offset = (STAGES + XL_STAGES).index(stage) + 1
         torch.manual_seed(self.config.seed + offset)
         return torch.Generator().manual_seed(self.config.seed + 100 * offset)
 
@@ -608,15 +671,23 @@ class Trainer:
             shutil.rmtree(target)
         save_fp16(controlnet, target)
 
-    def controlnet_loss(self, unet, controlnet, latents, text, cond, gen) -> torch.Tensor:
-        """Epsilon MSE (min-SNR weighted) of the frozen UNet plus the ControlNet residuals."""
+    def controlnet_loss(
+        self, unet, controlnet, latents, text, cond, gen, **unet_kwargs
+    ) -> torch.Tensor:
+        """Epsilon MSE (min-SNR weighted) of the frozen UNet plus the ControlNet residuals
+        (``unet_kwargs`` go to both: SDXL's ``added_cond_kwargs``)."""
         alphas = self._alphas()
         t = torch.randint(0, 1000, (len(latents),), generator=gen)
         noise = torch.randn(latents.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         down, mid = controlnet(
-            noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False
+            noisy,
+            t,
+            encoder_hidden_states=text,
+            controlnet_cond=cond,
+            return_dict=False,
+            **unet_kwargs,
         )
         pred = unet(
             noisy,
@@ -624,6 +695,7 @@ class Trainer:
             encoder_hidden_states=text,
             down_block_additional_residuals=down,
             mid_block_additional_residual=mid,
+            **unet_kwargs,
         ).sample
         snr = alphas[t] / (1 - alphas[t])
         weight = torch.clamp(snr, max=self.config.snr_gamma) / snr
@@ -720,11 +792,177 @@ class Trainer:
             shutil.rmtree(target / sub)
             shutil.copytree(self.base_dir / sub, target / sub)
 
+    # ---------------------------------------------------------------- SDXL in miniature
+    @property
+    def xl_dir(self) -> Path:
+        return self.out / "shapes-xl"
+
+    def xl_text_encoders(self, tokenizer):
+        """Fresh CLIPTextModel and CLIPTextModelWithProjection of XL_TEXT_DIMS widths."""
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        first = CLIPTextModel(text_config(tokenizer, XL_TEXT_DIMS[0]))
+        second = CLIPTextModelWithProjection(text_config(tokenizer, XL_TEXT_DIMS[1]))
+        return first, second
+
+    @staticmethod
+    def encode_xl(first, second, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 77, 64) penultimate states of both encoders, concatenated, and (n, 32) pooled
+        projection of the second: what the engine's SDXL family feeds the UNet."""
+        out_1 = first(ids, output_hidden_states=True)
+        out_2 = second(ids, output_hidden_states=True)
+        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        return hidden, out_2.text_embeds
+
+    def xl_conditions(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``added_cond_kwargs``: the pooled text and the size/crop ids of an uncropped
+        64x64 picture (the engine's ids at the world's size)."""
+        size = self.config.image_size
+        ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": ids.expand(len(pooled), -1)}
+
+    def train_base_xl(self, resume: bool = False) -> None:
+        """Both text encoders and the XL UNet jointly; an empty prompt is all-zero embeddings
+        (the engine's ``force_zeros_for_empty_prompt`` for SDXL's negative prompt)."""
+        from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+        cfg = self.config
+        gen = self.seed("base-xl")
+        scenes, images = self.data()
+        vae = self.load_vae()
+        tokenizer = self.load_tokenizer()
+        mean, std = self.posterior(vae, images)
+        scale = vae.config.scaling_factor
+        ids = tokenize(tokenizer, [s.prompt() for s in scenes])
+        first, second = self.xl_text_encoders(tokenizer)
+        unet = UNet2DConditionModel(**unet_xl_config())
+        if resume:  # continue a previous run's (EMA) weights (see --resume)
+            saved = self.load_base_xl()
+            for module, weights in zip((unet, first, second), saved, strict=True):
+                module.load_state_dict(weights.state_dict())
+                module.requires_grad_(True)
+        log(
+            f"xl unet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, "
+            f"text encoders {sum(p.numel() for p in first.parameters()) / 1e6:.2f} M + "
+            f"{sum(p.numel() for p in second.parameters()) / 1e6:.2f} M"
+        )
+        modules = torch.nn.ModuleList([unet, first, second])
+        ema = EMA(modules, cfg.ema)
+
+        def step_fn(index: torch.Tensor) -> torch.Tensor:
+            latents = (
+                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
+            ) * scale
+            text, pooled = self.encode_xl(first, second, ids[index])
+            keep = (torch.rand(len(index), generator=gen) >= cfg.empty_prompt).float()
+            text, pooled = text * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
+            added = self.xl_conditions(pooled)
+            return self.diffusion_loss(unet, latents, text, gen, added_cond_kwargs=added)
+
+        steps = self.steps or cfg.base_xl_steps
+        params = list(modules.parameters())
+        self.fit("base-xl", modules, params, step_fn, len(scenes), steps, cfg.base_lr, gen, ema)
+        unet, first, second = ema.shadow
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=first,
+            text_encoder_2=second,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler_xl(),
+            force_zeros_for_empty_prompt=True,
+        )
+        with tempfile.TemporaryDirectory(dir=self.out) as tmp:
+            pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+            self._replace(Path(tmp), self.xl_dir)
+        # Byte-identical copies of the SD 1.x base's autoencoder and tokenizer.
+        for source, sub in (
+            ("vae", "vae"),
+            ("tokenizer", "tokenizer"),
+            ("tokenizer", "tokenizer_2"),
+        ):
+            shutil.rmtree(self.xl_dir / sub)
+            shutil.copytree(self.base_dir / source, self.xl_dir / sub)
+
+    def load_base_xl(self):
+        """The saved XL UNet and text encoders (fp32), frozen."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        def frozen(module):
+            return module.requires_grad_(False).eval()
+
+        folder = self.xl_dir
+        return (
+            frozen(UNet2DConditionModel.from_pretrained(str(folder / "unet"))),
+            frozen(CLIPTextModel.from_pretrained(str(folder / "text_encoder"))),
+            frozen(CLIPTextModelWithProjection.from_pretrained(str(folder / "text_encoder_2"))),
+        )
+
+    def train_controlnet_xl(self, resume: bool = False) -> None:
+        """ControlNet on the frozen XL base; the SD 1.x ControlNet's controls and recipe."""
+        from diffusers import ControlNetModel
+
+        cfg = self.config
+        gen = self.seed("controlnet-xl")
+        scenes, images = self.data()
+        vae = self.load_vae()
+        tokenizer = self.load_tokenizer()
+        unet, first, second = self.load_base_xl()
+        unet, first, second = unet.float(), first.float(), second.float()
+        mean, std = self.posterior(vae, images)
+        scale = vae.config.scaling_factor
+        controls = torch.from_numpy(control_images(scenes, images, cfg.seed)).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            texts, pooled = self.encode_xl(
+                first, second, tokenize(tokenizer, [s.prompt() for s in scenes])
+            )
+        controlnet = ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=(16, 32, 64, 128)
+        )
+        target = self.out / "shapes-xl-controlnet"
+        if resume:  # continue a previous run's weights (see --resume)
+            saved = ControlNetModel.from_pretrained(str(target), torch_dtype=torch.float32)
+            controlnet.load_state_dict(saved.state_dict())
+        controlnet.train()
+
+        def step_fn(index: torch.Tensor) -> torch.Tensor:
+            latents = (
+                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
+            ) * scale
+            keep = (torch.rand(len(index), generator=gen) >= cfg.controlnet_empty_prompt).float()
+            text = texts[index] * keep.view(-1, 1, 1)
+            added = self.xl_conditions(pooled[index] * keep.view(-1, 1))
+            cond = controls[index].float() / 255  # (batch, 3, H, W) in [0, 1], as the engine
+            return self.controlnet_loss(
+                unet, controlnet, latents, text, cond, gen, added_cond_kwargs=added
+            )
+
+        self.fit(
+            "controlnet-xl",
+            torch.nn.ModuleList([controlnet]),
+            list(controlnet.parameters()),
+            step_fn,
+            len(scenes),
+            self.steps or cfg.controlnet_xl_steps,
+            cfg.controlnet_lr,
+            gen,
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        save_fp16(controlnet, target)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: train the chosen stages into ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
+    parser.add_argument(
+        "--stage",
+        choices=(*STAGES, "all", *XL_STAGES, "xl"),
+        default="all",
+        help="all: the SD 1.x models; xl: the SDXL ones (base-xl, then controlnet-xl)",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument(
         "--threads",
@@ -744,7 +982,7 @@ def main(argv: list[str] | None = None) -> None:
         "--steps", type=int, default=0, help="steps of a single stage (default: its config's)"
     )
     args = parser.parse_args(argv)
-    if args.stage == "all" and (args.resume or args.steps):
+    if args.stage in ("all", "xl") and (args.resume or args.steps):
         parser.error("--resume and --steps are for a single --stage")
     if args.steps < 0:
         parser.error(f"--steps must be positive, got {args.steps}")
@@ -752,14 +990,15 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(TrainConfig(seed=args.seed), args.out, args.workers, args.steps)
     started_all = time.perf_counter()
-    serial = STAGES[:2] if args.stage == "all" else (args.stage,)
+    serial = {"all": STAGES[:2], "xl": XL_STAGES}.get(args.stage, (args.stage,))
     for stage in serial:
         started = time.perf_counter()
-        getattr(trainer, f"train_{stage}")(resume=args.resume)
+        getattr(trainer, f"train_{stage.replace('-', '_')}")(resume=args.resume)
         log(f"stage {stage} done in {time.perf_counter() - started:.0f} s")
     if args.stage == "all":
         train_side_by_side(STAGES[2:], args)
-        log(f"all stages done in {time.perf_counter() - started_all:.0f} s")
+    if args.stage in ("all", "xl"):
+        log(f"{args.stage} stages done in {time.perf_counter() - started_all:.0f} s")
 
 
 def train_side_by_side(stages: tuple[str, ...], args: argparse.Namespace) -> None:

@@ -5,10 +5,11 @@ built here once, saved as diffusers folders with safetensors weights, and then l
 through the same loading code as any user model. They produce noise-like images: they
 exist so the whole chain runs offline on any machine in seconds, not to make pictures.
 
-``builtin:shapes``, ``builtin:shapes-controlnet`` and ``builtin:shapes-pix2pix`` are
-trained by ``tools/train_shapes.py`` on the synthetic world of ``backend/models/shapes.py`` and
-ship inside the package (``backend/models/builtin/``): they make pictures whose content the prompt
-determines, so quality can be measured offline.
+``builtin:shapes``, ``builtin:shapes-controlnet`` and ``builtin:shapes-pix2pix`` (SD 1.x in
+miniature) and ``builtin:shapes-xl`` with ``builtin:shapes-xl-controlnet`` (SDXL in miniature)
+are trained by ``tools/train_shapes.py`` on the synthetic world of ``backend/models/shapes.py``
+and ship inside the package (``backend/models/builtin/``): they make pictures whose content the
+prompt determines, so quality can be measured offline.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ TINY_FAMILY_KINDS = (
     "tiny-sd2",
 )
 ALL_TINY_KINDS = TINY_KINDS + TINY_FAMILY_KINDS
-SHAPES_KINDS = ("shapes", "shapes-controlnet", "shapes-pix2pix")
+SHAPES_KINDS = (
+    "shapes",
+    "shapes-controlnet",
+    "shapes-pix2pix",
+    "shapes-xl",
+    "shapes-xl-controlnet",
+)
 BUILTIN_KINDS = ALL_TINY_KINDS + SHAPES_KINDS
 # The trained shapes models, committed with the package (see tools/train_shapes.py).
 SHIPPED_DIR = Path(__file__).resolve().parent / "builtin"
