@@ -405,6 +405,36 @@ def test_union_control_types_pair_with_the_controls() -> None:
         build_parser().parse_args(["generate", "--control-type", "sketchy"])
 
 
+def test_detector_models_go_to_the_controlnets_whose_detector_loads_the_role() -> None:
+    job = parse(
+        "--controlnet", "pose-cn", "--control", "a", "--detector", "openpose",
+        "--controlnet", "depth-cn", "--control", "b", "--detector", "depth",
+        "--detector-model", "pose=me/vitpose-large", "--detector-model", "depth=/w/depth",
+    )  # fmt: skip
+    assert [c.get("detector_models") for c in job["controlnets"]] == [
+        {"pose": "me/vitpose-large"},
+        {"depth": "/w/depth"},
+    ]
+    spec = validate_job({**job, "prompt": "p", "out": "o", "mode": "controlnet"}).controlnets[0]
+    assert spec.detector_models == {"pose": "me/vitpose-large"}
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ("pose", "wants ROLE=MODEL, got 'pose'"),
+        ("=me/x", "wants ROLE=MODEL"),
+        ("depth=me/x", "loads the role 'depth'; roles: depth, person, pose"),
+    ],
+)
+def test_bad_detector_models_are_refused_naming_them(pair: str, message: str) -> None:
+    with pytest.raises(JobError, match=message):
+        parse("--controlnet", "m", "--control", "a", "--detector", "openpose",
+              "--detector-model", pair)  # fmt: skip
+    with pytest.raises(JobError, match="--detector-model applies to the --controlnet"):
+        parse("--detector-model", "pose=me/x")
+
+
 def test_loras_and_embeddings_parse_with_windows_paths() -> None:
     job = parse(
         "--lora", "C:\\loras\\style.safetensors", "--lora", "owner/lora:0.5",

@@ -17,6 +17,7 @@ from ..protocol import (
     CONSISTENCIES,
     DEFAULT_MODEL,
     DEFAULT_MOTION,
+    DETECTOR_MODELS,
     DETECTORS,
     DEVICES,
     DTYPES,
@@ -30,6 +31,7 @@ from ..protocol import (
     apply_preset,
     clip_text,
     parse_json,
+    shown,
     validate_job,
 )
 
@@ -249,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="turn the matching --control into control images in the backend [default: none]",
     )
     gen.add_argument(
+        "--detector-model",
+        action="append",
+        default=[],
+        metavar="ROLE=MODEL",
+        help="weights a model detector loads for ROLE (openpose: person, pose; depth: depth), "
+        "a hub id or folder, for every --detector that loads that role "
+        "[default: the ids the README's Detectors section names]",
+    )
+    gen.add_argument(
         "--control-type",
         action="append",
         default=[],
@@ -452,11 +463,17 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
             )
         for spec, kind in zip(job["controlnets"], args.control_type, strict=False):
             spec["control_type"] = kind
-    elif args.controlnet_config or args.detector or args.control_type:
-        given = (
-            "--controlnet-config"
-            if args.controlnet_config
-            else ("--detector" if args.detector else "--control-type")
+        _apply_detector_models(job["controlnets"], args.detector_model)
+    elif args.controlnet_config or args.detector or args.control_type or args.detector_model:
+        given = next(
+            flag
+            for flag, value in (
+                ("--controlnet-config", args.controlnet_config),
+                ("--detector", args.detector),
+                ("--control-type", args.control_type),
+                ("--detector-model", args.detector_model),
+            )
+            if value
         )
         raise JobError(
             "controlnets",
@@ -466,6 +483,29 @@ def job_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.preset:
         job = apply_preset(job, args.preset)
     return job
+
+
+def _apply_detector_models(controlnets: list[dict], pairs: list[str]) -> None:
+    """``--detector-model ROLE=MODEL``: the weights for ROLE of every ControlNet whose detector
+    loads that role, stored as its ``detector_models``."""
+    for pair in pairs:
+        role, sep, model = pair.partition("=")
+        role, model = role.strip(), model.strip()
+        if not sep or not role or not model:
+            raise JobError(
+                "detector_models", f"--detector-model wants ROLE=MODEL, got {shown(pair)}"
+            )
+        users = [c for c in controlnets if role in DETECTOR_MODELS.get(c["detector"], {})]
+        if not users:
+            roles = sorted({r for models in DETECTOR_MODELS.values() for r in models})
+            chosen = sorted({c["detector"] for c in controlnets})
+            raise JobError(
+                "detector_models",
+                f"--detector-model {shown(pair)}: no --detector of this job "
+                f"({', '.join(chosen)}) loads the role {role!r}; roles: {', '.join(roles)}",
+            )
+        for spec in users:
+            spec.setdefault("detector_models", {})[role] = model
 
 
 def cluster_config(args: argparse.Namespace) -> Any:
