@@ -526,7 +526,8 @@ class Job:
     # "flow" frame k depends on k - 1: a frame_range computes every frame before it too.
     consistency: str = "paper"
     # Where "flow" gets the motion: None or "estimate" (optical flow of the pix2pix source or
-    # of the first control video that is a video), or a folder of .npy motion-vector frames.
+    # of the first control video that is a video), or a folder of .npy or OpenEXR motion-vector
+    # frames (backend/media/flow.py).
     flow_source: str | None = None
     controlnets: list[ControlNetSpec] = field(default_factory=list)
     # Applied to the base model for this job only; the cached model is clean afterwards.
