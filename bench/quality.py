@@ -48,11 +48,12 @@ import numpy as np
 import torch
 
 import backend.engine.pipeline as engine_module
+from backend.engine.flow import FlowFusion, FrameFusion
 from backend.engine.flow import warp as flow_warp
 from backend.engine.motion import latent_shift
 from backend.engine.pipeline import ControlInput, TextToVideoZero
 from backend.media.controls import canny
-from backend.media.flow import EstimatedFlows, latent_flow
+from backend.media.flow import EstimatedFlows, GivenFlows
 from backend.models import shapes
 from backend.models.loading import choose_dtype, load_base_model, load_controlnet, resolve_device
 from backend.protocol import resolve_t0_t1
@@ -94,6 +95,7 @@ class Settings:
     # where a nearest warp that rounds ties duplicates rows.
     strong_motion: float = 32.0
     seeds: int = 32
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (held-out runs: >= 1000)
     rows: tuple[str, ...] = ()  # text2video rows whose name contains one of these (all if empty)
     flow_modes: tuple[str, ...] = FLOW_MODES  # the flow section's modes
     flow_reversed: bool = False  # the flow section's control row (the true motion reversed)
@@ -110,6 +112,11 @@ class Variant:
     kwargs: dict = field(default_factory=dict)  # engine keywords
     independent: bool = False  # one-frame runs, each frame with its own seed
     legacy_warp: bool = False  # the warp before the fix (bench.warp_check): a control row
+
+
+def seed_range(settings: Settings) -> range:
+    """The seeds a run measures: ``settings.seeds`` of them from ``settings.first_seed``."""
+    return range(settings.first_seed, settings.first_seed + settings.seeds)
 
 
 LATE_WARP = {"t0": 4, "t1": 5}  # of 10 steps (the default is t0 8, t1 9)
@@ -387,7 +394,7 @@ def run_fidelity(models: Models, settings: Settings, out: Outputs) -> dict:
     truth = []
     images, labels = [], []
     readings: list[dict] = out.per_seed.setdefault("fidelity", {}).setdefault("images", [])
-    for seed in range(settings.seeds):
+    for seed in seed_range(settings):
         scene = scene_for(seed)
         latents = models.base(
             prompt=scene.prompt(),
@@ -438,7 +445,7 @@ def run_text2video(models: Models, settings: Settings, out: Outputs) -> list[dic
         lengths = [n for n in (settings.short, settings.frames) if n <= variant.frames]
         per_length: dict[int, list] = {n: [] for n in lengths}
         started = time.perf_counter()
-        for seed in range(settings.seeds):
+        for seed in seed_range(settings):
             scene = scene_for(seed)
             frames = text2video(models.base, settings, variant, scene.prompt(), seed)
             shifts = displacements(settings, variant.motion, variant.frames)
@@ -446,7 +453,7 @@ def run_text2video(models: Models, settings: Settings, out: Outputs) -> list[dic
             for length, figures in video_figures(frames, shifts, colour, lengths).items():
                 per_length[length].append(figures)
                 per_seed.setdefault(f"{variant.name}, {length} frames", []).append(figures)
-            if seed == 0:
+            if seed == settings.first_seed:
                 sheet_rows.append((variant.name, frames[:: max(1, variant.frames // 8)]))
         seconds = (time.perf_counter() - started) / settings.seeds
         progress(f"text2video {variant.name}: {seconds:.1f} s/video")
@@ -472,7 +479,7 @@ def run_controlnet(models: Models, settings: Settings, out: Outputs) -> list[dic
     for name, cross in (("controlnet video", True), ("no cross-frame attn", False)):
         figures = []
         started = time.perf_counter()
-        for seed in range(settings.seeds):
+        for seed in seed_range(settings):
             scene, velocity, video = moving_source(seed, n, settings.size)
             control = {k: _tensor(canny(video[k])) for k in range(n)}
             latents = engine(
@@ -503,7 +510,7 @@ def run_controlnet(models: Models, settings: Settings, out: Outputs) -> list[dic
             )
             row["bg_match"] = float(np.mean([r.background == scene.background for r in readings]))
             figures.append(row)
-            if seed == 0:
+            if seed == settings.first_seed:
                 if cross:
                     sheet_rows.append(("control (canny)", np.stack([canny(f) for f in video])))
                 sheet_rows.append((name, frames))
@@ -536,7 +543,7 @@ def run_pix2pix(models: Models, settings: Settings, out: Outputs) -> list[dict]:
     for name, kwargs, per_frame in pix2pix_variants(engine):
         figures = []
         started = time.perf_counter()
-        for seed in range(settings.seeds):
+        for seed in seed_range(settings):
             scene, velocity, video = moving_source(seed, n, settings.size)
             edit = edit_for(seed, scene)
             common = dict(
@@ -566,7 +573,7 @@ def run_pix2pix(models: Models, settings: Settings, out: Outputs) -> list[dict]:
                 latents = engine(num_frames=n, chunk_size=n, seed=seed, image=image, **common)
             frames = decode(engine, latents)
             figures.append(edit_figures(frames, video, edit, velocity, settings.size))
-            if seed == 0:
+            if seed == settings.first_seed:
                 if not sheet_rows:
                     sheet_rows.append((f"source: {edit.instruction}", video))
                 sheet_rows.append((name, frames))
@@ -676,10 +683,8 @@ def flow_inputs(
     if config in ("flow, true motion", FLOW_REVERSED):
         backward, forward, _ = true_flows(scene, velocity, n, size)
         sign = -1 if config == FLOW_REVERSED else 1
-        flow = {
-            k: latent_flow(sign * backward[k - 1], sign * forward[k - 1], (latent, latent))
-            for k in range(1, n)
-        }
+        pairs = {k: (sign * backward[k - 1], sign * forward[k - 1]) for k in range(1, n)}
+        flow = GivenFlows(pairs, (latent, latent))
     elif config == "flow, estimated":
         flow = EstimatedFlows(dict(enumerate(video)), range(n), (latent, latent))
     else:
@@ -688,11 +693,22 @@ def flow_inputs(
 
 
 def flow_video(
-    mode: str, engine: TextToVideoZero, settings: Settings, seed: int, config: str
+    mode: str,
+    engine: TextToVideoZero,
+    settings: Settings,
+    seed: int,
+    config: str,
+    fusion: FlowFusion | None = None,
 ) -> np.ndarray:
-    """Decoded frames of one seed's ControlNet or Pix2Pix video under a flow configuration."""
+    """Decoded frames of one seed's ControlNet or Pix2Pix video under a flow configuration
+    (``fusion``: the flow's settings, default the engine's), fused in pixel space as a
+    job's are (service/runner.py)."""
     n, size = settings.control_frames, settings.size
     scene, velocity, video = moving_source(seed, n, size)
+    inputs = flow_inputs(config, scene, velocity, video, size // engine.base.vae_scale_factor)
+    fusion = fusion or FlowFusion()
+    if inputs:
+        inputs["flow_fusion"] = fusion
     common = dict(
         num_frames=n,
         height=size,
@@ -702,7 +718,7 @@ def flow_video(
         seed=seed,
         chunk_size=n,
         motion_dynamics=False,
-        **flow_inputs(config, scene, velocity, video, size // engine.base.vae_scale_factor),
+        **inputs,
     )
     if mode == "controlnet":
         control = {k: _tensor(canny(video[k])) for k in range(n)}
@@ -720,7 +736,10 @@ def flow_video(
         )
     else:
         raise ValueError(f"unknown flow mode {mode!r}: expected one of {FLOW_MODES}")
-    return decode(engine, latents)
+    if not inputs or fusion.pixel_strength == 0:
+        return decode(engine, latents)
+    pixels = FrameFusion(inputs["flow"].pixels, fusion.pixel_strength)
+    return pixels(range(n), engine.decode(latents)).numpy()
 
 
 def flow_figures(mode: str, frames: np.ndarray, seed: int, size: int) -> dict[str, float]:
@@ -752,23 +771,25 @@ def flow_mode(
     settings: Settings,
     configs: Sequence[str] = FLOW_CONFIGS,
     sheet_rows: list | None = None,
+    fusion: FlowFusion | None = None,
 ) -> tuple[dict[str, list[dict[str, float]]], dict[str, float]]:
-    """Per-seed figures of each configuration and its seconds per video (one mode); the
-    first ``settings.sheet_seeds`` seeds' frames go into ``sheet_rows``."""
+    """Per-seed figures of each configuration and its seconds per video (one mode; flow
+    with ``fusion``, default the engine's); the first ``settings.sheet_seeds`` seeds'
+    frames go into ``sheet_rows``."""
     n, size = settings.control_frames, settings.size
     per_seed: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
     seconds = dict.fromkeys(configs, 0.0)
-    for seed in range(settings.seeds):
+    for seed in seed_range(settings):
         for config in configs:
             started = time.perf_counter()
-            frames = flow_video(mode, engine, settings, seed, config)
+            frames = flow_video(mode, engine, settings, seed, config, fusion)
             seconds[config] += time.perf_counter() - started
             per_seed[config].append(flow_figures(mode, frames, seed, size))
-            if sheet_rows is not None and seed < settings.sheet_seeds:
+            if sheet_rows is not None and seed - settings.first_seed < settings.sheet_seeds:
                 if config == configs[0]:
                     sheet_rows.append(_flow_source_row(mode, seed, n, size))
                 sheet_rows.append((f"{seed}: {config}", frames))
-        progress(f"flow {mode} seed {seed + 1}/{settings.seeds}")
+        progress(f"flow {mode} seed {seed - settings.first_seed + 1}/{settings.seeds}")
     return per_seed, {c: s / settings.seeds for c, s in seconds.items()}
 
 
@@ -1075,6 +1096,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"default: {' '.join(DEFAULT_SECTIONS)}",
     )
     parser.add_argument("--seeds", type=int, default=Settings.seeds, help="seeds per configuration")
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=Settings.first_seed,
+        help="the first seed (default 0); choose settings on seeds disjoint from the judged 0..31",
+    )
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--guidance", type=float, default=Settings.guidance)
     parser.add_argument("--quick", action="store_true", help="4 seeds: a smoke run, not figures")
@@ -1146,6 +1173,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings = Settings(
         seeds=4 if args.quick else args.seeds,
+        first_seed=args.first_seed,
         steps=args.steps,
         guidance=args.guidance,
         rows=tuple(args.rows),
@@ -1166,6 +1194,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python {platform.python_version()}, dtype {dtype.name} ({dtype.reason})\n"
         f"models: {', '.join(names)}; {settings.size}x{settings.size}, {settings.steps} steps, "
         f"guidance {settings.guidance}, {settings.seeds} seeds"
+        + (f" from {settings.first_seed}" if settings.first_seed else "")
     )
     print(header, flush=True)
     results: dict = {"settings": asdict(settings), "models": list(names), "header": header}

@@ -15,6 +15,7 @@ import torch
 
 from backend.engine.flow import (
     FlowFusion,
+    FrameFusion,
     fuse,
     fuse_sequence,
     inside,
@@ -155,6 +156,35 @@ def test_fuse_sequence_chains_each_frame_to_the_fused_one_before_it():
     assert torch.equal(out, carried.expand(2, -1, -1, -1))
     with pytest.raises(ValueError, match="need 2 flows"):
         fuse_sequence(x0, None, torch.zeros(3, 3, 8, 8))
+
+
+def test_frame_fusion_pulls_decoded_frames_along_the_flow_whatever_the_slices():
+    """The final pixel-space fusion: frame 1 as decoded, frame k halfway to the fused frame
+    k - 1 moved by the flow where visible; slices of 1, 2 or 4 frames give the same bytes."""
+    images = torch.randint(0, 256, (4, 8, 8, 3), generator=torch.Generator().manual_seed(3))
+    images = images.to(torch.uint8)
+    flows = {
+        k: torch.cat([constant_flow(1.0, 0.0, 8, 8)[0], torch.ones(1, 8, 8)]) for k in (1, 2, 3)
+    }
+    flows[2][2, :, 4:] = 0  # the right half of frame 3 hidden in frame 2
+
+    def fused(slice_size: int) -> torch.Tensor:
+        fusion = FrameFusion(flows.__getitem__, 0.5)
+        parts = [
+            fusion(range(s, min(s + slice_size, 4)), images[s : s + slice_size])
+            for s in range(0, 4, slice_size)
+        ]
+        return torch.cat(parts)
+
+    whole = fused(4)
+    assert torch.equal(whole[0], images[0])
+    # Frame 2 at column 2 (a whole-pixel flow of 1: frame 1's column 3), halfway.
+    expected = (images[1, :, 2].float() + images[0, :, 3].float()) / 2
+    torch.testing.assert_close(whole[1, :, 2].float(), expected, atol=0.5, rtol=0)
+    assert torch.equal(whole[2, :, 4:], images[2, :, 4:])  # hidden: kept as decoded
+    assert torch.equal(fused(1), whole) and torch.equal(fused(2), whole)
+    with pytest.raises(ValueError, match="in order from 0, got \\[1, 2\\]"):
+        FrameFusion(flows.__getitem__, 0.5)([1, 2], images[1:3])
 
 
 def test_flow_fusion_window_is_a_fraction_of_the_joint_steps():
@@ -436,6 +466,10 @@ def test_flow_job_is_exact_over_frame_ranges_and_recorded(tmp_path: Path, job_ca
         "frame_00003.png",
         "frame_00004.png",
     ]
+    # The pixel-space fusion carries frames 1-2 into frame 3 although they are not written.
+    for name in ("frame_00003.png", "frame_00004.png"):
+        part_png, full_png = (cv2.imread(str(tmp_path / d / name)) for d in ("part", "full"))
+        assert np.abs(part_png.astype(int) - full_png.astype(int)).max() <= 1
     np.testing.assert_array_equal(full[0], paper[0])  # frame 1 has no predecessor
     assert np.abs(full[1:] - paper[1:]).max() > 1e-2
     saved = json.loads((tmp_path / "full/job.json").read_text())

@@ -22,6 +22,7 @@ p + flow[p] in frame k - 1. Pure torch: tensors in, tensors out.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,10 @@ class FlowFusion:
     # s above: 1 replaces the visible pixels by the warped previous frame; 0.5 lets frame
     # k - j weigh 0.5^j in frame k, so the chain's blur (a bilinear warp a frame) fades.
     strength: float = 0.5
+    # The final pixel-space fusion of the decoded frames (FrameFusion below): each decoded
+    # frame pulled this far toward the previous fused frame, warped along the flow at full
+    # resolution, where visible; 0: off. Chosen on held-out seeds (QUALITY.md, flow).
+    pixel_strength: float = 0.5
 
     def active(self, step: int, first: int, total: int) -> bool:
         """Whether joint step ``step`` (``first`` .. ``total`` - 1) fuses: the part of the
@@ -173,3 +178,34 @@ def fuse_sequence(
             x0[i : i + 1], out[i - 1 : i] if i else previous, flow, visible, strength
         )
     return out
+
+
+class FrameFusion:
+    """The final pixel-space fusion of decoded frames, in frame order.
+
+    Rerender-A-Video (Sect. 4.1, pixel-aware fusion) fuses in pixel space, where the flow is
+    exact to the pixel, not to the 8-pixel latent cell: each decoded frame k >= 1 becomes
+    ``fuse(frame k, fused frame k - 1, flow, visible, strength)``. ``pixel_flow(k)`` gives
+    frame k's (3, H, W) backward flow (pixels, channels 0-1) and visibility (channel 2).
+    Frames come a few at a time (decoding is sliced); the last fused frame is carried, so
+    the result does not depend on the slices. Frame 1 (index 0) passes unchanged.
+    """
+
+    def __init__(self, pixel_flow: Callable[[int], torch.Tensor], strength: float):
+        self.pixel_flow = pixel_flow
+        self.strength = strength
+        self.previous: torch.Tensor | None = None  # (1, 3, H, W) float, last fused frame
+        self.next_frame = 0
+
+    def __call__(self, frame_ids: Sequence[int], images: torch.Tensor) -> torch.Tensor:
+        """Fused (n, H, W, 3) uint8 frames of the next consecutive ``frame_ids``."""
+        frame_ids = list(frame_ids)
+        expected = list(range(self.next_frame, self.next_frame + len(frame_ids)))
+        if frame_ids != expected:
+            raise ValueError(f"frames must come in order from {self.next_frame}, got {frame_ids}")
+        x = images.permute(0, 3, 1, 2).float()  # (n, 3, H, W) in [0, 255]
+        flows = [self.pixel_flow(f) for f in frame_ids if f != 0]
+        flows = torch.stack(flows) if flows else x.new_zeros(0, 3, *x.shape[2:])
+        fused = fuse_sequence(x, self.previous, flows.to(x.dtype), self.strength)
+        self.previous, self.next_frame = fused[-1:], expected[-1] + 1
+        return fused.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

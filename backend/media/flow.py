@@ -57,6 +57,14 @@ def _tensor(flow: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)).permute(2, 0, 1)[None]
 
 
+def pixel_flow(backward: np.ndarray, forward: np.ndarray | None) -> torch.Tensor:
+    """(3, H, W): frame k's backward flow and its visibility at full resolution (for the
+    final pixel-space fusion, engine/flow.py FrameFusion); ``forward`` as in latent_flow."""
+    b = _tensor(backward)  # (1, 2, H, W)
+    visible = inside(b) if forward is None else visibility(b, _tensor(forward))  # (1, 1, H, W)
+    return torch.cat([b, visible], dim=1)[0]
+
+
 def latent_flow(
     backward: np.ndarray, forward: np.ndarray | None, size: tuple[int, int]
 ) -> torch.Tensor:
@@ -82,6 +90,17 @@ class _LatentFlows(Mapping[int, torch.Tensor]):
 
     def compute(self, frame: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def pair(self, frame: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Frame k's (H, W, 2) backward flow and frame k - 1's forward flow (or None)."""
+        raise NotImplementedError
+
+    def pixels(self, frame: int) -> torch.Tensor:
+        """Frame k's (3, H, W) flow and visibility at full resolution, computed afresh (not
+        kept: 12 bytes a pixel)."""
+        if frame not in self.frames:
+            raise KeyError(frame)
+        return pixel_flow(*self.pair(frame))
 
     def __getitem__(self, frame: int) -> torch.Tensor:
         if frame not in self.frames:
@@ -109,11 +128,12 @@ class EstimatedFlows(_LatentFlows):
         super().__init__(frames, size)
         self.video = video
 
-    def compute(self, frame: int) -> torch.Tensor:
+    def pair(self, frame: int) -> tuple[np.ndarray, np.ndarray]:
         current, previous = self.video[frame], self.video[frame - 1]
-        backward = estimate_flow(current, previous)
-        forward = estimate_flow(previous, current)
-        return latent_flow(backward, forward, self.size)
+        return estimate_flow(current, previous), estimate_flow(previous, current)
+
+    def compute(self, frame: int) -> torch.Tensor:
+        return latent_flow(*self.pair(frame), self.size)
 
 
 def flow_files(folder: str | os.PathLike, count: int) -> list[Path]:
@@ -220,10 +240,29 @@ class FileFlows(_LatentFlows):
     ):
         super().__init__(frames, size)
         self.files = flow_files(folder, max(frames) + 1)
-        self.pixels = pixels  # (height, width) of the job's frames
+        self.frame_size = pixels  # (height, width) of the job's frames
+
+    def pair(self, frame: int) -> tuple[np.ndarray, np.ndarray | None]:
+        current = read_vectors(self.files[frame], self.frame_size)
+        previous = read_vectors(self.files[frame - 1], self.frame_size)
+        forward = previous[..., 2:4] if current.shape[2] == 4 == previous.shape[2] else None
+        return current[..., :2], forward
 
     def compute(self, frame: int) -> torch.Tensor:
-        current = read_vectors(self.files[frame], self.pixels)
-        previous = read_vectors(self.files[frame - 1], self.pixels)
-        forward = previous[..., 2:4] if current.shape[2] == 4 == previous.shape[2] else None
-        return latent_flow(current[..., :2], forward, self.size)
+        return latent_flow(*self.pair(frame), self.size)
+
+
+class GivenFlows(_LatentFlows):
+    """Flows given as arrays: frame k -> (backward (H, W, 2), forward (H, W, 2) or None)."""
+
+    def __init__(
+        self, pairs: Mapping[int, tuple[np.ndarray, np.ndarray | None]], size: tuple[int, int]
+    ):
+        super().__init__([0, *pairs], size)
+        self.pairs = pairs
+
+    def pair(self, frame: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.pairs[frame]
+
+    def compute(self, frame: int) -> torch.Tensor:
+        return latent_flow(*self.pair(frame), self.size)

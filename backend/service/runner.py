@@ -22,6 +22,7 @@ import torch
 
 from .. import __version__
 from ..engine.compile import CompileOptions, CompileReport, CompileWatch, finish_report
+from ..engine.flow import FlowFusion, FrameFusion
 from ..engine.pipeline import Callbacks, Cancelled, ControlInput, TextToVideoZero, is_union
 from ..media.controls import store_control_frames
 from ..media.detectors import DetectionCancelled, DetectorRun, weights_used
@@ -378,18 +379,27 @@ def write_frames(
     staging: Path,
     job: Job,
     events: JobEvents,
+    fusion: FrameFusion | None = None,
+    keep: list[int] | None = None,
 ) -> list[str]:
     """Decode the latents a few frames at a time into PNGs (and the mp4, streamed), with
-    previews and progress; the names written, in frame order."""
-    total_frames = len(frame_ids)
+    previews and progress; the names written, in frame order. ``fusion`` (flow consistency)
+    fuses the decoded frames in pixel space, frame 1 on; ``keep``: the frames written
+    (default all)."""
+    kept = set(frame_ids if keep is None else keep)
+    total_frames = len(kept)
     written: list[str] = []
     movie = Mp4Writer(staging / "video.mp4", job.fps) if job.write_mp4 else None
     try:
-        for start in range(0, total_frames, DECODE_SLICE):
+        for start in range(0, len(frame_ids), DECODE_SLICE):
             if events.should_cancel is not None and events.should_cancel():
                 raise Cancelled()
-            images = engine.decode(latents[start : start + DECODE_SLICE]).numpy()
-            for f, rgb in zip(frame_ids[start : start + DECODE_SLICE], images, strict=True):
+            ids = frame_ids[start : start + DECODE_SLICE]
+            images = engine.decode(latents[start : start + DECODE_SLICE])
+            images = (images if fusion is None else fusion(ids, images)).numpy()
+            for f, rgb in zip(ids, images, strict=True):
+                if f not in kept:
+                    continue
                 path = staging / frame_name(f)
                 write_png(path, rgb)
                 if movie is not None:
@@ -429,6 +439,14 @@ def job_flows(
     if job.flow_source in (None, FLOW_ESTIMATE):
         return EstimatedFlows(flow_video(job, image, w, h, needed), needed, size)
     return FileFlows(job.flow_source, needed, size, (h, w))
+
+
+def frame_fusion(flows: Mapping[int, torch.Tensor] | None) -> FrameFusion | None:
+    """The final pixel-space fusion of flow consistency (engine/flow.py), or None."""
+    strength = FlowFusion().pixel_strength
+    if flows is None or strength == 0:
+        return None
+    return FrameFusion(flows.pixels, strength)  # EstimatedFlows or FileFlows
 
 
 def job_compile_options(job: Job) -> CompileOptions | None:
@@ -530,6 +548,10 @@ def run_job(
     compile_report = CompileReport(requested=job.compile)
     motion = job.effective_motion
     flows = job_flows(job, image, w, h, base.vae_scale_factor, needed)
+    # Flow consistency's final pixel-space fusion needs every decoded frame before the
+    # first written one (the engine computes them anyway): made = frames 1 .. the last.
+    fusion = frame_fusion(flows)
+    made = needed if fusion is not None else frame_ids
     # LoRAs and embeddings live on the cached model for this job only (see adapters.py);
     # those given as hub ids download first, with the models' progress.
     adapters = applied_adapters(
@@ -552,7 +574,7 @@ def run_job(
             callbacks=Callbacks(
                 progress=on_step, should_cancel=events.should_cancel, anchor_preview=previews
             ),
-            **engine_arguments(job, (w, h), frame_ids, motion),
+            **engine_arguments(job, (w, h), made, motion),
             masks=masks,
             controls=controls,
             image=image,
@@ -562,11 +584,12 @@ def run_job(
             previews.remove_files()
         check_finite_latents(latents)
         # Frames stream into the mp4 as they are decoded (no second pass over the PNGs).
-        written = write_frames(engine, latents, frame_ids, staging, job, events)
+        written = write_frames(engine, latents, made, staging, job, events, fusion, frame_ids)
         if job.save_latents:
             latents_file = staging / "latents.npy"
+            rows = [made.index(f) for f in frame_ids]
             with writing(latents_file):
-                np.save(latents_file, latents.numpy().astype(np.float32))
+                np.save(latents_file, latents[rows].numpy().astype(np.float32))
         resolved = resolved_job(job, out, (w, h), motion, allow_pickle, base)
         write_file(staging / "job.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
         seconds = time.perf_counter() - started
