@@ -85,3 +85,12 @@ def test_flow_section_runs_on_the_tiny_models(
     printed = capsys.readouterr().out
     assert "controlnet, 2 seeds" in printed and "flow, estimated" in printed
     assert quality.FLOW_REVERSED not in printed
+
+
+def test_flow_settings_refuses_the_judged_seeds() -> None:
+    """Settings are chosen on held-out seeds only: a range touching 0..31 is refused."""
+    from bench import flow_settings
+
+    with pytest.raises(SystemExit) as caught:
+        flow_settings.main(["--first-seed", "20", "--seeds", "16"])
+    assert caught.value.code == 2
