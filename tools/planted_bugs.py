@@ -51,8 +51,8 @@ PLANTS = (
     Plant(
         "the runner's decode loop drops the last frame (nothing for a 1-frame job)",
         "backend/service/runner.py",
-        "range(0, total_frames, DECODE_SLICE)",
-        "range(0, total_frames - 1, DECODE_SLICE)",
+        "range(0, len(frame_ids), DECODE_SLICE)",
+        "range(0, len(frame_ids) - 1, DECODE_SLICE)",
         "tests/test_runner.py::test_every_frame_is_written_and_is_its_decoded_latent",
     ),
     Plant(
