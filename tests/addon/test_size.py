@@ -150,6 +150,9 @@ def test_native_size_and_family_follow_the_model_family(scene, tmp_path: Path) -
     assert sizing.native_size(1920, 1080, 1024) == (1368, 768)
     assert sizing.model_family("builtin:tiny-xl") == "sdxl"
     assert sizing.model_family("builtin:shapes") == "sd1"
+    assert sizing.model_family("builtin:shapes-xl") == "sdxl"
+    assert sizing.model_family("builtin:shapes-xl-controlnet") == "sdxl"
+    assert sizing.native_side("builtin:shapes-xl") == 64
     assert sizing.model_family("someone/sdxl-model") is None
     folder = tmp_path / "xl"
     (folder / "unet").mkdir(parents=True)
