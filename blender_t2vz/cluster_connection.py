@@ -159,6 +159,7 @@ def draw(layout: Any, prefs: Any) -> None:
     box.label(text="Ray Cluster (optional: run jobs on other machines' GPUs)", icon="NETWORK_DRIVE")
     box.prop(prefs, "cluster_address")
     box.prop(prefs, "cluster_token")
+    box.prop(prefs, "cluster_shard_size")
     problem = cluster_problem(prefs.cluster_address, prefs.cluster_token)
     if problem:
         box.label(text=problem, icon="ERROR")

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, IntProperty, StringProperty
 
 from . import backend_paths
 
@@ -139,6 +139,16 @@ class T2VZ_Preferences(bpy.types.AddonPreferences):
         subtype="PASSWORD",
         description="The cluster's Ray auth token (`ray get-auth-token` on the head); needed "
         "for any address but this machine's. Whoever reaches a cluster can run code on it",
+    )
+    cluster_shard_size: IntProperty(
+        name="Frames per Shard",
+        default=0,
+        min=0,
+        soft_max=256,
+        description="How many frames each cluster worker computes at a time (rounded to the "
+        "job's chunks). 0: the job's frames shared evenly over the cluster's GPUs. Smaller "
+        "shards spread a long video over more GPUs and retry less after a lost worker; each "
+        "shard also computes frame 1, the anchor",
     )
     # The speed of the last jobs by model and device (runtime.remember_speed), saved with the
     # preferences so the first long job of the next session shows its estimate too.
@@ -342,6 +352,9 @@ def worker_env(prefs: Any, online: bool | None = None) -> dict[str, str]:
         token = getattr(prefs, "cluster_token", "").strip()
         if token:
             env["T2VZ_CLUSTER_TOKEN"] = token
+        shard_size = int(getattr(prefs, "cluster_shard_size", 0))
+        if shard_size > 0:
+            env["T2VZ_CLUSTER_SHARD_SIZE"] = str(shard_size)
     return env
 
 

@@ -365,6 +365,31 @@ def test_a_non_loopback_address_without_a_token_is_refused(
     cluster.check_config(ClusterConfig("127.0.0.1:6379"))  # loopback: Ray's own token file
 
 
+def test_shard_size_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The add-on's Frames per Shard reaches the worker as $T2VZ_CLUSTER_SHARD_SIZE; a
+    flag's value wins, and a bad value is refused naming the variable and the value."""
+    monkeypatch.setenv(cluster.ENV_ADDRESS, "127.0.0.1:6379")
+    monkeypatch.delenv(cluster.ENV_SHARD_SIZE, raising=False)
+    assert cluster.config_from_env(None).shard_size is None
+    monkeypatch.setenv(cluster.ENV_SHARD_SIZE, "16")
+    assert cluster.config_from_env(None).shard_size == 16
+    assert cluster.config_from_env(None, shard_size=4).shard_size == 4
+    for bad in ("0", "-3", "many", "2.5"):
+        monkeypatch.setenv(cluster.ENV_SHARD_SIZE, bad)
+        with pytest.raises(ClusterError, match=f"T2VZ_CLUSTER_SHARD_SIZE.*{bad!r}"):
+            cluster.config_from_env(None)
+
+
+def test_serve_with_a_bad_shard_size_is_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from backend.service.cli import main
+
+    monkeypatch.setenv(cluster.ENV_ADDRESS, "127.0.0.1:6379")
+    monkeypatch.setenv(cluster.ENV_SHARD_SIZE, "many")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "T2VZ_CLUSTER_SHARD_SIZE" in err[0] and "'many'" in err[0]
+
+
 def test_bad_inputs_fail_before_dispatch_with_the_local_message(
     head: ClusterConfig, cache: ModelCache, tmp_path: Path
 ) -> None:

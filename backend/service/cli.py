@@ -613,5 +613,10 @@ def _main(argv: list[str] | None) -> int:
     if args.command == "serve":
         from .worker import serve
 
-        return serve(max_models=args.max_models, cluster=cluster_config(args))
+        try:
+            cluster = cluster_config(args)
+        except (ValueError, RuntimeError) as exc:  # a bad --shard-size or $T2VZ_CLUSTER_*
+            print(f"error: {type(exc).__name__}: {clip_text(str(exc))}", file=sys.stderr)
+            return 2
+        return serve(max_models=args.max_models, cluster=cluster)
     return _generate(args)

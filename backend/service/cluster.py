@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 ENV_ADDRESS = "T2VZ_CLUSTER"  # the cluster address when --cluster is not given
 ENV_TOKEN = "T2VZ_CLUSTER_TOKEN"  # its token (Ray's own RAY_AUTH_TOKEN works too)
+ENV_SHARD_SIZE = "T2VZ_CLUSTER_SHARD_SIZE"  # frames per shard when --shard-size is not given
 NAMESPACE = "t2vz"  # Ray namespace of the shared actors
 # The issue's budget for "the cluster cannot be reached": a clear error within 15 s.
 CONNECT_TIMEOUT_S = 15.0
@@ -120,7 +121,23 @@ def config_from_env(
     if not address:
         return None
     token = token or os.environ.get(ENV_TOKEN) or os.environ.get("RAY_AUTH_TOKEN") or None
+    if shard_size is None:
+        shard_size = shard_size_from_env()
     return ClusterConfig(address.strip(), token, shard_size)
+
+
+def shard_size_from_env() -> int | None:
+    """$T2VZ_CLUSTER_SHARD_SIZE as frames per shard (unset or empty: None, automatic)."""
+    text = os.environ.get(ENV_SHARD_SIZE, "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ClusterError(f"${ENV_SHARD_SIZE} must be a whole number of frames >= 1, got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------- addresses

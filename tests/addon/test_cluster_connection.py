@@ -41,8 +41,14 @@ def test_the_worker_gets_the_cluster_from_the_preferences(addon: object) -> None
         prefs.cluster_token = "secret"
         env = preferences.worker_env(prefs)
         assert env["T2VZ_CLUSTER"] == "10.0.0.5:6379" and env["T2VZ_CLUSTER_TOKEN"] == "secret"
+        assert "T2VZ_CLUSTER_SHARD_SIZE" not in env  # 0: automatic
+        prefs.cluster_shard_size = 16
+        assert preferences.worker_env(prefs)["T2VZ_CLUSTER_SHARD_SIZE"] == "16"
+        prefs.cluster_address = ""
+        assert "T2VZ_CLUSTER_SHARD_SIZE" not in preferences.worker_env(prefs)
     finally:
         prefs.cluster_address = prefs.cluster_token = ""
+        prefs.cluster_shard_size = 0
 
 
 def test_test_connection_never_blocks_and_an_unreachable_cluster_is_a_clear_error(
