@@ -201,6 +201,13 @@ def control_images(scenes: list[shapes.Scene], images: np.ndarray, seed: int) ->
     return np.stack(out)  # (n, H, W, 3) uint8
 
 
+def sample_latents(
+    mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor, scale: float, gen: torch.Generator
+) -> torch.Tensor:
+    """Scaled VAE latents of the images at ``index``: one draw from each one's posterior."""
+    return (mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)) * scale
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (n, H, W, 3) -> float (n, 3, H, W) in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -513,9 +520,7 @@ class Trainer:
         ema = EMA(modules, cfg.ema)
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = (
-                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
-            ) * scale
+            latents = sample_latents(mean, std, index, scale, gen)
             tokens = ids[index].clone()
             drop = torch.rand(len(index), generator=gen) < cfg.empty_prompt
             tokens[drop] = empty
@@ -647,9 +652,7 @@ class Trainer:
         empty_share = cfg.controlnet_empty_prompt
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = (
-                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
-            ) * scale
+            latents = sample_latents(mean, std, index, scale, gen)
             text = texts[index].clone()
             text[torch.rand(len(index), generator=gen) < empty_share] = empty
             cond = controls[index].float() / 255  # (batch, 3, H, W) in [0, 1], as the engine
@@ -741,9 +744,7 @@ class Trainer:
         ema = EMA(modules, cfg.ema)
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = (
-                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
-            ) * scale
+            latents = sample_latents(mean, std, index, scale, gen)
             text = texts[index].clone()
             image = image_latents[index].clone()
             r = torch.rand(len(index), generator=gen)
@@ -850,9 +851,7 @@ class Trainer:
         ema = EMA(modules, cfg.ema)
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = (
-                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
-            ) * scale
+            latents = sample_latents(mean, std, index, scale, gen)
             text, pooled = self.encode_xl(first, second, ids[index])
             keep = (torch.rand(len(index), generator=gen) >= cfg.empty_prompt).float()
             text, pooled = text * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
@@ -928,9 +927,7 @@ class Trainer:
         controlnet.train()
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = (
-                mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)
-            ) * scale
+            latents = sample_latents(mean, std, index, scale, gen)
             keep = (torch.rand(len(index), generator=gen) >= cfg.controlnet_empty_prompt).float()
             text = texts[index] * keep.view(-1, 1, 1)
             added = self.xl_conditions(pooled[index] * keep.view(-1, 1))
