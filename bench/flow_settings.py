@@ -21,14 +21,21 @@ from backend.engine.flow import FlowFusion
 
 from . import quality
 
-# The candidates of the held-out choice: the engine's latent fusion alone (the earlier
-# default), with the final pixel-space fusion, a lighter latent fusion under a stronger
-# pixel one, and the pixel fusion alone.
+# The candidates of the held-out choice (issue 21's last round): the earlier default
+# (latent 0.5 + final pixel 0.5), the lighter latent fusion under a stronger pixel one, and
+# Rerender-A-Video's pixel-aware latent fusion in the loop, relative ("aware-rel": the
+# previous fused x0 decoded, warped at full resolution and re-encoded, less x0's own VAE
+# round trip; a latent cell fused where >= 50 % of its pixels are visible), at 0.5 and at
+# 0.25 (the default). The other candidates tried and their figures: QUALITY.md, flow.
 CANDIDATES = {
-    "latent 0.5": FlowFusion(pixel_strength=0.0),
-    "latent 0.5 + pixel 0.5": FlowFusion(strength=0.5, pixel_strength=0.5),
-    "latent 0.25 + pixel 0.6": FlowFusion(strength=0.25, pixel_strength=0.6),
-    "pixel 0.5": FlowFusion(strength=0.0, pixel_strength=0.5),
+    "latent 0.5 + pixel 0.5": FlowFusion(strength=0.5, pixel_aware=0.0, pixel_strength=0.5),
+    "latent 0.25 + pixel 0.6": FlowFusion(strength=0.25, pixel_aware=0.0, pixel_strength=0.6),
+    "latent 0.5 + aware-rel 0.5 + pixel 0.5": FlowFusion(
+        strength=0.5, pixel_aware=0.5, pixel_aware_relative=True, pixel_strength=0.5
+    ),
+    "latent 0.25 + aware-rel 0.25 + pixel 0.6": FlowFusion(
+        strength=0.25, pixel_aware=0.25, pixel_aware_relative=True, pixel_strength=0.6
+    ),
 }
 JUDGED_SEEDS = range(0, 32)
 

@@ -49,11 +49,24 @@ class FlowFusion:
     end: float = 1.0
     # s above: 1 replaces the visible pixels by the warped previous frame; 0.5 lets frame
     # k - j weigh 0.5^j in frame k, so the chain's blur (a bilinear warp a frame) fades.
-    strength: float = 0.5
+    # The defaults of strength, pixel_aware(_relative) and pixel_strength: latent 0.25 +
+    # pixel-aware (relative) 0.25 + pixel 0.6, chosen on held-out seeds (QUALITY.md, flow).
+    strength: float = 0.25
     # The final pixel-space fusion of the decoded frames (FrameFusion below): each decoded
     # frame pulled this far toward the previous fused frame, warped along the flow at full
     # resolution, where visible; 0: off. Chosen on held-out seeds (QUALITY.md, flow).
-    pixel_strength: float = 0.5
+    pixel_strength: float = 0.6
+    # Pixel-aware latent fusion (Rerender-A-Video Sect. 4.1) inside the loop, after the
+    # latent one: at fusion steps the previous frame's fused x0 is decoded, warped along the
+    # full-resolution flow, re-encoded (posterior mean) and frame k's x0 pulled this far
+    # toward it where at least ``pixel_aware_visible`` of a latent cell's pixels are visible;
+    # 0: off. Costs one VAE decode and one encode per frame per fusion step, and needs the
+    # flow mapping's ``pixels(k)`` (media/flow.py).
+    pixel_aware: float = 0.25
+    pixel_aware_visible: float = 0.5
+    # Pull toward x0 + (E(W(D(prev))) - E(D(x0))): the warp's change alone, without the VAE
+    # round trip's loss (one more decode and encode: two of each a frame and fusion step).
+    pixel_aware_relative: bool = True
 
     def active(self, step: int, first: int, total: int) -> bool:
         """Whether joint step ``step`` (``first`` .. ``total`` - 1) fuses: the part of the

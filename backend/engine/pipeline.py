@@ -41,7 +41,7 @@ from ..models.families import (
 from ..models.loading import BaseModel
 from .attention import AnchorState, CrossAttnMapRecorder, installed_processors
 from .compile import CompileOptions, forwards
-from .flow import FlowFusion, fuse_sequence
+from .flow import FlowFusion, fuse, fuse_sequence, resize_mask, warp
 from .motion import (
     background_mask,
     ddpm_jump,
@@ -435,6 +435,15 @@ class TextToVideoZero:
         if flow is not None:
             _check_flow_frames(flow, plan.processed[1:], (lat_h, lat_w))
         fusion = (flow_fusion or FlowFusion()) if flow is not None else None
+        if (
+            fusion is not None
+            and fusion.pixel_aware
+            and not callable(getattr(flow, "pixels", None))
+        ):
+            raise ValueError(
+                "pixel-aware flow fusion (FlowFusion.pixel_aware) needs a flow with pixels(k): "
+                "the full-resolution flow (media/flow.py)"
+            )
 
         # Text and guidance branches: (uncond, cond), or (text+image, image, none) for Pix2Pix.
         pix2pix = image is not None
@@ -557,9 +566,11 @@ class TextToVideoZero:
                             flows = [flow[f] for f in chunk if f != 0]
                             flows = torch.stack(flows) if flows else x0.new_zeros(0, 3, *shape[1:])
                             flows = flows.to(self.device, x0.dtype)  # (frames, 3, h, w)
-                            fused = fuse_sequence(
-                                x0, carried if chunk[0] != 0 else None, flows, fusion.strength
-                            )
+                            previous = carried if chunk[0] != 0 else None
+                            if fusion.pixel_aware:
+                                fused = self._fuse_pixel_aware(x0, previous, chunk, flow, fusion)
+                            else:
+                                fused = fuse_sequence(x0, previous, flows, fusion.strength)
                             carried = fused[-1:]
                             a_prev = _alpha_prev(scheduler, t)
                             latents[rows] = stepped.prev_sample + a_prev**0.5 * (fused - x0)
@@ -618,6 +629,53 @@ class TextToVideoZero:
 
     # ------------------------------------------------------------------ VAE
 
+    def _fuse_pixel_aware(
+        self,
+        x0: torch.Tensor,
+        previous: torch.Tensor | None,
+        chunk: Sequence[int],
+        flow: Any,
+        fusion: FlowFusion,
+    ) -> torch.Tensor:
+        """A chunk's x0 (frames, 4, h, w) fused in frame order: each frame with the fused one
+        before it (``previous`` for the chunk's first; none for frame 1), first along the
+        latent flow, then pixel-aware: the previous fused x0 decoded, warped along
+        ``flow.pixels(k)`` at full resolution and re-encoded (Rerender-A-Video Sect. 4.1)."""
+        out = x0.clone()
+        for i, f in enumerate(chunk):
+            before = out[i - 1 : i] if i else previous
+            if f == 0 or before is None:
+                continue
+            small = flow[f].to(self.device, x0.dtype)[None]  # (1, 3, h, w)
+            fused = fuse(x0[i : i + 1], before, small[:, :2], small[:, 2:], fusion.strength)
+            pixel = flow.pixels(f).to(self.device, torch.float32)[None]  # (1, 3, H, W)
+            warped = self._warp_through_vae(before, pixel[:, :2]).to(x0.dtype)  # (1, 4, h, w)
+            if fusion.pixel_aware_relative:  # only what the warp moved, not the VAE's loss
+                warped = fused + warped - self._warp_through_vae(fused, None).to(x0.dtype)
+            mask = resize_mask(pixel[:, 2:], tuple(x0.shape[-2:]), fusion.pixel_aware_visible)
+            weight = fusion.pixel_aware * mask.to(x0.dtype)
+            out[i : i + 1] = fused + weight * (warped - fused)
+        return out
+
+    def _warp_through_vae(
+        self, latents: torch.Tensor, pixel_flow: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(1, 4, h, w) model latents decoded, warped along a (1, 2, H, W) pixel flow and
+        encoded again (the posterior's mean), as model latents."""
+        vae = self.base.vae
+        upcast = vae_upcast(self.base) or vae.dtype == torch.float16
+        if upcast:
+            vae.float()
+        try:
+            x = latents_for_vae(vae, latents.float())
+            image = vae.decode(x, return_dict=False)[0].float().clamp(-1, 1)  # (1, 3, H, W)
+            moved = image if pixel_flow is None else warp(image, pixel_flow)
+            z = vae.encode(moved).latent_dist.mean  # (1, 4, h, w) VAE latents
+        finally:
+            if upcast:
+                vae.half()
+        return _vae_to_latents(vae, z)
+
     def _encode_images(
         self, image: Mapping[int, torch.Tensor], frames: list[int], batch: int = 4
     ) -> dict[int, torch.Tensor]:
@@ -664,6 +722,18 @@ class TextToVideoZero:
                 images = _decode_in_float32(vae, x)
             images = ((images.float() + 1) * 127.5).round().clamp(0, 255)  # from [-1, 1]
             return images.to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def _vae_to_latents(vae: Any, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents to model latents: the inverse of ``families.latents_for_vae``."""
+    config = vae.config
+    mean = getattr(config, "latents_mean", None)
+    std = getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean_t = torch.tensor(mean, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        std_t = torch.tensor(std, device=z.device, dtype=z.dtype).view(1, -1, 1, 1)
+        return (z - mean_t) * config.scaling_factor / std_t
+    return z * config.scaling_factor
 
 
 def _check_flow_frames(
