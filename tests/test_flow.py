@@ -590,3 +590,21 @@ def test_flow_lowers_the_warp_error_of_pictures_and_only_the_right_way_round(
     assert flow < 0.45 * paper  # measured 0.32x
     assert flow < 0.95 * reversed_  # measured 0.90x
     assert flow < 0.9 * latent_only  # measured 0.75x
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pixel_aware_round_trip_runs_on_half_precision_vaes(dtype: torch.dtype) -> None:
+    """dtype auto picks bfloat16 on CPUs with native bf16: the pixel-aware VAE round trip
+    must run there (it raised a dtype mismatch: float32 input into a bfloat16 VAE), equal
+    the float32 model's within bfloat16's rounding, and leave the VAE in its dtype."""
+    from backend.models.loading import load_base_model
+
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    shift = torch.full((1, 2, 64, 64), 1.5)  # every pixel fetched 1.5 px right and down
+    reference = TextToVideoZero(load_base_model("builtin:tiny"))._warp_through_vae(latents, shift)
+    engine = TextToVideoZero(load_base_model("builtin:tiny", dtype=dtype))
+    out = engine._warp_through_vae(latents.to(dtype), shift)
+    assert engine.base.vae.dtype == dtype
+    assert out.shape == (1, 4, 8, 8) and torch.isfinite(out).all()
+    # The weights are the float32 model's rounded to dtype, the round trip runs in float32.
+    assert torch.allclose(out, reference, atol=0.1 * reference.abs().max().item())

@@ -661,10 +661,11 @@ class TextToVideoZero:
         self, latents: torch.Tensor, pixel_flow: torch.Tensor | None
     ) -> torch.Tensor:
         """(1, 4, h, w) model latents decoded, warped along a (1, 2, H, W) pixel flow and
-        encoded again (the posterior's mean), as model latents."""
+        encoded again (the posterior's mean), as model latents. The round trip runs in
+        float32 (a float16 or bfloat16 VAE is cast there and back: exact)."""
         vae = self.base.vae
-        upcast = vae_upcast(self.base) or vae.dtype == torch.float16
-        if upcast:
+        dtype = vae.dtype
+        if dtype != torch.float32:
             vae.float()
         try:
             x = latents_for_vae(vae, latents.float())
@@ -672,8 +673,8 @@ class TextToVideoZero:
             moved = image if pixel_flow is None else warp(image, pixel_flow)
             z = vae.encode(moved).latent_dist.mean  # (1, 4, h, w) VAE latents
         finally:
-            if upcast:
-                vae.half()
+            if dtype != torch.float32:
+                vae.to(dtype)
         return _vae_to_latents(vae, z)
 
     def _encode_images(
