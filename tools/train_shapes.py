@@ -201,11 +201,30 @@ def control_images(scenes: list[shapes.Scene], images: np.ndarray, seed: int) ->
     return np.stack(out)  # (n, H, W, 3) uint8
 
 
-def sample_latents(
-    mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor, scale: float, gen: torch.Generator
-) -> torch.Tensor:
-    """Scaled VAE latents of the images at ``index``: one draw from each one's posterior."""
-    return (mean[index] + std[index] * torch.randn(mean[index].shape, generator=gen)) * scale
+@dataclass
+class Posteriors:
+    """The VAE posteriors of training images: what each step draws its latents from."""
+
+    mean: torch.Tensor  # (n, 4, 8, 8), unscaled
+    std: torch.Tensor  # (n, 4, 8, 8)
+    scale: float  # the VAE's scaling_factor
+
+    def sample(self, index: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """Scaled latents of the images at ``index``: one draw from each one's posterior."""
+        mean = self.mean[index]
+        return (mean + self.std[index] * torch.randn(mean.shape, generator=gen)) * self.scale
+
+
+@dataclass
+class SceneInputs:
+    """What a stage trained on the rendered scenes starts from."""
+
+    gen: torch.Generator  # the stage's own seeded generator
+    scenes: list[shapes.Scene]
+    images: np.ndarray  # (n, 64, 64, 3) uint8 renders
+    vae: torch.nn.Module  # frozen
+    tokenizer: object
+    latents: Posteriors
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -413,6 +432,16 @@ class Trainer:
             log(f"rendered {len(self._scenes)} scenes in {time.perf_counter() - started:.0f} s")
         return self._scenes, self._images
 
+    def scene_inputs(self, stage: str) -> SceneInputs:
+        """The stage's generator, the shared scenes, the VAE, tokenizer and posteriors."""
+        gen = self.seed(stage)
+        scenes, images = self.data()
+        vae = self.load_vae()
+        tokenizer = self.load_tokenizer()
+        mean, std = self.posterior(vae, images)
+        latents = Posteriors(mean, std, vae.config.scaling_factor)
+        return SceneInputs(gen, scenes, images, vae, tokenizer, latents)
+
     def seed(self, stage: str) -> torch.Generator:
         """Seed torch for a stage (its own offset, so stages re-run alone reproduce)."""
         offset = (STAGES + XL_STAGES).index(stage) + 1
@@ -493,12 +522,8 @@ class Trainer:
         from transformers import CLIPTextModel
 
         cfg = self.config
-        gen = self.seed("base")
-        scenes, images = self.data()
-        vae = self.load_vae()
-        tokenizer = self.load_tokenizer()
-        mean, std = self.posterior(vae, images)
-        scale = vae.config.scaling_factor
+        inputs = self.scene_inputs("base")
+        gen, scenes, vae, tokenizer = inputs.gen, inputs.scenes, inputs.vae, inputs.tokenizer
         prompts = [s.prompt() for s in scenes]
         ids = tokenize(tokenizer, prompts)
         empty = tokenize(tokenizer, [""])[0]
@@ -520,7 +545,7 @@ class Trainer:
         ema = EMA(modules, cfg.ema)
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = sample_latents(mean, std, index, scale, gen)
+            latents = inputs.latents.sample(index, gen)
             tokens = ids[index].clone()
             drop = torch.rand(len(index), generator=gen) < cfg.empty_prompt
             tokens[drop] = empty
@@ -628,14 +653,12 @@ class Trainer:
         from diffusers import ControlNetModel
 
         cfg = self.config
-        gen = self.seed("controlnet")
-        scenes, images = self.data()
-        vae = self.load_vae()
-        tokenizer = self.load_tokenizer()
+        inputs = self.scene_inputs("controlnet")
+        gen, scenes, tokenizer = inputs.gen, inputs.scenes, inputs.tokenizer
         unet, text_encoder = self.load_base()
-        mean, std = self.posterior(vae, images)
-        scale = vae.config.scaling_factor
-        controls = torch.from_numpy(control_images(scenes, images, cfg.seed)).permute(0, 3, 1, 2)
+        controls = torch.from_numpy(control_images(scenes, inputs.images, cfg.seed)).permute(
+            0, 3, 1, 2
+        )
         with torch.no_grad():
             texts = text_encoder(tokenize(tokenizer, [s.prompt() for s in scenes]))[0]
             empty = text_encoder(tokenize(tokenizer, [""]))[0][0]
@@ -652,7 +675,7 @@ class Trainer:
         empty_share = cfg.controlnet_empty_prompt
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = sample_latents(mean, std, index, scale, gen)
+            latents = inputs.latents.sample(index, gen)
             text = texts[index].clone()
             text[torch.rand(len(index), generator=gen) < empty_share] = empty
             cond = controls[index].float() / 255  # (batch, 3, H, W) in [0, 1], as the engine
@@ -721,8 +744,7 @@ class Trainer:
         vae = self.load_vae()
         tokenizer = self.load_tokenizer()
         base_unet, text_encoder = self.load_base()
-        scale = vae.config.scaling_factor
-        mean, std = self.posterior(vae, after)
+        posteriors = Posteriors(*self.posterior(vae, after), vae.config.scaling_factor)
         image_latents, _ = self.posterior(vae, before)  # the posterior mode, unscaled (engine)
         with torch.no_grad():
             texts = text_encoder(tokenize(tokenizer, [e.instruction for e in edits]))[0]
@@ -744,7 +766,7 @@ class Trainer:
         ema = EMA(modules, cfg.ema)
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = sample_latents(mean, std, index, scale, gen)
+            latents = posteriors.sample(index, gen)
             text = texts[index].clone()
             image = image_latents[index].clone()
             r = torch.rand(len(index), generator=gen)
@@ -828,12 +850,8 @@ class Trainer:
         from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
         cfg = self.config
-        gen = self.seed("base-xl")
-        scenes, images = self.data()
-        vae = self.load_vae()
-        tokenizer = self.load_tokenizer()
-        mean, std = self.posterior(vae, images)
-        scale = vae.config.scaling_factor
+        inputs = self.scene_inputs("base-xl")
+        gen, scenes, vae, tokenizer = inputs.gen, inputs.scenes, inputs.vae, inputs.tokenizer
         ids = tokenize(tokenizer, [s.prompt() for s in scenes])
         first, second = self.xl_text_encoders(tokenizer)
         unet = UNet2DConditionModel(**unet_xl_config())
@@ -851,7 +869,7 @@ class Trainer:
         ema = EMA(modules, cfg.ema)
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = sample_latents(mean, std, index, scale, gen)
+            latents = inputs.latents.sample(index, gen)
             text, pooled = self.encode_xl(first, second, ids[index])
             keep = (torch.rand(len(index), generator=gen) >= cfg.empty_prompt).float()
             text, pooled = text * keep.view(-1, 1, 1), pooled * keep.view(-1, 1)
@@ -904,15 +922,13 @@ class Trainer:
         from diffusers import ControlNetModel
 
         cfg = self.config
-        gen = self.seed("controlnet-xl")
-        scenes, images = self.data()
-        vae = self.load_vae()
-        tokenizer = self.load_tokenizer()
+        inputs = self.scene_inputs("controlnet-xl")
+        gen, scenes, tokenizer = inputs.gen, inputs.scenes, inputs.tokenizer
         unet, first, second = self.load_base_xl()
         unet, first, second = unet.float(), first.float(), second.float()
-        mean, std = self.posterior(vae, images)
-        scale = vae.config.scaling_factor
-        controls = torch.from_numpy(control_images(scenes, images, cfg.seed)).permute(0, 3, 1, 2)
+        controls = torch.from_numpy(control_images(scenes, inputs.images, cfg.seed)).permute(
+            0, 3, 1, 2
+        )
         with torch.no_grad():
             texts, pooled = self.encode_xl(
                 first, second, tokenize(tokenizer, [s.prompt() for s in scenes])
@@ -927,7 +943,7 @@ class Trainer:
         controlnet.train()
 
         def step_fn(index: torch.Tensor) -> torch.Tensor:
-            latents = sample_latents(mean, std, index, scale, gen)
+            latents = inputs.latents.sample(index, gen)
             keep = (torch.rand(len(index), generator=gen) >= cfg.controlnet_empty_prompt).float()
             text = texts[index] * keep.view(-1, 1, 1)
             added = self.xl_conditions(pooled[index] * keep.view(-1, 1))
